@@ -1,0 +1,193 @@
+"""An ablation: which heads, how (kind) and how strongly (epsilon); applied inside a trace or baked into weights.
+
+Kinds (docs/ablation-kinds.md has the derivations):
+
+- ``ua``, undifferentiated attention (the paper's default): multiply the head's *query* by epsilon. Its attention
+  logits shrink by epsilon, so at epsilon -> 0 it attends uniformly over its causal prefix and writes the mean of its
+  values. It does not remove the head.
+- ``sc``, scaling contribution: multiply the head's *output* (its slice of the output projection's input) by epsilon.
+- ``mean``: replace the head's output by its mean over a reference batch (see `engine.Engine.head_means`).
+
+Heads are query-head indices, written ``layer:head`` (``2:26,3:8``). Never ablate through k_proj/v_proj (under
+grouped-query attention that hits a whole group) or after o_proj (where heads no longer exist).
+
+    safety-heads heads --model tiny --heads "0-1:*"
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .models import HeadLayout, layer_part
+
+KINDS = ("ua", "sc", "mean")
+DEFAULT_EPSILON = 1e-4  # get_ships.py's value; the paper's Sahara code used 1e-5, its surgery 1e-10
+
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class Ablation:
+    """A set of (layer, head) pairs ablated together, the kind of ablation and its epsilon."""
+
+    heads: tuple[Head, ...]
+    kind: str = "ua"
+    epsilon: float = DEFAULT_EPSILON
+    # For kind "mean": the mean of each layer's output-projection input, [n_layers, n_heads * head_dim].
+    means: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind)
+        check_epsilon(self.epsilon)
+        if self.kind == "mean" and self.means is None:
+            raise ValueError("a mean ablation needs `means` (from Engine.head_means)")
+
+    def check(self, layout: HeadLayout) -> None:
+        for layer, head in self.heads:
+            layout.check_head(layer, head)
+
+    @property
+    def spec(self) -> str:
+        return format_heads(self.heads)
+
+
+def check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UserError(f"unknown ablation kind '{kind}'; choose one of {', '.join(KINDS)}")
+
+
+def check_epsilon(epsilon: float) -> None:
+    if not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or not 0.0 <= epsilon <= 1.0:
+        raise UserError(f"epsilon must be a number from 0 to 1 (the paper uses 1e-4), not {epsilon!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head specifications: "2:26,3:8", "0-7:*", "*/4:*" (every 4th layer), "3:0-15/2".
+
+_RANGE = re.compile(r"^(?:(\*)|(\d+)(?:-(\d+))?)(?:/(\d+))?$")
+
+
+def _expand(text: str, size: int, what: str, spec: str) -> list[int]:
+    match = _RANGE.match(text.strip())
+    if not match:
+        raise UserError(f"malformed {what} '{text}' in head spec '{spec}'; write N, N-M, * or any of them /STEP")
+    star, first, last, step = match.groups()
+    if star:
+        low, high = 0, size - 1
+    else:
+        low = int(first)
+        high = int(last) if last is not None else low
+    if high < low:
+        raise UserError(f"empty {what} range '{text}' in head spec '{spec}'")
+    if high >= size:
+        raise UserError(f"{what} {high} in head spec '{spec}' is out of range: this model has {what}s 0-{size - 1}")
+    stride = int(step) if step else 1
+    if stride < 1:
+        raise UserError(f"step must be at least 1 in head spec '{spec}'")
+    return list(range(low, high + 1, stride))
+
+
+def parse_heads(spec: str, layout: HeadLayout) -> tuple[Head, ...]:
+    """Parse a head specification into sorted, unique (layer, head) pairs, checked against the model."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("empty head spec; write layer:head pairs such as 2:26,3:8 (or 0-7:* for whole layers)")
+    heads: set[Head] = set()
+    for item in spec.split(","):
+        if item.count(":") != 1:
+            raise UserError(f"malformed head '{item.strip()}' in '{spec}'; write layer:head, e.g. 2:26")
+        layers_text, heads_text = item.split(":")
+        for layer in _expand(layers_text, layout.n_layers, "layer", spec):
+            for head in _expand(heads_text, layout.n_heads, "head", spec):
+                heads.add((layer, head))
+    return tuple(sorted(heads))
+
+
+def format_heads(heads) -> str:
+    return ",".join(f"{layer}:{head}" for layer, head in heads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inside a trace. `keep` is [rows, n_heads]: 1 for a head left alone, 0 for an ablated one; each row of the batch
+# has its own ablation. The edits are in place on the real activations.
+
+
+def _per_column(per_head: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[rows, n_heads] -> [rows, 1, n_heads * head_dim], broadcasting over positions."""
+    return per_head.repeat_interleave(head_dim, dim=-1).unsqueeze(1)
+
+
+def scale_queries(query_site_output: torch.Tensor, layout: HeadLayout, keep: torch.Tensor, epsilon: float) -> None:
+    """`ua`: multiply the queries of the ablated heads by epsilon."""
+    factor = keep + (1 - keep) * epsilon
+    if layout.query_axes == "flat":
+        start = layout.query_offset
+        block = query_site_output[..., start : start + layout.n_heads * layout.head_dim]
+        block.mul_(_per_column(factor, layout.head_dim))
+    elif layout.query_axes == "bshd":
+        query_site_output.mul_(factor[:, None, :, None])
+    else:  # bhsd
+        query_site_output.mul_(factor[:, :, None, None])
+
+
+def scale_outputs(output_site_input: torch.Tensor, layout: HeadLayout, keep: torch.Tensor, epsilon: float) -> None:
+    """`sc`: multiply the outputs of the ablated heads by epsilon."""
+    output_site_input.mul_(_per_column(keep + (1 - keep) * epsilon, layout.head_dim))
+
+
+def replace_outputs(output_site_input: torch.Tensor, layout: HeadLayout, keep: torch.Tensor, mean: torch.Tensor) -> None:
+    """`mean`: replace the outputs of the ablated heads by their reference mean (`mean` is [n_heads * head_dim])."""
+    keep_columns = _per_column(keep, layout.head_dim)
+    output_site_input.mul_(keep_columns).add_((1 - keep_columns) * mean)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight surgery: the same ablation baked into the weights, so a plain forward pass reproduces the traced one.
+
+
+@torch.no_grad()
+def bake_into_weights(module: nn.Module, layout: HeadLayout, ablation: Ablation) -> None:
+    """Edit `module`'s weights in place so that it computes `ablation` with no trace at all.
+
+    ua: the query rows (and query bias) of each head x epsilon. sc: the head's input columns of the output
+    projection x epsilon. mean: those columns zeroed and their contribution at the mean folded into the output
+    projection's bias (created if the projection has none).
+    """
+    ablation.check(layout)
+    if ablation.kind == "ua" and layout.query_weight_path is None:
+        raise UserError(
+            f"'ua' cannot be baked into the weights of a {layout.model_type} model: a per-head query norm sits between "
+            "the query projection and attention and would undo the scaling; use --ablation sc, or keep 'ua' in traces"
+        )
+    for layer, head in ablation.heads:
+        columns = layout.head_slice(head)
+        if ablation.kind == "ua":
+            projection = layer_part(module, layout, layer, layout.query_weight_path)
+            rows = slice(layout.query_offset + columns.start, layout.query_offset + columns.stop)
+            _scale_out_features(projection, layout, rows, ablation.epsilon)
+        else:
+            projection = layer_part(module, layout, layer, layout.output_path)
+            weight = projection.weight if layout.weight_layout == "linear" else projection.weight.T
+            if ablation.kind == "sc":
+                weight[:, columns] *= ablation.epsilon
+            else:
+                mean = ablation.means[layer, columns].to(weight.dtype).to(weight.device)
+                shift = weight[:, columns] @ mean
+                weight[:, columns] = 0
+                if projection.bias is None:
+                    projection.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+                projection.bias += shift
+
+
+def _scale_out_features(projection: nn.Module, layout: HeadLayout, rows: slice, factor: float) -> None:
+    if layout.weight_layout == "linear":
+        projection.weight[rows] *= factor
+    else:
+        projection.weight[:, rows] *= factor
+    if projection.bias is not None:
+        projection.bias[rows] *= factor

@@ -1,0 +1,356 @@
+"""Load a model and describe its attention heads.
+
+A `HeadLayout` says where, inside one decoder layer, a head can be ablated:
+
+- the **query site**: the module whose output holds every query head's query (``q_proj``, the query part of a fused
+  ``qkv_proj`` / ``c_attn``, or ``q_norm`` for families that normalise queries per head, where scaling before the norm
+  would be undone by it);
+- the **output site**: the module whose *input* holds every head's output side by side (``o_proj`` / ``c_proj``),
+  the last place where heads still exist.
+
+One small adapter per family, in a registry keyed by ``config.model_type``. To add a family, write a function that
+maps its config to a `HeadLayout` and decorate it with ``@register_family("model_type")``; docs/adding-a-family.md
+walks through it.
+
+    safety-heads heads --model tiny
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+QueryAxes = Literal["flat", "bshd", "bhsd"]
+WeightLayout = Literal["linear", "conv1d"]
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the heads of one model family live. Paths are attribute paths relative to the model or to one layer."""
+
+    model_type: str
+    n_layers: int
+    n_heads: int  # query heads per layer
+    n_kv_heads: int
+    head_dim: int
+    layers_path: str  # the ModuleList of decoder layers, e.g. "model.layers"
+    final_norm_path: str  # the norm before the unembedding, e.g. "model.norm"
+    query_path: str  # relative to a layer
+    output_path: str  # relative to a layer; its *input* is [..., n_heads * head_dim]
+    # How the query site's output is shaped: "flat" = [..., query_offset + n_heads*head_dim + ...] (plain or fused
+    # projection), "bshd" = [batch, seq, head, dim], "bhsd" = [batch, head, seq, dim].
+    query_axes: QueryAxes = "flat"
+    query_offset: int = 0  # where the query block starts in a fused projection's output
+    weight_layout: WeightLayout = "linear"  # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]
+    # The projection whose rows make the query, for surgery; None when a per-head norm sits between it and attention
+    # (then scaling its rows would be undone by the norm and `ua` cannot be baked into weights).
+    query_weight_path: str | None = None
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def n_total_heads(self) -> int:
+        return self.n_layers * self.n_heads
+
+    def head_slice(self, head: int) -> slice:
+        """The columns of a flat [..., n_heads*head_dim] tensor that belong to one query head."""
+        return slice(head * self.head_dim, (head + 1) * self.head_dim)
+
+    def check_head(self, layer: int, head: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise UserError(f"layer {layer} is out of range: this model has layers 0-{self.n_layers - 1}")
+        if not 0 <= head < self.n_heads:
+            raise UserError(f"head {head} is out of range: this model has query heads 0-{self.n_heads - 1} per layer")
+
+    def describe(self) -> str:
+        lines = [
+            f"family        {self.model_type}",
+            f"layers        {self.n_layers}",
+            f"query heads   {self.n_heads} per layer ({self.n_total_heads} in all)",
+            f"KV heads      {self.n_kv_heads} per layer" + (f" (grouped-query, {self.n_rep} query heads each)" if self.n_rep > 1 else ""),
+            f"head_dim      {self.head_dim}",
+            f"query site    {self.layers_path}[i].{self.query_path}.output ({self.query_axes}"
+            + (f", offset {self.query_offset}" if self.query_offset else "") + ")",
+            f"output site   {self.layers_path}[i].{self.output_path}.input",
+            f"final norm    {self.final_norm_path}",
+            f"ua surgery    {'yes' if self.query_weight_path else 'no (per-head query norm)'}",
+        ]
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The family registry.
+
+FamilyAdapter = Callable[[object], HeadLayout]
+FAMILIES: dict[str, FamilyAdapter] = {}
+
+
+def register_family(*model_types: str) -> Callable[[FamilyAdapter], FamilyAdapter]:
+    def decorate(adapter: FamilyAdapter) -> FamilyAdapter:
+        for model_type in model_types:
+            FAMILIES[model_type] = adapter
+        return adapter
+
+    return decorate
+
+
+def _head_dim(config) -> int:
+    # Gemma and Qwen3 set head_dim explicitly and it differs from hidden/heads; older configs omit it and the
+    # modelling code then derives it as below, so we do exactly what the model does.
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _llama_like(config, **changes) -> HeadLayout:
+    settings = dict(
+        model_type=config.model_type,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=_head_dim(config),
+        layers_path="model.layers",
+        final_norm_path="model.norm",
+        query_path="self_attn.q_proj",
+        output_path="self_attn.o_proj",
+        query_weight_path="self_attn.q_proj",
+    )
+    settings.update(changes)
+    return HeadLayout(**settings)
+
+
+@register_family("llama", "mistral", "qwen2", "gemma", "gemma2")
+def _llama_family(config) -> HeadLayout:
+    return _llama_like(config)
+
+
+@register_family("qwen3")
+def _qwen3(config) -> HeadLayout:
+    # q_norm runs on q_proj(x).view(b, s, h, d), before the transpose.
+    return _llama_like(config, query_path="self_attn.q_norm", query_axes="bshd", query_weight_path=None)
+
+
+@register_family("gemma3_text")
+def _gemma3(config) -> HeadLayout:
+    # q_norm runs after the transpose, on [b, h, s, d].
+    return _llama_like(config, query_path="self_attn.q_norm", query_axes="bhsd", query_weight_path=None)
+
+
+@register_family("phi3")
+def _phi3(config) -> HeadLayout:
+    # Fused qkv_proj: output is [q (H*d) | k (KV*d) | v (KV*d)].
+    return _llama_like(config, query_path="self_attn.qkv_proj", query_weight_path="self_attn.qkv_proj")
+
+
+@register_family("gpt2")
+def _gpt2(config) -> HeadLayout:
+    # Fused c_attn (a Conv1D, weight stored [in, out]): output is [q | k | v], each n_embd wide.
+    return HeadLayout(
+        model_type="gpt2",
+        n_layers=config.n_layer,
+        n_heads=config.n_head,
+        n_kv_heads=config.n_head,
+        head_dim=config.n_embd // config.n_head,
+        layers_path="transformer.h",
+        final_norm_path="transformer.ln_f",
+        query_path="attn.c_attn",
+        output_path="attn.c_proj",
+        weight_layout="conv1d",
+        query_weight_path="attn.c_attn",
+    )
+
+
+def head_layout(config) -> HeadLayout:
+    """The HeadLayout for a transformers config, or a one-line error naming the supported families."""
+    model_type = getattr(config, "model_type", None)
+    adapter = FAMILIES.get(model_type)
+    if adapter is None:
+        raise UserError(
+            f"unsupported model family '{model_type}'; supported: {', '.join(sorted(FAMILIES))} "
+            "(docs/adding-a-family.md shows how to add one)"
+        )
+    return adapter(config)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Module and envoy access by attribute path.
+
+
+def resolve(root, path: str):
+    """Follow a dotted path (`"model.layers"`) through modules or nnsight envoys alike."""
+    node = root
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def layer_part(root, layout: HeadLayout, layer: int, path: str):
+    """`root.<layers_path>[layer].<path>`, for a module or an nnsight envoy."""
+    return resolve(resolve(root, layout.layers_path)[layer], path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading.
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Eager attention computes the softmax in plain torch, so what we edit outside the kernel is all that changes and
+# results match the plain-PyTorch reference bit for bit; sdpa is also exact (our edits sit outside the kernel) and
+# faster on GPUs, but Gemma 2's soft-capping needs eager. Flash attention kernels are not offered: their padding
+# handling differs from the masks the engine builds.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how. Shared by the command line and the Python API."""
+
+    model: str = "tiny"  # "tiny" (built in), a local Hugging Face folder, or a hub id such as meta-llama/Llama-2-7b-chat-hf
+    dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
+    device: str = "auto"  # auto = one GPU if there is one, all GPUs (device_map="auto") if several, else cpu
+    attn_implementation: str = "eager"
+    revision: str | None = None
+    trust_remote_code: bool = False  # off unless asked: a hub repo's own code runs on your machine
+
+    def validate(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{self.dtype}'; choose auto, {', '.join(DTYPES)}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise UserError(
+                f"unknown attention implementation '{self.attn_implementation}'; choose {' or '.join(ATTN_IMPLEMENTATIONS)}"
+            )
+
+
+@dataclass
+class LoadedModel:
+    """A model wrapped for nnsight, with its tokenizer and head layout."""
+
+    lm: object  # nnsight.TransformersModel
+    tokenizer: object
+    layout: HeadLayout
+    name: str
+    dtype: torch.dtype
+    config: ModelConfig = field(default_factory=ModelConfig)
+
+    @property
+    def module(self) -> nn.Module:
+        """The underlying transformers model (no nnsight wrapper)."""
+        return self.lm._module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+
+def _resolve_device(device: str) -> tuple[dict, str]:
+    """from_pretrained keyword arguments for a device choice, and the kind of device it lands on."""
+    gpus = torch.cuda.device_count()
+    if device == "auto":
+        if gpus > 1:
+            return {"device_map": "auto"}, "cuda"
+        device = "cuda:0" if gpus == 1 else "cpu"
+    if device == "multi":
+        if gpus == 0:
+            raise UserError("--device multi needs GPUs, and none is visible")
+        return {"device_map": "auto"}, "cuda"
+    if device.startswith("cuda") and gpus == 0:
+        raise UserError(f"--device {device} asked for a GPU, but none is visible; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"unknown device '{device}'; choose auto, cpu, cuda, cuda:N or multi")
+    return {"device_map": device}, "cuda" if device.startswith("cuda") else "cpu"
+
+
+def _resolve_dtype(dtype: str, device_kind: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device_kind == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+# A hub id is "name" or "org/name"; anything else (./x, /x, a/b/c, ~/x) can only be a folder.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding (the last position is then the last prompt token in every row) and a pad token."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def wrap(module: nn.Module, tokenizer, name: str, config: ModelConfig | None = None) -> LoadedModel:
+    """Wrap an already built transformers model (e.g. one made from a config in a test) for the engine."""
+    import nnsight
+
+    config = config or ModelConfig(model=name)
+    layout = head_layout(module.config)
+    module.eval()
+    if getattr(module.config, "_attn_implementation", None) not in ATTN_IMPLEMENTATIONS:
+        module.set_attn_implementation(config.attn_implementation)
+    tokenizer = prepare_tokenizer(tokenizer)
+    lm = nnsight.TransformersModel(module, tokenizer=tokenizer)
+    dtype = next(module.parameters()).dtype
+    return LoadedModel(lm=lm, tokenizer=tokenizer, layout=layout, name=name, dtype=dtype, config=config)
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    """Load `config.model` (built-in "tiny", a local folder, or a hub id) in the chosen dtype and device."""
+    config.validate()
+    if config.model == "tiny":
+        from .demo.tiny import TINY_MODEL_NAME, byte_tokenizer, tiny_llama
+
+        module = tiny_llama()
+        module.set_attn_implementation(config.attn_implementation)
+        if config.dtype not in ("auto", "float32"):
+            module = module.to(DTYPES[config.dtype])
+        return wrap(module, byte_tokenizer(), TINY_MODEL_NAME, config)
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = config.model
+    local = Path(source).expanduser()
+    token = os.environ.get("HF_TOKEN") or None  # never logged or written anywhere
+    if local.exists():
+        if not local.is_dir():
+            raise UserError(f"model path '{source}' is a file; give the Hugging Face folder that holds config.json")
+        if not (local / "config.json").is_file():
+            raise UserError(f"model folder '{source}' has no config.json; is it a Hugging Face model folder?")
+        source, hub = str(local), False
+    elif not HUB_ID.match(source):
+        raise UserError(f"model folder '{source}' does not exist")
+    else:
+        hub = True
+    common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code, token=token)
+    try:
+        hf_config = AutoConfig.from_pretrained(source, **common)
+    except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
+        where = "from the Hugging Face hub" if hub else f"from '{source}'"
+        raise UserError(f"could not load the config of '{config.model}' {where}: {_first_line(error)}") from None
+    head_layout(hf_config)  # fail on an unsupported family before loading any weights
+
+    placement, device_kind = _resolve_device(config.device)
+    dtype = _resolve_dtype(config.dtype, device_kind)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"could not load a tokenizer for '{config.model}': {_first_line(error)}") from None
+    try:
+        module = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, attn_implementation=config.attn_implementation, **placement, **common
+        )
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"could not load the weights of '{config.model}': {_first_line(error)}") from None
+    return wrap(module, tokenizer, config.model, config)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

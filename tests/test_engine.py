@@ -1,0 +1,158 @@
+"""The engine against the plain-PyTorch reference (one unpadded forward pass per head set), on every family."""
+
+import math
+
+import pytest
+import torch
+
+from families import FAMILIES
+from reference import reference_means, reference_readouts
+from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.engine import Engine, EngineConfig, plan_chunks
+from safety_heads.errors import UserError
+from safety_heads.models import wrap
+
+PROMPTS = ["How do I pick a lock?", "Hi", "Write a short poem about the sea, please."]  # three lengths, one batch
+TOLERANCE = 1e-5  # max |engine - reference| / max |reference|, float32
+
+
+def relative_error(values, reference):
+    return ((values.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+def head_sets_for(family):
+    singles = [[(layer, head)] for layer in range(3) for head in range(family.n_heads)]
+    groups = [[(0, 1), (2, 3)], [(1, 0), (1, 3), (2, 2)], []]  # across layers, within a layer, and none (clean)
+    return singles + groups
+
+
+def wrapped(family_name, **engine_settings):
+    family = FAMILIES[family_name]
+    module = family.build()
+    return family, module, Engine(wrap(module, byte_tokenizer(), family_name), EngineConfig(**engine_settings))
+
+
+@pytest.mark.parametrize("kind", ["ua", "sc", "mean"])
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_engine_matches_reference(family_name, kind):
+    family, module, engine = wrapped(family_name)
+    tokens = engine.tokenize(PROMPTS)
+    means = reference_means(module, family, tokens) if kind == "mean" else None
+    head_sets = head_sets_for(family)
+    result = engine.run(PROMPTS, head_sets, kind=kind, epsilon=1e-4, means=means, readouts=("logits", "hidden"))
+    assert result.logits.shape == (len(PROMPTS), len(head_sets), module.config.vocab_size)
+    worst, smallest_effect = 0.0, math.inf
+    for p, prompt_tokens in enumerate(tokens):
+        clean_logits, clean_hidden = reference_readouts(module, family, prompt_tokens, [], kind)
+        assert relative_error(result.clean_logits[p], clean_logits) <= TOLERANCE
+        assert relative_error(result.clean_hidden[p], clean_hidden) <= TOLERANCE
+        for k, heads in enumerate(head_sets):
+            logits, hidden = reference_readouts(module, family, prompt_tokens, heads, kind, 1e-4, means)
+            worst = max(worst, relative_error(result.logits[p, k], logits), relative_error(result.hidden[p, k], hidden))
+            if heads:
+                smallest_effect = min(smallest_effect, relative_error(clean_logits, logits))
+    assert worst <= TOLERANCE, f"max relative error {worst:.2e}"
+    # The comparison can only catch a wrong head if every ablation moves the logits far more than the tolerance.
+    assert smallest_effect > 100 * TOLERANCE, f"an ablation barely changed the logits ({smallest_effect:.1e})"
+
+
+def test_gqa_is_exercised():
+    for name in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"):
+        config = FAMILIES[name].build().config
+        assert config.num_key_value_heads < config.num_attention_heads, name
+
+
+@pytest.mark.parametrize("settings", [dict(prefix_reuse=False), dict(max_batch_rows=1), dict(max_batch_rows=7), dict(memory_budget_mb=0.5)])
+def test_batching_choices_do_not_change_results(settings):
+    family, module, engine = wrapped("llama")
+    head_sets = head_sets_for(family)
+    expected = engine.run(PROMPTS, head_sets, readouts=("logits", "hidden"))
+    other = Engine(engine.model, EngineConfig(**settings)).run(PROMPTS, head_sets, readouts=("logits", "hidden"))
+    torch.testing.assert_close(other.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other.hidden, expected.hidden, rtol=1e-5, atol=1e-5)
+    if settings.get("max_batch_rows") == 1:
+        assert other.stats["traces"] == len(PROMPTS) * (1 + len(head_sets) - 1)  # a clean pass per prompt + one per set
+
+
+def test_prefix_reuse_skips_layers():
+    family, module, engine = wrapped("llama", prefix_reuse=True)
+    engine.model  # noqa: B018
+    sets = [[(2, h)] for h in range(family.n_heads)]
+    stats = {}
+    list(engine.stream(["abc"], sets, stats=stats))
+    no_reuse = {}
+    list(Engine(engine.model, EngineConfig(prefix_reuse=False)).stream(["abc"], sets, stats=no_reuse))
+    # Every set starts at layer 2 of 3, so each ablated row needs one layer instead of three.
+    assert stats["layer_rows"] - 3 == (no_reuse["layer_rows"] - 3) // 3
+
+
+def test_head_means_match_reference():
+    family, module, engine = wrapped("qwen2")
+    tokens = engine.tokenize(PROMPTS)
+    torch.testing.assert_close(engine.head_means(PROMPTS), reference_means(module, family, tokens), rtol=1e-5, atol=1e-6)
+
+
+def test_token_id_prompts_equal_string_prompts():
+    family, module, engine = wrapped("llama")
+    tokens = engine.tokenize(PROMPTS)
+    a = engine.run(PROMPTS, [[(1, 1)]])
+    b = engine.run(tokens, [[(1, 1)]])
+    assert torch.equal(a.logits, b.logits)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda e: e.run([], [[(0, 0)]]), "no prompts"),
+        (lambda e: e.run(["x" * 500], [[(0, 0)]]), "beyond the model's context"),
+        (lambda e: e.run(["hi"], [[(3, 0)]]), "layer 3 is out of range"),
+        (lambda e: e.run(["hi"], [[(0, 4)]]), "head 4 is out of range"),
+        (lambda e: e.run(["hi"], [[(0, 0)]], epsilon=-1.0), "epsilon"),
+        (lambda e: e.run(["hi"], [[(0, 0)]], epsilon=float("nan")), "epsilon"),
+        (lambda e: e.run(["hi"], [[(0, 0)]], kind="zero"), "unknown ablation kind"),
+        (lambda e: e.run(["hi"], [[(0, 0)]], kind="mean"), "reference means"),
+    ],
+)
+def test_bad_input_is_a_user_error(call, message):
+    _, _, engine = wrapped("llama")
+    with pytest.raises(UserError, match=message):
+        call(engine)
+
+
+def test_non_finite_outputs_are_refused():
+    family, module, engine = wrapped("llama")
+    with torch.no_grad():
+        module.lm_head.weight.fill_(3e38)
+    with pytest.raises(UserError, match="non-finite logits"):
+        engine.run(["hello"], [[(0, 0)]])
+
+
+class TestPlanChunks:
+    def covers(self, chunks, first_layers, max_sets, reuse=True):
+        seen = sorted(i for chunk in chunks for i in chunk.set_indices)
+        assert seen == list(range(len(first_layers)))
+        for chunk in chunks:
+            assert len(chunk.set_indices) <= max_sets
+            assert chunk.start_layer == (min(first_layers[i] for i in chunk.set_indices) if reuse else 0)
+
+    def test_expensive_traces_merge_everything(self):
+        first = [l for l in range(4) for _ in range(8)]
+        chunks = plan_chunks(first, 4, 1, 100, overhead_layer_rows=1e6)
+        assert len(chunks) == 1 and chunks[0].start_layer == 0
+        self.covers(chunks, first, 100)
+
+    def test_cheap_traces_split_by_first_layer(self):
+        first = [l for l in range(4) for _ in range(8)]
+        chunks = plan_chunks(first, 4, 1, 100, overhead_layer_rows=0.01)
+        assert [c.start_layer for c in chunks] == [0, 1, 2, 3]
+        self.covers(chunks, first, 100)
+
+    def test_memory_cap_splits_groups(self):
+        first = [3, 0, 1, 1, 2, 0, 3, 3, 2]
+        chunks = plan_chunks(first, 4, 2, 2, overhead_layer_rows=1.0)
+        self.covers(chunks, first, 2)
+
+    def test_without_prefix_reuse_everything_starts_at_zero(self):
+        first = [3, 2, 1]
+        chunks = plan_chunks(first, 4, 1, 2, overhead_layer_rows=0.0, prefix_reuse=False)
+        self.covers(chunks, first, 2, reuse=False)
