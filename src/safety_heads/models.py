@@ -263,9 +263,11 @@ def _resolve_device(device: str) -> tuple[dict, str]:
         return {"device_map": "auto"}, "cuda"
     if device.startswith("cuda") and gpus == 0:
         raise UserError(f"--device {device} asked for a GPU, but none is visible; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
+    if device == "cpu":
+        return {}, "cpu"  # from_pretrained's default; device_map would need accelerate for nothing
+    if not device.startswith("cuda"):
         raise UserError(f"unknown device '{device}'; choose auto, cpu, cuda, cuda:N or multi")
-    return {"device_map": device}, "cuda" if device.startswith("cuda") else "cpu"
+    return {"device_map": device}, "cuda"
 
 
 def _resolve_dtype(dtype: str, device_kind: str) -> torch.dtype:

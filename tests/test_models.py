@@ -1,0 +1,165 @@
+"""Head layouts for every family, and loading from folders, hub ids and the built-in tiny model (all offline)."""
+
+import pytest
+import torch
+import transformers
+
+from families import FAMILIES
+from safety_heads.demo.tiny import byte_tokenizer, save_tiny_llama
+from safety_heads.errors import UserError
+from safety_heads.models import FAMILIES as REGISTRY
+from safety_heads.models import ModelConfig, head_layout, layer_part, load_model, resolve
+
+
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_layout_matches_the_model(family_name):
+    family = FAMILIES[family_name]
+    module = family.build()
+    layout = head_layout(module.config)
+    assert (layout.n_heads, layout.head_dim) == (family.n_heads, family.head_dim)
+    assert layout.n_layers == 3
+    assert len(resolve(module, layout.layers_path)) == layout.n_layers
+    # The sites exist and have the sizes the layout claims.
+    seen = {}
+    query = layer_part(module, layout, 1, layout.query_path)
+    output = layer_part(module, layout, 1, layout.output_path)
+    hooks = [
+        query.register_forward_hook(lambda m, a, o: seen.__setitem__("query", o.shape)),
+        output.register_forward_pre_hook(lambda m, a: seen.__setitem__("output", a[0].shape)),
+    ]
+    with torch.no_grad():
+        module(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
+    for hook in hooks:
+        hook.remove()
+    assert seen["output"][-1] == layout.n_heads * layout.head_dim
+    if layout.query_axes == "flat":
+        assert seen["query"][-1] >= layout.query_offset + layout.n_heads * layout.head_dim
+    elif layout.query_axes == "bshd":
+        assert seen["query"] == (1, 5, layout.n_heads, layout.head_dim)
+    else:
+        assert seen["query"] == (1, layout.n_heads, 5, layout.head_dim)
+
+
+def test_head_dim_comes_from_the_config():
+    layout = head_layout(FAMILIES["qwen3"].build().config)
+    assert layout.head_dim == 24 != 64 // 4
+
+
+def test_gqa_counts():
+    layout = head_layout(FAMILIES["mistral"].build().config)
+    assert (layout.n_heads, layout.n_kv_heads, layout.n_rep) == (4, 2, 2)
+
+
+def test_every_registered_family_is_tested():
+    assert set(REGISTRY) - {"gemma"} <= {f.build().config.model_type for f in FAMILIES.values()}
+
+
+def test_unsupported_family_names_the_supported_ones():
+    config = transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64)
+    with pytest.raises(UserError, match=r"unsupported model family 'gpt_neox'; supported: .*llama.*phi3"):
+        head_layout(config)
+
+
+def test_tiny_model_is_deterministic():
+    a, b = load_model(ModelConfig()), load_model(ModelConfig())
+    for (name, x), (_, y) in zip(a.module.named_parameters(), b.module.named_parameters()):
+        assert torch.equal(x, y), name
+    assert a.module.config._attn_implementation == "eager"
+    assert a.tokenizer.padding_side == "left"
+
+
+def test_load_local_folder(tmp_path):
+    save_tiny_llama(tmp_path / "tiny")
+    loaded = load_model(ModelConfig(model=str(tmp_path / "tiny"), device="cpu"))
+    reference = load_model(ModelConfig())
+    ids = torch.tensor([[256, 72, 105]])
+    with torch.no_grad():
+        assert torch.equal(loaded.module(ids).logits, reference.module(ids).logits)
+    assert loaded.dtype == torch.float32
+    assert loaded.module.config._attn_implementation == "eager"
+    assert loaded.layout.n_heads == 8 and loaded.layout.n_kv_heads == 4
+
+
+def test_load_local_folder_in_bfloat16(tmp_path):
+    save_tiny_llama(tmp_path / "tiny")
+    loaded = load_model(ModelConfig(model=str(tmp_path / "tiny"), dtype="bfloat16", device="cpu"))
+    assert loaded.dtype == torch.bfloat16
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(ModelConfig(model=str(tmp_path / "nothing" / "here")))
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(ModelConfig(model=str(tmp_path)))
+
+
+def test_folder_without_tokenizer(tmp_path):
+    from safety_heads.demo.tiny import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="could not load a tokenizer"):
+        load_model(ModelConfig(model=str(tmp_path)))
+
+
+def test_unsupported_family_in_a_folder_fails_before_loading_weights(tmp_path):
+    transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="unsupported model family 'gpt_neox'"):
+        load_model(ModelConfig(model=str(tmp_path)))
+
+
+def test_hub_id_uses_hf_token_and_reports_failure_in_one_line(monkeypatch):
+    seen = {}
+
+    def fake_from_pretrained(source, **kwargs):
+        seen.update(kwargs, source=source)
+        raise OSError("We couldn't connect to the hub.\nmore detail")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_secret")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(UserError) as error:
+        load_model(ModelConfig(model="meta-llama/Llama-2-7b-chat-hf", revision="main"))
+    assert seen["source"] == "meta-llama/Llama-2-7b-chat-hf"
+    assert seen["token"] == "hf_fake_secret" and seen["revision"] == "main" and seen["trust_remote_code"] is False
+    message = str(error.value)
+    assert "\n" not in message and "hf_fake_secret" not in message and "couldn't connect" in message
+
+
+def test_hub_load_passes_dtype_device_and_attention(monkeypatch, tmp_path):
+    """The real hub path with from_pretrained redirected to a local folder: the arguments reach transformers."""
+    folder = save_tiny_llama(tmp_path / "tiny")
+    calls = {}
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__
+
+        def redirected(klass, source, *, _original=original, _name=cls.__name__, **kwargs):
+            calls[_name] = (source, kwargs)
+            return _original(klass, str(folder), **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(redirected))
+    loaded = load_model(ModelConfig(model="org/tiny-chat", dtype="bfloat16", device="cpu"))
+    source, kwargs = calls["AutoModelForCausalLM"]
+    assert source == "org/tiny-chat"
+    assert kwargs["dtype"] == torch.bfloat16 and kwargs["attn_implementation"] == "eager"
+    assert "device_map" not in kwargs  # CPU: from_pretrained's own placement
+    assert loaded.name == "org/tiny-chat" and loaded.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(dtype="float8"), "unknown dtype"),
+        (dict(attn_implementation="flash_attention_2"), "unknown attention implementation"),
+        (dict(model="org/x", device="tpu"), "unknown device"),
+        (dict(model="org/x", device="cuda:0"), "none is visible"),
+    ],
+)
+def test_bad_model_settings(settings, message, monkeypatch, tmp_path):
+    folder = save_tiny_llama(tmp_path / "tiny")
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: transformers.AutoConfig.for_model("llama"))
+    if torch.cuda.is_available() and "visible" in message:
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(UserError, match=message):
+        load_model(ModelConfig(**settings))
