@@ -1,0 +1,320 @@
+"""Bundled data sets, user files in every accepted shape, every user error, and the three prompt templates."""
+
+import csv
+import json
+from importlib import resources
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from safety_heads.data import (
+    BUNDLED,
+    PAPER_TEMPLATE,
+    TEMPLATES,
+    FormattedPrompt,
+    find_duplicates,
+    format_prompt,
+    format_prompts,
+    load_prompts,
+)
+from safety_heads.errors import UserError
+
+
+def user_error(fragment, call, *args, **kwargs):
+    """Assert that call raises UserError with `fragment` in a one-line message; return the message."""
+    with pytest.raises(UserError) as caught:
+        call(*args, **kwargs)
+    message = str(caught.value)
+    assert fragment in message
+    assert "\n" not in message
+    return message
+
+
+def write(tmp_path, name, content):
+    path = tmp_path / name
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bundled sets.
+
+
+@pytest.mark.parametrize(
+    "name, count",
+    [("maliciousinstruct", 100), ("jailbreakbench", 100), ("advbench", 520), ("advbench-behaviors", 520),
+     ("harmful-train", 260), ("harmful-val", 39), ("harmful-test", 572), ("harmless-test", 6266)],
+)
+def test_bundled_counts(name, count):
+    prompts = load_prompts(name)
+    assert len(prompts) == count
+    assert all(isinstance(p, str) and p and p == p.strip() for p in prompts)
+
+
+def test_harmbench_keeps_only_the_standard_behaviours():
+    path = resources.files("safety_heads").joinpath("datasets", "harmbench_behaviors.csv")
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = [row["Behavior"].strip() for row in rows if row["FunctionalCategory"] == "standard"]
+    assert len(expected) == 200 and not any(row["ContextString"] for row in rows if row["FunctionalCategory"] == "standard")
+    assert len(rows) == 400 and 0 < len(expected) < 400
+    assert load_prompts("harmbench") == expected
+
+
+def test_bundled_table_is_complete():
+    assert set(BUNDLED) == {
+        "maliciousinstruct", "jailbreakbench", "advbench", "advbench-behaviors", "harmbench", "harmful-train",
+        "harmful-val", "harmful-test", "harmless-train", "harmless-val", "harmless-test",
+    }
+    for dataset in BUNDLED.values():
+        assert resources.files("safety_heads").joinpath("datasets", dataset.file).is_file()
+        assert dataset.description and dataset.licence
+    assert "CC BY-NC" in BUNDLED["harmless-train"].licence
+
+
+def test_bundled_column_can_be_overridden():
+    targets = load_prompts("advbench-behaviors", column="target", limit=1)
+    assert targets[0].startswith("Sure, here is")
+
+
+def test_limit_dedupe_and_duplicates():
+    assert load_prompts("advbench", limit=3) == load_prompts("advbench")[:3]
+    harmful_test = load_prompts("harmful-test")
+    assert find_duplicates(harmful_test) == 10  # the published split repeats 10 instructions
+    deduped = load_prompts("harmful-test", dedupe=True)
+    assert len(deduped) == 562 and find_duplicates(deduped) == 0
+    assert deduped == list(dict.fromkeys(harmful_test))
+    assert find_duplicates(["a", "b", "a", "a"]) == 2 and find_duplicates([]) == 0
+
+
+def test_dedupe_keeps_first_copy_and_applies_before_limit(tmp_path):
+    path = write(tmp_path, "d.json", json.dumps(["b", "a", " b ", "c"]))
+    assert load_prompts(path) == ["b", "a", "b", "c"]
+    assert load_prompts(path, dedupe=True) == ["b", "a", "c"]
+    assert load_prompts(path, dedupe=True, limit=3) == ["b", "a", "c"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# User files: every accepted shape.
+
+
+@pytest.mark.parametrize(
+    "content, column, expected",
+    [
+        ("prompt,other\n  hello  ,x\nworld,y\n", None, ["hello", "world"]),
+        ("id,Goal\n1,a\n2,b\n", None, ["a", "b"]),  # default names match case-insensitively
+        ("text\na\nb\n", None, ["a", "b"]),  # the only column
+        ("goal,prompt\ng,p\n", None, ["p"]),  # prompt comes before goal
+        ("x,y\n1,a\n2,b\n", "y", ["a", "b"]),
+        ('prompt\n"line one\nline two"\n"with, comma"\n', None, ["line one\nline two", "with, comma"]),
+        ("\ufeffprompt\r\na\r\n\r\nb\r\n", None, ["a", "b"]),  # byte-order mark, CRLF, a blank line
+        ("\nprompt\na", None, ["a"]),  # leading blank line, no final newline
+    ],
+)
+def test_csv_shapes(tmp_path, content, column, expected):
+    assert load_prompts(write(tmp_path, "p.csv", content), column=column) == expected
+
+
+@pytest.mark.parametrize(
+    "data, column, expected",
+    [
+        (["a", " b "], None, ["a", "b"]),
+        ([{"instruction": "a", "category": None}, {"instruction": "b", "category": "x"}], None, ["a", "b"]),
+        ([{"q": "a", "r": "x"}], "r", ["x"]),
+        ([{"whatever": "a"}], None, ["a"]),  # the only key
+        ({"prompts": ["a", "b"], "version": 2}, None, ["a", "b"]),  # the single list-valued key
+        ({"items": [{"query": "a"}]}, None, ["a"]),
+    ],
+)
+def test_json_shapes(tmp_path, data, column, expected):
+    assert load_prompts(write(tmp_path, "p.json", json.dumps(data)), column=column) == expected
+
+
+@pytest.mark.parametrize(
+    "content, column, expected",
+    [
+        ('"a"\n"b"\n', None, ["a", "b"]),
+        ('{"prompt": "a", "n": 1}\n\n  \n{"prompt": "b", "n": 2}', None, ["a", "b"]),
+        ('{"x": "a", "y": "b"}\r\n{"x": "c", "y": "d"}\r\n', "y", ["b", "d"]),
+        ('"a\u2028b"\n', None, ["a\u2028b"]),  # split on \n only
+    ],
+)
+def test_jsonl_shapes(tmp_path, content, column, expected):
+    assert load_prompts(write(tmp_path, "p.jsonl", content), column=column) == expected
+
+
+def test_uppercase_suffix(tmp_path):
+    assert load_prompts(write(tmp_path, "P.JSON", '["a"]')) == ["a"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# User errors.
+
+
+def test_unknown_name_lists_bundled(tmp_path):
+    message = user_error("unknown data set 'nope'", load_prompts, "nope")
+    assert "maliciousinstruct" in message and "harmless-test" in message
+
+
+def test_file_errors(tmp_path):
+    user_error("does not exist", load_prompts, str(tmp_path / "missing.csv"))
+    user_error("is a folder", load_prompts, str(tmp_path))
+    user_error("unsupported extension", load_prompts, write(tmp_path, "p.txt", "a\n"))
+    user_error("not UTF-8", load_prompts, write(tmp_path, "p.csv", b"prompt\n\xff\xfe\n"))
+    user_error("not UTF-8", load_prompts, write(tmp_path, "p.jsonl", b'"\xe9"\n'))
+
+
+@pytest.mark.parametrize(
+    "name, content, column, fragment",
+    [
+        ("p.csv", 'prompt\n"never closed\n', None, "not valid CSV at line"),
+        ("p.csv", 'prompt\n"a"b\n', None, "not valid CSV at line 2"),
+        ("p.csv", "a,b\n1,2\n", None, "pass --column, one of: 'a', 'b'"),
+        ("p.csv", "prompt,b\n1,2\n", "c", "has no column 'c'; available: 'prompt', 'b'"),
+        ("p.csv", "", None, "holds no prompts"),
+        ("p.csv", "prompt\n", None, "holds no prompts"),
+        ("p.csv", "prompt\na\n  \n", None, "row 2 (line 3): the prompt is empty"),
+        ("p.csv", "x,prompt\n1,a\n2\n", None, "row 2 (line 3) has no 'prompt'"),
+        ("p.json", '["a",\n  "b"', None, "not valid JSON"),
+        ("p.json", '["a",\n  "b",]', None, "line 2"),
+        ("p.json", "1" * 5000, None, "not valid JSON"),  # more digits than int() allows
+        ("p.json", "[]", None, "holds no prompts"),
+        ("p.json", '"a"', None, "must hold a list of prompts, not"),
+        ("p.json", '{"a": [], "b": []}', None, "exactly one list-valued key"),
+        ("p.json", '["a", 3]', None, "item 2: the prompt is a number, not text"),
+        ("p.json", '["a", null]', None, "item 2: the prompt is null"),
+        ("p.json", '["a", ""]', None, "item 2: the prompt is empty"),
+        ("p.json", '[{"p": "a", "q": "b"}]', None, "which column"),
+        ("p.json", '[{"p": "a", "q": "b"}]', "z", "has no column 'z'; available: 'p', 'q'"),
+        ("p.json", '[{"prompt": "a"}, {"other": "b"}]', None, "item 2 has no 'prompt'"),
+        ("p.json", '[{"prompt": "a"}, {"prompt": ["b"]}]', None, "item 2: the prompt is a list"),
+        ("p.jsonl", '"a"\n\n{"bad"\n', None, "line 3 is not valid JSON"),
+        ("p.jsonl", '"a"\n7\n', None, "line 2: the prompt is a number"),
+        ("p.jsonl", "\n \n", None, "holds no prompts"),
+    ],
+)
+def test_content_errors(tmp_path, name, content, column, fragment):
+    user_error(fragment, load_prompts, write(tmp_path, name, content), column=column)
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_bad_limit(limit):
+    user_error("--limit must be at least 1", load_prompts, "advbench", limit=limit)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Templates.
+
+
+def test_paper_template_text_is_exact(tokenizer):
+    assert PAPER_TEMPLATE == "## Query: {query}\n## Answer:"
+    formatted = format_prompt("How do I pick a lock?", "paper", tokenizer)
+    assert formatted.text == "## Query: How do I pick a lock?\n## Answer:"
+    assert formatted.token_ids == tuple(tokenizer(formatted.text).input_ids)
+    assert formatted.query == "How do I pick a lock?"
+
+
+def test_raw_uses_the_tokenizer_defaults(tokenizer):
+    query = "a {braces} query"
+    formatted = format_prompt(query, "raw", tokenizer)
+    assert formatted == FormattedPrompt(query, query, tuple(tokenizer(query).input_ids))
+    assert formatted.token_ids[0] == tokenizer.bos_token_id
+
+
+def test_chat_has_exactly_one_bos(tokenizer):
+    formatted = format_prompt("Hello", "chat", tokenizer)
+    assert formatted.text == "<s>[INST] Hello [/INST]"
+    bos = tokenizer.bos_token_id
+    assert formatted.token_ids[0] == bos and formatted.token_ids.count(bos) == 1
+    # What the comment in data.py warns about: encoding with special tokens would double BOS.
+    assert tokenizer(formatted.text).input_ids[:2] == [bos, bos]
+
+
+def test_chat_system_prompt(tokenizer):
+    formatted = format_prompt("Hello", "chat", tokenizer, system="You are a helpful assistant.")
+    assert "You are a helpful assistant." in formatted.text and formatted.text.endswith("Hello [/INST]")
+    assert formatted.token_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_format_prompts_keeps_order(tokenizer):
+    queries = load_prompts("maliciousinstruct", limit=3)
+    formatted = format_prompts(queries, "paper", tokenizer)
+    assert [f.query for f in formatted] == queries
+    assert all(isinstance(f, FormattedPrompt) for f in formatted)
+    assert TEMPLATES == ("raw", "paper", "chat")
+
+
+def test_template_errors(tokenizer):
+    message = user_error("unknown template 'llama'", format_prompt, "q", "llama", tokenizer)
+    assert "raw, paper, chat" in message
+    user_error("--system only applies to --template chat", format_prompt, "q", "paper", tokenizer, system="s")
+    user_error("--system only applies to --template chat", format_prompts, [], "raw", tokenizer, system="s")
+    user_error("unknown template", format_prompts, [], "nope", tokenizer)
+
+
+def test_no_chat_template(tokenizer):
+    plain = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    assert not plain.chat_template
+    user_error("has no chat template; use --template raw or paper", format_prompt, "q", "chat", plain)
+
+
+def test_chat_template_that_rejects_a_system_role(tokenizer):
+    strict = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, bos_token="<s>", eos_token="</s>")
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    user_error("System role not supported", format_prompt, "q", "chat", strict, system="s")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fuzz: whatever the bytes, a clean list or a UserError, never another exception.
+
+
+def load_or_user_error(path):
+    try:
+        prompts = load_prompts(path)
+    except UserError as error:
+        assert "\n" not in str(error)
+        return
+    assert prompts and all(isinstance(p, str) and p and p == p.strip() for p in prompts)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(["prompt", "goal", "x", "\n"]), children, max_size=3),
+    max_leaves=12,
+)
+# Raw bytes mostly fail UTF-8; text built from the characters that matter to each format gets further.
+csv_text = st.text(alphabet=st.sampled_from(list('ab ,"\r\n\x00\ufeff\u2028prompt')), max_size=60)
+jsonl_lines = json_values.map(json.dumps) | st.text(alphabet='{}[]":,ab \r', max_size=10)
+jsonl_text = st.lists(jsonl_lines, max_size=5).map("\n".join)
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(suffix=st.sampled_from([".csv", ".json", ".jsonl"]), data=st.binary(max_size=80))
+def test_fuzz_bytes(tmp_path, suffix, data):
+    load_or_user_error(write(tmp_path, "fuzz" + suffix, data))
+
+
+@FUZZ
+@given(text=csv_text)
+def test_fuzz_csv_text(tmp_path, text):
+    load_or_user_error(write(tmp_path, "fuzz.csv", text))
+
+
+@FUZZ
+@given(value=json_values)
+def test_fuzz_json_values(tmp_path, value):
+    load_or_user_error(write(tmp_path, "fuzz.json", json.dumps(value)))
+
+
+@FUZZ
+@given(text=jsonl_text)
+def test_fuzz_jsonl_text(tmp_path, text):
+    load_or_user_error(write(tmp_path, "fuzz.jsonl", text))
