@@ -315,34 +315,16 @@ def load_model(config: ModelConfig) -> LoadedModel:
             module = module.to(DTYPES[config.dtype])
         return wrap(module, byte_tokenizer(), TINY_MODEL_NAME, config)
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = config.model
-    local = Path(source).expanduser()
-    token = os.environ.get("HF_TOKEN") or None  # never logged or written anywhere
-    if local.exists():
-        if not local.is_dir():
-            raise UserError(f"model path '{source}' is a file; give the Hugging Face folder that holds config.json")
-        if not (local / "config.json").is_file():
-            raise UserError(f"model folder '{source}' has no config.json; is it a Hugging Face model folder?")
-        source, hub = str(local), False
-    elif not HUB_ID.match(source):
-        raise UserError(f"model folder '{source}' does not exist")
-    else:
-        hub = True
-    common = dict(revision=config.revision, trust_remote_code=config.trust_remote_code, token=token)
-    try:
-        hf_config = AutoConfig.from_pretrained(source, **common)
-    except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
-        where = "from the Hugging Face hub" if hub else f"from '{source}'"
-        raise UserError(f"could not load the config of '{config.model}' {where}: {_first_line(error)}") from None
+    source, hf_config = read_config(config)
     head_layout(hf_config)  # fail on an unsupported family before loading any weights
-
     placement, device_kind = _resolve_device(config.device)
     dtype = _resolve_dtype(config.dtype, device_kind)
+    common = _common_arguments(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
         raise UserError(f"could not load a tokenizer for '{config.model}': {_first_line(error)}") from None
     try:
         module = AutoModelForCausalLM.from_pretrained(
@@ -351,6 +333,42 @@ def load_model(config: ModelConfig) -> LoadedModel:
     except Exception as error:  # noqa: BLE001
         raise UserError(f"could not load the weights of '{config.model}': {_first_line(error)}") from None
     return wrap(module, tokenizer, config.model, config)
+
+
+def read_config(config: ModelConfig):
+    """The transformers config of a local folder or hub id (no weights), and the source string to load from."""
+    from transformers import AutoConfig
+
+    source = config.model
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise UserError(f"model path '{source}' is a file; give the Hugging Face folder that holds config.json")
+        if not (local / "config.json").is_file():
+            raise UserError(f"model folder '{source}' has no config.json; is it a Hugging Face model folder?")
+        source, where = str(local), f"from '{source}'"
+    elif not HUB_ID.match(source):
+        raise UserError(f"model folder '{source}' does not exist")
+    else:
+        where = "from the Hugging Face hub"
+    try:
+        return source, AutoConfig.from_pretrained(source, **_common_arguments(config))
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"could not load the config of '{config.model}' {where}: {_first_line(error)}") from None
+
+
+def read_layout(config: ModelConfig) -> HeadLayout:
+    """The HeadLayout from config.json alone: describing heads needs no weights."""
+    if config.model == "tiny":
+        from .demo.tiny import tiny_llama_config
+
+        return head_layout(tiny_llama_config())
+    return head_layout(read_config(config)[1])
+
+
+def _common_arguments(config: ModelConfig) -> dict:
+    token = os.environ.get("HF_TOKEN") or None  # read from the environment only; never logged or written anywhere
+    return dict(revision=config.revision, trust_remote_code=config.trust_remote_code, token=token)
 
 
 def _first_line(error: BaseException) -> str:

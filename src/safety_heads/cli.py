@@ -1,0 +1,172 @@
+"""The `safety-heads` command. Each subcommand is a thin call into the library.
+
+Flags map one to one onto the typed configs the Python API takes (ModelConfig, EngineConfig, ShipsConfig, ...), so
+there is one schema. Anything the user can fix ends with one line on stderr and exit code 2; Ctrl-C with one line
+and exit code 130; finished work is never lost (long runs checkpoint and `--resume`).
+
+    safety-heads heads --model tiny
+    safety-heads ships --model tiny --prompt "How do I pick a lock?" --out runs/ships
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Sequence
+
+from . import __version__
+from .ablation import DEFAULT_EPSILON, KINDS, parse_heads
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit code 2), like every other error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _config(cls, args: argparse.Namespace):
+    """Build a config dataclass from the parsed flags that share its field names."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**values)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="tiny", help="'tiny' (built in, no download), a local Hugging Face folder, or a hub id")
+    group.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, or multi (all GPUs, device_map=auto)")
+    group.add_argument("--attn-implementation", dest="attn_implementation", default="eager", help="eager (default) or sdpa")
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    group.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true", help="run a hub repo's own modelling code (off by default)")
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("batching")
+    group.add_argument("--memory-budget", dest="memory_budget_mb", type=float, default=None, metavar="MB",
+                       help="activation memory per forward pass (default: 2048 on CPU, half the free GPU memory)")
+    group.add_argument("--max-batch-rows", dest="max_batch_rows", type=int, default=None, help="cap on rows per forward pass")
+    group.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false", help="recompute unablated lower layers")
+
+
+def _add_ablation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ablation")
+    group.add_argument("--ablation", default="ua", help=f"{', '.join(KINDS)} (default ua: scale the head's query by epsilon)")
+    group.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help=f"scale factor, 0 to 1 (default {DEFAULT_EPSILON:g})")
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("prompts")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="one query")
+    source.add_argument("--dataset", help="a bundled data set (maliciousinstruct, jailbreakbench, advbench, harmbench, ...) or a CSV/JSON/JSONL file")
+    group.add_argument("--column", default=None, help="the CSV column or JSON field holding the queries")
+    group.add_argument("--limit", type=int, default=None, help="use the first N queries")
+    group.add_argument("--template", default="raw", help="raw, paper ('## Query: {q}\\n## Answer:') or chat")
+    group.add_argument("--system", default=None, help="system prompt (chat template only)")
+
+
+def _load(args):
+    from .models import ModelConfig, load_model
+
+    return load_model(_config(ModelConfig, args))
+
+
+def _queries(args) -> tuple[list[str], dict]:
+    from .data import find_duplicates, load_prompts
+
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise UserError("--prompt is empty")
+        return [args.prompt], {"dataset": None}
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, not {args.limit}")
+    queries = load_prompts(args.dataset, column=args.column, limit=args.limit)
+    duplicates = find_duplicates(queries)
+    if duplicates:
+        print(f"warning: {duplicates} duplicate queries in {args.dataset}; they are kept and scored twice", file=sys.stderr)
+    return queries, {"dataset": args.dataset, "column": args.column, "limit": args.limit}
+
+
+def command_heads(args) -> int:
+    from .models import ModelConfig, read_layout
+
+    model_config = _config(ModelConfig, args)
+    model_config.validate()
+    layout = _load(args).layout if args.load else read_layout(model_config)
+    print(layout.describe())
+    if args.heads:
+        heads = parse_heads(args.heads, layout)
+        print(f"selected      {len(heads)} heads: " + ",".join(f"{l}:{h}" for l, h in heads))
+    return 0
+
+
+def command_ships(args) -> int:
+    from .engine import EngineConfig
+    from .ships import ShipsConfig, run_ships
+
+    config = _config(ShipsConfig, args)
+    config.validate()
+    engine_config = _config(EngineConfig, args)
+    engine_config.validate()
+    queries, source = _queries(args)
+    model = _load(args)
+    result = run_ships(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
+    print(f"Top heads by mean Ships over {len(result.queries)} quer{'y' if len(result.queries) == 1 else 'ies'} "
+          f"({config.ablation}, eps={config.epsilon:g}, {config.method}):")
+    from .ships import top_heads
+
+    for rank, (layer, head, score) in enumerate(top_heads(result.mean, args.show), start=1):
+        share = result.top_frequency[layer, head].item()
+        print(f"  {rank:2d}. {layer}:{head:<4d} KL {score:.4g}   in top 10 of {share:.0%} of queries")
+    print(f"wrote {args.out}/ships.json, ships_data.pt, ships_heatmap.png")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="safety-heads", description="Find and ablate the attention heads aligned chat models use to refuse harmful requests.")
+    parser.add_argument("--version", action="version", version=f"safety-heads {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    heads = commands.add_parser("heads", help="describe a model's attention heads (layers, GQA, head_dim, ablation sites)")
+    _add_model_arguments(heads)
+    heads.add_argument("--heads", default=None, help="also expand a head spec, e.g. '2:26,3:8' or '0-7:*'")
+    heads.add_argument("--load", action="store_true", help="load the weights too (otherwise only config.json is read)")
+    heads.set_defaults(run=command_heads)
+
+    ships = commands.add_parser("ships", help="per-query head importance: KL(clean || head ablated) of the next token")
+    _add_model_arguments(ships)
+    _add_prompt_arguments(ships)
+    _add_ablation_arguments(ships)
+    group = ships.add_argument_group("ships")
+    group.add_argument("--heads", default=None, help="restrict the sweep, e.g. '0-7:*' or '*/4:*' (default: every head)")
+    group.add_argument("--method", default="exact", help="exact, estimate (gradients, ~1 forward+backward) or estimate+verify")
+    group.add_argument("--top-k", dest="top_k", type=int, default=10, help="heads recomputed exactly by estimate+verify (default 10)")
+    group.add_argument("--samples", type=int, default=64, help="Fisher samples for the estimate (default 64)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val", help="data set whose mean head outputs --ablation mean uses")
+    group.add_argument("--show", type=int, default=10, help="how many top heads to print")
+    group.add_argument("--out", required=True, help="output folder")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _add_engine_arguments(ships)
+    ships.set_defaults(run=command_ships)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except UserError as error:
+        print(f"safety-heads: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safety-heads: interrupted; finished work is kept (rerun with --resume to continue)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Results on disk: atomic writes, versioned JSON records, checkpoints that resume, and the notebook-style .pt files.
+
+Every file is written to a temporary name and renamed into place, so a killed run never leaves a half-written
+result. Long runs append one JSON line per finished unit of work to a checkpoint whose first line records the run's
+configuration; `--resume` refuses a checkpoint from a different configuration and says what differs.
+
+Results are JSON (and `.pt` files holding only tensors, lists, dicts and strings, so `torch.load(...,
+weights_only=True)` reads them); nothing is ever unpickled from an untrusted file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .errors import UserError
+
+
+def versions() -> dict[str, str]:
+    """Library versions that change numbers: recorded in every result."""
+    import nnsight
+    import transformers
+
+    from . import __version__
+
+    return {
+        "safety_heads": __version__,
+        "torch": str(torch.__version__),  # a TorchVersion, which weights_only loading refuses
+        "transformers": transformers.__version__,
+        "nnsight": nnsight.__version__,
+    }
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, record: Any) -> None:
+    text = json.dumps(to_jsonable(record), indent=1, allow_nan=False) + "\n"
+    atomic_write(Path(path), lambda stream: stream.write(text.encode()))
+
+
+def read_json(path: str | Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"cannot read result file '{path}': {error}") from None
+
+
+def save_tensors(path: str | Path, record: dict) -> None:
+    """A .pt file for users of the original notebooks; only tensors, numbers, strings, lists and dicts."""
+    record = {key: value if isinstance(value, torch.Tensor) else to_jsonable(value) for key, value in record.items()}
+    atomic_write(Path(path), lambda stream: torch.save(record, stream))
+
+
+def load_tensors(path: str | Path) -> dict:
+    return torch.load(path, weights_only=True)  # never unpickle arbitrary objects
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dataclasses, tuples and tensors to plain JSON; NaN (a head not scored) to null."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.tolist())
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
+def matrix_or_nan(rows: list[list[float | None]]) -> torch.Tensor:
+    """A layers x heads list of lists with nulls back into a float64 tensor with NaN."""
+    return torch.tensor([[float("nan") if x is None else x for x in row] for row in rows], dtype=torch.float64)
+
+
+class Checkpoint:
+    """An append-only JSON-lines file: a header with the run's configuration, then one line per finished unit."""
+
+    def __init__(self, path: str | Path, config: dict):
+        self.path = Path(path)
+        self.config = to_jsonable(config)
+
+    def start(self, resume: bool) -> list[dict]:
+        """Open the checkpoint; returns the units already finished (empty unless resuming)."""
+        if not self.path.exists():
+            if resume:
+                return []  # nothing to resume: start afresh
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"config": self.config})
+            return []
+        if not resume:
+            raise UserError(
+                f"'{self.path.parent}' holds an unfinished run; add --resume to continue it, or choose another --out"
+            )
+        header, *units = list(self._lines())
+        differences = describe_differences(header.get("config", {}), self.config)
+        if differences:
+            raise UserError(f"cannot resume: the checkpoint in '{self.path.parent}' was made with {differences}")
+        return units
+
+    def _lines(self) -> Iterator[dict]:
+        with open(self.path, encoding="utf-8") as stream:
+            for line in stream:
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    return  # a line torn by a kill mid-write: everything before it is intact
+
+    def append(self, unit: dict) -> None:
+        self._append(unit)
+
+    def _append(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def describe_differences(old: dict, new: dict) -> str:
+    """'epsilon=1e-05 (now 0.0001), template=raw (now paper)' for the keys whose values differ."""
+    keys = sorted(set(old) | set(new))
+    changed = [f"{key}={old.get(key)!r} (now {new.get(key)!r})" for key in keys if old.get(key) != new.get(key)]
+    return ", ".join(changed)

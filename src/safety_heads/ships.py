@@ -1,0 +1,308 @@
+"""Ships: how much each head matters to one harmful query's refusal (paper §3.2, Eq. 9).
+
+For a query, Ships(head) = KL(p_clean || p_ablated(head)) of the next-token distribution at the prompt's last
+position, computed in float64 from float32 (or better) logits, with log-softmax rather than the original code's
+1e-12 smoothing. A large KL means ablating the head moves the model's first response token, which for an aligned
+model is a refusal token.
+
+Methods:
+- ``exact``: every head ablated on its own, batched by the engine (the reference every other method must match).
+- ``estimate``: every head from one forward and one backward pass (a sampled-Fisher quadratic estimate; see
+  estimate.py). Fast, approximate.
+- ``estimate+verify``: estimate every head, then recompute the top K exactly. ``scores`` then holds exact values
+  for the verified heads and estimates elsewhere; ``estimate`` keeps every estimate and ``verified`` lists the heads.
+
+Over a data set: the mean score of each head, and how often each head is in a query's top 10 (the original
+``ships_res_stats``).
+
+    safety-heads ships --model tiny --dataset maliciousinstruct --limit 4 --out runs/ships
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_heads, parse_heads
+from .engine import Engine, EngineConfig
+from .errors import UserError
+from .models import LoadedModel
+from .report import heatmap_png
+from .results import Checkpoint, matrix_or_nan, save_tensors, versions, write_json
+
+METHODS = ("exact", "estimate", "estimate+verify")
+TOP_FREQUENCY_K = 10  # the original ships_res_stats counts membership in each query's top 10
+FORMAT = "safety-heads/ships"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ShipsConfig:
+    """What to score and how. Shared by `safety-heads ships` and `run_ships`."""
+
+    template: str = "raw"  # raw | paper | chat (data.py)
+    system: str | None = None  # system prompt, chat template only
+    ablation: str = "ua"
+    epsilon: float = DEFAULT_EPSILON
+    heads: str | None = None  # a head spec restricting the sweep ("0-7:*"); None = every head
+    method: str = "exact"
+    top_k: int = 10  # heads recomputed exactly by estimate+verify, and listed per query
+    samples: int = 64  # Fisher samples for the estimate
+    seed: int = 0
+    mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
+    mean_reference_limit: int = 64
+
+    def validate(self) -> None:
+        check_kind(self.ablation)
+        check_epsilon(self.epsilon)
+        if self.method not in METHODS:
+            raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.top_k < 1:
+            raise UserError(f"--top-k must be at least 1, not {self.top_k}")
+        if self.samples < 1:
+            raise UserError(f"--samples must be at least 1, not {self.samples}")
+
+
+@dataclass
+class QueryScores:
+    index: int
+    query: str
+    prompt: str
+    scores: torch.Tensor  # [layers, heads] float64, NaN where not scored
+    estimate: torch.Tensor | None = None
+    verified: list[Head] = field(default_factory=list)
+
+    def top(self, k: int) -> list[tuple[int, int, float]]:
+        return top_heads(self.scores, k)
+
+
+@dataclass
+class ShipsResult:
+    config: dict
+    queries: list[QueryScores]
+    mean: torch.Tensor  # [layers, heads]
+    top_frequency: torch.Tensor  # [layers, heads], share of queries with the head in their top 10
+
+
+def kl_divergence(clean_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_clean || p_ablated) over the last axis, in float64."""
+    clean = torch.log_softmax(clean_logits.double(), dim=-1)
+    ablated = torch.log_softmax(ablated_logits.double(), dim=-1)
+    return (clean.exp() * (clean - ablated)).sum(-1).clamp(min=0.0)
+
+
+def top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
+    """The k highest-scoring (layer, head, score), ignoring unscored heads."""
+    flat = torch.nan_to_num(scores.flatten(), nan=-float("inf"))
+    n_scored = int(torch.isfinite(flat).sum())
+    values, indices = flat.topk(min(k, n_scored))
+    n_heads = scores.shape[1]
+    return [(int(i) // n_heads, int(i) % n_heads, float(v)) for v, i in zip(values, indices)]
+
+
+def exact_scores(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, kind: str, epsilon: float, means=None) -> torch.Tensor:
+    """Ships of each head in `heads` for one prompt: [layers, heads], NaN for heads not in `heads`."""
+    layout = engine.layout
+    scores = torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64)
+    clean = None
+    for what, part in engine.stream([list(token_ids)], [[head] for head in heads], kind=kind, epsilon=epsilon, means=means):
+        if what == "clean":
+            clean = part.logits[0]
+            continue
+        divergences = kl_divergence(clean, part.logits[:, 0])
+        for set_index, value in zip(part.set_indices, divergences):
+            layer, head = heads[set_index]
+            scores[layer, head] = value
+    return scores
+
+
+def aggregate(scores: torch.Tensor, k: int = TOP_FREQUENCY_K) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean score per head over queries ([queries, layers, heads] in), and the share of queries with it in their top k."""
+    mean = scores.nanmean(dim=0)
+    frequency = torch.zeros(scores.shape[1:], dtype=torch.float64)
+    for query_scores in scores:
+        for layer, head, _ in top_heads(query_scores, k):
+            frequency[layer, head] += 1
+    return mean, frequency / scores.shape[0]
+
+
+class Ships:
+    """Scores queries one at a time for one model and configuration."""
+
+    def __init__(self, model: LoadedModel, config: ShipsConfig, engine_config: EngineConfig | None = None):
+        config.validate()
+        self.model, self.config = model, config
+        self.engine = Engine(model, engine_config)
+        layout = model.layout
+        self.heads = list(parse_heads(config.heads, layout)) if config.heads else [
+            (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
+        ]
+        self.means = self._reference_means() if config.ablation == "mean" else None
+
+    def _reference_means(self) -> torch.Tensor:
+        from .data import format_prompts, load_prompts
+
+        queries = load_prompts(self.config.mean_reference, limit=self.config.mean_reference_limit)
+        prompts = format_prompts(queries, self.config.template, self.model.tokenizer, self.config.system)
+        return self.engine.head_means([list(p.token_ids) for p in prompts])
+
+    def score(self, index: int, prompt) -> QueryScores:
+        """Ships of every selected head for one formatted prompt (data.FormattedPrompt)."""
+        config, tokens = self.config, list(prompt.token_ids)
+        kind, epsilon = config.ablation, config.epsilon
+        if config.method == "exact":
+            scores = exact_scores(self.engine, tokens, self.heads, kind=kind, epsilon=epsilon, means=self.means)
+            return QueryScores(index, prompt.query, prompt.text, scores)
+        from .estimate import EstimateConfig, estimate_scores
+
+        estimate = estimate_scores(
+            self.engine, tokens, kind=kind, epsilon=epsilon, means=self.means,
+            config=EstimateConfig(samples=config.samples, seed=config.seed),
+        )
+        selected = torch.full_like(estimate, float("nan"))
+        for layer, head in self.heads:
+            selected[layer, head] = estimate[layer, head]
+        if config.method == "estimate":
+            return QueryScores(index, prompt.query, prompt.text, selected, estimate=selected)
+        verified = [(layer, head) for layer, head, _ in top_heads(selected, config.top_k)]
+        exact = exact_scores(self.engine, tokens, verified, kind=kind, epsilon=epsilon, means=self.means)
+        scores = torch.where(torch.isnan(exact), selected, exact)
+        return QueryScores(index, prompt.query, prompt.text, scores, estimate=selected, verified=verified)
+
+
+def run_config_record(model: LoadedModel, config: ShipsConfig, queries: Sequence[str], source: dict) -> dict:
+    """Everything that determines the numbers; a resumed run must match it exactly."""
+    digest = hashlib.sha256("\n\x00".join(queries).encode()).hexdigest()
+    return {
+        "model": model.name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "attn_implementation": model.config.attn_implementation,
+        **asdict(config),
+        **source,
+        "n_queries": len(queries),
+        "queries_sha256": digest,
+    }
+
+
+def run_ships(
+    model: LoadedModel,
+    queries: Sequence[str],
+    config: ShipsConfig,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    engine_config: EngineConfig | None = None,
+    source: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ShipsResult:
+    """Score every query; with `out`, checkpoint after each query and write ships.json, ships_data.pt and a heat map."""
+    from .data import format_prompts
+
+    ships = Ships(model, config, engine_config)
+    prompts = format_prompts(list(queries), config.template, model.tokenizer, config.system)
+    ships.engine.tokenize([p.token_ids for p in prompts])  # every prompt fits the context: fail before writing anything
+    record = run_config_record(model, config, queries, source or {})
+    progress = progress or (lambda line: print(line, file=sys.stderr))
+    finished: dict[int, QueryScores] = {}
+    checkpoint = None
+    if out is not None:
+        out = Path(out)
+        if (out / "ships.json").exists():
+            raise UserError(f"'{out}' already holds a finished Ships run (ships.json); choose another --out")
+        checkpoint = Checkpoint(out / "ships.checkpoint.jsonl", record)
+        for unit in checkpoint.start(resume):
+            finished[unit["index"]] = _unit_to_scores(unit)
+        if finished:
+            progress(f"resuming: {len(finished)} of {len(prompts)} queries already scored")
+    for index, prompt in enumerate(prompts):
+        if index in finished:
+            continue
+        result = ships.score(index, prompt)
+        finished[index] = result
+        if checkpoint is not None:
+            checkpoint.append(_scores_to_unit(result))
+        best = ", ".join(f"{l}:{h} ({s:.3g})" for l, h, s in result.top(3))
+        progress(f"[{len(finished)}/{len(prompts)}] top heads {best}  |  {_shorten(prompt.query)}")
+    ordered = [finished[i] for i in range(len(prompts))]
+    mean, frequency = aggregate(torch.stack([q.scores for q in ordered]))
+    result = ShipsResult(record | {"versions": versions(), "layout": asdict(model.layout)}, ordered, mean, frequency)
+    if out is not None:
+        write_outputs(result, out)
+        checkpoint.remove()
+    return result
+
+
+def write_outputs(result: ShipsResult, out: Path) -> None:
+    config = result.config
+    write_json(out / "ships.json", ships_record(result))
+    save_tensors(
+        out / "ships_data.pt",
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "config": {k: v for k, v in config.items() if k != "layout"},
+            "queries": [q.query for q in result.queries],
+            "prompts": [q.prompt for q in result.queries],
+            "scores": torch.stack([q.scores for q in result.queries]),
+            "mean": result.mean,
+            "top_frequency": result.top_frequency,
+        },
+    )
+    title = f"Ships ({config['ablation']}, eps={config['epsilon']:g}), mean over {len(result.queries)} queries: {config['model']}"
+    marked = [(l, h) for l, h, _ in top_heads(result.mean, 3)]
+    heatmap_png(result.mean, out / "ships_heatmap.png", title, "KL(clean || ablated), nats", marked)
+
+
+def ships_record(result: ShipsResult) -> dict:
+    """The stable, documented JSON layout of ships.json (docs/ships.md)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": result.config,
+        "queries": [
+            {
+                "index": q.index,
+                "query": q.query,
+                "prompt": q.prompt,
+                "scores": q.scores,
+                "top": [[l, h, s] for l, h, s in q.top(TOP_FREQUENCY_K)],
+                **({"estimate": q.estimate} if q.estimate is not None else {}),
+                **({"verified": [list(h) for h in q.verified]} if q.verified else {}),
+            }
+            for q in result.queries
+        ],
+        "aggregate": {
+            "mean": result.mean,
+            "top_frequency": result.top_frequency,
+            "top_frequency_k": TOP_FREQUENCY_K,
+            "top_mean": [[l, h, s] for l, h, s in top_heads(result.mean, TOP_FREQUENCY_K)],
+        },
+    }
+
+
+def _scores_to_unit(scores: QueryScores) -> dict:
+    unit = {"index": scores.index, "query": scores.query, "prompt": scores.prompt, "scores": scores.scores}
+    if scores.estimate is not None:
+        unit["estimate"] = scores.estimate
+    if scores.verified:
+        unit["verified"] = [list(h) for h in scores.verified]
+    return unit
+
+
+def _unit_to_scores(unit: dict) -> QueryScores:
+    estimate = matrix_or_nan(unit["estimate"]) if "estimate" in unit else None
+    verified = [tuple(h) for h in unit.get("verified", [])]
+    return QueryScores(unit["index"], unit["query"], unit["prompt"], matrix_or_nan(unit["scores"]), estimate, verified)
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+__all__ = ["ShipsConfig", "Ships", "ShipsResult", "QueryScores", "run_ships", "exact_scores", "kl_divergence", "aggregate", "format_heads"]
