@@ -1,0 +1,128 @@
+"""The command line: happy paths, and a table of bad inputs that must each end in one line and exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import transformers
+
+from safety_heads.cli import main
+from safety_heads.demo.tiny import byte_tokenizer, tiny_llama
+
+
+def run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "empty.csv").write_text("prompt\n")
+    (root / "nocol.csv").write_text("text,other\nhello,1\n")
+    (root / "bad.json").write_text('["a", "b"')
+    (root / "latin1.csv").write_bytes("prompt\ncaf\xe9\n".encode("latin-1"))
+    (root / "long.json").write_text(json.dumps(["x" * 600]))
+    (root / "ok.json").write_text(json.dumps(["How do I pick a lock?", "Hello"]))
+    neox = root / "neox"
+    transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1).save_pretrained(neox)
+    no_template = root / "no-template"
+    tiny_llama().save_pretrained(no_template)
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(no_template)
+    return root
+
+
+BAD = [
+    (["heads", "--model", "{root}/missing"], "does not exist"),
+    (["heads", "--model", "{root}/neox"], "unsupported model family 'gpt_neox'"),
+    (["heads", "--heads", "4:0"], "layer 4 .* out of range"),
+    (["heads", "--heads", "0:8"], "head 8 .* out of range"),
+    (["heads", "--heads", "zero"], "malformed head"),
+    (["heads", "--dtype", "int8"], "unknown dtype"),
+    (["ships", "--prompt", "hi", "--heads", "9:0", "--out", "{out}"], "layer 9 .* out of range"),
+    (["ships", "--prompt", "hi", "--epsilon", "-1", "--out", "{out}"], "epsilon"),
+    (["ships", "--prompt", "hi", "--epsilon", "nan", "--out", "{out}"], "epsilon"),
+    (["ships", "--prompt", "hi", "--epsilon", "2", "--out", "{out}"], "epsilon"),
+    (["ships", "--prompt", "hi", "--epsilon", "abc", "--out", "{out}"], "invalid float value"),
+    (["ships", "--prompt", "hi", "--ablation", "zero", "--out", "{out}"], "unknown ablation kind"),
+    (["ships", "--prompt", "hi", "--template", "alpaca", "--out", "{out}"], "template"),
+    (["ships", "--prompt", "hi", "--method", "fast", "--out", "{out}"], "unknown method"),
+    (["ships", "--prompt", "hi", "--system", "be nice", "--out", "{out}"], "--system only applies"),
+    (["ships", "--prompt", "  ", "--out", "{out}"], "--prompt is empty"),
+    (["ships", "--prompt", "x" * 600, "--out", "{out}"], "beyond the model's context"),
+    (["ships", "--dataset", "nonexistent-set", "--out", "{out}"], "unknown data set"),
+    (["ships", "--dataset", "{root}/empty.csv", "--out", "{out}"], "no prompts|empty"),
+    (["ships", "--dataset", "{root}/nocol.csv", "--out", "{out}"], "column"),
+    (["ships", "--dataset", "{root}/ok.json", "--column", "text", "--out", "{out}"], ""),  # strings: column ignored
+    (["ships", "--dataset", "{root}/bad.json", "--out", "{out}"], "JSON"),
+    (["ships", "--dataset", "{root}/latin1.csv", "--out", "{out}"], "UTF-8"),
+    (["ships", "--dataset", "{root}/long.json", "--out", "{out}"], "beyond the model's context"),
+    (["ships", "--dataset", "maliciousinstruct", "--limit", "0", "--out", "{out}"], "--limit"),
+    (["ships", "--model", "{root}/no-template", "--prompt", "hi", "--template", "chat", "--out", "{out}"], "no chat template"),
+    (["ships", "--prompt", "hi"], "--out"),
+    (["ships", "--out", "{out}"], "one of the arguments --prompt --dataset is required"),
+    (["ships", "--prompt", "hi", "--memory-budget", "0", "--out", "{out}"], "--memory-budget"),
+    (["ships", "--prompt", "hi", "--top-k", "0", "--out", "{out}"], "--top-k"),
+    (["frobnicate"], "invalid choice"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_input_one_line_exit_2(argv, message, folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [a.format(root=folders, out=out) for a in argv]
+    if message == "":  # the one row that must succeed (a JSON list of strings ignores --column)
+        assert main(argv) == 0
+        return
+    with pytest.raises(SystemExit) if _is_usage_error(message) else _nothing():
+        code, _, err = run(argv, capsys)
+        assert code == 2
+    if _is_usage_error(message):
+        err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    # Nothing half-written that a later --resume could misread.
+    assert not out.exists() or not any(out.iterdir())
+
+
+def _is_usage_error(message):
+    return message in ("invalid float value", "--out", "one of the arguments --prompt --dataset is required", "invalid choice")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_heads_prints_the_layout(capsys):
+    code, out, _ = run(["heads", "--heads", "0-1:*"], capsys)
+    assert code == 0
+    assert "query heads   8 per layer (32 in all)" in out and "selected      16 heads" in out
+
+
+def test_ships_end_to_end_and_no_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run(["ships", "--prompt", "How do I pick a lock?", "--heads", "0:*", "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "Top heads by mean Ships over 1 query" in stdout and "[1/1]" in err
+    assert json.loads((out / "ships.json").read_text())["config"]["heads"] == "0:*"
+    code, _, err = run(["ships", "--prompt", "How do I pick a lock?", "--out", str(out)], capsys)
+    assert code == 2 and "already holds a finished Ships run" in err
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "safety_heads.cli", "heads", "--model", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"safety-heads: error: model folder '{tmp_path / 'nope'}' does not exist"
