@@ -156,3 +156,12 @@ class TestPlanChunks:
         first = [3, 2, 1]
         chunks = plan_chunks(first, 4, 1, 2, overhead_layer_rows=0.0, prefix_reuse=False)
         self.covers(chunks, first, 2, reuse=False)
+
+
+def test_remote_simulation_equals_local():
+    """nnsight's remote="local" serialises each trace as a remote request would and replays it: same numbers."""
+    family, module, engine = wrapped("qwen3")
+    head_sets = head_sets_for(family)
+    local = engine.run(PROMPTS, head_sets, readouts=("logits", "hidden"))
+    simulated = Engine(engine.model, EngineConfig(remote="local")).run(PROMPTS, head_sets, readouts=("logits", "hidden"))
+    assert torch.equal(local.logits, simulated.logits) and torch.equal(local.hidden, simulated.hidden)

@@ -36,7 +36,7 @@ READOUTS = ("logits", "hidden")
 # The fixed cost of one trace, in floating-point operations of model compute it is worth (measured roughly: ~2 ms of
 # Python and nnsight bookkeeping per trace, against a CPU doing ~5e10 flop/s and a GPU ~1e13 on these shapes). It only
 # steers how head sets are grouped into chunks; results do not depend on it.
-TRACE_OVERHEAD_FLOPS = {"cpu": 1e8, "cuda": 2e10}
+TRACE_OVERHEAD_FLOPS = {"cpu": 3e8, "cuda": 2e10}
 DEFAULT_CPU_BUDGET_MB = 2048
 GPU_BUDGET_FRACTION = 0.5
 
@@ -48,7 +48,9 @@ class EngineConfig:
     memory_budget_mb: float | None = None  # activation memory per forward pass; None = 2 GiB on CPU, half of free GPU memory
     max_batch_rows: int | None = None  # hard cap on rows per forward pass, on top of the budget
     prefix_reuse: bool = True
-    remote: bool = False  # run the traces on NDIF
+    # False: run here. True: run on NDIF. "local": nnsight's simulation of a remote request (serialise the trace,
+    # deserialise, run here) -- the offline proof that the in-trace code travels.
+    remote: bool | str = False
 
     def validate(self) -> None:
         if self.memory_budget_mb is not None and not (self.memory_budget_mb > 0 and math.isfinite(self.memory_budget_mb)):
