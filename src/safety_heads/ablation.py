@@ -146,6 +146,41 @@ def replace_outputs(output_site_input: torch.Tensor, layout: HeadLayout, keep: t
     output_site_input.mul_(keep_columns).add_((1 - keep_columns) * mean)
 
 
+def ablation_plan(head_sets) -> dict[int, tuple[list[int], list[int]]]:
+    """Per layer, the (row, head) pairs to ablate when row i carries head_sets[i]: small int lists that a trace
+    expands into masks itself, so a remote request carries integers rather than mask tensors."""
+    plan: dict[int, tuple[list[int], list[int]]] = {}
+    for row, heads in enumerate(head_sets):
+        for layer, head in heads:
+            rows, columns = plan.setdefault(layer, ([], []))
+            rows.append(row)
+            columns.append(head)
+    return plan
+
+
+def ablate_layer(lm, layout: HeadLayout, layer: int, pairs, n_rows: int, kind: str, epsilon: float, means=None, repeat: int = 1) -> None:
+    """Inside a trace: ablate one layer's (row, head) `pairs` for a batch of `n_rows` x `repeat` rows.
+
+    Row r of the plan covers batch rows r*repeat .. r*repeat+repeat-1 (the engine tiles each head set over its
+    prompts). Reads the site (waiting for the module to run) and edits it in place.
+    """
+    rows, heads = pairs
+    if kind == "ua":
+        site = layer_part(lm, layout, layer, layout.query_path).output
+    else:
+        site = layer_part(lm, layout, layer, layout.output_path).input
+    keep = torch.ones(n_rows, layout.n_heads, dtype=site.dtype, device=site.device)
+    keep[rows, heads] = 0
+    if repeat > 1:
+        keep = keep.repeat_interleave(repeat, dim=0)
+    if kind == "ua":
+        scale_queries(site, layout, keep, epsilon)
+    elif kind == "sc":
+        scale_outputs(site, layout, keep, epsilon)
+    else:
+        replace_outputs(site, layout, keep, means[layer].to(device=site.device, dtype=site.dtype))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Weight surgery: the same ablation baked into the weights, so a plain forward pass reproduces the traced one.
 

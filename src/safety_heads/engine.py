@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 import nnsight
 import torch
 
-from .ablation import KINDS, Head, check_epsilon, check_kind, replace_outputs, scale_outputs, scale_queries
+from .ablation import KINDS, Head, ablate_layer, ablation_plan, check_epsilon, check_kind
 from .errors import UserError
 from .models import LoadedModel, layer_part, resolve
 
@@ -89,7 +89,9 @@ class ChunkResult:
 
 
 @dataclass
-class _Batch:
+class Batch:
+    """Prompts left-padded into one tensor: the last position is every row's last prompt token."""
+
     prompt_indices: list[int]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -110,6 +112,18 @@ class _Batch:
             attention_mask=self.attention_mask.repeat(times, 1),
             position_ids=self.position_ids.repeat(times, 1),
         )
+
+
+def left_padded(token_lists: Sequence[Sequence[int]], pad_id: int | None, indices: Sequence[int] | None = None) -> Batch:
+    """Left-pad token lists; positions count real tokens only, so a padded row is positioned exactly as it would be alone."""
+    length = max(len(ids) for ids in token_lists)
+    input_ids = torch.full((len(token_lists), length), 0 if pad_id is None else pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(token_lists), length), dtype=torch.long)
+    for row, ids in enumerate(token_lists):
+        input_ids[row, length - len(ids) :] = torch.tensor(list(ids))
+        attention_mask[row, length - len(ids) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(list(indices if indices is not None else range(len(token_lists))), input_ids, attention_mask, position_ids)
 
 
 def plan_chunks(
@@ -192,19 +206,8 @@ class Engine:
             tokens.append(ids)
         return tokens
 
-    def _batch(self, tokens: list[list[int]], indices: list[int]) -> _Batch:
-        length = max(len(tokens[i]) for i in indices)
-        pad = self.model.tokenizer.pad_token_id
-        pad = 0 if pad is None else pad
-        input_ids = torch.full((len(indices), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), length), dtype=torch.long)
-        for row, index in enumerate(indices):
-            ids = tokens[index]
-            input_ids[row, length - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, length - len(ids) :] = 1
-        # Positions count real tokens only, so a left-padded row is positioned exactly as it would be alone.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return _Batch(list(indices), input_ids, attention_mask, position_ids)
+    def _batch(self, tokens: list[list[int]], indices: list[int]) -> Batch:
+        return left_padded([tokens[i] for i in indices], self.model.tokenizer.pad_token_id, indices)
 
     def _normalise_sets(self, head_sets: Sequence[Sequence[Head]]) -> list[tuple[Head, ...]]:
         normalised = []
@@ -264,7 +267,7 @@ class Engine:
 
     # -- traces ------------------------------------------------------------------------------------------------
 
-    def _clean_pass(self, batch: _Batch, residual_layers: set[int], readouts: tuple[str, ...]):
+    def _clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...]):
         lm, layout = self.model.lm, self.layout
         layers = resolve(lm, layout.layers_path)
         # Only values saved inside a trace exist after it: save containers, fill them with raw values.
@@ -276,37 +279,18 @@ class Engine:
             _read_last_position(lm, layout, readouts, readout)
         return residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
 
-    def _ablated_pass(self, batch: _Batch, chunk: Chunk, sets: list[tuple[Head, ...]], residual, kind, epsilon, means, readouts):
+    def _ablated_pass(self, batch: Batch, chunk: Chunk, sets: list[tuple[Head, ...]], residual, kind, epsilon, means, readouts):
         lm, layout = self.model.lm, self.layout
-        n_sets, n_heads = len(chunk.set_indices), layout.n_heads
-        # Per layer, which (set-in-chunk, head) pairs are ablated: small int lists, expanded to masks in the trace.
-        ablated: dict[int, tuple[list[int], list[int]]] = {}
-        for position, set_index in enumerate(chunk.set_indices):
-            for layer, head in sets[set_index]:
-                ablated.setdefault(layer, ([], []))
-                ablated[layer][0].append(position)
-                ablated[layer][1].append(head)
+        n_sets = len(chunk.set_indices)
+        plan = ablation_plan([sets[i] for i in chunk.set_indices])
         layers = resolve(lm, layout.layers_path)
         with torch.no_grad(), lm.trace(**batch.repeated(n_sets), logits_to_keep=1, use_cache=False, remote=self.config.remote):
             if chunk.start_layer > 0:
                 skipped_output = residual.repeat(n_sets, 1, 1)
                 for layer in range(chunk.start_layer):
                     layers[layer].skip(skipped_output)
-            for layer in sorted(ablated):
-                positions, heads = ablated[layer]
-                if kind == "ua":
-                    site = layer_part(lm, layout, layer, layout.query_path).output
-                else:
-                    site = layer_part(lm, layout, layer, layout.output_path).input
-                keep = torch.ones(n_sets, n_heads, dtype=site.dtype, device=site.device)
-                keep[positions, heads] = 0
-                keep = keep.repeat_interleave(batch.size, dim=0)
-                if kind == "ua":
-                    scale_queries(site, layout, keep, epsilon)
-                elif kind == "sc":
-                    scale_outputs(site, layout, keep, epsilon)
-                else:
-                    replace_outputs(site, layout, keep, means[layer].to(device=site.device, dtype=site.dtype))
+            for layer in sorted(plan):
+                ablate_layer(lm, layout, layer, plan[layer], n_sets, kind, epsilon, means, repeat=batch.size)
             readout = nnsight.save({})
             _read_last_position(lm, layout, readouts, readout)
 

@@ -73,7 +73,7 @@ def read_json(path: str | Path) -> Any:
 
 def save_tensors(path: str | Path, record: dict) -> None:
     """A .pt file for users of the original notebooks; only tensors, numbers, strings, lists and dicts."""
-    record = {key: value if isinstance(value, torch.Tensor) else to_jsonable(value) for key, value in record.items()}
+    record = to_jsonable(record, keep_tensors=True)  # TorchVersion, tuples, dataclasses -> plain types
     atomic_write(Path(path), lambda stream: torch.save(record, stream))
 
 
@@ -81,17 +81,20 @@ def load_tensors(path: str | Path) -> dict:
     return torch.load(path, weights_only=True)  # never unpickle arbitrary objects
 
 
-def to_jsonable(value: Any) -> Any:
-    """Dataclasses, tuples and tensors to plain JSON; NaN (a head not scored) to null."""
+def to_jsonable(value: Any, keep_tensors: bool = False) -> Any:
+    """Dataclasses, tuples and tensors to plain JSON; NaN (a head not scored) to null. With `keep_tensors`, tensors
+    stay tensors (for .pt files) and everything else becomes plain types that weights_only loading accepts."""
     if is_dataclass(value) and not isinstance(value, type):
-        return to_jsonable(asdict(value))
+        return to_jsonable(asdict(value), keep_tensors)
     if isinstance(value, dict):
-        return {str(key): to_jsonable(item) for key, item in value.items()}
+        return {str(key): to_jsonable(item, keep_tensors) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_jsonable(item) for item in value]
+        return [to_jsonable(item, keep_tensors) for item in value]
     if isinstance(value, torch.Tensor):
-        return to_jsonable(value.tolist())
-    if isinstance(value, float) and value != value:
+        return value.detach().cpu() if keep_tensors else to_jsonable(value.tolist())
+    if isinstance(value, str):
+        return str(value)  # also turns str subclasses (torch's TorchVersion) into plain strings
+    if isinstance(value, float) and value != value and not keep_tensors:
         return None
     return value
 
