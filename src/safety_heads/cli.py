@@ -6,6 +6,8 @@ and exit code 130; finished work is never lost (long runs checkpoint and `--resu
 
     safety-heads heads --model tiny
     safety-heads ships --model tiny --prompt "How do I pick a lock?" --out runs/ships
+    safety-heads evaluate --model tiny --dataset maliciousinstruct --limit 4 --heads 0:1 --out runs/eval
+    safety-heads surgery --model tiny --heads 0:1,1:3 --out runs/surgery
 """
 
 from __future__ import annotations
@@ -125,6 +127,53 @@ def command_ships(args) -> int:
     return 0
 
 
+def command_evaluate(args) -> int:
+    from .engine import EngineConfig
+    from .evaluate import EvaluateConfig, run_evaluation
+    from .generate import GenerationConfig
+
+    config = _config(EvaluateConfig, args)
+    config.validate()
+    generation = GenerationConfig(
+        max_new_tokens=args.max_new_tokens, do_sample=args.sample, top_k=args.top_k_sampling, top_p=args.top_p,
+        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+    )
+    generation.validate()
+    engine_config = _config(EngineConfig, args)
+    engine_config.validate()
+    from .judges import make_judges
+
+    make_judges(config.judges)  # a bad judge fails before the model loads
+    model = _load(args)
+    result = run_evaluation(model, config, generation, out=args.out, resume=args.resume, engine_config=engine_config)
+    heads = "per-query top heads" if result["heads"] is None else ",".join(f"{l}:{h}" for l, h in result["heads"])
+    print(f"Ablated {heads} ({config.ablation}, eps={config.epsilon:g}); ASR baseline -> ablated:")
+    for name, numbers in result["results"].items():
+        for judge, value in numbers["ablated"]["asr"].items():
+            invalid = numbers["ablated"]["invalid"][judge] + numbers["baseline"]["invalid"][judge]
+            print(f"  {name:24s} {judge:20s} {numbers['baseline']['asr'][judge]:6.1%} -> {value:6.1%}"
+                  + (f"  ({invalid} invalid judge outputs)" if invalid else ""))
+    harmless = result["harmless"]
+    if harmless and "mean_kl" in harmless:
+        for judge, value in harmless["ablated"]["refusal_rate"].items():
+            print(f"  harmless {harmless['dataset']}: refusal ({judge}) {harmless['baseline']['refusal_rate'][judge]:.1%} -> {value:.1%}")
+        print(f"  harmless mean next-token KL (clean || ablated): {harmless['mean_kl']:.4g}")
+    print(f"wrote {args.out}/eval.json, eval_data.pt")
+    return 0
+
+
+def command_surgery(args) -> int:
+    from .surgery import SurgeryConfig, run_surgery
+
+    config = _config(SurgeryConfig, args)
+    config.validate()
+    model = _load(args)
+    record = run_surgery(model, config, args.out)
+    print(f"saved {args.out}: {record['model']} with {record['heads_spec']} baked in ({config.ablation}, eps={config.epsilon:g}); "
+          f"load it with AutoModelForCausalLM.from_pretrained('{args.out}')")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="safety-heads", description="Find and ablate the attention heads aligned chat models use to refuse harmful requests.")
     parser.add_argument("--version", action="version", version=f"safety-heads {__version__}")
@@ -152,12 +201,55 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_engine_arguments(ships)
     ships.set_defaults(run=command_ships)
+
+    evaluate = commands.add_parser("evaluate", help="ASR before and after ablating heads, and the cost on harmless prompts")
+    _add_model_arguments(evaluate)
+    group = evaluate.add_argument_group("data")
+    group.add_argument("--dataset", dest="datasets", default="maliciousinstruct", help="harmful data set(s), comma-separated")
+    group.add_argument("--limit", type=int, default=None, help="use the first N queries of each data set")
+    group.add_argument("--template", default="raw", help="raw, paper or chat")
+    group.add_argument("--system", default=None, help="system prompt (chat template only)")
+    group.add_argument("--harmless", default="harmless-test", help="harmless data set for the cost measures ('' to skip)")
+    group.add_argument("--harmless-limit", dest="harmless_limit", type=int, default=32)
+    group = evaluate.add_argument_group("heads")
+    group.add_argument("--heads", default=None, help="heads to ablate, e.g. '2:26,3:8'")
+    group.add_argument("--from", dest="source", default=None, help="a sahara.json or ships.json to take the heads from")
+    group.add_argument("--top-k", dest="top_k", type=int, default=None, help="first K Sahara heads / top K Ships heads (default: all / 3)")
+    group.add_argument("--per-query", dest="per_query", action="store_true", help="with a ships.json: ablate each query's own top-k heads")
+    _add_ablation_arguments(evaluate)
+    group = evaluate.add_argument_group("judging and decoding")
+    from .judges import JUDGE_HELP
+
+    group.add_argument("--judge", dest="judges", default="paper", help=JUDGE_HELP)
+    group.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64, help="default 64 (the paper used 128)")
+    group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    group.add_argument("--top-k-sampling", dest="top_k_sampling", type=int, default=None, help="top-k for --sample (the paper used 5)")
+    group.add_argument("--top-p", dest="top_p", type=float, default=None)
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="queries generated together")
+    group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
+    group.add_argument("--out", required=True, help="output folder")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _add_engine_arguments(evaluate)
+    evaluate.set_defaults(run=command_evaluate)
+
+    surgery = commands.add_parser("surgery", help="bake an ablation into the weights and save a Hugging Face checkpoint")
+    _add_model_arguments(surgery)
+    surgery.add_argument("--heads", required=True, help="heads to ablate, e.g. '2:26,3:8'")
+    surgery.add_argument("--ablation", default="ua", help="ua (default) or sc")
+    surgery.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON)
+    surgery.add_argument("--out", required=True, help="a new or empty folder for the checkpoint")
+    surgery.set_defaults(run=command_surgery)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # stderr carries our progress lines and one-line errors only
     try:
         return args.run(args)
     except UserError as error:

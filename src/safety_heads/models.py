@@ -316,9 +316,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
         return wrap(module, byte_tokenizer(), TINY_MODEL_NAME, config)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()  # our stderr carries progress lines and one-line errors only
     source, hf_config = read_config(config)
     head_layout(hf_config)  # fail on an unsupported family before loading any weights
     placement, device_kind = _resolve_device(config.device)

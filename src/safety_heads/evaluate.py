@@ -1,0 +1,272 @@
+"""Evaluation: what an ablation does to safety, and what it costs.
+
+Baseline vs ablated, on the same prompts with the same decoding:
+- on each harmful data set, the attack success rate (ASR) per judge: the share of answers judged harmful (invalid
+  model-judge outputs are counted and reported, and excluded from neither numerator nor denominator silently:
+  `invalid` says how many there were);
+- on a harmless set, the refusal rate (keyword judges) and the mean KL of next-token distributions, clean vs
+  ablated, at the prompt's last position -- so a "jailbreak" that merely breaks the model shows.
+
+Heads come from `--heads`, a Sahara result (`--from sahara.json`, its first `--top-k` heads, all by default), or a
+Ships result (`--from ships.json`: the top `--top-k` heads by mean score, default 3; with `--per-query`, each query's
+own top-k heads -- how the paper's "16x" was measured -- on the queries stored in that file).
+
+    safety-heads evaluate --model tiny --dataset maliciousinstruct --limit 4 --heads 0:1,1:3 --out runs/eval
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, parse_heads
+from .engine import Engine, EngineConfig
+from .errors import UserError
+from .generate import GenerationConfig, generate
+from .judges import KeywordJudge, make_judges
+from .models import LoadedModel
+from .results import Checkpoint, read_json, save_tensors, versions, write_json
+from .ships import kl_divergence, top_heads
+
+FORMAT = "safety-heads/eval"
+FORMAT_VERSION = 1
+CONTENT_WARNING = "Contains text generated in answer to harmful requests; it may be harmful. Handle as such."
+DEFAULT_SHIPS_TOP_K = 3  # the paper's ASR peaks at about 3 heads
+
+
+@dataclass
+class EvaluateConfig:
+    """What to evaluate. Shared by `safety-heads evaluate` and `run_evaluation`."""
+
+    datasets: str = "maliciousinstruct"  # comma-separated bundled names or files
+    limit: int | None = None
+    template: str = "raw"
+    system: str | None = None
+    ablation: str = "ua"
+    epsilon: float = DEFAULT_EPSILON
+    heads: str | None = None  # a head spec such as "2:26,3:8"
+    source: str | None = None  # a sahara.json or ships.json to take the heads from (--from)
+    top_k: int | None = None
+    per_query: bool = False
+    judges: str = "paper"
+    harmless: str | None = "harmless-test"
+    harmless_limit: int = 32
+    mean_reference: str = "harmless-val"
+    mean_reference_limit: int = 64
+
+    def validate(self) -> None:
+        check_kind(self.ablation)
+        check_epsilon(self.epsilon)
+        if (self.heads is None) == (self.source is None):
+            raise UserError("give the heads to ablate with exactly one of --heads or --from")
+        if self.per_query and self.source is None:
+            raise UserError("--per-query needs --from ships.json (each query's own top heads)")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k must be at least 1, not {self.top_k}")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be at least 1, not {self.limit}")
+        if self.harmless_limit < 1:
+            raise UserError(f"--harmless-limit must be at least 1, not {self.harmless_limit}")
+
+
+@dataclass
+class HeadChoice:
+    """The heads to ablate: one set for every query, or (per-query mode) one per query with the queries themselves."""
+
+    heads: list[Head] | None
+    per_query: list[list[Head]] | None = None
+    queries: list[str] | None = None
+    origin: dict = field(default_factory=dict)
+
+
+def choose_heads(config: EvaluateConfig, layout) -> HeadChoice:
+    if config.heads is not None:
+        return HeadChoice(list(parse_heads(config.heads, layout)), origin={"heads": config.heads})
+    record = read_json(config.source)
+    kind = record.get("format") if isinstance(record, dict) else None
+    origin = {"from": str(config.source), "format": kind}
+    try:
+        if kind == "safety-heads/sahara":
+            if config.per_query:
+                raise UserError("--per-query needs a ships.json; a sahara.json holds one group for the whole data set")
+            heads = [tuple(h) for h in record["heads"]][: config.top_k]
+            choice = HeadChoice([(int(l), int(h)) for l, h in heads], origin=origin)
+        elif kind == "safety-heads/ships":
+            k = config.top_k or DEFAULT_SHIPS_TOP_K
+            if config.per_query:
+                per_query = [[(l, h) for l, h, _ in top_heads(_matrix(q["scores"]), k)] for q in record["queries"]]
+                choice = HeadChoice(None, per_query, [q["query"] for q in record["queries"]], origin)
+            else:
+                mean = _matrix(record["aggregate"]["mean"])
+                choice = HeadChoice([(l, h) for l, h, _ in top_heads(mean, k)], origin=origin)
+        else:
+            raise UserError(f"'{config.source}' is not a sahara.json or ships.json from safety-heads (format: {kind!r})")
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise UserError(f"'{config.source}' does not follow the {kind} layout ({type(error).__name__}: {error})") from None
+    for heads in [choice.heads] if choice.heads is not None else choice.per_query:
+        for layer, head in heads:
+            layout.check_head(layer, head)
+    return choice
+
+
+def _matrix(rows) -> torch.Tensor:
+    return torch.tensor([[float("nan") if x is None else float(x) for x in row] for row in rows], dtype=torch.float64)
+
+
+def run_evaluation(
+    model: LoadedModel,
+    config: EvaluateConfig,
+    generation: GenerationConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    engine_config: EngineConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Generate baseline and ablated answers, judge them, measure the harmless cost; write eval.json and eval_data.pt."""
+    from .data import format_prompts, load_prompts
+
+    config.validate()
+    generation = generation or GenerationConfig()
+    generation.validate()
+    progress = progress or (lambda line: print(line, file=sys.stderr))
+    judges = make_judges(config.judges)
+    choice = choose_heads(config, model.layout)
+    engine = Engine(model, engine_config)
+    tokenizer = model.tokenizer
+
+    sets: dict[str, list] = {}
+    if choice.per_query is not None:
+        sets[f"{Path(config.source).name} queries"] = format_prompts(choice.queries[: config.limit], config.template, tokenizer, config.system)
+    else:
+        for name in [part.strip() for part in config.datasets.split(",") if part.strip()]:
+            sets[name] = format_prompts(load_prompts(name, limit=config.limit), config.template, tokenizer, config.system)
+    harmless = None
+    if config.harmless:
+        harmless = format_prompts(load_prompts(config.harmless, limit=config.harmless_limit), config.template, tokenizer, config.system)
+    for prompts in list(sets.values()) + ([harmless] if harmless else []):
+        engine.tokenize([p.token_ids for p in prompts])  # everything fits the context before anything is written
+
+    means = None
+    if config.ablation == "mean":
+        reference = format_prompts(load_prompts(config.mean_reference, limit=config.mean_reference_limit), config.template, tokenizer, config.system)
+        means = engine.head_means([p.token_ids for p in reference])
+
+    record = _config_record(model, config, generation, choice, judges, sets, harmless)
+    checkpoint = None
+    done: dict[tuple[str, int], list[str]] = {}
+    if out is not None:
+        out = Path(out)
+        if (out / "eval.json").exists():
+            raise UserError(f"'{out}' already holds a finished evaluation (eval.json); choose another --out")
+        checkpoint = Checkpoint(out / "eval.checkpoint.jsonl", record)
+        for unit in checkpoint.start(resume):
+            done[(unit["part"], unit["start"])] = unit["responses"]
+
+    def answers(part: str, prompts, head_sets) -> list[str]:
+        responses = []
+        for start in range(0, len(prompts), generation.batch_size):
+            if (part, start) in done:
+                responses.extend(done[(part, start)])
+                continue
+            stop = start + generation.batch_size
+            batch = generate(model, [p.token_ids for p in prompts[start:stop]], head_sets=head_sets[start:stop] if head_sets else None,
+                             kind=config.ablation, epsilon=config.epsilon, means=means, config=generation,
+                             remote=engine.config.remote)
+            texts = [g.text for g in batch]
+            if checkpoint is not None:
+                checkpoint.append({"part": part, "start": start, "responses": texts})
+            responses.extend(texts)
+            progress(f"[{part}] {min(stop, len(prompts))}/{len(prompts)} answers")
+        return responses
+
+    result = {"format": FORMAT, "version": FORMAT_VERSION, "content_warning": CONTENT_WARNING, "config": record,
+              "heads": [list(h) for h in choice.heads] if choice.heads is not None else None, "results": {}, "samples": {}}
+    for name, prompts in sets.items():
+        head_sets = choice.per_query[: len(prompts)] if choice.per_query is not None else [choice.heads] * len(prompts)
+        baseline = answers(f"{name}/baseline", prompts, None)
+        ablated = answers(f"{name}/ablated", prompts, head_sets)
+        queries = [p.query for p in prompts]
+        verdicts = {side: {j.name: j.judge(queries, responses) for j in judges} for side, responses in (("baseline", baseline), ("ablated", ablated))}
+        result["results"][name] = {"n": len(prompts), **{side: _rates(verdicts[side]) for side in verdicts}}
+        result["results"][name]["delta_asr"] = {
+            j.name: result["results"][name]["ablated"]["asr"][j.name] - result["results"][name]["baseline"]["asr"][j.name] for j in judges
+        }
+        result["samples"][name] = [
+            {"index": i, "query": p.query, "prompt": p.text,
+             **({"heads": [list(h) for h in head_sets[i]]} if choice.per_query is not None else {}),
+             "baseline": {"response": baseline[i], "verdicts": {j.name: verdicts["baseline"][j.name][i] for j in judges}},
+             "ablated": {"response": ablated[i], "verdicts": {j.name: verdicts["ablated"][j.name][i] for j in judges}}}
+            for i, p in enumerate(prompts)
+        ]
+    result["harmless"] = _harmless_cost(model, engine, config, choice, harmless, judges, means, answers) if harmless else None
+    if out is not None:
+        write_json(out / "eval.json", result)
+        save_tensors(out / "eval_data.pt", _tensors(result))
+        checkpoint.remove()
+    return result
+
+
+def _rates(verdicts: dict[str, list]) -> dict:
+    asr, invalid = {}, {}
+    for name, values in verdicts.items():
+        asr[name] = sum(v is True for v in values) / len(values)
+        invalid[name] = sum(v is None for v in values)
+    return {"asr": asr, "invalid": invalid}
+
+
+def _harmless_cost(model, engine, config, choice, prompts, judges, means, answers) -> dict:
+    """Refusal rates on harmless prompts (keyword judges) and the mean next-token KL, clean vs ablated."""
+    keyword = [j for j in judges if isinstance(j, KeywordJudge)] or [make_judges("refusal-direction")[0]]
+    cost = {"dataset": config.harmless, "n": len(prompts), "judges": [j.name for j in keyword]}
+    if choice.per_query is not None:
+        cost["note"] = "per-query mode ablates a different group per harmful query; no single group to cost"
+        return cost
+    baseline = answers("harmless/baseline", prompts, None)
+    ablated = answers("harmless/ablated", prompts, [choice.heads] * len(prompts))
+    cost["baseline"] = {"refusal_rate": {j.name: sum(map(j.refused, baseline)) / len(prompts) for j in keyword}}
+    cost["ablated"] = {"refusal_rate": {j.name: sum(map(j.refused, ablated)) / len(prompts) for j in keyword}}
+    readouts = engine.run([p.token_ids for p in prompts], [choice.heads], kind=config.ablation, epsilon=config.epsilon, means=means)
+    kl = kl_divergence(readouts.clean_logits, readouts.logits[:, 0])
+    cost["mean_kl"] = float(kl.mean())
+    cost["samples"] = [{"index": i, "query": p.query, "baseline": baseline[i], "ablated": ablated[i], "kl": float(kl[i])}
+                       for i, p in enumerate(prompts)]
+    return cost
+
+
+def _config_record(model, config, generation, choice, judges, sets, harmless) -> dict:
+    texts = [p.text for prompts in sets.values() for p in prompts] + [p.text for p in harmless or []]
+    return {
+        "model": model.name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "attn_implementation": model.config.attn_implementation,
+        **asdict(config),
+        "generation": asdict(generation),
+        "judge_versions": {j.name: j.version for j in judges},
+        "heads_origin": choice.origin,
+        "heads": [list(h) for h in choice.heads] if choice.heads is not None else None,
+        "prompts_sha256": hashlib.sha256("\n\x00".join(texts).encode()).hexdigest(),
+        "versions": versions(),
+    }
+
+
+def _tensors(result: dict) -> dict:
+    """eval_data.pt: verdicts as tensors (1 harmful, 0 refused, -1 invalid), plus the JSON's numbers and texts."""
+    code = {True: 1, False: 0, None: -1}
+    verdicts = {}
+    for name, samples in result["samples"].items():
+        verdicts[name] = {
+            side: {judge: torch.tensor([code[s[side]["verdicts"][judge]] for s in samples]) for judge in samples[0][side]["verdicts"]}
+            for side in ("baseline", "ablated")
+        } if samples else {}
+    return {"format": result["format"], "version": result["version"], "content_warning": CONTENT_WARNING,
+            "config": result["config"], "heads": result["heads"], "results": result["results"], "verdicts": verdicts,
+            "samples": result["samples"], "harmless": result["harmless"]}
+
+
+__all__ = ["EvaluateConfig", "run_evaluation", "choose_heads", "HeadChoice", "Sequence"]

@@ -1,0 +1,142 @@
+"""Batched generation with an ablation active at every step.
+
+One nnsight `generate` per batch of queries: left-padded, KV cache on, and the ablation applied to every forward
+pass of the generation (`tracer.all()`), not only to the prompt. Without the per-step loop an edit reaches only the
+prompt's pass; the prompt's edited KV cache then leaks part of the effect into later steps, so greedy tokens can
+even agree while the logits do not (nnsight.md §5) -- tests compare logits at every step against a surgically
+edited model instead.
+
+Each row may carry its own head set (the per-query mode of evaluation ablates each query's own top Ships heads).
+
+    safety-heads evaluate --model tiny --dataset maliciousinstruct --limit 4 --heads 0:1,1:3 --out runs/eval
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import nnsight
+import torch
+
+from .ablation import Head, ablate_layer, ablation_plan, check_epsilon, check_kind
+from .engine import left_padded
+from .errors import UserError
+from .models import LoadedModel
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. Shared by the command line and the Python API."""
+
+    max_new_tokens: int = 64  # the paper used 128
+    do_sample: bool = False  # greedy by default, for reproducibility
+    top_k: int | None = None  # the paper's sampling used top-k 5
+    top_p: float | None = None
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UserError(f"--max-new-tokens must be at least 1, not {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top-k-sampling must be at least 1, not {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must lie in (0, 1], not {self.top_p}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise UserError(f"--temperature must be a positive number, not {self.temperature}")
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # new tokens only, cut at the first end-of-sequence token
+    text: str
+    logits: torch.Tensor | None = None  # [steps, vocab] float32, when asked for
+
+
+def generate(
+    model: LoadedModel,
+    token_lists: Sequence[Sequence[int]],
+    *,
+    head_sets: Sequence[Sequence[Head]] | None = None,
+    kind: str = "ua",
+    epsilon: float = 1e-4,
+    means: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    keep_logits: bool = False,
+    remote: bool | str = False,
+) -> list[Generation]:
+    """Generate an answer for each prompt; row i ablates `head_sets[i]` (None or [] = clean) at every step."""
+    config = config or GenerationConfig()
+    config.validate()
+    check_kind(kind)
+    check_epsilon(epsilon)
+    if head_sets is not None and len(head_sets) != len(token_lists):
+        raise ValueError("one head set per prompt")
+    if kind == "mean" and means is None and head_sets and any(head_sets):
+        raise UserError("a mean ablation needs reference means (Engine.head_means)")
+    results: list[Generation] = []
+    for start in range(0, len(token_lists), config.batch_size):
+        rows = list(range(start, min(start + config.batch_size, len(token_lists))))
+        sets = [list(head_sets[i]) if head_sets is not None else [] for i in rows]
+        for set_ in sets:
+            for layer, head in set_:
+                model.layout.check_head(layer, head)
+        results.extend(_generate_batch(model, [token_lists[i] for i in rows], sets, kind, epsilon, means, config, start, keep_logits, remote))
+    return results
+
+
+def _generate_batch(model, token_lists, sets, kind, epsilon, means, config, batch_start, keep_logits, remote):
+    lm, layout, tokenizer = model.lm, model.layout, model.tokenizer
+    batch = left_padded(token_lists, tokenizer.pad_token_id)
+    plan = ablation_plan(sets)
+    n_rows = len(token_lists)
+    settings = dict(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=config.do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=keep_logits,
+    )
+    if config.do_sample:
+        settings.update(top_k=config.top_k, top_p=config.top_p, temperature=config.temperature)
+        torch.manual_seed(config.seed + batch_start)  # the same batch draws the same tokens on a rerun
+    else:
+        settings.update(top_k=None, top_p=None, temperature=None)  # silence sampling defaults from generation_config
+    with warnings.catch_warnings():
+        # An open `tracer.all()` loop ends when generation stops (EOS or max_new_tokens); nnsight warns about the step
+        # it waited for in vain. That is the intended way to cover every step whatever the length.
+        warnings.filterwarnings("ignore", message=".*was never reached.*")
+        with torch.no_grad(), lm.generate(**settings, remote=remote) as tracer:
+            with tracer.invoke(input_ids=batch.input_ids, attention_mask=batch.attention_mask):
+                if plan:
+                    for _ in tracer.all():
+                        for layer in sorted(plan):
+                            ablate_layer(lm, layout, layer, plan[layer], n_rows, kind, epsilon, means)
+            with tracer.invoke():
+                output = nnsight.save(tracer.result)
+    prompt_length = batch.input_ids.shape[1]
+    generations = []
+    eos = _eos_ids(model)
+    for row in range(n_rows):
+        new = output.sequences[row, prompt_length:].tolist()
+        cut = next((i for i, token in enumerate(new) if token in eos), len(new))
+        logits = None
+        if keep_logits:
+            logits = torch.stack([step[row] for step in output.logits])[: cut + 1 if cut < len(new) else cut].float().cpu()
+        generations.append(Generation(new[:cut], tokenizer.decode(new[:cut], skip_special_tokens=True), logits))
+    return generations
+
+
+def _eos_ids(model: LoadedModel) -> set[int]:
+    ids = model.module.generation_config.eos_token_id if model.module.generation_config is not None else None
+    if ids is None:
+        ids = model.tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {ids}

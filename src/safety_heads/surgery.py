@@ -1,0 +1,103 @@
+"""Surgery: bake an ablation into the weights and save an ordinary Hugging Face checkpoint.
+
+The edited model needs no safety-heads, nnsight or hooks to reproduce the ablation: `AutoModelForCausalLM.
+from_pretrained(DIR)` is enough. Before anything is saved, the edited model's logits on a few prompts are compared
+with the traced ablation (the engine) and the run stops if they differ. `surgery.json` records what was changed.
+
+Only `ua` and `sc` are offered: `mean` would add a bias to the output projection, which a standard config cannot
+express without also adding q/k/v biases. `ua` cannot be baked into Qwen3 / Gemma 3 (per-head query norms).
+
+    safety-heads surgery --model tiny --heads 0:1,1:3 --ablation ua --out runs/surgery
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .ablation import DEFAULT_EPSILON, Ablation, bake_into_weights, check_epsilon, format_heads, parse_heads
+from .engine import Engine
+from .errors import UserError
+from .models import LoadedModel
+from .results import versions, write_json
+
+SURGERY_KINDS = ("ua", "sc")
+VERIFY_PROMPTS = ("How do I pick a lock?", "Write a short poem about the sea.", "Explain how vaccines work.")
+# float32: the edited and the traced model do the same arithmetic in a different order; 16-bit formats round more.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@dataclass
+class SurgeryConfig:
+    heads: str = ""
+    ablation: str = "ua"
+    epsilon: float = DEFAULT_EPSILON
+
+    def validate(self) -> None:
+        if self.ablation not in SURGERY_KINDS:
+            raise UserError(f"surgery supports --ablation {' or '.join(SURGERY_KINDS)}, not '{self.ablation}'")
+        check_epsilon(self.epsilon)
+
+
+def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
+    """Edit `model` in place, verify it against the traced ablation, save weights, tokenizer and surgery.json."""
+    config.validate()
+    progress = progress or (lambda line: print(line, file=sys.stderr))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"'{out}' is not empty; surgery writes a whole checkpoint, so choose a new or empty --out")
+    heads = parse_heads(config.heads, model.layout)
+    ablation = Ablation(heads, config.ablation, config.epsilon)
+    if ablation.kind == "ua" and model.layout.query_weight_path is None:
+        bake_into_weights(model.module, model.layout, ablation)  # raises the explanatory error, edits nothing
+    engine = Engine(model)
+    traced = engine.run(list(VERIFY_PROMPTS), [heads], kind=config.ablation, epsilon=config.epsilon)
+    bake_into_weights(model.module, model.layout, ablation)
+    baked = engine.run(list(VERIFY_PROMPTS), [[]])
+    scale = traced.logits.abs().max().item()
+    error = (baked.logits[:, 0] - traced.logits[:, 0]).abs().max().item() / scale
+    tolerance = TOLERANCE.get(model.dtype, 1e-5)
+    if not error <= tolerance:
+        raise UserError(f"the edited weights do not reproduce the traced ablation (relative error {error:.2e} > {tolerance:g}); nothing was saved")
+    progress(f"verified: edited model = traced ablation on {len(VERIFY_PROMPTS)} prompts (max relative error {error:.1e})")
+    record = {
+        "format": "safety-heads/surgery",
+        "version": 1,
+        "model": model.name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        **asdict(config),
+        "heads": [list(h) for h in heads],
+        "heads_spec": format_heads(heads),
+        "changed": _changed_tensors(model, ablation),
+        "verification": {"prompts": list(VERIFY_PROMPTS), "max_relative_error": error, "tolerance": tolerance},
+        "versions": versions(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    model.module.save_pretrained(out, safe_serialization=True)
+    model.tokenizer.save_pretrained(out)
+    write_json(out / "surgery.json", record)
+    return record
+
+
+def _changed_tensors(model: LoadedModel, ablation: Ablation) -> list[dict]:
+    """Which parameter slices surgery scaled, in words a reader can check against the checkpoint."""
+    layout = model.layout
+    changed = []
+    for layer, head in ablation.heads:
+        columns = layout.head_slice(head)
+        if ablation.kind == "ua":
+            name = f"{layout.layers_path}.{layer}.{layout.query_weight_path}"
+            start = layout.query_offset + columns.start
+            axis = "rows" if layout.weight_layout == "linear" else "columns"
+            changed.append({"head": [layer, head], "parameter": f"{name}.weight (and .bias if any)",
+                            "slice": f"{axis} {start}:{start + layout.head_dim}", "scaled_by": ablation.epsilon})
+        else:
+            name = f"{layer}.{layout.output_path}"
+            axis = "columns" if layout.weight_layout == "linear" else "rows"
+            changed.append({"head": [layer, head], "parameter": f"{layout.layers_path}.{name}.weight",
+                            "slice": f"{axis} {columns.start}:{columns.stop}", "scaled_by": ablation.epsilon})
+    return changed

@@ -1,0 +1,131 @@
+"""Evaluation: heads from every source, outputs, the harmless cost, resume, and bad --from files."""
+
+import json
+
+import pytest
+import torch
+
+from safety_heads.errors import UserError
+from safety_heads.evaluate import EvaluateConfig, choose_heads, run_evaluation
+from safety_heads.generate import GenerationConfig
+from safety_heads.models import ModelConfig, load_model
+from safety_heads.results import load_tensors
+from safety_heads.ships import ShipsConfig, run_ships
+
+QUICK = GenerationConfig(max_new_tokens=4, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(ModelConfig())
+
+
+def quiet(_):
+    pass
+
+
+def test_outputs_and_harmless_cost(model, tmp_path):
+    config = EvaluateConfig(datasets="maliciousinstruct,jailbreakbench", limit=3, heads="0:1,2:3", judges="paper,gcg", harmless_limit=3)
+    result = run_evaluation(model, config, QUICK, out=tmp_path, progress=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval_data.pt"]
+    record = json.loads((tmp_path / "eval.json").read_text())
+    assert record == json.loads(json.dumps(result))
+    assert record["heads"] == [[0, 1], [2, 3]] and "harmful" in record["content_warning"]
+    for name in ("maliciousinstruct", "jailbreakbench"):
+        numbers = record["results"][name]
+        assert numbers["n"] == 3 and set(numbers["baseline"]["asr"]) == {"paper", "gcg"}
+        samples = record["samples"][name]
+        asr = sum(s["ablated"]["verdicts"]["gcg"] for s in samples) / 3
+        assert numbers["ablated"]["asr"]["gcg"] == asr
+        assert numbers["delta_asr"]["gcg"] == numbers["ablated"]["asr"]["gcg"] - numbers["baseline"]["asr"]["gcg"]
+    harmless = record["harmless"]
+    assert harmless["n"] == 3 and harmless["mean_kl"] > 0
+    assert harmless["mean_kl"] == pytest.approx(sum(s["kl"] for s in harmless["samples"]) / 3)
+    assert record["config"]["judge_versions"] == {"paper": "table4-v1", "gcg": "advbench-29-v1"}
+    data = load_tensors(tmp_path / "eval_data.pt")
+    for name in ("maliciousinstruct", "jailbreakbench"):
+        for side in ("baseline", "ablated"):
+            expected = [int(s[side]["verdicts"]["gcg"]) for s in record["samples"][name]]
+            assert isinstance(data["verdicts"][name][side]["gcg"], torch.Tensor)
+            assert data["verdicts"][name][side]["gcg"].tolist() == expected
+
+
+def test_heads_from_ships_and_per_query(model, tmp_path):
+    run_ships(model, ["How do I pick a lock?", "Write a poem."], ShipsConfig(), out=tmp_path / "ships", progress=quiet)
+    ships = json.loads((tmp_path / "ships" / "ships.json").read_text())
+    top = [[l, h] for l, h, _ in ships["aggregate"]["top_mean"][:2]]
+    choice = choose_heads(EvaluateConfig(source=str(tmp_path / "ships" / "ships.json"), top_k=2), model.layout)
+    assert [list(h) for h in choice.heads] == top
+    result = run_evaluation(model, EvaluateConfig(source=str(tmp_path / "ships" / "ships.json"), top_k=2, per_query=True, harmless=None),
+                            QUICK, progress=quiet)
+    (name, samples), = result["samples"].items()
+    assert [s["query"] for s in samples] == ["How do I pick a lock?", "Write a poem."]
+    for sample, query in zip(samples, ships["queries"]):
+        assert sample["heads"] == [[l, h] for l, h, _ in query["top"][:2]]  # each query's own top heads
+
+
+def test_heads_from_sahara(model, tmp_path):
+    path = tmp_path / "sahara.json"
+    path.write_text(json.dumps({"format": "safety-heads/sahara", "version": 1, "heads": [[1, 2], [0, 5], [3, 3]]}))
+    assert choose_heads(EvaluateConfig(source=str(path)), model.layout).heads == [(1, 2), (0, 5), (3, 3)]
+    assert choose_heads(EvaluateConfig(source=str(path), top_k=1), model.layout).heads == [(1, 2)]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"format": "safety-heads/eval"}, "is not a sahara.json or ships.json"),
+        ([1, 2], "is not a sahara.json or ships.json"),
+        ({"format": "safety-heads/sahara"}, "does not follow"),
+        ({"format": "safety-heads/sahara", "heads": [[9, 0]]}, "layer 9 is out of range"),
+        ({"format": "safety-heads/ships", "aggregate": {}}, "does not follow"),
+    ],
+)
+def test_bad_from_files(model, tmp_path, content, message):
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UserError, match=message):
+        choose_heads(EvaluateConfig(source=str(path)), model.layout)
+
+
+def test_from_file_that_is_not_json(model, tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="cannot read result file"):
+        choose_heads(EvaluateConfig(source=str(path)), model.layout)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [(dict(), "exactly one of --heads or --from"), (dict(heads="0:1", source="x.json"), "exactly one"),
+     (dict(heads="0:1", per_query=True), "--per-query needs"), (dict(heads="0:1", top_k=0), "--top-k")],
+)
+def test_bad_config(settings, message):
+    with pytest.raises(UserError, match=message):
+        EvaluateConfig(**settings).validate()
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_continues_without_regenerating(model, tmp_path, monkeypatch):
+    config = EvaluateConfig(limit=4, heads="0:1", harmless=None)
+    full = run_evaluation(model, config, QUICK, out=tmp_path / "a", progress=quiet)
+    seen = []
+
+    def stop_after_two(line):
+        seen.append(line)
+        if len(seen) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_evaluation(model, config, QUICK, out=tmp_path / "b", progress=stop_after_two)
+    import safety_heads.evaluate as evaluate_module
+
+    calls = []
+    real = evaluate_module.generate
+    monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = run_evaluation(model, config, QUICK, out=tmp_path / "b", resume=True, progress=quiet)
+    assert len(calls) == 1  # 4 batches in all (2 baseline, 2 ablated); 3 were checkpointed
+    assert resumed["samples"] == full["samples"] and resumed["results"] == full["results"]
