@@ -68,6 +68,16 @@ BAD = [
     (["ships", "--prompt", "hi", "--memory-budget", "0", "--out", "{out}"], "--memory-budget"),
     (["ships", "--prompt", "hi", "--top-k", "0", "--out", "{out}"], "--top-k"),
     (["frobnicate"], "invalid choice"),
+    (["evaluate", "--heads", "0:1", "--judge", "harmbench:{root}/no-judge", "--out", "{out}"], "judge model folder"),
+    (["evaluate", "--heads", "0:1", "--judge", "vibes", "--out", "{out}"], "unknown judge 'vibes'"),
+    (["evaluate", "--from", "{root}/ok.json", "--out", "{out}"], "is not a sahara.json or ships.json"),
+    (["evaluate", "--from", "{root}/missing.json", "--out", "{out}"], "cannot read result file"),
+    (["evaluate", "--heads", "7:0", "--out", "{out}"], "layer 7 .* out of range"),
+    (["evaluate", "--out", "{out}"], "exactly one of --heads or --from"),
+    (["evaluate", "--heads", "0:1", "--max-new-tokens", "0", "--out", "{out}"], "--max-new-tokens"),
+    (["surgery", "--heads", "0:9", "--out", "{out}"], "head 9 .* out of range"),
+    (["surgery", "--heads", "0:1", "--ablation", "mean", "--out", "{out}"], "ua or sc"),
+    (["surgery", "--heads", "0:1", "--epsilon", "-0.5", "--out", "{out}"], "epsilon"),
 ]
 
 
