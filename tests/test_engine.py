@@ -119,12 +119,28 @@ def test_bad_input_is_a_user_error(call, message):
         call(engine)
 
 
-def test_non_finite_outputs_are_refused():
+def test_non_finite_outputs_name_the_place():
     family, module, engine = wrapped("llama")
     with torch.no_grad():
         module.lm_head.weight.fill_(3e38)
-    with pytest.raises(UserError, match="non-finite logits"):
+    with pytest.raises(UserError, match="clean model produced non-finite values after the last layer"):
         engine.run(["hello"], [[(0, 0)]])
+
+
+def test_float16_overflow_names_the_layer():
+    family, module, engine = wrapped("llama")
+    with torch.no_grad():
+        module.model.layers[1].mlp.down_proj.weight.mul_(1e4)  # layer 1's output overflows float16
+    half = Engine(wrap(module.half(), byte_tokenizer(), "llama"))
+    with pytest.raises(UserError, match=r"non-finite values from layer 1 on \(overflow in float16\?\); rerun with --dtype float32"):
+        half.run(["hello there"], [[(0, 0)]])
+
+
+def test_non_finite_only_after_ablation_is_reported_for_the_ablated_model():
+    family, module, engine = wrapped("llama")
+    means = torch.full((3, 64), float("inf"))
+    with pytest.raises(UserError, match="an ablated model produced non-finite values from layer 2 on"):
+        engine.run(["hello"], [[(2, 1)]], kind="mean", means=means)
 
 
 class TestPlanChunks:

@@ -279,7 +279,7 @@ class Engine:
             _read_last_position(lm, layout, readouts, readout)
         return residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
 
-    def _ablated_pass(self, batch: Batch, chunk: Chunk, sets: list[tuple[Head, ...]], residual, kind, epsilon, means, readouts):
+    def _ablated_pass(self, batch: Batch, chunk: Chunk, sets, residual, kind, epsilon, means, readouts, check_layers=False):
         lm, layout = self.model.lm, self.layout
         n_sets = len(chunk.set_indices)
         plan = ablation_plan([sets[i] for i in chunk.set_indices])
@@ -289,10 +289,16 @@ class Engine:
                 skipped_output = residual.repeat(n_sets, 1, 1)
                 for layer in range(chunk.start_layer):
                     layers[layer].skip(skipped_output)
-            for layer in sorted(plan):
-                ablate_layer(lm, layout, layer, plan[layer], n_sets, kind, epsilon, means, repeat=batch.size)
+            finite = nnsight.save([])
+            for layer in range(chunk.start_layer, layout.n_layers) if check_layers else sorted(plan):
+                if layer in plan:
+                    ablate_layer(lm, layout, layer, plan[layer], n_sets, kind, epsilon, means, repeat=batch.size)
+                if check_layers:  # diagnosis only: which layer's output first stops being finite
+                    finite.append(bool(torch.isfinite(layers[layer].output).all()))
             readout = nnsight.save({})
             _read_last_position(lm, layout, readouts, readout)
+        if check_layers:
+            return next((chunk.start_layer + i for i, ok in enumerate(finite) if not ok), None)
 
         def by_set(values):
             values = _to_cpu_float(values)
@@ -339,7 +345,9 @@ class Engine:
             plan = [Chunk(tuple(active[i] for i in chunk.set_indices), chunk.start_layer) for chunk in plan]
             residual_layers = {chunk.start_layer - 1 for chunk in plan if chunk.start_layer > 0}
             residuals, clean_logits, clean_hidden = self._clean_pass(batch, residual_layers, readouts)
-            _check_finite(clean_logits, clean_hidden, "the clean model")
+            if not _finite(clean_logits, clean_hidden):
+                layer = self._ablated_pass(batch, Chunk((0,), 0), [()], None, kind, epsilon, means, readouts, check_layers=True)
+                _report_non_finite("the clean model", layer, self.model.dtype)
             stats["traces"] += 1
             stats["rows"] += batch.size
             stats["layer_rows"] += batch.size * n_layers
@@ -348,7 +356,10 @@ class Engine:
                 logits, hidden = self._ablated_pass(
                     batch, chunk, sets, residuals.get(chunk.start_layer - 1), kind, epsilon, means, readouts
                 )
-                _check_finite(logits, hidden, "an ablated model")
+                if not _finite(logits, hidden):
+                    residual = residuals.get(chunk.start_layer - 1)
+                    layer = self._ablated_pass(batch, chunk, sets, residual, kind, epsilon, means, readouts, check_layers=True)
+                    _report_non_finite("an ablated model", layer, self.model.dtype)
                 rows = len(chunk.set_indices) * batch.size
                 stats["traces"] += 1
                 stats["rows"] += rows
@@ -425,12 +436,14 @@ def _to_cpu_float(values: torch.Tensor | None) -> torch.Tensor | None:
     return values.detach().to(device="cpu", dtype=torch.float32).reshape(values.shape[0], -1)
 
 
-def _check_finite(logits, hidden, what: str) -> None:
-    for name, values in (("logits", logits), ("hidden states", hidden)):
-        if values is not None and not torch.isfinite(values).all():
-            raise UserError(
-                f"{what} produced non-finite {name} (overflow?); rerun with --dtype float32 (or bfloat16 instead of float16)"
-            )
+def _finite(*values: torch.Tensor | None) -> bool:
+    return all(v is None or bool(torch.isfinite(v).all()) for v in values)
+
+
+def _report_non_finite(what: str, layer: int | None, dtype: torch.dtype) -> None:
+    where = f"from layer {layer} on" if layer is not None else "after the last layer (final norm or unembedding)"
+    advice = "rerun with --dtype float32" if dtype != torch.float32 else "check the model's weights (float32 already)"
+    raise UserError(f"{what} produced non-finite values {where} (overflow in {str(dtype).removeprefix('torch.')}?); {advice}")
 
 
 __all__ = ["Engine", "EngineConfig", "EngineResult", "Chunk", "ChunkResult", "plan_chunks", "READOUTS", "KINDS"]
