@@ -76,6 +76,9 @@ BAD = [
     (["evaluate", "--out", "{out}"], "exactly one of --heads or --from"),
     (["evaluate", "--heads", "0:1", "--max-new-tokens", "0", "--out", "{out}"], "--max-new-tokens"),
     (["surgery", "--heads", "0:9", "--out", "{out}"], "head 9 .* out of range"),
+    (["ships", "--prompt", "hi", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),
+    (["evaluate", "--heads", "0:1", "--limit", "1", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),
+    (["surgery", "--heads", "0:1", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),
     (["surgery", "--heads", "0:1", "--ablation", "mean", "--out", "{out}"], "ua or sc"),
     (["surgery", "--heads", "0:1", "--epsilon", "-0.5", "--out", "{out}"], "epsilon"),
 ]

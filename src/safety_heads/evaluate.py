@@ -30,7 +30,7 @@ from .errors import UserError
 from .generate import GenerationConfig, generate
 from .judges import KeywordJudge, make_judges
 from .models import LoadedModel
-from .results import Checkpoint, read_json, save_tensors, versions, write_json
+from .results import Checkpoint, check_output_folder, read_json, save_tensors, versions, write_json
 from .ships import kl_divergence, top_heads
 
 FORMAT = "safety-heads/eval"
@@ -164,6 +164,7 @@ def run_evaluation(
         out = Path(out)
         if (out / "eval.json").exists():
             raise UserError(f"'{out}' already holds a finished evaluation (eval.json); choose another --out")
+        check_output_folder(out)
         checkpoint = Checkpoint(out / "eval.checkpoint.jsonl", record)
         for unit in checkpoint.start(resume):
             done[(unit["part"], unit["start"])] = unit["responses"]

@@ -104,6 +104,18 @@ def matrix_or_nan(rows: list[list[float | None]]) -> torch.Tensor:
     return torch.tensor([[float("nan") if x is None else x for x in row] for row in rows], dtype=torch.float64)
 
 
+def check_output_folder(out: str | Path) -> Path:
+    """Fail early, in one line, if results cannot be written to `out` (a file in the way, no permission, ...)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
+        probe.close()
+    except OSError as error:
+        raise UserError(f"cannot write to output folder '{out}': {error.strerror or error}") from None
+    return out
+
+
 class Checkpoint:
     """An append-only JSON-lines file: a header with the run's configuration, then one line per finished unit."""
 

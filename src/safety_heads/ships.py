@@ -33,7 +33,7 @@ from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
 from .report import heatmap_png
-from .results import Checkpoint, matrix_or_nan, save_tensors, versions, write_json
+from .results import Checkpoint, check_output_folder, matrix_or_nan, save_tensors, versions, write_json
 
 METHODS = ("exact", "estimate", "estimate+verify")
 TOP_FREQUENCY_K = 10  # the original ships_res_stats counts membership in each query's top 10
@@ -214,6 +214,7 @@ def run_ships(
         out = Path(out)
         if (out / "ships.json").exists():
             raise UserError(f"'{out}' already holds a finished Ships run (ships.json); choose another --out")
+        check_output_folder(out)
         checkpoint = Checkpoint(out / "ships.checkpoint.jsonl", record)
         for unit in checkpoint.start(resume):
             finished[unit["index"]] = _unit_to_scores(unit)

@@ -23,7 +23,7 @@ from .ablation import DEFAULT_EPSILON, Ablation, bake_into_weights, check_epsilo
 from .engine import Engine
 from .errors import UserError
 from .models import LoadedModel
-from .results import versions, write_json
+from .results import check_output_folder, versions, write_json
 
 SURGERY_KINDS = ("ua", "sc")
 VERIFY_PROMPTS = ("How do I pick a lock?", "Write a short poem about the sea.", "Explain how vaccines work.")
@@ -54,6 +54,7 @@ def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, prog
     ablation = Ablation(heads, config.ablation, config.epsilon)
     if ablation.kind == "ua" and model.layout.query_weight_path is None:
         bake_into_weights(model.module, model.layout, ablation)  # raises the explanatory error, edits nothing
+    check_output_folder(out)
     engine = Engine(model)
     traced = engine.run(list(VERIFY_PROMPTS), [heads], kind=config.ablation, epsilon=config.epsilon)
     bake_into_weights(model.module, model.layout, ablation)
@@ -76,7 +77,6 @@ def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, prog
         "verification": {"prompts": list(VERIFY_PROMPTS), "max_relative_error": error, "tolerance": tolerance},
         "versions": versions(),
     }
-    out.mkdir(parents=True, exist_ok=True)
     model.module.save_pretrained(out, safe_serialization=True)
     model.tokenizer.save_pretrained(out)
     write_json(out / "surgery.json", record)
