@@ -186,3 +186,24 @@ def test_too_long_prompt_writes_nothing(tmp_path):
 def test_bad_config(settings, message):
     with pytest.raises(UserError, match=message):
         ShipsConfig(**settings).validate()
+
+
+def test_estimate_and_verify_methods(tmp_path):
+    model = load_model(ModelConfig())
+    engine_exact = run_ships(model, QUERIES[:1], ShipsConfig(), progress=lambda _: None).queries[0].scores
+    estimated = run_ships(model, QUERIES[:1], ShipsConfig(method="estimate", samples=32), progress=lambda _: None).queries[0]
+    assert torch.isfinite(estimated.scores).all() and (estimated.scores >= 0).all()
+    assert torch.equal(estimated.scores, estimated.estimate)
+    verified = run_ships(model, QUERIES[:1], ShipsConfig(method="estimate+verify", samples=32, top_k=5),
+                         out=tmp_path / "v", progress=lambda _: None).queries[0]
+    assert len(verified.verified) == 5
+    assert verified.verified == [(l, h) for l, h, _ in top_heads(estimated.estimate, 5)]  # the estimate's top 5...
+    for layer, head in verified.verified:  # ...recomputed exactly
+        # exact, up to float32 rounding of logits (a different batch composition), which KL values ~1e-6 magnify
+        assert verified.scores[layer, head] == pytest.approx(engine_exact[layer, head].item(), rel=1e-3)
+    others = torch.ones_like(verified.scores, dtype=torch.bool)
+    for layer, head in verified.verified:
+        others[layer, head] = False
+    assert torch.equal(verified.scores[others], verified.estimate[others])
+    record = json.loads((tmp_path / "v" / "ships.json").read_text())
+    assert record["queries"][0]["verified"] == [list(h) for h in verified.verified] and "estimate" in record["queries"][0]

@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--method", default="exact", help="exact, estimate (gradients, ~1 forward+backward) or estimate+verify")
     group.add_argument("--top-k", dest="top_k", type=int, default=10, help="heads recomputed exactly by estimate+verify (default 10)")
     group.add_argument("--samples", type=int, default=64, help="Fisher samples for the estimate (default 64)")
+    group.add_argument("--samples-per-pass", dest="samples_per_pass", type=int, default=None,
+                       help="estimate rows per forward+backward pass, to bound memory (default: all at once)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val", help="data set whose mean head outputs --ablation mean uses")
     group.add_argument("--show", type=int, default=10, help="how many top heads to print")

@@ -53,6 +53,7 @@ class ShipsConfig:
     method: str = "exact"
     top_k: int = 10  # heads recomputed exactly by estimate+verify, and listed per query
     samples: int = 64  # Fisher samples for the estimate
+    samples_per_pass: int | None = None  # rows per forward+backward pass of the estimate (memory); None = all
     seed: int = 0
     mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
     mean_reference_limit: int = 64
@@ -162,7 +163,7 @@ class Ships:
 
         estimate = estimate_scores(
             self.engine, tokens, kind=kind, epsilon=epsilon, means=self.means,
-            config=EstimateConfig(samples=config.samples, seed=config.seed),
+            config=EstimateConfig(samples=config.samples, seed=config.seed, samples_per_pass=config.samples_per_pass),
         )
         selected = torch.full_like(estimate, float("nan"))
         for layer, head in self.heads:

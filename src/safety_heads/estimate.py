@@ -1,0 +1,212 @@
+"""A fast estimate of every head's Ships score for one prompt, from one forward and one backward pass.
+
+Ships scores head h by KL(p || q_h): p is the clean next-token distribution at the prompt's last position, q_h the
+same with h ablated. The exact score costs a forward pass per head (batched by the engine, still L*H rows). Here all
+L*H scores come from one batched forward pass and one backward pass.
+
+**The approximation.** Write z for the activation at the ablation site (all layers, all positions) and delta for the
+change an ablation makes there. KL(p || q_delta) is zero, with zero gradient, at delta = 0, so its expansion starts at
+second order:
+
+    KL(p || q_delta) ~= 1/2 delta^T F delta,      F = E_{y ~ p}[ g(y) g(y)^T ],  g(y) = d log q_z(y) / dz at clean z
+
+(F is the Fisher information of the next-token distribution with respect to z). A first-order KL attribution is
+identically zero, which is why the gradient of KL itself is useless here (reference/nnsight.md section 4).
+
+**Sampling F.** Expand the prompt to K identical rows, draw y_k ~ p independently per row, and backpropagate
+sum_k log q_k(y_k) at the last position in one backward pass. Rows do not interact, so row k's gradient g_k at the
+site is exactly g(y_k), independent of the other rows, and
+
+    KL_h ~= 1/2 * (1/K) sum_k (g_k[h] . delta_h)^2
+
+where the dot runs over every position and the head's dimensions. This is an unbiased Monte-Carlo estimate of the
+quadratic form; its relative standard error shrinks like 1/sqrt(K). The draws y_k use inverse-CDF sampling of p with
+uniforms from a seeded CPU `torch.Generator` (drawn before the trace), so a seed gives the same samples on any
+device, and only K numbers enter the trace.
+
+**delta_h per kind** (a = the head's slice of the output projection's input, q = its query at the query site):
+
+- ``sc``:   delta_h = (epsilon - 1) * a_h, at the output site (exact: the ablation *is* that additive change);
+- ``mean``: delta_h = mean_h - a_h, at the output site (exact likewise);
+- ``ua``:   delta_h = (epsilon - 1) * q_h, at the query site (q_proj / fused query block / q_norm output).
+
+For ``sc`` and ``mean`` the only error is the quadratic expansion of KL in delta (plus sampling). For ``ua`` there is
+a second, usually larger one: scaling q by epsilon changes the head's output through a softmax of q.k, so the change
+at the output site is itself a nonlinear function of delta_q. Linearising it at the clean q mis-states heads whose
+attention is sharp (the softmax saturates: the true change, uniform attention, can be large while the gradient in q is
+small). The estimate ranks ``ua`` heads less faithfully than ``sc`` heads; tests/test_estimate.py measures both. Use
+it to shortlist heads and verify the shortlist with the exact engine.
+
+Cost. Rows x layers is the unit: the estimate runs K rows forward and backward (~3K row-passes of every layer),
+the exact engine with prefix reuse ~H(L+1)/2 row-passes of every layer (L layers, H heads per layer). So the estimate
+is faster only when K is well below H(L+1)/6: measured on CPU, 8 layers x 16 heads (break-even K ~ 24) it took 0.5x
+the exact time at K=64 and 2-2.6x less at K=16; on the 4 x 8 built-in tiny model the exact engine was faster at both K;
+for Llama-2-7b (32 x 32, break-even ~176) this count predicts K=64 ~2.7x cheaper (not measured). Lower K buys
+speed with noise.
+
+Memory: a forward pass with gradients over K rows of one prompt, plus one [1, positions, width] delta per layer.
+For large models set `EstimateConfig.samples_per_pass` below `samples`: the rows are then run in several
+forward+backward passes whose per-row products are accumulated (the rows are independent, so this is exact
+gradient accumulation, and a seed gives the same draws however the rows are chunked).
+
+    python -c "from safety_heads.models import load_model, ModelConfig; from safety_heads.engine import Engine; \
+from safety_heads.estimate import estimate_scores; e = Engine(load_model(ModelConfig())); \
+print(estimate_scores(e, e.tokenize(['How do I pick a lock?'])[0]))"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import nnsight
+import torch
+
+from .ablation import check_epsilon, check_kind
+from .engine import Engine
+from .errors import UserError
+from .models import HeadLayout, layer_part, resolve
+
+
+@dataclass
+class EstimateConfig:
+    """How the gradient estimate samples. Shared by the command line and the Python API."""
+
+    samples: int = 64  # K: draws y_k ~ p, one batch row each; a score's relative noise is roughly sqrt(2/K)
+    seed: int = 0
+    samples_per_pass: int | None = None  # rows per forward+backward pass; None = all `samples` in one pass
+
+    def validate(self) -> None:
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise UserError(f"--samples must be a whole number of at least 1, not {self.samples!r}")
+        if self.samples_per_pass is not None and (not isinstance(self.samples_per_pass, int) or self.samples_per_pass < 1):
+            raise UserError(f"--samples-per-pass must be a whole number of at least 1, not {self.samples_per_pass!r}")
+
+
+def estimate_scores(
+    engine: Engine,
+    token_ids: Sequence[int],
+    *,
+    kind: str = "ua",
+    epsilon: float = 1e-4,
+    means: torch.Tensor | None = None,
+    config: EstimateConfig | None = None,
+) -> torch.Tensor:
+    """Estimated KL(p_clean || p_ablated(h)) for every head h, [n_layers, n_heads] float64, all >= 0.
+
+    `token_ids` is one prompt, already tokenised (Engine.tokenize). `means` ([n_layers, n_heads * head_dim], from
+    Engine.head_means) is needed for kind "mean". See the module docstring for the method and its limits.
+    """
+    config = config or EstimateConfig()
+    config.validate()
+    check_kind(kind)
+    check_epsilon(epsilon)
+    layout = engine.layout
+    if kind == "mean":
+        if means is None:
+            raise UserError("a mean ablation needs reference means: call Engine.head_means(reference_prompts) first")
+        if tuple(means.shape) != (layout.n_layers, layout.n_heads * layout.head_dim):
+            raise UserError(
+                f"means must be [n_layers, n_heads * head_dim] = [{layout.n_layers}, {layout.n_heads * layout.head_dim}], "
+                f"not {list(means.shape)}"
+            )
+    tokens = engine.tokenize([list(token_ids)])
+    batch = engine._batch(tokens, [0])
+    # Inverse-CDF uniforms, one per row, drawn on the CPU before any trace: reproducible on any device and chunking.
+    uniforms = torch.rand(config.samples, generator=torch.Generator().manual_seed(config.seed), dtype=torch.float64)
+    per_pass = config.samples_per_pass or config.samples
+    squares = torch.zeros(layout.n_layers, layout.n_heads, dtype=torch.float64)
+    with _frozen(engine):
+        for start in range(0, config.samples, per_pass):
+            dots = _head_dots(engine, batch, uniforms[start : start + per_pass], kind, epsilon, means)  # [L, K, H]
+            squares += dots.square().sum(dim=1)
+    return 0.5 * squares / config.samples
+
+
+def _head_dots(engine: Engine, batch, uniforms: torch.Tensor, kind: str, epsilon: float, means) -> torch.Tensor:
+    """One forward+backward pass over len(uniforms) rows: g_k[h] . delta_h for every layer, row and head, [L, K, H]."""
+    lm, layout = engine.model.lm, engine.layout
+    rows = len(uniforms)
+    embedding = _input_embedding_path(engine)
+    with torch.enable_grad(), lm.trace(**batch.repeated(rows), logits_to_keep=1, use_cache=False, remote=engine.config.remote):
+        # The weights may be frozen (ours are, in this function; NDIF's always are): make the graph start at the
+        # embeddings so every site downstream has a gradient, while no parameter gradient is ever computed.
+        resolve(lm, embedding).output.requires_grad_(True)
+        sites, deltas = [], []
+        for layer in range(layout.n_layers):  # forward order
+            if kind == "ua":
+                site = layer_part(lm, layout, layer, layout.query_path).output
+                delta = (epsilon - 1.0) * _query_block(site[:1].detach(), layout)
+            else:
+                site = layer_part(lm, layout, layer, layout.output_path).input
+                clean = site[:1].detach()  # every row is the same prompt: one copy of delta serves all rows
+                if kind == "sc":
+                    delta = (epsilon - 1.0) * clean
+                else:
+                    delta = means[layer].to(device=clean.device, dtype=clean.dtype) - clean
+            sites.append(site)
+            deltas.append(delta)
+        log_probs = lm.output.logits[:, -1].float().log_softmax(dim=-1)  # [rows, vocab]
+        probs = log_probs[0].detach().double().exp()
+        cdf = probs.cumsum(dim=0)
+        draws = torch.searchsorted(cdf, uniforms.to(cdf.device) * cdf[-1], right=True).clamp(max=probs.numel() - 1)
+        objective = log_probs.gather(1, draws[:, None]).sum()  # row k's term depends on row k alone
+        with objective.backward():
+            dots = nnsight.save([None] * layout.n_layers)
+            for layer in reversed(range(layout.n_layers)):  # gradients arrive in reverse forward order
+                grad = sites[layer].grad
+                if kind == "ua":
+                    grad = _query_block(grad, layout)
+                dots[layer] = _per_head_dot(grad.double(), deltas[layer].double(), layout, kind)
+    # A backward inside a trace leaves one reference cycle per trace, holding its tensors (nnsight.md section 4). The
+    # cycle is young: a generation-1 collection frees all of it (measured: no tensor left over 30 calls, 4- and
+    # 16-layer models) in well under a millisecond, where a full gc.collect() walks every object transformers and
+    # torch keep alive, ~0.2 s, more than the whole estimate on a small model.
+    gc.collect(1)
+    return torch.stack([d.cpu() for d in dots])
+
+
+def _query_block(values: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
+    """The query heads' part of the query site's output (a fused projection also holds keys and values)."""
+    if layout.query_axes == "flat":
+        return values[..., layout.query_offset : layout.query_offset + layout.n_heads * layout.head_dim]
+    return values
+
+
+def _per_head_dot(grad: torch.Tensor, delta: torch.Tensor, layout: HeadLayout, kind: str) -> torch.Tensor:
+    """sum over positions and head dims of grad * delta, per row and head: [rows, n_heads]."""
+    product = grad * delta  # delta has one row and broadcasts over the K rows
+    if kind == "ua" and layout.query_axes == "bhsd":
+        return product.sum(dim=(2, 3))
+    if kind == "ua" and layout.query_axes == "bshd":
+        return product.sum(dim=(1, 3))
+    return product.view(*product.shape[:-1], layout.n_heads, layout.head_dim).sum(dim=(1, 3))
+
+
+def _input_embedding_path(engine: Engine) -> str:
+    """The attribute path of the token embedding module (model.embed_tokens, transformer.wte, ...)."""
+    module = engine.model.module
+    embedding = module.get_input_embeddings()
+    for name, candidate in module.named_modules():
+        if candidate is embedding and name:
+            return name
+    raise UserError(f"cannot find the input embedding of {engine.model.name}; the gradient estimate needs it")
+
+
+@contextlib.contextmanager
+def _frozen(engine: Engine) -> Iterator[None]:
+    """Turn parameter gradients off for the duration (less memory, and no `.grad` left on the user's weights)."""
+    parameters = [] if engine.config.remote else list(engine.model.module.parameters())
+    flags = [parameter.requires_grad for parameter in parameters]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(flag)
+
+
+__all__ = ["EstimateConfig", "estimate_scores"]
