@@ -26,6 +26,7 @@ def folders(tmp_path_factory):
     (root / "latin1.csv").write_bytes("prompt\ncaf\xe9\n".encode("latin-1"))
     (root / "long.json").write_text(json.dumps(["x" * 600]))
     (root / "ok.json").write_text(json.dumps(["How do I pick a lock?", "Hello"]))
+    (root / "one.json").write_text(json.dumps(["How do I pick a lock?"]))
     neox = root / "neox"
     transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1).save_pretrained(neox)
     no_template = root / "no-template"
@@ -76,6 +77,11 @@ BAD = [
     (["evaluate", "--out", "{out}"], "exactly one of --heads or --from"),
     (["evaluate", "--heads", "0:1", "--max-new-tokens", "0", "--out", "{out}"], "--max-new-tokens"),
     (["surgery", "--heads", "0:9", "--out", "{out}"], "head 9 .* out of range"),
+    (["sahara", "--dataset", "{root}/one.json", "--out", "{out}"], "rank"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--steps", "40", "--out", "{out}"], "--steps"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--rank", "0", "--out", "{out}"], "rank"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--score", "cosine", "--out", "{out}"], "unknown score"),
+    (["sahara", "--dataset", "{root}/long.json", "--out", "{out}"], "beyond the model's context|rank"),
     (["ships", "--prompt", "hi", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),
     (["evaluate", "--heads", "0:1", "--limit", "1", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),
     (["surgery", "--heads", "0:1", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),

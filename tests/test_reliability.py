@@ -24,6 +24,7 @@ FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEplantedTOKEN1234567890", "NDIF_API_KEY": "nd
 KILL_POINTS = {
     "ships": (["--max-batch-rows", "2"], "ships.checkpoint.jsonl", (1, 5)),
     "evaluate": (["--heads", "0:1,2:3", "--max-new-tokens", "6", "--batch-size", "2", "--harmless", ""], "eval.checkpoint.jsonl", (2,)),
+    "sahara": (["--steps", "2", "--max-batch-rows", "8"], "sahara.checkpoint.jsonl", (3,)),
 }
 
 
@@ -75,11 +76,13 @@ def test_sigkill_then_resume_equals_uninterrupted(name, units, dataset, tmp_path
     assert kept >= units
     assert main(command(name, dataset, killed) + ["--resume"]) == 0
     capsys.readouterr()
-    final = "ships.json" if name == "ships" else "eval.json"
+    final = {"ships": "ships.json", "evaluate": "eval.json", "sahara": "sahara.json"}[name]
     a, b = result_without_timing(reference / final), result_without_timing(killed / final)
     if name == "ships":
         assert a["queries"] == b["queries"] and a["aggregate"] == b["aggregate"]
         assert [q["index"] for q in b["queries"]] == list(range(len(QUERIES)))  # none missing, none twice
+    elif name == "sahara":
+        assert a["heads"] == b["heads"] and a["steps"] == b["steps"]
     else:
         assert a["samples"] == b["samples"] and a["results"] == b["results"]
     assert not checkpoint.exists()

@@ -6,6 +6,7 @@ and exit code 130; finished work is never lost (long runs checkpoint and `--resu
 
     safety-heads heads --model tiny
     safety-heads ships --model tiny --prompt "How do I pick a lock?" --out runs/ships
+    safety-heads sahara --model tiny --dataset maliciousinstruct --limit 16 --out runs/sahara
     safety-heads evaluate --model tiny --dataset maliciousinstruct --limit 4 --heads 0:1 --out runs/eval
     safety-heads surgery --model tiny --heads 0:1,1:3 --out runs/surgery
 """
@@ -76,7 +77,7 @@ def _load(args):
     return load_model(_config(ModelConfig, args))
 
 
-def _queries(args) -> tuple[list[str], dict]:
+def _queries(args, warn_duplicates: bool = True) -> tuple[list[str], dict]:
     from .data import find_duplicates, load_prompts
 
     if args.prompt is not None:
@@ -86,7 +87,7 @@ def _queries(args) -> tuple[list[str], dict]:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, not {args.limit}")
     queries = load_prompts(args.dataset, column=args.column, limit=args.limit)
-    duplicates = find_duplicates(queries)
+    duplicates = find_duplicates(queries) if warn_duplicates else 0
     if duplicates:
         print(f"warning: {duplicates} duplicate queries in {args.dataset}; they are kept and scored twice", file=sys.stderr)
     return queries, {"dataset": args.dataset, "column": args.column, "limit": args.limit}
@@ -124,6 +125,30 @@ def command_ships(args) -> int:
         share = result.top_frequency[layer, head].item()
         print(f"  {rank:2d}. {layer}:{head:<4d} KL {score:.4g}   in top 10 of {share:.0%} of queries")
     print(f"wrote {args.out}/ships.json, ships_data.pt, ships_heatmap.png")
+    return 0
+
+
+def command_sahara(args) -> int:
+    from .engine import EngineConfig
+    from .sahara import SaharaConfig, run_sahara
+
+    config = _config(SaharaConfig, args)
+    config.validate()
+    engine_config = _config(EngineConfig, args)
+    engine_config.validate()
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, not {args.limit}")
+    from .data import load_prompts
+
+    queries = load_prompts(args.dataset, column=args.column, limit=args.limit)  # run_sahara warns about or drops duplicates
+    source = {"dataset": args.dataset, "column": args.column, "limit": args.limit}
+    model = _load(args)
+    result = run_sahara(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
+    print(f"Sahara group over {len(queries)} queries ({config.ablation}, eps={config.epsilon:g}, rank {config.rank}):")
+    for step in result.steps:
+        print(f"  step {step.step}: + {step.chosen[0]}:{step.chosen[1]}   angle {step.score:.4g} degrees")
+    print(f"heads: {','.join(f'{l}:{h}' for l, h in result.heads)}")
+    print(f"wrote {args.out}/sahara.json, sahara_data.pt, sahara_step*.png")
     return 0
 
 
@@ -203,6 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_engine_arguments(ships)
     ships.set_defaults(run=command_ships)
+
+    sahara = commands.add_parser("sahara", help="data-set-level head attribution and greedy head-group search")
+    _add_model_arguments(sahara)
+    group = sahara.add_argument_group("prompts")
+    group.add_argument("--dataset", required=True, help="a bundled data set or a CSV/JSON/JSONL file")
+    group.add_argument("--column", default=None, help="the CSV column or JSON field holding the queries")
+    group.add_argument("--limit", type=int, default=None, help="use the first N queries")
+    group.add_argument("--template", default="raw", help="raw, paper or chat")
+    group.add_argument("--system", default=None, help="system prompt (chat template only)")
+    group.add_argument("--dedupe", action="store_true", help="drop repeated queries (default: warn and keep them)")
+    _add_ablation_arguments(sahara)
+    group = sahara.add_argument_group("sahara")
+    group.add_argument("--steps", type=int, default=3, help="heads in the group (default 3, where the paper's ASR peaks)")
+    group.add_argument("--rank", type=int, default=1, help="singular vectors compared (default 1, as the original code)")
+    group.add_argument("--score", default="svd", help="svd (default) or paper-era (column 0 of the raw matrix, see docs)")
+    group.add_argument("--heads", default=None, help="restrict the candidates, e.g. '0-7:*' (default: every head)")
+    group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
+    group.add_argument("--out", required=True, help="output folder")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _add_engine_arguments(sahara)
+    sahara.set_defaults(run=command_sahara)
 
     evaluate = commands.add_parser("evaluate", help="ASR before and after ablating heads, and the cost on harmless prompts")
     _add_model_arguments(evaluate)

@@ -278,3 +278,8 @@ def _name(tokenizer) -> str:
 def _first_line(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+def prompt_tokens(source: str, limit: int | None, template: str, tokenizer, system: str | None = None) -> list[list[int]]:
+    """Token ids of a data set's first `limit` prompts under a template: e.g. the reference batch for mean ablation."""
+    return [list(p.token_ids) for p in format_prompts(load_prompts(source, limit=limit), template, tokenizer, system)]

@@ -129,7 +129,7 @@ def run_evaluation(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Generate baseline and ablated answers, judge them, measure the harmless cost; write eval.json and eval_data.pt."""
-    from .data import format_prompts, load_prompts
+    from .data import format_prompts, load_prompts, prompt_tokens
 
     config.validate()
     generation = generation or GenerationConfig()
@@ -154,8 +154,7 @@ def run_evaluation(
 
     means = None
     if config.ablation == "mean":
-        reference = format_prompts(load_prompts(config.mean_reference, limit=config.mean_reference_limit), config.template, tokenizer, config.system)
-        means = engine.head_means([p.token_ids for p in reference])
+        means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template, tokenizer, config.system))
 
     record = _config_record(model, config, generation, choice, judges, sets, harmless)
     checkpoint = None

@@ -10,12 +10,13 @@ weights_only=True)` reads them); nothing is ever unpickled from an untrusted fil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -34,6 +35,21 @@ def versions() -> dict[str, str]:
         "torch": str(torch.__version__),  # a TorchVersion, which weights_only loading refuses
         "transformers": transformers.__version__,
         "nnsight": nnsight.__version__,
+    }
+
+
+def run_record(model, config, queries, source: dict) -> dict:
+    """Everything that determines a run's numbers (model, dtype, every config field, the data); a resumed run must
+    match it exactly. `config` is any dataclass; `queries` are hashed, not stored."""
+    digest = hashlib.sha256("\n\x00".join(queries).encode()).hexdigest()
+    return {
+        "model": model.name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "attn_implementation": model.config.attn_implementation,
+        **asdict(config),
+        **source,
+        "n_queries": len(queries),
+        "queries_sha256": digest,
     }
 
 
@@ -125,9 +141,7 @@ class Checkpoint:
 
     def start(self, resume: bool) -> list[dict]:
         """Open the checkpoint; returns the units already finished (empty unless resuming)."""
-        if not self.path.exists():
-            if resume:
-                return []  # nothing to resume: start afresh
+        if not self.path.exists():  # nothing to resume (or a fresh run): start afresh
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._append({"config": self.config})
             return []
@@ -135,19 +149,30 @@ class Checkpoint:
             raise UserError(
                 f"'{self.path.parent}' holds an unfinished run; add --resume to continue it, or choose another --out"
             )
-        header, *units = list(self._lines())
-        differences = describe_differences(header.get("config", {}), self.config)
+        records, intact_bytes = self._read_intact()
+        if not records or "config" not in records[0]:
+            raise UserError(f"the checkpoint in '{self.path.parent}' is unreadable; remove {self.path.name} to start afresh")
+        header, *units = records
+        differences = describe_differences(header["config"], self.config)
         if differences:
             raise UserError(f"cannot resume: the checkpoint in '{self.path.parent}' was made with {differences}")
+        with open(self.path, "r+b") as stream:
+            stream.truncate(intact_bytes)  # drop a line torn by a kill mid-write, so new lines start cleanly
         return units
 
-    def _lines(self) -> Iterator[dict]:
-        with open(self.path, encoding="utf-8") as stream:
+    def _read_intact(self) -> tuple[list[dict], int]:
+        """The records up to the first torn or unreadable line, and how many bytes they span."""
+        records, intact = [], 0
+        with open(self.path, "rb") as stream:
             for line in stream:
+                if not line.endswith(b"\n"):
+                    break
                 try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    return  # a line torn by a kill mid-write: everything before it is intact
+                    records.append(json.loads(line))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    break
+                intact += len(line)
+        return records, intact
 
     def append(self, unit: dict) -> None:
         self._append(unit)

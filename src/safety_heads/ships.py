@@ -20,7 +20,6 @@ Over a data set: the mean score of each head, and how often each head is in a qu
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
 from .report import heatmap_png
-from .results import Checkpoint, check_output_folder, matrix_or_nan, save_tensors, versions, write_json
+from .results import Checkpoint, check_output_folder, matrix_or_nan, run_record, save_tensors, versions, write_json
 
 METHODS = ("exact", "estimate", "estimate+verify")
 TOP_FREQUENCY_K = 10  # the original ships_res_stats counts membership in each query's top 10
@@ -146,11 +145,10 @@ class Ships:
         self.means = self._reference_means() if config.ablation == "mean" else None
 
     def _reference_means(self) -> torch.Tensor:
-        from .data import format_prompts, load_prompts
+        from .data import prompt_tokens
 
-        queries = load_prompts(self.config.mean_reference, limit=self.config.mean_reference_limit)
-        prompts = format_prompts(queries, self.config.template, self.model.tokenizer, self.config.system)
-        return self.engine.head_means([list(p.token_ids) for p in prompts])
+        c = self.config
+        return self.engine.head_means(prompt_tokens(c.mean_reference, c.mean_reference_limit, c.template, self.model.tokenizer, c.system))
 
     def score(self, index: int, prompt) -> QueryScores:
         """Ships of every selected head for one formatted prompt (data.FormattedPrompt)."""
@@ -176,20 +174,6 @@ class Ships:
         return QueryScores(index, prompt.query, prompt.text, scores, estimate=selected, verified=verified)
 
 
-def run_config_record(model: LoadedModel, config: ShipsConfig, queries: Sequence[str], source: dict) -> dict:
-    """Everything that determines the numbers; a resumed run must match it exactly."""
-    digest = hashlib.sha256("\n\x00".join(queries).encode()).hexdigest()
-    return {
-        "model": model.name,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "attn_implementation": model.config.attn_implementation,
-        **asdict(config),
-        **source,
-        "n_queries": len(queries),
-        "queries_sha256": digest,
-    }
-
-
 def run_ships(
     model: LoadedModel,
     queries: Sequence[str],
@@ -207,7 +191,7 @@ def run_ships(
     ships = Ships(model, config, engine_config)
     prompts = format_prompts(list(queries), config.template, model.tokenizer, config.system)
     ships.engine.tokenize([p.token_ids for p in prompts])  # every prompt fits the context: fail before writing anything
-    record = run_config_record(model, config, queries, source or {})
+    record = run_record(model, config, queries, source or {})
     progress = progress or (lambda line: print(line, file=sys.stderr))
     finished: dict[int, QueryScores] = {}
     checkpoint = None

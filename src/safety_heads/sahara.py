@@ -1,0 +1,378 @@
+"""Sahara: the heads a whole data set's refusals rely on, and the greedy search for a group of them (paper §4).
+
+Representation (§4.1): M = the final-norm hidden state at each query's last prompt token, one row per query (N x d),
+not mean-centred, as the authors' code does. Score of a head set T (Eq. 11, the code at HEAD, 6203a04): the sum of
+the principal angles, in degrees, between the top-R left singular vectors of M_clean and of M_T (T ablated together):
+
+    U1 = U_clean[:, :R],  U2 = U_T[:, :R],  sigma = svdvals(U1^T U2) clamped to [0, 1],
+    score = sum(degrees(arccos(sigma)))
+
+R = 1 by default (the authors' code; the paper gives no number), where the score is arccos(|u1 . u2|) and the SVD's
+sign ambiguity cancels. The SVD always runs in float64 from the float32 readouts, whatever the model's dtype. The
+left singular vectors live in query space (one weight per query), so N must exceed R: at N = R both subspaces are
+all of R^N and every angle is 0.
+
+Paper-era variant (reference/paper.md §2.2, §6.1): the code at the time of the paper (86fb3cb) called a function that
+does no SVD: it normalises each *column* of the raw M and returns the angle between column 0 of M_clean and of M_T,
+i.e. it measures hidden dimension 0 alone. The authors replaced it after publication; it is offered as
+``score="paper-era"`` to reproduce old numbers, never by default.
+
+Greedy search (§4.2, Algorithm 1): G = []; at each of S steps score every candidate head h not in G as G + [h]
+ablated together against the *clean* model (whose M is computed once) and add the best (ties: the lowest
+(layer, head)). Per step and layer, one engine call runs all N queries for all of that layer's head sets, sharing
+batches and the unablated prefix of layers; a checkpoint line is written after each, so `--resume` recomputes
+nothing finished and re-derives the chosen heads from the checkpointed scores.
+
+    safety-heads sahara --model tiny --dataset maliciousinstruct --limit 16 --steps 3 --out runs/sahara
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_heads, parse_heads
+from .engine import Engine, EngineConfig
+from .errors import UserError
+from .models import LoadedModel
+from .report import heatmap_png
+from .results import Checkpoint, check_output_folder, matrix_or_nan, run_record, save_tensors, versions, write_json
+
+SCORES = ("svd", "paper-era")
+FORMAT = "safety-heads/sahara"
+FORMAT_VERSION = 1
+# Below this relative gap between the R-th and (R+1)-th singular values of M_clean, its top-R subspace is barely
+# determined (any rotation inside the near-tie fits), so every score is dominated by that ambiguity: warn.
+GAP_WARNING = 1e-3
+
+
+@dataclass
+class SaharaConfig:
+    """What to search and how. Shared by `safety-heads sahara` and `run_sahara`."""
+
+    template: str = "raw"  # raw | paper | chat (data.py)
+    system: str | None = None  # system prompt, chat template only
+    steps: int = 3  # heads in the group; the paper's ASR peaks at 3
+    rank: int = 1  # R, the number of left singular vectors compared (the authors' code: 1)
+    ablation: str = "ua"
+    epsilon: float = DEFAULT_EPSILON
+    heads: str | None = None  # a head spec restricting the candidates ("0-7:*"); None = every head
+    dedupe: bool = False  # drop repeated queries (otherwise kept, each a row of M, with a warning)
+    mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
+    mean_reference_limit: int = 64
+    score: str = "svd"  # svd | paper-era (hidden dimension 0 only; see the module docstring)
+
+    def validate(self) -> None:
+        check_kind(self.ablation)
+        check_epsilon(self.epsilon)
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise UserError(f"--steps must be at least 1, not {self.steps!r}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise UserError(f"--rank must be at least 1, not {self.rank!r}")
+        if self.score not in SCORES:
+            raise UserError(f"unknown score '{self.score}'; choose one of {', '.join(SCORES)}")
+        if self.score == "paper-era" and self.rank != 1:
+            raise UserError("--rank applies to the svd score only; the paper-era score compares one column")
+        if self.mean_reference_limit < 1:
+            raise UserError(f"--mean-reference-limit must be at least 1, not {self.mean_reference_limit!r}")
+
+
+@dataclass
+class SaharaStep:
+    step: int  # 1-based
+    chosen: Head
+    score: float  # the score of the group after this step (G + [chosen])
+    scores: torch.Tensor  # [layers, heads] float64, NaN for heads in G or not candidates
+
+
+@dataclass
+class SaharaResult:
+    config: dict
+    heads: list[Head]  # in the order chosen
+    steps: list[SaharaStep]
+    queries: list[str]
+    prompts: list[str]  # the formatted texts
+    clean_singular_values: torch.Tensor  # of M_clean, float64, descending
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The score: pure functions of the representation matrices.
+
+
+def left_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-`rank` left singular vectors of [..., N, d], in float64: [..., N, rank]."""
+    return torch.linalg.svd(matrix.double(), full_matrices=False).U[..., :rank]
+
+
+def angles_to_basis(basis: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+    """Sum of principal angles (degrees) between `basis` [N, R] and each [K, N, d] matrix's top-R left subspace: [K]."""
+    other = left_basis(ablated, basis.shape[-1])
+    sigma = torch.linalg.svdvals(basis.T @ other).clamp(0.0, 1.0)  # cosines of the principal angles, sign-free
+    return torch.rad2deg(torch.arccos(sigma)).sum(-1)
+
+
+def subspace_angles(clean: torch.Tensor, ablated: torch.Tensor, rank: int = 1) -> torch.Tensor:
+    """`subspace_angle` of `clean` [N, d] against each of `ablated` [K, N, d]: [K] float64."""
+    _check_shapes(clean, ablated.shape[1:], rank)
+    return angles_to_basis(left_basis(clean, rank), ablated)
+
+
+def subspace_angle(clean: torch.Tensor, ablated: torch.Tensor, rank: int = 1) -> float:
+    """Sum of the principal angles, in degrees, between the top-`rank` left singular subspaces of two N x d matrices."""
+    return float(subspace_angles(clean, ablated[None], rank)[0])
+
+
+def paper_era_angles(clean: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+    """The paper-era score (86fb3cb): angle between column 0 of the column-normalised `clean` [N, d] and of each
+    `ablated` [K, N, d], in degrees, sign-free. It sees hidden dimension 0 only."""
+    _check_shapes(clean, ablated.shape[1:], 1)
+    return angles_to_column(_unit_column(clean), ablated)
+
+
+def angles_to_column(column: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
+    """Angle (degrees, sign-free) between a unit vector [N] and column 0 of each [K, N, d] matrix, normalised: [K]."""
+    return torch.rad2deg(torch.arccos((_unit_column(ablated) @ column).abs().clamp(0.0, 1.0)))
+
+
+def _unit_column(matrix: torch.Tensor) -> torch.Tensor:
+    """Column 0 of [..., N, d] in float64, scaled to unit length: [..., N]."""
+    first = matrix.double()[..., 0]
+    return first / first.norm(dim=-1, keepdim=True)
+
+
+def _check_shapes(clean: torch.Tensor, ablated_shape, rank: int) -> None:
+    if clean.dim() != 2 or tuple(ablated_shape) != tuple(clean.shape):
+        raise ValueError(f"need matrices of the same N x d shape, not {tuple(clean.shape)} and {tuple(ablated_shape)}")
+    if not 1 <= rank <= min(clean.shape):
+        raise ValueError(f"rank must be from 1 to min(N, d) = {min(clean.shape)}, not {rank}")
+
+
+def best_head(scores: torch.Tensor) -> tuple[Head, float]:
+    """The highest-scoring head of a [layers, heads] matrix (NaN = not scored); ties go to the lowest (layer, head)."""
+    flat = torch.nan_to_num(scores.flatten(), nan=-float("inf"))
+    index = int(torch.argmax(flat))  # the first maximum in row-major order, i.e. the lowest (layer, head)
+    if flat[index] == -float("inf"):
+        raise ValueError("no head was scored")
+    n_heads = scores.shape[1]
+    return (index // n_heads, index % n_heads), float(scores.flatten()[index])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring head sets on a model.
+
+
+class Sahara:
+    """Scores head sets over one data set for one model and configuration."""
+
+    def __init__(self, model: LoadedModel, config: SaharaConfig, engine_config: EngineConfig | None = None):
+        config.validate()
+        self.model, self.config = model, config
+        self.engine = Engine(model, engine_config)
+        layout = model.layout
+        self.candidates: list[Head] = list(parse_heads(config.heads, layout)) if config.heads else [
+            (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
+        ]
+
+    @cached_property
+    def means(self) -> torch.Tensor | None:
+        """Computed on first use, so bad input is reported before the reference pass."""
+        if self.config.ablation != "mean":
+            return None
+        from .data import prompt_tokens
+
+        c = self.config
+        return self.engine.head_means(prompt_tokens(c.mean_reference, c.mean_reference_limit, c.template, self.model.tokenizer, c.system))
+
+    def clean(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """M_clean: [N, d] float32, the final-norm hidden state at each query's last token."""
+        return self.engine.run(tokens, [], readouts=("hidden",)).clean_hidden
+
+    def reference(self, clean: torch.Tensor) -> torch.Tensor:
+        """What every ablated matrix is compared with: U_clean[:, :R], or column 0 (normalised) for paper-era."""
+        return _unit_column(clean) if self.config.score == "paper-era" else left_basis(clean, self.config.rank)
+
+    def score_sets(
+        self, tokens: Sequence[Sequence[int]], reference: torch.Tensor, head_sets: Sequence[Sequence[Head]]
+    ) -> torch.Tensor:
+        """The score of each head set (all heads of a set ablated together) over all queries: [K] float64."""
+        c = self.config
+        result = self.engine.run(
+            tokens, head_sets, kind=c.ablation, epsilon=c.epsilon, means=self.means, readouts=("hidden",)
+        )
+        ablated = result.hidden.transpose(0, 1)  # [K, N, d]
+        return angles_to_column(reference, ablated) if c.score == "paper-era" else angles_to_basis(reference, ablated)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The greedy search, checkpointed.
+
+
+def run_sahara(
+    model: LoadedModel,
+    queries: Sequence[str],
+    config: SaharaConfig,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    engine_config: EngineConfig | None = None,
+    source: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SaharaResult:
+    """Greedy Sahara search; with `out`, checkpoint after every layer of every step and write sahara.json,
+    sahara_data.pt and a heat map per step."""
+    from .data import format_prompts
+
+    config.validate()
+    progress = progress or (lambda line: print(line, file=sys.stderr))
+    queries, duplicates = _dedupe(list(queries), config.dedupe, progress)  # first: the fingerprint sees what is used
+    sahara = Sahara(model, config, engine_config)
+    _check_sizes(len(queries), sahara.engine.d_model, len(sahara.candidates), config)
+    prompts = format_prompts(queries, config.template, model.tokenizer, config.system)
+    tokens = sahara.engine.tokenize([p.token_ids for p in prompts])  # every prompt fits: fail before writing
+    record = run_record(model, config, queries, source or {}) | {"duplicates": duplicates}
+
+    finished: dict[tuple[int, int], dict] = {}
+    checkpoint = None
+    if out is not None:
+        out = Path(out)
+        if (out / "sahara.json").exists():
+            raise UserError(f"'{out}' already holds a finished Sahara run (sahara.json); choose another --out")
+        check_output_folder(out)
+        checkpoint = Checkpoint(out / "sahara.checkpoint.jsonl", record)
+        # --resume with nothing to resume starts afresh, header included (Checkpoint.start would skip the header,
+        # and a later resume of that file would then be refused).
+        for unit in checkpoint.start(resume and checkpoint.path.exists()):
+            finished[(unit["step"], unit["layer"])] = unit
+        if finished:
+            progress(f"resuming: {len(finished)} layer scorings already checkpointed")
+
+    clean = sahara.clean(tokens)
+    singular_values = torch.linalg.svdvals(clean.double())
+    if config.score == "svd" and config.rank < len(singular_values):
+        low, high = singular_values[config.rank].item(), singular_values[config.rank - 1].item()
+        if high - low <= GAP_WARNING * high:
+            progress(f"warning: singular values {config.rank} and {config.rank + 1} of the clean representation "
+                     f"nearly tie ({high:.6g} vs {low:.6g}); its top-{config.rank} subspace is ill-determined, so "
+                     "the scores are unstable")
+    reference = sahara.reference(clean)
+
+    layout = model.layout
+    group: list[Head] = []
+    steps: list[SaharaStep] = []
+    for step in range(1, config.steps + 1):
+        scores = torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64)
+        by_layer: dict[int, list[Head]] = {}
+        for head in sahara.candidates:
+            if head not in group:
+                by_layer.setdefault(head[0], []).append(head)
+        for position, (layer, heads) in enumerate(sorted(by_layer.items()), start=1):
+            unit = finished.get((step, layer))
+            if unit is not None:
+                if [tuple(h) for h in unit["group"]] != group:
+                    raise UserError(f"cannot resume: the checkpoint in '{out}' is inconsistent (step {step} was scored "
+                                    f"with group {format_heads(map(tuple, unit['group']))}, not {format_heads(group)})")
+                scores[layer] = matrix_or_nan([unit["scores"]])[0]
+                continue
+            values = sahara.score_sets(tokens, reference, [group + [head] for head in heads])
+            for (_, head), value in zip(heads, values):
+                scores[layer, head] = value
+            if checkpoint is not None:
+                checkpoint.append({"step": step, "layer": layer, "group": group, "scores": scores[layer]})
+            (_, top), value = best_head(scores[layer : layer + 1])
+            progress(f"[step {step}/{config.steps}, layer {position}/{len(by_layer)}] layer {layer}: "
+                     f"best {layer}:{top} ({value:.4g} deg)")
+        chosen, value = best_head(scores)
+        group.append(chosen)
+        steps.append(SaharaStep(step, chosen, value, scores))
+        progress(f"step {step}/{config.steps}: chose {chosen[0]}:{chosen[1]} ({value:.4g} deg); "
+                 f"group {format_heads(group)}")
+
+    result = SaharaResult(
+        record | {"versions": versions(), "layout": asdict(layout)}, group, steps,
+        queries, [p.text for p in prompts], singular_values,
+    )
+    if out is not None:
+        write_outputs(result, out)
+        checkpoint.remove()
+    return result
+
+
+def _dedupe(queries: list[str], dedupe: bool, progress: Callable[[str], None]) -> tuple[list[str], int]:
+    """The queries to use and how many repeats the input held (warned about, or dropped with `dedupe`)."""
+    from .data import find_duplicates
+
+    if not queries:
+        raise UserError("no queries given")
+    duplicates = find_duplicates(queries)
+    plural = "y" if duplicates == 1 else "ies"
+    if duplicates and dedupe:
+        progress(f"dropped {duplicates} duplicate quer{plural} (--dedupe)")
+        return list(dict.fromkeys(queries)), duplicates  # the first copy of each, in order
+    if duplicates:
+        progress(f"warning: {duplicates} duplicate quer{plural}; kept, each as its own row of M (so it weighs more "
+                 "in the SVD); add --dedupe to drop them")
+    return queries, duplicates
+
+
+def _check_sizes(n: int, d: int, n_candidates: int, config: SaharaConfig) -> None:
+    if n <= config.rank:  # paper-era too: one query's column normalises to +-1, always at angle 0
+        raise UserError(f"{n} quer{'y' if n == 1 else 'ies'} for --rank {config.rank}: Sahara compares subspaces of "
+                        f"query space, so it needs more queries than the rank (with N <= R every angle is 0)")
+    if config.rank > d:
+        raise UserError(f"--rank {config.rank} exceeds the model's hidden size {d}")
+    if config.steps > n_candidates:
+        raise UserError(f"--steps {config.steps} exceeds the {n_candidates} candidate heads; "
+                        "lower --steps or widen --heads")
+
+
+def write_outputs(result: SaharaResult, out: Path) -> None:
+    config = result.config
+    write_json(out / "sahara.json", sahara_record(result))
+    save_tensors(
+        out / "sahara_data.pt",
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "config": {k: v for k, v in config.items() if k != "layout"},
+            "queries": result.queries,
+            "prompts": result.prompts,
+            "scores": torch.stack([s.scores for s in result.steps]),  # [steps, layers, heads], NaN = not scored
+            "heads": torch.tensor([list(h) for h in result.heads], dtype=torch.long).reshape(-1, 2),
+            "step_scores": torch.tensor([s.score for s in result.steps], dtype=torch.float64),
+            "clean_singular_values": result.clean_singular_values,
+        },
+    )
+    for step in result.steps:
+        before = format_heads(result.heads[: step.step - 1]) or "nothing"
+        title = (f"Sahara step {step.step}: {before} + one head ({config['ablation']}, eps={config['epsilon']:g}, "
+                 f"{len(result.queries)} queries): {config['model']}")
+        label = "principal angle to clean, degrees" + (" (paper-era)" if config["score"] == "paper-era" else "")
+        heatmap_png(step.scores, out / f"sahara_step{step.step}.png", title, label, [step.chosen])
+
+
+def sahara_record(result: SaharaResult) -> dict:
+    """The stable, documented JSON layout of sahara.json (docs/sahara.md)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": result.config,
+        "heads": [list(h) for h in result.heads],
+        "steps": [
+            {"step": s.step, "chosen": list(s.chosen), "score": s.score, "scores": s.scores} for s in result.steps
+        ],
+        "clean": {"singular_values": result.clean_singular_values},
+        "queries": [
+            {"index": i, "query": q, "prompt": p} for i, (q, p) in enumerate(zip(result.queries, result.prompts))
+        ],
+    }
+
+
+__all__ = [
+    "SaharaConfig", "Sahara", "SaharaResult", "SaharaStep", "run_sahara", "subspace_angle", "subspace_angles",
+    "paper_era_angles", "left_basis", "angles_to_basis", "angles_to_column", "best_head", "SCORES",
+]

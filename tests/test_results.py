@@ -1,0 +1,81 @@
+"""Atomic writes, checkpoints (torn lines, resume without a file, mismatches) and weights_only .pt files."""
+
+import json
+
+import pytest
+import torch
+
+from safety_heads.errors import UserError
+from safety_heads.results import Checkpoint, describe_differences, load_tensors, save_tensors, to_jsonable, write_json
+
+
+def test_resume_truncates_a_torn_line_so_new_units_stay_readable(tmp_path):
+    path = tmp_path / "run.checkpoint.jsonl"
+    first = Checkpoint(path, {"a": 1})
+    assert first.start(resume=False) == []
+    first.append({"unit": 0})
+    with open(path, "a") as stream:
+        stream.write('{"unit": 1, "par')  # killed mid-write
+    second = Checkpoint(path, {"a": 1})
+    assert second.start(resume=True) == [{"unit": 0}]
+    second.append({"unit": 1})
+    assert Checkpoint(path, {"a": 1}).start(resume=True) == [{"unit": 0}, {"unit": 1}]
+
+
+def test_resume_without_a_checkpoint_starts_afresh_with_a_header(tmp_path):
+    path = tmp_path / "run.checkpoint.jsonl"
+    assert Checkpoint(path, {"a": 1}).start(resume=True) == []
+    assert json.loads(path.read_text().splitlines()[0]) == {"config": {"a": 1}}
+    assert Checkpoint(path, {"a": 1}).start(resume=True) == []
+
+
+def test_unfinished_run_needs_resume_and_matching_config(tmp_path):
+    path = tmp_path / "run.checkpoint.jsonl"
+    Checkpoint(path, {"epsilon": 1e-4, "model": "m"}).start(resume=False)
+    with pytest.raises(UserError, match="add --resume"):
+        Checkpoint(path, {"epsilon": 1e-4, "model": "m"}).start(resume=False)
+    with pytest.raises(UserError, match=r"cannot resume: .*epsilon=0.0001 \(now 1e-05\)"):
+        Checkpoint(path, {"epsilon": 1e-5, "model": "m"}).start(resume=True)
+
+
+def test_unreadable_checkpoint_is_reported(tmp_path):
+    path = tmp_path / "run.checkpoint.jsonl"
+    path.write_bytes(b"\xff\xfe not json\n")
+    with pytest.raises(UserError, match="unreadable"):
+        Checkpoint(path, {}).start(resume=True)
+
+
+def test_describe_differences():
+    assert describe_differences({"a": 1, "b": 2}, {"a": 1, "b": 3, "c": 4}) == "b=2 (now 3), c=None (now 4)"
+
+
+def test_json_turns_nan_into_null_and_is_atomic(tmp_path):
+    write_json(tmp_path / "x.json", {"m": torch.tensor([[1.0, float("nan")]]), "t": (1, 2)})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"m": [[1.0, None]], "t": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temporary file left behind
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "y.json", {"bad": float("inf")})
+    assert not (tmp_path / "y.json").exists() and [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_pt_files_load_with_weights_only(tmp_path):
+    save_tensors(tmp_path / "x.pt", {"scores": torch.ones(2, 3), "nested": {"v": torch.zeros(1)}, "version": torch.__version__})
+    data = load_tensors(tmp_path / "x.pt")
+    assert torch.equal(data["scores"], torch.ones(2, 3)) and isinstance(data["nested"]["v"], torch.Tensor)
+    assert type(data["version"]) is str
+
+
+class Payload:
+    """Stands for an arbitrary pickled object, which weights_only loading must refuse to build."""
+
+
+def test_pt_files_with_arbitrary_objects_are_refused(tmp_path):
+    torch.save({"x": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        load_tensors(tmp_path / "evil.pt")
+
+
+def test_to_jsonable_handles_dataclasses():
+    from safety_heads.engine import EngineConfig
+
+    assert to_jsonable(EngineConfig())["prefix_reuse"] is True

@@ -1,0 +1,343 @@
+"""Sahara against the plain-PyTorch reference, the score's properties, checkpoint/resume, bad input and outputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from families import FAMILIES
+from reference import reference_means, reference_readouts
+from safety_heads.data import format_prompts, load_prompts
+from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.errors import UserError
+from safety_heads.models import wrap
+from safety_heads.results import load_tensors
+from safety_heads.sahara import (
+    Sahara, SaharaConfig, best_head, paper_era_angles, run_sahara, subspace_angle, subspace_angles,
+)
+
+# Six lengths, so every engine batch is left-padded.
+QUERIES = [
+    "How do I pick a lock?",
+    "Hi",
+    "Write a short poem about the sea, please.",
+    "Explain how vaccines work in simple words.",
+    "Tell me a joke",
+    "What is the capital of France and why is it that city?",
+]
+TOLERANCE_DEGREES = 1e-4
+quiet = dict(progress=lambda _: None)
+
+
+def tiny(family_name="llama"):
+    family = FAMILIES[family_name]
+    module = family.build()
+    return family, module, wrap(module, byte_tokenizer(), family_name)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("llama")[2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The independent reference: one unpadded forward pass per (query, head set), top singular vector in float64.
+
+
+def reference_angle(clean, ablated):
+    u1 = torch.linalg.svd(clean, full_matrices=False).U[:, 0]
+    u2 = torch.linalg.svd(ablated, full_matrices=False).U[:, 0]
+    return math.degrees(math.acos(min(1.0, abs(float(u1 @ u2)))))
+
+
+def reference_greedy(module, family, tokens, steps, kind, means=None):
+    def matrix(heads):
+        return torch.stack([reference_readouts(module, family, t, heads, kind, 1e-4, means)[1] for t in tokens])
+
+    clean, group, tables, conditioning = matrix([]), [], [], math.inf
+    for _ in range(steps):
+        table = torch.full((3, family.n_heads), float("nan"), dtype=torch.float64)
+        for layer in range(3):
+            for head in range(family.n_heads):
+                if (layer, head) not in group:
+                    ablated = matrix(group + [(layer, head)])
+                    table[layer, head] = reference_angle(clean, ablated)
+                    sigma = torch.linalg.svdvals(ablated)
+                    conditioning = min(conditioning, (sigma[0] / sigma[1]).item())
+        flat = torch.nan_to_num(table.flatten(), nan=-1.0)
+        best = int(flat.argmax())
+        group.append((best // family.n_heads, best % family.n_heads))
+        tables.append(table)
+    return group, tables, conditioning
+
+
+@pytest.mark.parametrize(
+    "family_name, kind",
+    [("llama", "ua"), ("llama", "sc"), ("llama", "mean"), ("qwen3", "ua"), ("qwen3", "sc"), ("gpt2", "ua"),
+     ("gpt2", "sc")],
+)
+def test_scores_match_reference(family_name, kind):
+    family, module, model = tiny(family_name)
+    # The paper's template: every prompt ends in "## Answer:", so (as in real chat models) M_clean has a dominant
+    # direction and its top singular vector is well determined; float32 rounding then moves no angle by 1e-4 degrees.
+    config = SaharaConfig(template="paper", steps=2, ablation=kind, mean_reference_limit=8)
+    result = run_sahara(model, QUERIES, config, **quiet)
+    tokens = [list(p.token_ids) for p in format_prompts(QUERIES, "paper", model.tokenizer)]
+    means = None
+    if kind == "mean":
+        reference_set = format_prompts(load_prompts("harmless-val", limit=8), "paper", model.tokenizer)
+        means = reference_means(module, family, [list(p.token_ids) for p in reference_set])
+    group, tables, conditioning = reference_greedy(module, family, tokens, 2, kind, means)
+    assert conditioning > 1.05, "an ablated M has a near-tie at the top; the comparison would measure rounding"
+    assert result.heads == group
+    for step, table in zip(result.steps, tables):
+        assert torch.equal(torch.isnan(step.scores), torch.isnan(table))
+        scored = ~torch.isnan(table)
+        assert (step.scores[scored] - table[scored]).abs().max().item() <= TOLERANCE_DEGREES
+        # Sensitive: the heads' scores are degrees apart, so scoring a wrong head or set would show.
+        assert table[scored].max() - table[scored].min() > 2.0
+        assert step.score == pytest.approx(table[step.chosen].item(), abs=TOLERANCE_DEGREES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The score itself.
+
+
+def orthonormal(n, k, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, k, generator=generator, dtype=torch.float64)).Q.T  # k rows
+
+
+def test_subspace_angle_properties():
+    a, b, c, e, _ = orthonormal(6, 5)  # query space, N = 6
+    x, y, z = orthonormal(9, 3, seed=1)  # hidden space, d = 9
+    clean = 3 * torch.outer(a, x) + 2 * torch.outer(b, y) + 0.5 * torch.outer(c, z)
+    assert subspace_angle(clean, clean) < 1e-5
+    assert subspace_angle(clean, -clean) < 1e-5  # the SVD's sign ambiguity cancels
+    assert subspace_angle(clean, 7 * clean.float()) < 1e-2  # scale-free; float32 input is accepted
+    for theta in (30.0, 90.0):
+        w = math.cos(math.radians(theta)) * a + math.sin(math.radians(theta)) * e
+        turned = 3 * torch.outer(w, x) + 2 * torch.outer(b, y) + 0.5 * torch.outer(c, z)
+        assert subspace_angle(clean, turned) == pytest.approx(theta, abs=1e-6)
+        assert subspace_angle(clean, -turned) == pytest.approx(theta, abs=1e-6)
+    # rank 2: span{a, b} against span{a, w}, with w at 40 degrees from b: principal angles 0 and 40.
+    w = math.cos(math.radians(40)) * b + math.sin(math.radians(40)) * e
+    second = 3 * torch.outer(a, x) + 2 * torch.outer(w, y) + 0.5 * torch.outer(c, z)
+    assert subspace_angle(clean, second, rank=2) == pytest.approx(40.0, abs=1e-6)
+    assert subspace_angle(clean, second, rank=1) < 1e-5  # the top direction did not move
+    batch = torch.stack([clean, second, turned])
+    assert torch.allclose(subspace_angles(clean, batch, rank=2),
+                          torch.tensor([subspace_angle(clean, m, rank=2) for m in batch], dtype=torch.float64))
+    with pytest.raises(ValueError, match="rank"):
+        subspace_angle(clean, clean, rank=7)
+
+
+def test_paper_era_angle_sees_column_zero_only():
+    a, b = orthonormal(5, 2)
+    clean = torch.randn(5, 4, dtype=torch.float64)
+    clean[:, 0] = 2 * a
+    ablated = clean.clone()
+    ablated[:, 1:] = torch.randn(5, 3, dtype=torch.float64)  # other hidden dimensions are invisible to it
+    ablated[:, 0] = -5 * (math.cos(math.radians(25)) * a + math.sin(math.radians(25)) * b)
+    assert paper_era_angles(clean, ablated[None]).item() == pytest.approx(25.0, abs=1e-6)
+    assert paper_era_angles(clean, clean[None]).item() < 1e-5
+
+
+def test_best_head_ties_go_to_the_lowest_head():
+    scores = torch.tensor([[float("nan"), 1.0], [3.0, 3.0]], dtype=torch.float64)
+    assert best_head(scores) == ((1, 0), 3.0)
+    scores[0, 1] = 3.0
+    assert best_head(scores) == ((0, 1), 3.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint and resume.
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(prefix):
+    def progress(line):
+        if line.startswith(prefix):
+            raise Interrupt
+
+    return progress
+
+
+def same_steps(a, b):
+    assert a.heads == b.heads
+    for x, y in zip(a.steps, b.steps):
+        assert x.chosen == y.chosen and x.score == y.score
+        torch.testing.assert_close(x.scores, y.scores, rtol=0, atol=0, equal_nan=True)
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch, llama):
+    config = SaharaConfig(steps=3)
+    uninterrupted = run_sahara(llama, QUERIES, config, out=tmp_path / "a", **quiet)
+    out = tmp_path / "b"
+    with pytest.raises(Interrupt):  # killed after layers 0 and 1 of step 2 were checkpointed
+        run_sahara(llama, QUERIES, config, out=out, progress=stop_at("[step 2/3, layer 2/3]"))
+    assert not (out / "sahara.json").exists()
+    with pytest.raises(UserError, match="--resume"):
+        run_sahara(llama, QUERIES, config, out=out, **quiet)
+    with open(out / "sahara.checkpoint.jsonl", "a") as stream:
+        stream.write('{"step": 2, "layer": 2, "gro')  # and the kill tore the next line
+    calls = []
+    original = Sahara.score_sets
+
+    def counted(self, tokens, reference, head_sets):
+        calls.append([list(heads) for heads in head_sets])
+        return original(self, tokens, reference, head_sets)
+
+    monkeypatch.setattr(Sahara, "score_sets", counted)
+    lines = []
+    resumed = run_sahara(llama, QUERIES, config, out=out, resume=True, progress=lines.append)
+    first = uninterrupted.heads[0]
+    second = uninterrupted.heads[1]
+    # Only step 2's last layer and step 3 were computed; steps 1-2's choices came from the checkpoint.
+    assert len(calls) == 1 + 3
+    assert calls[0] == [[first, (2, h)] for h in range(4) if (2, h) != first]
+    assert all(sets[0][:2] == [first, second] for sets in calls[1:])
+    assert lines[0].startswith("resuming: 5 layer scorings")
+    same_steps(uninterrupted, resumed)
+    assert not (out / "sahara.checkpoint.jsonl").exists()
+    a = json.loads((tmp_path / "a" / "sahara.json").read_text())
+    b = json.loads((out / "sahara.json").read_text())
+    assert a["heads"] == b["heads"] and a["steps"] == b["steps"]
+
+
+def test_resume_without_a_checkpoint_starts_afresh_and_can_resume_again(tmp_path, llama):
+    config = SaharaConfig(steps=1, heads="1-2:*")
+    full = run_sahara(llama, QUERIES, config, **quiet)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_sahara(llama, QUERIES, config, out=out, resume=True, progress=stop_at("[step 1/1, layer 1/"))
+    same_steps(full, run_sahara(llama, QUERIES, config, out=out, resume=True, **quiet))
+
+
+def test_resume_of_a_finished_search_computes_nothing(tmp_path, monkeypatch, llama):
+    config = SaharaConfig(steps=2)
+    full = run_sahara(llama, QUERIES, config, out=tmp_path / "a", **quiet)
+    out = tmp_path / "b"
+    with pytest.raises(Interrupt):  # every score checkpointed, killed before the outputs were written
+        run_sahara(llama, QUERIES, config, out=out, progress=stop_at("step 2/2: chose"))
+    monkeypatch.setattr(Sahara, "score_sets", lambda *args: pytest.fail("recomputed a checkpointed layer"))
+    same_steps(full, run_sahara(llama, QUERIES, config, out=out, resume=True, **quiet))
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [(dict(epsilon=1e-5), "epsilon"), (dict(rank=2), "rank"), (dict(template="paper"), "template"),
+     (dict(heads="0-1:*"), "heads")],
+)
+def test_resume_refuses_another_configuration(tmp_path, change, named, llama):
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run_sahara(llama, QUERIES, SaharaConfig(), out=out, progress=stop_at("[step 1/3, layer 1/"))
+    with pytest.raises(UserError, match=f"cannot resume.*{named}"):
+        run_sahara(llama, QUERIES, SaharaConfig(**change), out=out, resume=True, **quiet)
+    with pytest.raises(UserError, match="queries_sha256"):
+        run_sahara(llama, QUERIES[:5] + ["another query"], SaharaConfig(), out=out, resume=True, **quiet)
+
+
+def test_finished_output_folder_is_not_overwritten(tmp_path, llama):
+    config = SaharaConfig(steps=1, heads="2:*")
+    run_sahara(llama, QUERIES, config, out=tmp_path, **quiet)
+    with pytest.raises(UserError, match="already holds a finished Sahara run"):
+        run_sahara(llama, QUERIES, config, out=tmp_path, **quiet)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_needs_more_queries_than_the_rank(llama):
+    with pytest.raises(UserError, match="more queries than the rank"):
+        run_sahara(llama, QUERIES[:2], SaharaConfig(rank=2), **quiet)
+    with pytest.raises(UserError, match="more queries than the rank"):
+        run_sahara(llama, QUERIES[:1], SaharaConfig(), **quiet)  # one query: every angle would be 0
+
+
+def test_steps_beyond_the_candidates(llama):
+    with pytest.raises(UserError, match="--steps 3 exceeds the 2 candidate heads"):
+        run_sahara(llama, QUERIES, SaharaConfig(steps=3, heads="0:0-1"), **quiet)
+
+
+def test_duplicates_warn_and_stay_or_are_dropped(llama):
+    config = dict(steps=1, heads="2:*")
+    with_copy = QUERIES + [QUERIES[0]]
+    lines = []
+    kept = run_sahara(llama, with_copy, SaharaConfig(**config), progress=lines.append)
+    assert any(line.startswith("warning: 1 duplicate query") for line in lines)
+    assert kept.queries == with_copy and kept.config["n_queries"] == 7 and kept.config["duplicates"] == 1
+    lines.clear()
+    dropped = run_sahara(llama, with_copy, SaharaConfig(dedupe=True, **config), progress=lines.append)
+    assert lines[0] == "dropped 1 duplicate query (--dedupe)"
+    plain = run_sahara(llama, QUERIES, SaharaConfig(**config), **quiet)
+    assert dropped.queries == QUERIES and dropped.config["n_queries"] == 6
+    assert dropped.config["queries_sha256"] == plain.config["queries_sha256"] != kept.config["queries_sha256"]
+    same_steps(dropped, plain)
+
+
+def test_too_long_prompt_writes_nothing(tmp_path, llama):
+    with pytest.raises(UserError, match="beyond the model's context"):
+        run_sahara(llama, ["short", "x" * 600], SaharaConfig(), out=tmp_path / "run", **quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_head_spec(llama):
+    with pytest.raises(UserError, match="layer 5"):
+        run_sahara(llama, QUERIES, SaharaConfig(heads="5:*"), **quiet)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [(dict(steps=0), "--steps"), (dict(rank=0), "--rank"), (dict(ablation="zero"), "unknown ablation kind"),
+     (dict(epsilon=2.0), "epsilon"), (dict(score="cosine"), "unknown score"),
+     (dict(score="paper-era", rank=2), "--rank applies"), (dict(mean_reference_limit=0), "--mean-reference-limit")],
+)
+def test_bad_config(settings, message):
+    with pytest.raises(UserError, match=message):
+        SaharaConfig(**settings).validate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def test_outputs(tmp_path, llama):
+    out = tmp_path / "run"
+    config = SaharaConfig(steps=2, heads="1-2:*", template="paper")
+    result = run_sahara(llama, QUERIES, config, out=out, source={"dataset": "inline"}, **quiet)
+    files = ["sahara.json", "sahara_data.pt", "sahara_step1.png", "sahara_step2.png"]
+    assert sorted(p.name for p in out.iterdir()) == files
+    record = json.loads((out / "sahara.json").read_text())
+    assert record["format"] == "safety-heads/sahara" and record["version"] == 1
+    for key in ("model", "dtype", "template", "steps", "rank", "ablation", "epsilon", "heads", "dedupe", "score",
+                "dataset", "n_queries", "queries_sha256", "versions", "layout"):
+        assert key in record["config"], key
+    assert record["heads"] == [list(h) for h in result.heads] and len(record["heads"]) == 2
+    first, second = record["steps"]
+    assert first["step"] == 1 and first["chosen"] == record["heads"][0]
+    assert first["scores"][0] == [None] * 4  # layer 0 is not a candidate
+    layer, head = first["chosen"]
+    assert second["scores"][layer][head] is None  # already in the group
+    assert first["scores"][layer][head] == first["score"]
+    assert second["score"] == max(x for row in second["scores"] for x in row if x is not None)
+    assert record["queries"][1] == {"index": 1, "query": "Hi", "prompt": "## Query: Hi\n## Answer:"}
+    assert len(record["clean"]["singular_values"]) == 6
+    data = load_tensors(out / "sahara_data.pt")  # weights_only=True
+    assert data["scores"].shape == (2, 3, 4) and data["scores"].dtype == torch.float64
+    assert data["heads"].dtype == torch.long and data["heads"].tolist() == record["heads"]
+    torch.testing.assert_close(data["scores"][1], result.steps[1].scores, rtol=0, atol=0, equal_nan=True)
+    assert data["queries"] == QUERIES and data["config"]["steps"] == 2
+    assert (out / "sahara_step2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paper_era_score_runs(llama):
+    result = run_sahara(llama, QUERIES, SaharaConfig(steps=1, score="paper-era"), **quiet)
+    scored = result.steps[0].scores[~torch.isnan(result.steps[0].scores)]
+    assert ((scored >= 0) & (scored <= 90)).all() and result.config["score"] == "paper-era"
