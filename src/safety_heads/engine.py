@@ -38,6 +38,7 @@ READOUTS = ("logits", "hidden")
 # steers how head sets are grouped into chunks; results do not depend on it.
 TRACE_OVERHEAD_FLOPS = {"cpu": 3e8, "cuda": 2e10}
 DEFAULT_CPU_BUDGET_MB = 2048
+MAX_PADDING_SHARE = 0.15  # a prompt group stops growing before padding exceeds this share of its positions
 GPU_BUDGET_FRACTION = 0.5
 
 
@@ -253,13 +254,16 @@ class Engine:
         return TRACE_OVERHEAD_FLOPS[self._device_kind()] / max(flops, 1)
 
     def _prompt_groups(self, tokens: list[list[int]]) -> list[list[int]]:
-        """Prompts sorted by length and cut into groups that fit one forward pass (less padding, bounded memory)."""
+        """Prompts sorted by length and cut into groups that fit one forward pass, with padding kept under
+        MAX_PADDING_SHARE of the group's positions (padded positions cost as much compute as real ones)."""
         order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
         groups: list[list[int]] = []
         for index in order:
             if groups:
                 candidate = groups[-1] + [index]
-                if len(candidate) <= self.max_rows(len(tokens[index])):
+                longest = len(tokens[index])
+                real = sum(len(tokens[i]) for i in candidate)
+                if len(candidate) <= self.max_rows(longest) and real >= (1 - MAX_PADDING_SHARE) * longest * len(candidate):
                     groups[-1] = candidate
                     continue
             groups.append([index])
