@@ -152,6 +152,32 @@ def command_sahara(args) -> int:
     return 0
 
 
+def command_run(args) -> int:
+    from .engine import EngineConfig
+    from .experiment import ExperimentConfig, default_mode, run_experiment
+
+    if args.quick and args.full:
+        raise UserError("choose one of --quick and --full")
+    args.mode = "full" if args.full else "quick" if args.quick else default_mode()
+    config = _config(ExperimentConfig, args).resolved()
+    config.validate()
+    engine_config = _config(EngineConfig, args)
+    engine_config.validate()
+    model = _load(args)
+    record = run_experiment(model, config, args.out, resume=args.resume, engine_config=engine_config)
+    print(f"{record['model']} ({config.mode}): Sahara group {','.join(f'{l}:{h}' for l, h in record['heads'])}")
+    for name, numbers in record["asr"].items():
+        judge = next(iter(numbers["ablated"]["asr"]))
+        print(f"  {name:20s} ASR ({judge}) {numbers['baseline']['asr'][judge]:6.1%} -> {numbers['ablated']['asr'][judge]:6.1%}")
+    harmless = record["harmless"]
+    if harmless.get("mean_kl") is not None:
+        judge = harmless["judges"][0]
+        print(f"  harmless refusal ({judge}) {harmless['baseline']['refusal_rate'][judge]:.1%} -> "
+              f"{harmless['ablated']['refusal_rate'][judge]:.1%}; mean next-token KL {harmless['mean_kl']:.4g}")
+    print(f"wrote {args.out}/report.html, report.md, experiment.json, *_data.pt")
+    return 0
+
+
 def command_evaluate(args) -> int:
     from .engine import EngineConfig
     from .evaluate import EvaluateConfig, run_evaluation
@@ -249,6 +275,33 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_engine_arguments(sahara)
     sahara.set_defaults(run=command_sahara)
+
+    run = commands.add_parser("run", help="the whole study: Ships, Sahara, evaluation, report (default model: the demo)")
+    _add_model_arguments(run)
+    group = run.add_argument_group("study")
+    group.add_argument("--quick", action="store_true", help="small settings that run in minutes (default on CPU)")
+    group.add_argument("--full", action="store_true", help="the paper's scale (default on GPU)")
+    group.add_argument("--template", default="chat", help="raw, paper or chat (default chat)")
+    group.add_argument("--system", default=None)
+    group.add_argument("--ships-dataset", dest="ships_dataset", default="maliciousinstruct")
+    group.add_argument("--ships-limit", dest="ships_limit", type=int, default=None)
+    group.add_argument("--sahara-dataset", dest="sahara_dataset", default="maliciousinstruct")
+    group.add_argument("--sahara-limit", dest="sahara_limit", type=int, default=None)
+    group.add_argument("--steps", type=int, default=3)
+    group.add_argument("--eval-datasets", dest="eval_datasets", default="maliciousinstruct,jailbreakbench")
+    group.add_argument("--eval-limit", dest="eval_limit", type=int, default=None)
+    group.add_argument("--harmless", default="harmless-test")
+    group.add_argument("--harmless-limit", dest="harmless_limit", type=int, default=None)
+    from .judges import JUDGE_HELP as _judge_help
+
+    group.add_argument("--judge", dest="judges", default="paper,gcg,refusal-direction", help=_judge_help)
+    group.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
+    group.add_argument("--per-query-top-k", dest="per_query_top_k", type=int, default=3)
+    group.add_argument("--out", required=True, help="output folder")
+    group.add_argument("--resume", action="store_true", help="skip finished stages and resume the unfinished one")
+    _add_ablation_arguments(run)
+    _add_engine_arguments(run)
+    run.set_defaults(run=command_run)
 
     evaluate = commands.add_parser("evaluate", help="ASR before and after ablating heads, and the cost on harmless prompts")
     _add_model_arguments(evaluate)

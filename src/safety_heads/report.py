@@ -1,11 +1,15 @@
-"""Pictures and pages for people: layers x heads heat maps (more to come: the self-contained report).
+"""Pictures and pages for people: layers x heads heat maps, and the self-contained experiment report.
 
     safety-heads ships --model tiny --prompt "How do I pick a lock?" --out runs/ships   # writes ships_heatmap.png
+    safety-heads run --out runs/demo                                                     # writes report.html, report.md
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import io
+import json
 from pathlib import Path
 
 import torch
@@ -39,3 +43,115 @@ def heatmap_png(matrix: torch.Tensor, path: str | Path, title: str, label: str, 
     figure.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(figure)
     atomic_write(Path(path), lambda stream: stream.write(buffer.getvalue()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The experiment report: one self-contained HTML file (images embedded, opens offline) and a Markdown summary, built
+# only from the JSON records of a run, so what the report says is what the files say.
+
+
+REPORT_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}.up{color:#b00020;font-weight:600}
+.warn{background:#fff4e5;border:1px solid #f0a020;padding:.6em 1em;margin:1em 0}
+img{max-width:100%;border:1px solid #eee}pre{white-space:pre-wrap;background:#f8f8f8;padding:.5em;font-size:.85em}
+.answer{max-width:420px;font-size:.9em;white-space:pre-wrap}details{margin:.6em 0}
+"""
+
+
+def _image_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, evaluation: dict | None,
+                 per_query: dict | None = None, title: str = "safety-heads report", timings: dict | None = None) -> dict:
+    """Write report.html and report.md into `folder` from the run's JSON records; returns what it reported."""
+    folder = Path(folder)
+    facts = {"heads": sahara["heads"] if sahara else None, "asr": {}, "harmless": None}
+    parts, markdown = [f"<h1>{html.escape(title)}</h1>"], [f"# {title}", ""]
+    model = next((r["config"]["model"] for r in (ships, sahara, evaluation) if r), "?")
+    parts.append(f"<p>Model <b>{html.escape(str(model))}</b>. Every number below is read from the JSON files in this folder.</p>")
+    markdown += [f"Model **{model}**. Every number below is read from the JSON files in this folder.", ""]
+
+    if sahara:
+        heads = ", ".join(f"{l}:{h}" for l, h in sahara["heads"])
+        parts.append(f"<h2>Sahara: the data set's safety-head group</h2><p>Group (in the order chosen): <b>{heads}</b>, "
+                     f"from {sahara['config']['n_queries']} queries of {html.escape(str(sahara['config'].get('dataset')))}, "
+                     f"{sahara['config']['ablation']} ablation, eps={sahara['config']['epsilon']:g}, rank {sahara['config']['rank']}.</p>")
+        rows = "".join(f"<tr><td>{s['step']}</td><td>{s['chosen'][0]}:{s['chosen'][1]}</td><td class=num>{s['score']:.4g}</td></tr>" for s in sahara["steps"])
+        parts.append(f"<table><tr><th>step</th><th>head added</th><th>angle of the group (degrees)</th></tr>{rows}</table>")
+        markdown += ["## Sahara", "", f"Group: **{heads}** ({sahara['config']['n_queries']} queries, {sahara['config']['ablation']}, "
+                     f"eps={sahara['config']['epsilon']:g}).", "", "| step | head added | angle (degrees) |", "|---|---|---|"]
+        markdown += [f"| {s['step']} | {s['chosen'][0]}:{s['chosen'][1]} | {s['score']:.4g} |" for s in sahara["steps"]] + [""]
+        for step in sahara["steps"]:
+            image = folder / "sahara" / f"sahara_step{step['step']}.png"
+            if image.exists():
+                tag = _image_tag(image, f"Sahara step {step['step']}")
+                parts.append(f"<details><summary>Step {step['step']} scores</summary>{tag}</details>")
+
+    if ships:
+        top = ships["aggregate"]["top_mean"][:10]
+        parts.append(f"<h2>Ships: per-query head importance</h2><p>Mean KL(clean || ablated) over {len(ships['queries'])} "
+                     f"queries ({ships['config']['ablation']}, eps={ships['config']['epsilon']:g}, {ships['config']['method']}).</p>")
+        image = folder / "ships" / "ships_heatmap.png"
+        if image.exists():
+            parts.append(_image_tag(image, "Ships heat map"))
+        rows = "".join(f"<tr><td>{l}:{h}</td><td class=num>{s:.4g}</td></tr>" for l, h, s in top)
+        parts.append(f"<table><tr><th>head</th><th>mean Ships (nats)</th></tr>{rows}</table>")
+        markdown += ["## Ships", "", "| head | mean Ships (nats) |", "|---|---|"] + [f"| {l}:{h} | {s:.4g} |" for l, h, s in top] + [""]
+
+    for label, record in (("the Sahara group", evaluation), ("each query's own top Ships heads", per_query)):
+        if not record:
+            continue
+        facts["asr"][label] = {name: numbers for name, numbers in record["results"].items()}
+        parts.append(f"<h2>Attack success rate: baseline vs ablating {html.escape(label)}</h2>")
+        markdown += [f"## ASR: baseline vs ablating {label}", "", "| data set | judge | n | baseline | ablated | change |", "|---|---|---|---|---|---|"]
+        rows = ""
+        for name, numbers in record["results"].items():
+            for judge, ablated in numbers["ablated"]["asr"].items():
+                base, delta = numbers["baseline"]["asr"][judge], numbers["delta_asr"][judge]
+                invalid = numbers["baseline"]["invalid"][judge] + numbers["ablated"]["invalid"][judge]
+                note = f" ({invalid} invalid)" if invalid else ""
+                rows += (f"<tr><td>{html.escape(name)}</td><td>{html.escape(judge)}</td><td class=num>{numbers['n']}</td><td class=num>{_pct(base)}</td>"
+                         f"<td class=num>{_pct(ablated)}</td><td class='num{' up' if delta > 0 else ''}'>{delta:+.1%}{note}</td></tr>")
+                markdown.append(f"| {name} | {judge} | {numbers['n']} | {_pct(base)} | {_pct(ablated)} | {delta:+.1%}{note} |")
+        parts.append(f"<table><tr><th>data set</th><th>judge</th><th>n</th><th>baseline ASR</th><th>ablated ASR</th><th>change</th></tr>{rows}</table>")
+        harmless = record.get("harmless")
+        if harmless and "mean_kl" in harmless:
+            facts["harmless"] = harmless
+            cells = "".join(f"<tr><td>refusal rate ({html.escape(j)})</td><td class=num>{_pct(harmless['baseline']['refusal_rate'][j])}</td>"
+                            f"<td class=num>{_pct(harmless['ablated']['refusal_rate'][j])}</td></tr>" for j in harmless["judges"])
+            parts.append(f"<h3>What it costs on {harmless['n']} harmless prompts ({html.escape(harmless['dataset'])})</h3>"
+                         f"<table><tr><th>measure</th><th>baseline</th><th>ablated</th></tr>{cells}"
+                         f"<tr><td>mean next-token KL(clean || ablated)</td><td class=num>0</td><td class=num>{harmless['mean_kl']:.4g}</td></tr></table>")
+            markdown += ["", f"Harmless cost ({harmless['n']} prompts of {harmless['dataset']}): mean next-token KL {harmless['mean_kl']:.4g}; "
+                         + "; ".join(f"refusal ({j}) {_pct(harmless['baseline']['refusal_rate'][j])} -> {_pct(harmless['ablated']['refusal_rate'][j])}" for j in harmless["judges"])]
+        markdown.append("")
+        examples = [s for samples in record["samples"].values() for s in samples][:4]
+        if examples:
+            parts.append('<div class=warn><b>Content warning.</b> The answers below were generated in reply to harmful '
+                         'requests and may be harmful.</div>')
+            judge = next(iter(examples[0]["ablated"]["verdicts"]))
+            rows = "".join(
+                f"<tr><td class=answer>{html.escape(s['query'])}</td><td class=answer>{html.escape(s['baseline']['response'])}</td>"
+                f"<td class=answer>{html.escape(s['ablated']['response'])}</td></tr>" for s in examples)
+            parts.append(f"<details><summary>Example answers before and after (judge {html.escape(judge)})</summary><table>"
+                         f"<tr><th>query</th><th>baseline</th><th>ablated</th></tr>{rows}</table></details>")
+
+    configuration = {name: record["config"] for name, record in (("ships", ships), ("sahara", sahara), ("evaluate", evaluation), ("evaluate per query", per_query)) if record}
+    parts.append("<h2>Configuration and versions</h2><pre>" + html.escape(json.dumps(configuration, indent=1, default=str)) + "</pre>")
+    if timings:
+        parts.append("<p>Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ".</p>")
+        markdown += ["Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ".", ""]
+    page = f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{REPORT_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    atomic_write(folder / "report.html", lambda stream: stream.write(page.encode()))
+    text = "\n".join(markdown) + "\n"
+    atomic_write(folder / "report.md", lambda stream: stream.write(text.encode()))
+    return facts

@@ -1,0 +1,193 @@
+"""The whole study in one command: Ships, Sahara, evaluation of the Sahara group and of per-query Ships heads, report.
+
+Stages, each in its own subfolder of the output, each checkpointed and resumable on its own:
+
+1. ``ships/``: Ships on sample queries;
+2. ``sahara/``: the Sahara group (3 steps by default);
+3. ``eval/``: baseline vs ablating the Sahara group: ASR per data set and judge, and the harmless cost;
+4. ``eval-per-query/``: baseline vs ablating each query's own top-k Ships heads (the paper's "16x" setting);
+5. ``report.html`` / ``report.md``, and the notebook-style ``ships_data.pt``, ``sahara_data.pt``, ``eval_data.pt``
+   and ``experiment_data.pt`` (everything compiled) at the top of the folder.
+
+`--quick` (the default on a CPU) and `--full` mirror the original notebook's QUICK_MODE switch; every setting can be
+overridden. `--resume` skips finished stages and resumes the unfinished one.
+
+    safety-heads run --out runs/demo
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .ablation import DEFAULT_EPSILON, check_epsilon, check_kind
+from .engine import EngineConfig
+from .errors import UserError
+from .evaluate import EvaluateConfig, run_evaluation
+from .generate import GenerationConfig
+from .models import LoadedModel
+from .report import build_report
+from .results import check_output_folder, load_tensors, read_json, save_tensors, versions, write_json
+from .sahara import SaharaConfig, run_sahara
+from .ships import ShipsConfig, run_ships
+
+MODES = ("quick", "full")
+# What --quick and --full fill in for every setting left unset (None). Quick runs in minutes on a laptop CPU; full is
+# the paper's scale (all queries, 128 new tokens).
+PRESETS = {
+    "quick": dict(ships_limit=4, sahara_limit=16, eval_limit=16, harmless_limit=16, max_new_tokens=32),
+    "full": dict(ships_limit=None, sahara_limit=None, eval_limit=None, harmless_limit=100, max_new_tokens=128),
+}
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings of `safety-heads run`; None means "from the --quick / --full preset"."""
+
+    mode: str = "quick"
+    template: str = "chat"
+    system: str | None = None
+    ablation: str = "ua"
+    epsilon: float = DEFAULT_EPSILON
+    ships_dataset: str = "maliciousinstruct"
+    ships_limit: int | None = None
+    sahara_dataset: str = "maliciousinstruct"
+    sahara_limit: int | None = None
+    steps: int = 3
+    eval_datasets: str = "maliciousinstruct,jailbreakbench"
+    eval_limit: int | None = None
+    harmless: str = "harmless-test"
+    harmless_limit: int | None = None
+    judges: str = "paper,gcg,refusal-direction"
+    max_new_tokens: int | None = None
+    per_query_top_k: int = 3
+
+    def resolved(self) -> "ExperimentConfig":
+        """A copy with every preset-controlled None filled in from the mode's preset."""
+        if self.mode not in MODES:
+            raise UserError(f"unknown mode '{self.mode}'; choose quick or full")
+        values = asdict(self)
+        preset = PRESETS[self.mode]
+        for key, value in preset.items():
+            if values[key] is None:
+                values[key] = value
+        return ExperimentConfig(**values)
+
+    def validate(self) -> None:
+        check_kind(self.ablation)
+        check_epsilon(self.epsilon)
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith(("_limit", "top_k", "tokens")) and value is not None and value < 1:
+                raise UserError(f"--{field.name.replace('_', '-')} must be at least 1, not {value}")
+        if self.steps < 1:
+            raise UserError(f"--steps must be at least 1, not {self.steps}")
+
+
+class StageProgress:
+    """Prefixes a stage's progress lines with its name and elapsed time, and estimates the time left in the stage
+    from the first 'k/N' count in the line (queries, answers, layers)."""
+
+    def __init__(self, name: str, index: int, total: int, emit: Callable[[str], None]):
+        self.name, self.label, self.emit, self.start = name, f"[{index}/{total} {name}]", emit, time.monotonic()
+
+    def __call__(self, line: str) -> None:
+        elapsed = time.monotonic() - self.start
+        match = re.search(r"(\d+)/(\d+)", line)
+        estimate = ""
+        if match and int(match.group(1)) > 0 and int(match.group(2)) >= int(match.group(1)):
+            done, total = int(match.group(1)), int(match.group(2))
+            estimate = f", ~{elapsed * (total - done) / done:.0f}s left in this count"
+        self.emit(f"{self.label} {elapsed:.0f}s{estimate} | {line}")
+
+
+def run_experiment(
+    model: LoadedModel,
+    config: ExperimentConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    engine_config: EngineConfig | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run every stage into `out` (skipping finished ones when resuming) and write the report; returns experiment.json."""
+    from .data import load_prompts
+
+    config = config.resolved()
+    config.validate()
+    emit = progress or (lambda line: print(line, file=sys.stderr))
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
+    check_output_folder(out)
+    # Read every data set first: a bad name fails before any stage runs.
+    ships_queries = load_prompts(config.ships_dataset, limit=config.ships_limit)
+    sahara_queries = load_prompts(config.sahara_dataset, limit=config.sahara_limit)
+    for name in config.eval_datasets.split(","):
+        load_prompts(name.strip(), limit=1)
+    generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
+    timings: dict[str, float] = {}
+    common = dict(template=config.template, system=config.system, ablation=config.ablation, epsilon=config.epsilon)
+    stages = 4
+
+    def stage(index: int, name: str, final: Path, work: Callable[[Callable[[str], None]], None]) -> None:
+        if final.exists():
+            emit(f"[{index}/{stages} {name}] finished earlier: {final}")
+            return
+        started = time.monotonic()
+        work(StageProgress(name, index, stages, emit))
+        timings[name] = time.monotonic() - started
+
+    stage(1, "ships", out / "ships" / "ships.json", lambda p: run_ships(
+        model, ships_queries, ShipsConfig(**common), out=out / "ships", resume=True, engine_config=engine_config,
+        source={"dataset": config.ships_dataset, "limit": config.ships_limit}, progress=p))
+    stage(2, "sahara", out / "sahara" / "sahara.json", lambda p: run_sahara(
+        model, sahara_queries, SaharaConfig(**common, steps=config.steps), out=out / "sahara", resume=True,
+        engine_config=engine_config, source={"dataset": config.sahara_dataset, "limit": config.sahara_limit}, progress=p))
+    evaluation = dict(limit=config.eval_limit, judges=config.judges, harmless_limit=config.harmless_limit, **common)
+    stage(3, "evaluate", out / "eval" / "eval.json", lambda p: run_evaluation(
+        model, EvaluateConfig(datasets=config.eval_datasets, source=str(out / "sahara" / "sahara.json"), harmless=config.harmless, **evaluation),
+        generation, out=out / "eval", resume=True, engine_config=engine_config, progress=p))
+    stage(4, "evaluate-per-query", out / "eval-per-query" / "eval.json", lambda p: run_evaluation(
+        model, EvaluateConfig(source=str(out / "ships" / "ships.json"), per_query=True, top_k=config.per_query_top_k,
+                              harmless=None, **evaluation),
+        generation, out=out / "eval-per-query", resume=True, engine_config=engine_config, progress=p))
+
+    ships, sahara = read_json(out / "ships" / "ships.json"), read_json(out / "sahara" / "sahara.json")
+    evaluation_record, per_query = read_json(out / "eval" / "eval.json"), read_json(out / "eval-per-query" / "eval.json")
+    facts = build_report(out, ships, sahara, evaluation_record, per_query, title=f"safety-heads: {model.name}", timings=timings)
+    compiled = {}
+    for name, path in (("ships", out / "ships" / "ships_data.pt"), ("sahara", out / "sahara" / "sahara_data.pt"),
+                       ("eval", out / "eval" / "eval_data.pt"), ("eval_per_query", out / "eval-per-query" / "eval_data.pt")):
+        compiled[name] = load_tensors(path)
+        if name != "eval_per_query":
+            save_tensors(out / f"{name}_data.pt", compiled[name])  # where the original notebook's users look
+    record = {
+        "format": "safety-heads/experiment",
+        "version": 1,
+        "config": asdict(config),
+        "model": model.name,
+        "engine": asdict(engine_config or EngineConfig()),
+        "heads": sahara["heads"],
+        "asr": {name: numbers for name, numbers in evaluation_record["results"].items()},
+        "asr_per_query": per_query["results"],
+        "harmless": {k: v for k, v in (evaluation_record.get("harmless") or {}).items() if k != "samples"},
+        "stages": {"ships": "ships/ships.json", "sahara": "sahara/sahara.json", "evaluate": "eval/eval.json",
+                   "evaluate_per_query": "eval-per-query/eval.json", "report": "report.html"},
+        "timings_seconds": timings,
+        "versions": versions(),
+    }
+    write_json(out / "experiment.json", record)
+    save_tensors(out / "experiment_data.pt", {**compiled, "experiment": record})
+    emit(f"report: {out / 'report.html'} (group {', '.join(f'{l}:{h}' for l, h in facts['heads'])})")
+    return record
+
+
+def default_mode() -> str:
+    return "full" if torch.cuda.is_available() else "quick"
