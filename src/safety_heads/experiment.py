@@ -33,7 +33,7 @@ from .evaluate import EvaluateConfig, run_evaluation
 from .generate import GenerationConfig
 from .models import LoadedModel
 from .report import build_report
-from .results import check_output_folder, load_tensors, read_json, save_tensors, versions, write_json
+from .results import Checkpoint, check_output_folder, load_tensors, read_json, save_tensors, versions, write_json
 from .sahara import SaharaConfig, run_sahara
 from .ships import ShipsConfig, run_ships
 
@@ -126,6 +126,10 @@ def run_experiment(
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
     check_output_folder(out)
+    # The run's own settings, checked on resume: finished stages must not be mixed with stages under other settings.
+    run_checkpoint = Checkpoint(out / "run.checkpoint.jsonl", {"model": model.name, "dtype": str(model.dtype), **asdict(config),
+                                                              "engine": asdict(engine_config or EngineConfig())})
+    run_checkpoint.start(resume)
     # Read every data set first: a bad name fails before any stage runs.
     ships_queries = load_prompts(config.ships_dataset, limit=config.ships_limit)
     sahara_queries = load_prompts(config.sahara_dataset, limit=config.sahara_limit)
@@ -185,6 +189,7 @@ def run_experiment(
     }
     write_json(out / "experiment.json", record)
     save_tensors(out / "experiment_data.pt", {**compiled, "experiment": record})
+    run_checkpoint.remove()
     emit(f"report: {out / 'report.html'} (group {', '.join(f'{l}:{h}' for l, h in facts['heads'])})")
     return record
 

@@ -1,0 +1,87 @@
+"""`safety-heads run`: every output exists, parses and agrees with the others; the report says what the files say."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from safety_heads.cli import main
+from safety_heads.results import load_tensors
+
+SMALL = ["--ships-limit", "2", "--sahara-limit", "4", "--eval-limit", "2", "--harmless-limit", "2", "--max-new-tokens", "6", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    assert main(["run", "--quick", "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def test_every_output_exists_and_parses(run_folder):
+    for name in ("report.html", "report.md", "experiment.json", "ships_data.pt", "sahara_data.pt", "eval_data.pt",
+                 "experiment_data.pt", "ships/ships.json", "sahara/sahara.json", "eval/eval.json", "eval-per-query/eval.json"):
+        assert (run_folder / name).is_file(), name
+    for name in ("experiment.json", "ships/ships.json", "sahara/sahara.json", "eval/eval.json"):
+        json.loads((run_folder / name).read_text())
+    compiled = load_tensors(run_folder / "experiment_data.pt")
+    assert set(compiled) == {"ships", "sahara", "eval", "eval_per_query", "experiment"}
+    assert torch.equal(compiled["ships"]["scores"], load_tensors(run_folder / "ships_data.pt")["scores"])
+    assert not list(run_folder.rglob("*.checkpoint.jsonl"))
+
+
+def test_outputs_agree(run_folder):
+    sahara = json.loads((run_folder / "sahara" / "sahara.json").read_text())
+    evaluation = json.loads((run_folder / "eval" / "eval.json").read_text())
+    experiment = json.loads((run_folder / "experiment.json").read_text())
+    assert experiment["heads"] == sahara["heads"] == evaluation["heads"]  # the group evaluated is the group found
+    assert experiment["asr"] == evaluation["results"]
+    html = (run_folder / "report.html").read_text()
+    markdown = (run_folder / "report.md").read_text()
+    group = ", ".join(f"{l}:{h}" for l, h in sahara["heads"])
+    assert f"<b>{group}</b>" in html and f"**{group}**" in markdown
+    for name, numbers in evaluation["results"].items():
+        for judge, value in numbers["ablated"]["asr"].items():
+            row = f"| {name} | {judge} | {numbers['n']} | {numbers['baseline']['asr'][judge]:.1%} | {value:.1%} |"
+            assert row in markdown
+    assert "data:image/png;base64," in html and "<script" not in html  # self-contained, nothing fetched
+    assert not re.search(r'src="(?!data:)', html)
+    assert "Content warning" in html
+
+
+def test_resume_skips_finished_stages(run_folder, capsys):
+    assert main(["run", "--quick", "--out", str(run_folder), "--resume", *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished earlier") == 4
+
+
+def test_occupied_folder_needs_resume(run_folder, capsys):
+    assert main(["run", "--quick", "--out", str(run_folder), *SMALL]) == 2
+    assert "add --resume" in capsys.readouterr().err
+
+
+def test_changed_settings_are_refused_on_resume(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(Interrupt):  # stop after the first stage
+        run_with_stop(out, after="[2/4 sahara]")
+    capsys.readouterr()
+    assert main(["run", "--quick", "--out", str(out), "--resume", *SMALL[:-4], "--max-new-tokens", "7", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot resume" in err and "max_new_tokens=6 (now 7)" in err
+
+
+class Interrupt(Exception):
+    pass
+
+
+def run_with_stop(out, after):
+    from safety_heads.experiment import ExperimentConfig, run_experiment
+    from safety_heads.models import ModelConfig, load_model
+
+    def progress(line):
+        if line.startswith(after):
+            raise Interrupt
+
+    config = ExperimentConfig(ships_limit=2, sahara_limit=4, eval_limit=2, harmless_limit=2, max_new_tokens=6, steps=2)
+    run_experiment(load_model(ModelConfig()), config, out, progress=progress)
