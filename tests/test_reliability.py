@@ -25,6 +25,9 @@ KILL_POINTS = {
     "ships": (["--max-batch-rows", "2"], "ships.checkpoint.jsonl", (1, 5)),
     "evaluate": (["--heads", "0:1,2:3", "--max-new-tokens", "6", "--batch-size", "2", "--harmless", ""], "eval.checkpoint.jsonl", (2,)),
     "sahara": (["--steps", "2", "--max-batch-rows", "8"], "sahara.checkpoint.jsonl", (3,)),
+    # the whole study, killed in the middle of its Sahara stage
+    "run": (["--ships-limit", "2", "--sahara-dataset", "{dataset}", "--sahara-limit", "6", "--eval-limit", "2", "--harmless-limit", "2",
+             "--max-new-tokens", "4", "--steps", "2", "--max-batch-rows", "8"], "sahara/sahara.checkpoint.jsonl", (2,)),
 }
 
 
@@ -37,6 +40,9 @@ def dataset(tmp_path_factory):
 
 def command(name, dataset, out):
     arguments, _, _ = KILL_POINTS[name]
+    arguments = [a.format(dataset=dataset) for a in arguments]
+    if name == "run":
+        return [name, "--quick", "--out", str(out), *arguments]
     return [name, "--dataset", str(dataset), "--out", str(out), *arguments]
 
 
@@ -76,13 +82,18 @@ def test_sigkill_then_resume_equals_uninterrupted(name, units, dataset, tmp_path
     assert kept >= units
     assert main(command(name, dataset, killed) + ["--resume"]) == 0
     capsys.readouterr()
-    final = {"ships": "ships.json", "evaluate": "eval.json", "sahara": "sahara.json"}[name]
+    final = {"ships": "ships.json", "evaluate": "eval.json", "sahara": "sahara.json", "run": "experiment.json"}[name]
     a, b = result_without_timing(reference / final), result_without_timing(killed / final)
     if name == "ships":
         assert a["queries"] == b["queries"] and a["aggregate"] == b["aggregate"]
         assert [q["index"] for q in b["queries"]] == list(range(len(QUERIES)))  # none missing, none twice
     elif name == "sahara":
         assert a["heads"] == b["heads"] and a["steps"] == b["steps"]
+    elif name == "run":
+        assert a["heads"] == b["heads"] and a["asr"] == b["asr"] and a["harmless"] == b["harmless"]
+        for stage in ("sahara/sahara.json", "eval/eval.json", "eval-per-query/eval.json"):
+            first, second = result_without_timing(reference / stage), result_without_timing(killed / stage)
+            assert first.get("steps", first.get("samples")) == second.get("steps", second.get("samples"))
     else:
         assert a["samples"] == b["samples"] and a["results"] == b["results"]
     assert not checkpoint.exists()
@@ -130,3 +141,16 @@ def test_secrets_never_reach_any_output(dataset, tmp_path, monkeypatch, capsys):
             assert secret.encode() not in data, path
     for secret in FAKE_SECRETS.values():
         assert secret not in printed.out and secret not in printed.err
+
+
+def test_documented_counts_match_the_tests():
+    import re
+
+    import test_cli
+
+    text = (Path(__file__).parent.parent / "docs" / "reliability.md").read_text()
+    kills = sum(len(points) for _, _, points in KILL_POINTS.values())
+    assert f"SIGKILL at **{kills}** points" in text
+    assert f"**{len(KILL_POINTS)}** commands" in text
+    assert f"Each of **{len(test_cli.BAD)}** bad command lines" in text
+    assert re.search(r"head-spec parser with 200 random specs", text)
