@@ -155,3 +155,31 @@ def test_documented_counts_match_the_tests():
     bad = [row for row in test_cli.BAD if row[1]]  # one row is a must-succeed control
     assert f"Each of **{len(bad)}** bad command lines" in text
     assert re.search(r"head-spec parser with 200 random specs", text)
+
+
+def test_secrets_never_reach_any_output_of_a_remote_run(dataset, tmp_path, monkeypatch, capsys):
+    """The same scan over a --remote run against the loopback mock of NDIF (tests/ndif_mock.py): the key travels in
+    the request headers, and nowhere else."""
+    import safety_heads.models as models
+    from ndif_mock import MockNdif, tiny_pair
+
+    client, server = tiny_pair()
+    monkeypatch.setattr(models, "load_remote_model", lambda config: client)  # the hub lookup, stubbed
+    for key, value in FAKE_SECRETS.items():
+        monkeypatch.setenv(key, value)
+    with MockNdif(server.lm, failures={"post": ["503"], "poll": ["drop"]}, api_key=FAKE_SECRETS["NDIF_API_KEY"]) as mock:
+        remote = ["--model", "org/tiny", "--remote", mock.url, "--remote-backoff", "0.001"]
+        assert main(["ships", "--dataset", str(dataset), "--limit", "2", "--out", str(tmp_path / "ships"), *remote]) == 0
+        assert main(["evaluate", "--dataset", str(dataset), "--limit", "2", "--heads", "0:1", "--max-new-tokens", "4",
+                     "--harmless-limit", "2", "--out", str(tmp_path / "eval"), *remote]) == 0
+        assert main(["doctor", "--host", mock.url, "--model", "org/tiny"]) == 0
+        assert mock.executed >= 4 and set(mock.keys_seen) == {FAKE_SECRETS["NDIF_API_KEY"]}
+    printed = capsys.readouterr()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    for path in files:
+        data = path.read_bytes()
+        for secret in FAKE_SECRETS.values():
+            assert secret.encode() not in data, path
+    for secret in FAKE_SECRETS.values():
+        assert secret not in printed.out and secret not in printed.err

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import intrace
 from .errors import UserError
 from .models import HeadLayout, layer_part
 
@@ -113,37 +114,33 @@ def format_heads(heads) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inside a trace. `keep` is [rows, n_heads]: 1 for a head left alone, 0 for an ablated one; each row of the batch
-# has its own ablation. The edits are in place on the real activations.
+# Inside a trace. The edits live in intrace.py, which remote requests ship to NDIF by value and which therefore takes
+# plain data (`HeadLayout.trace_sites()`) rather than a HeadLayout; these wrappers accept either. `keep` is
+# [rows, n_heads]: 1 for a head left alone, 0 for an ablated one; each row of the batch has its own ablation.
+
+
+def _sites(layout: HeadLayout | dict) -> dict:
+    return layout if isinstance(layout, dict) else layout.trace_sites()
 
 
 def _per_column(per_head: torch.Tensor, head_dim: int) -> torch.Tensor:
     """[rows, n_heads] -> [rows, 1, n_heads * head_dim], broadcasting over positions."""
-    return per_head.repeat_interleave(head_dim, dim=-1).unsqueeze(1)
+    return intrace.per_column(per_head, head_dim)
 
 
-def scale_queries(query_site_output: torch.Tensor, layout: HeadLayout, keep: torch.Tensor, epsilon: float) -> None:
+def scale_queries(query_site_output: torch.Tensor, layout: HeadLayout | dict, keep: torch.Tensor, epsilon: float) -> None:
     """`ua`: multiply the queries of the ablated heads by epsilon."""
-    factor = keep + (1 - keep) * epsilon
-    if layout.query_axes == "flat":
-        start = layout.query_offset
-        block = query_site_output[..., start : start + layout.n_heads * layout.head_dim]
-        block.mul_(_per_column(factor, layout.head_dim))
-    elif layout.query_axes == "bshd":
-        query_site_output.mul_(factor[:, None, :, None])
-    else:  # bhsd
-        query_site_output.mul_(factor[:, :, None, None])
+    intrace.scale_queries(query_site_output, _sites(layout), keep, epsilon)
 
 
-def scale_outputs(output_site_input: torch.Tensor, layout: HeadLayout, keep: torch.Tensor, epsilon: float) -> None:
+def scale_outputs(output_site_input: torch.Tensor, layout: HeadLayout | dict, keep: torch.Tensor, epsilon: float) -> None:
     """`sc`: multiply the outputs of the ablated heads by epsilon."""
-    output_site_input.mul_(_per_column(keep + (1 - keep) * epsilon, layout.head_dim))
+    intrace.scale_outputs(output_site_input, _sites(layout), keep, epsilon)
 
 
-def replace_outputs(output_site_input: torch.Tensor, layout: HeadLayout, keep: torch.Tensor, mean: torch.Tensor) -> None:
+def replace_outputs(output_site_input: torch.Tensor, layout: HeadLayout | dict, keep: torch.Tensor, mean: torch.Tensor) -> None:
     """`mean`: replace the outputs of the ablated heads by their reference mean (`mean` is [n_heads * head_dim])."""
-    keep_columns = _per_column(keep, layout.head_dim)
-    output_site_input.mul_(keep_columns).add_((1 - keep_columns) * mean)
+    intrace.replace_outputs(output_site_input, _sites(layout), keep, mean)
 
 
 def ablation_plan(head_sets) -> dict[int, tuple[list[int], list[int]]]:
@@ -158,27 +155,13 @@ def ablation_plan(head_sets) -> dict[int, tuple[list[int], list[int]]]:
     return plan
 
 
-def ablate_layer(lm, layout: HeadLayout, layer: int, pairs, n_rows: int, kind: str, epsilon: float, means=None, repeat: int = 1) -> None:
+def ablate_layer(lm, layout: HeadLayout | dict, layer: int, pairs, n_rows: int, kind: str, epsilon: float, means=None, repeat: int = 1) -> None:
     """Inside a trace: ablate one layer's (row, head) `pairs` for a batch of `n_rows` x `repeat` rows.
 
     Row r of the plan covers batch rows r*repeat .. r*repeat+repeat-1 (the engine tiles each head set over its
-    prompts). Reads the site (waiting for the module to run) and edits it in place.
+    prompts). Reads the site (waiting for the module to run) and edits it in place. See intrace.ablate_layer.
     """
-    rows, heads = pairs
-    if kind == "ua":
-        site = layer_part(lm, layout, layer, layout.query_path).output
-    else:
-        site = layer_part(lm, layout, layer, layout.output_path).input
-    keep = torch.ones(n_rows, layout.n_heads, dtype=site.dtype, device=site.device)
-    keep[rows, heads] = 0
-    if repeat > 1:
-        keep = keep.repeat_interleave(repeat, dim=0)
-    if kind == "ua":
-        scale_queries(site, layout, keep, epsilon)
-    elif kind == "sc":
-        scale_outputs(site, layout, keep, epsilon)
-    else:
-        replace_outputs(site, layout, keep, means[layer].to(device=site.device, dtype=site.dtype))
+    intrace.ablate_layer(lm, _sites(layout), layer, pairs, n_rows, kind, epsilon, means, repeat)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ and exit code 130; finished work is never lost (long runs checkpoint and `--resu
     safety-heads sahara --model tiny --dataset maliciousinstruct --limit 16 --out runs/sahara
     safety-heads evaluate --model tiny --dataset maliciousinstruct --limit 4 --heads 0:1 --out runs/eval
     safety-heads surgery --model tiny --heads 0:1,1:3 --out runs/surgery
+    safety-heads doctor --model meta-llama/Llama-2-7b-chat-hf
 """
 
 from __future__ import annotations
@@ -49,9 +50,20 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("batching")
     group.add_argument("--memory-budget", dest="memory_budget_mb", type=float, default=None, metavar="MB",
-                       help="activation memory per forward pass (default: 2048 on CPU, half the free GPU memory)")
+                       help="activation memory per forward pass (default: 2048 on CPU, half the free GPU memory, 16384 with --remote)")
     group.add_argument("--max-batch-rows", dest="max_batch_rows", type=int, default=None, help="cap on rows per forward pass")
     group.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false", help="recompute unablated lower layers")
+    group = parser.add_argument_group("remote (NDIF; docs/remote.md)")
+    group.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
+                       help="run on NDIF (needs NDIF_API_KEY and a hub id); optionally another host URL, or 'local' to simulate")
+    group.add_argument("--remote-chunks-per-request", dest="remote_chunks_per_request", type=int, default=None, metavar="N",
+                       help="forward passes per request (default: as many as --remote-result-mb allows)")
+    group.add_argument("--remote-result-mb", dest="remote_result_mb", type=float, default=256.0, metavar="MB",
+                       help="readouts one request may return (default 256)")
+    group.add_argument("--remote-attempts", dest="remote_attempts", type=int, default=5, metavar="N",
+                       help="tries per request on dropped connections, timeouts and HTTP 5xx (default 5)")
+    group.add_argument("--remote-backoff", dest="remote_backoff_s", type=float, default=2.0, metavar="S",
+                       help="first retry delay in seconds, doubled on each retry (default 2)")
 
 
 def _add_ablation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,9 +84,17 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .models import ModelConfig, load_model
+    from .models import ModelConfig, check_remote_model, load_model, load_remote_model
 
-    return load_model(_config(ModelConfig, args))
+    config = _config(ModelConfig, args)
+    remote = getattr(args, "remote", False)
+    if remote and remote != "local":  # NDIF holds the weights: load the architecture only (meta device)
+        from .remote import require_key
+
+        check_remote_model(config)
+        require_key(remote)
+        return load_remote_model(config)
+    return load_model(config)
 
 
 def _queries(args, warn_duplicates: bool = True) -> tuple[list[str], dict]:
@@ -225,6 +245,16 @@ def command_surgery(args) -> int:
     return 0
 
 
+def command_doctor(args) -> int:
+    from .remote import doctor
+
+    lines, ok = doctor(model=args.model, host=args.host, timeout=args.timeout)
+    for line in lines:
+        print(line)
+    print("ready to run remotely" if ok else "not ready: see the lines above (docs/remote.md)")
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="safety-heads", description="Find and ablate the attention heads aligned chat models use to refuse harmful requests.")
     parser.add_argument("--version", action="version", version=f"safety-heads {__version__}")
@@ -342,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     surgery.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON)
     surgery.add_argument("--out", required=True, help="a new or empty folder for the checkpoint")
     surgery.set_defaults(run=command_surgery)
+
+    doctor = commands.add_parser("doctor", help="check the NDIF setup: key, host, model served, versions (never prints secrets)")
+    doctor.add_argument("--model", default=None, help="a hub id to check, e.g. meta-llama/Llama-2-7b-chat-hf")
+    doctor.add_argument("--host", default=None, help="NDIF host URL (default: NDIF_HOST or nnsight's configured host)")
+    doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
+    doctor.set_defaults(run=command_doctor)
     return parser
 
 

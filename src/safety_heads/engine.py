@@ -12,6 +12,8 @@ state after the final norm, for every pair, plus the clean (unablated) readouts.
 - **Memory budget.** Rows per forward pass are capped from an estimate of activation memory per row.
 - **Padding.** Prompts of different lengths batch together, left-padded, with position ids that count real tokens
   only, so each row sees exactly what it would alone; `logits_to_keep=1` materialises only the last position.
+- **Remote.** With `EngineConfig.remote` the same passes run on NDIF, packed into few requests (one nnsight session
+  each: a clean pass, then many chunks); the traced code is intrace.py, which travels by value (docs/remote.md).
 
 Nothing here knows about Ships or Sahara; nothing above this module builds nnsight traces.
 
@@ -27,9 +29,10 @@ from typing import Iterator, Sequence
 import nnsight
 import torch
 
-from .ablation import KINDS, Head, ablate_layer, ablation_plan, check_epsilon, check_kind
+from . import intrace
+from .ablation import KINDS, Head, ablation_plan, check_epsilon, check_kind
 from .errors import UserError
-from .models import LoadedModel, layer_part, resolve
+from .models import LoadedModel, resolve
 
 READOUTS = ("logits", "hidden")
 
@@ -38,6 +41,9 @@ READOUTS = ("logits", "hidden")
 # steers how head sets are grouped into chunks; results do not depend on it.
 TRACE_OVERHEAD_FLOPS = {"cpu": 3e8, "cuda": 2e10}
 DEFAULT_CPU_BUDGET_MB = 2048
+# NDIF: the server's free memory is unknown here. 16 GiB of activations per forward pass fits beside a 7-13B bf16
+# model on one 80 GB GPU; --memory-budget overrides it.
+DEFAULT_REMOTE_BUDGET_MB = 16384
 MAX_PADDING_SHARE = 0.15  # a prompt group stops growing before padding exceeds this share of its positions
 GPU_BUDGET_FRACTION = 0.5
 
@@ -49,15 +55,35 @@ class EngineConfig:
     memory_budget_mb: float | None = None  # activation memory per forward pass; None = 2 GiB on CPU, half of free GPU memory
     max_batch_rows: int | None = None  # hard cap on rows per forward pass, on top of the budget
     prefix_reuse: bool = True
-    # False: run here. True: run on NDIF. "local": nnsight's simulation of a remote request (serialise the trace,
-    # deserialise, run here) -- the offline proof that the in-trace code travels.
+    # False: run here. True: run on NDIF (NDIF_HOST or nnsight's configured host). "http(s)://...": that host.
+    # "local": nnsight's simulation of a remote request (serialise, deserialise, run here) -- the offline proof that
+    # the in-trace code travels. Remote runs send one request per group of chunks (docs/remote.md).
     remote: bool | str = False
+    remote_chunks_per_request: int | None = None  # cap on chunks (forward passes) per request; None = the result budget decides
+    remote_result_mb: float = 256.0  # readouts one request may return (they wait on the server, then download)
+    remote_attempts: int = 5  # tries per request step (send, poll) on transient failures
+    remote_backoff_s: float = 2.0  # first retry delay, doubled on each further retry
+    remote_poll_s: float = 1.0  # first interval between polls of a running job (grows to 10x)
+    remote_wait_s: float = 7200.0  # give up on a job that has not finished after this long (queue + run)
 
     def validate(self) -> None:
         if self.memory_budget_mb is not None and not (self.memory_budget_mb > 0 and math.isfinite(self.memory_budget_mb)):
             raise UserError(f"--memory-budget must be a positive number of MB, not {self.memory_budget_mb!r}")
         if self.max_batch_rows is not None and self.max_batch_rows < 1:
             raise UserError(f"--max-batch-rows must be at least 1, not {self.max_batch_rows!r}")
+        from .remote import check_remote_setting
+
+        check_remote_setting(self.remote)
+        if self.remote_chunks_per_request is not None and self.remote_chunks_per_request < 1:
+            raise UserError(f"--remote-chunks-per-request must be at least 1, not {self.remote_chunks_per_request!r}")
+        if not (self.remote_result_mb > 0 and math.isfinite(self.remote_result_mb)):
+            raise UserError(f"--remote-result-mb must be a positive number of MB, not {self.remote_result_mb!r}")
+        if self.remote_attempts < 1:
+            raise UserError(f"--remote-attempts must be at least 1, not {self.remote_attempts!r}")
+        for name in ("remote_backoff_s", "remote_poll_s", "remote_wait_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UserError(f"{name} must be a non-negative number of seconds, not {value!r}")
 
 
 @dataclass
@@ -87,6 +113,33 @@ class ChunkResult:
     set_indices: tuple[int, ...]
     logits: torch.Tensor | None  # [sets, prompts, vocab]
     hidden: torch.Tensor | None
+
+
+@dataclass
+class RequestPart:
+    """The share of one prompt group in a remote request: its clean readouts (the group's first request returns
+    them) and/or some of its chunks."""
+
+    batch: "Batch"
+    clean: bool
+    chunks: list[Chunk]
+
+
+@dataclass
+class Request:
+    """One remote request: consecutive chunks of one or more prompt groups, run in one NDIF session (a clean pass
+    per group provides the residuals prefix reuse needs; only last-position readouts come back)."""
+
+    parts: list[RequestPart]
+
+    @property
+    def n_chunks(self) -> int:
+        return sum(len(part.chunks) for part in self.parts)
+
+    @property
+    def n_rows(self) -> int:
+        """Ablated rows (head sets x prompts) the request computes."""
+        return sum(len(chunk.set_indices) * part.batch.size for part in self.parts for chunk in part.chunks)
 
 
 @dataclass
@@ -184,6 +237,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.config.validate()
         self.layout = model.layout
+        self.sites = model.layout.trace_sites()  # what in-trace code needs, as plain data (intrace.py)
         hf_config = model.module.config
         self.d_model = hf_config.hidden_size if hasattr(hf_config, "hidden_size") else hf_config.n_embd
         self.context_length = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
@@ -221,15 +275,32 @@ class Engine:
 
     # -- sizing ------------------------------------------------------------------------------------------------
 
+    @property
+    def remote(self) -> bool:
+        """Whether traces run as remote requests (NDIF, another host, or nnsight's local simulation of one)."""
+        return bool(self.config.remote)
+
+    @property
+    def on_server(self) -> bool:
+        """Whether the forward passes run on a remote server (whose GPUs we size for), not on this machine."""
+        return self.remote and self.config.remote != "local"
+
     def _device_kind(self) -> str:
+        if self.on_server:
+            return "cuda"
         return "cuda" if self.model.device.type == "cuda" else "cpu"
 
     def _budget_bytes(self) -> float:
         if self.config.memory_budget_mb is not None:
             return self.config.memory_budget_mb * 2**20
+        if self.on_server:
+            return DEFAULT_REMOTE_BUDGET_MB * 2**20
         if self._device_kind() == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.model.device)
-            return free * GPU_BUDGET_FRACTION
+            # Under device_map="auto" (--device multi) each GPU holds some layers and runs every row through them, so
+            # the per-row peak (one layer's activations) is needed on each: the tightest GPU sets the budget.
+            if not hasattr(self, "_gpus"):
+                self._gpus = sorted({p.device for p in self.model.module.parameters() if p.device.type == "cuda"}, key=str)
+            return min(torch.cuda.mem_get_info(device)[0] for device in self._gpus) * GPU_BUDGET_FRACTION
         return DEFAULT_CPU_BUDGET_MB * 2**20
 
     def bytes_per_row(self, length: int) -> float:
@@ -271,44 +342,138 @@ class Engine:
 
     # -- traces ------------------------------------------------------------------------------------------------
 
+    # The traces themselves live in intrace.py, which NDIF receives by value; here they run in this process, so the
+    # outermost trace must save what it returns (nnsight.save).
+
     def _clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...]):
-        lm, layout = self.model.lm, self.layout
-        layers = resolve(lm, layout.layers_path)
-        # Only values saved inside a trace exist after it: save containers, fill them with raw values.
-        with torch.no_grad(), lm.trace(**batch.repeated(1), logits_to_keep=1, use_cache=False, remote=self.config.remote):
-            residuals = nnsight.save({})
-            readout = nnsight.save({})
-            for layer in sorted(residual_layers):
-                residuals[layer] = layers[layer].output
-            _read_last_position(lm, layout, readouts, readout)
+        residuals, readout = intrace.clean_pass(self.model.lm, self.sites, batch.repeated(1), residual_layers, readouts, nnsight.save)
         return residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
 
     def _ablated_pass(self, batch: Batch, chunk: Chunk, sets, residual, kind, epsilon, means, readouts, check_layers=False):
-        lm, layout = self.model.lm, self.layout
         n_sets = len(chunk.set_indices)
         plan = ablation_plan([sets[i] for i in chunk.set_indices])
-        layers = resolve(lm, layout.layers_path)
-        with torch.no_grad(), lm.trace(**batch.repeated(n_sets), logits_to_keep=1, use_cache=False, remote=self.config.remote):
-            if chunk.start_layer > 0:
-                skipped_output = residual.repeat(n_sets, 1, 1)
-                for layer in range(chunk.start_layer):
-                    layers[layer].skip(skipped_output)
-            finite = nnsight.save([])
-            for layer in range(chunk.start_layer, layout.n_layers) if check_layers else sorted(plan):
-                if layer in plan:
-                    ablate_layer(lm, layout, layer, plan[layer], n_sets, kind, epsilon, means, repeat=batch.size)
-                if check_layers:  # diagnosis only: which layer's output first stops being finite
-                    finite.append(bool(torch.isfinite(layers[layer].output).all()))
-            readout = nnsight.save({})
-            _read_last_position(lm, layout, readouts, readout)
+        readout, finite = intrace.ablated_pass(
+            self.model.lm, self.sites, batch.repeated(1), n_sets, chunk.start_layer, plan, residual, kind, epsilon, means,
+            readouts, nnsight.save, check_layers=check_layers,
+        )
         if check_layers:
-            return next((chunk.start_layer + i for i, ok in enumerate(finite) if not ok), None)
+            return _first_non_finite(chunk.start_layer, finite)
+        return _by_set(readout.get("logits"), n_sets, batch.size), _by_set(readout.get("hidden"), n_sets, batch.size)
 
-        def by_set(values):
-            values = _to_cpu_float(values)
-            return None if values is None else values.view(n_sets, batch.size, -1)
+    # -- remote requests ---------------------------------------------------------------------------------------------
 
-        return by_set(readout.get("logits")), by_set(readout.get("hidden"))
+    def _group_plans(self, tokens: list[list[int]], sets: list[tuple[Head, ...]]) -> list[tuple[Batch, list[Chunk]]]:
+        """Per prompt group: its padded batch and its chunks (head sets that share one forward pass)."""
+        # Empty head sets are the clean model: served from the clean pass, never run again.
+        active = [i for i, heads in enumerate(sets) if heads]
+        first_layers = [sets[i][0][0] for i in active]
+        plans = []
+        for group in self._prompt_groups(tokens):
+            batch = self._batch(tokens, group)
+            max_sets = max(1, self.max_rows(batch.length) // batch.size)
+            chunks = plan_chunks(
+                first_layers, self.layout.n_layers, batch.size, max_sets, self._overhead_layer_rows(batch.length), self.config.prefix_reuse
+            )
+            plans.append((batch, [Chunk(tuple(active[i] for i in chunk.set_indices), chunk.start_layer) for chunk in chunks]))
+        return plans
+
+    def _requests(self, plans: list[tuple[Batch, list[Chunk]]], readouts: tuple[str, ...]) -> list[Request]:
+        """Pack the groups' clean readouts and chunks, in order, into as few requests as the result budget
+        (`remote_result_mb`) and the chunk cap (`remote_chunks_per_request`) allow."""
+        hf_config = self.model.module.config
+        width = sum(hf_config.vocab_size if name == "logits" else self.d_model for name in readouts)
+        row_bytes = width * (torch.finfo(self.model.dtype).bits // 8)
+        limit, cap = self.config.remote_result_mb * 2**20, self.config.remote_chunks_per_request
+        requests: list[Request] = []
+        parts: list[RequestPart] = []
+        size = n_chunks = 0
+        for batch, chunks in plans:
+            for chunk in [None, *chunks]:  # None: the group's clean readouts
+                cost = batch.size * (1 if chunk is None else len(chunk.set_indices)) * row_bytes
+                if parts and (size + cost > limit or (chunk is not None and cap is not None and n_chunks >= cap)):
+                    requests.append(Request(parts))
+                    parts, size, n_chunks = [], 0, 0
+                if not parts or parts[-1].batch is not batch:
+                    parts.append(RequestPart(batch, False, []))
+                if chunk is None:
+                    parts[-1].clean = True
+                else:
+                    parts[-1].chunks.append(chunk)
+                    n_chunks += 1
+                size += cost
+        if parts:
+            requests.append(Request(parts))
+        return requests
+
+    def _payload(self, request: Request, sets, kind, epsilon, means, readouts, check_layers: bool = False) -> dict:
+        """What intrace.run_request receives: plain data only (token ids, small index lists, the means it needs)."""
+        groups, layers = [], set()
+        for part in request.parts:
+            chunks = []
+            for chunk in part.chunks:
+                plan = ablation_plan([sets[i] for i in chunk.set_indices])
+                layers.update(plan)
+                chunks.append((chunk.start_layer, len(chunk.set_indices), plan))
+            residual_layers = sorted({chunk.start_layer - 1 for chunk in part.chunks if chunk.start_layer > 0})
+            groups.append({"inputs": part.batch.repeated(1), "clean": part.clean, "residual_layers": residual_layers, "chunks": chunks})
+        return {
+            "kind": kind,
+            "epsilon": float(epsilon),
+            "readouts": tuple(readouts),
+            "check_layers": check_layers,
+            # Only the layers this request ablates, in the model's dtype (what the in-trace edit converts to anyway).
+            "means": None if means is None else {layer: means[layer].to(self.model.dtype) for layer in sorted(layers)},
+            "groups": groups,
+        }
+
+    def call(self, function, *arguments, label: str = "request", stats: dict | None = None):
+        """Run an intrace.py function that opens traces as one remote request (config.remote), retried on
+        transient failures; a failure becomes a one-line UserError naming `label`."""
+        from .remote import RemoteFailure, ServerError, call, make_backend
+
+        backend = make_backend(self.model, self.config)
+        where = "NDIF" if self.on_server else "remote"
+        try:
+            result = call(self.model.lm, backend, function, self.sites, *arguments)
+        except RemoteFailure as failure:
+            what = "failed on the server" if isinstance(failure, ServerError) else "failed"
+            raise UserError(f"{where} {label} {what}: {failure}; finished work is kept (rerun with --resume)") from None
+        if stats is not None:
+            stats["requests"] = stats.get("requests", 0) + 1
+            stats["request_bytes"] = stats.get("request_bytes", 0) + getattr(backend, "payload_bytes", 0)
+        return result
+
+    def plan_requests(
+        self, prompts: Sequence[str | Sequence[int]], head_sets: Sequence[Sequence[Head]], readouts: Sequence[str] = ("logits",)
+    ) -> list[Request]:
+        """The requests a remote run of (prompts, head sets) sends, planned without running anything."""
+        return self._requests(self._group_plans(self.tokenize(prompts), self._normalise_sets(head_sets)), tuple(readouts))
+
+    def request_payloads(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        head_sets: Sequence[Sequence[Head]],
+        *,
+        kind: str = "ua",
+        epsilon: float = 1e-4,
+        means: torch.Tensor | None = None,
+        readouts: Sequence[str] = ("logits",),
+    ) -> list[bytes]:
+        """The serialised requests a remote run would send, byte for byte (nothing is sent, nothing runs)."""
+        from .remote import CaptureBackend, call
+
+        readouts = tuple(readouts)
+        sets = self._normalise_sets(head_sets)
+        capture = CaptureBackend()
+        for request in self._requests(self._group_plans(self.tokenize(prompts), sets), readouts):
+            call(self.model.lm, capture, intrace.run_request, self.sites, self._payload(request, sets, kind, epsilon, means, readouts))
+        return capture.payloads
+
+    def _remote_diagnosis(self, batch: Batch, chunk: Chunk, sets, kind, epsilon, means, readouts, stats) -> int | None:
+        request = Request([RequestPart(batch, False, [chunk])])
+        payload = self._payload(request, sets, kind, epsilon, means, readouts, check_layers=True)
+        flags = self.call(intrace.run_request, payload, label="diagnosis request (non-finite values)", stats=stats)[0]
+        return _first_non_finite(chunk.start_layer, flags)
 
     # -- public ------------------------------------------------------------------------------------------------
 
@@ -337,24 +502,18 @@ class Engine:
         for key in ("traces", "rows", "layer_rows"):
             stats.setdefault(key, 0)
         n_layers = self.layout.n_layers
-        # Empty head sets are the clean model: served from the clean pass, never run again.
-        active = [i for i, heads in enumerate(sets) if heads]
-        first_layers = [sets[i][0][0] for i in active]
-        for group in self._prompt_groups(tokens):
-            batch = self._batch(tokens, group)
-            max_sets = max(1, self.max_rows(batch.length) // batch.size)
-            plan = plan_chunks(
-                first_layers, n_layers, batch.size, max_sets, self._overhead_layer_rows(batch.length), self.config.prefix_reuse
-            )
-            plan = [Chunk(tuple(active[i] for i in chunk.set_indices), chunk.start_layer) for chunk in plan]
+        plans = self._group_plans(tokens, sets)
+        if self.remote:
+            yield from self._stream_remote(plans, sets, kind, epsilon, means, readouts, stats)
+            return
+        for batch, plan in plans:
+            group = batch.prompt_indices
             residual_layers = {chunk.start_layer - 1 for chunk in plan if chunk.start_layer > 0}
             residuals, clean_logits, clean_hidden = self._clean_pass(batch, residual_layers, readouts)
             if not _finite(clean_logits, clean_hidden):
                 layer = self._ablated_pass(batch, Chunk((0,), 0), [()], None, kind, epsilon, means, readouts, check_layers=True)
                 _report_non_finite("the clean model", layer, self.model.dtype)
-            stats["traces"] += 1
-            stats["rows"] += batch.size
-            stats["layer_rows"] += batch.size * n_layers
+            _count(stats, batch.size, n_layers)
             yield "clean", ChunkResult(group, (), clean_logits, clean_hidden)
             for chunk in plan:
                 logits, hidden = self._ablated_pass(
@@ -364,11 +523,39 @@ class Engine:
                     residual = residuals.get(chunk.start_layer - 1)
                     layer = self._ablated_pass(batch, chunk, sets, residual, kind, epsilon, means, readouts, check_layers=True)
                     _report_non_finite("an ablated model", layer, self.model.dtype)
-                rows = len(chunk.set_indices) * batch.size
-                stats["traces"] += 1
-                stats["rows"] += rows
-                stats["layer_rows"] += rows * (n_layers - chunk.start_layer)
+                _count(stats, len(chunk.set_indices) * batch.size, n_layers - chunk.start_layer)
                 yield "ablated", ChunkResult(group, chunk.set_indices, logits, hidden)
+
+    def _stream_remote(self, plans, sets, kind, epsilon, means, readouts, stats) -> Iterator[tuple[str, ChunkResult]]:
+        """`stream` through remote requests: the same passes, grouped into few requests (see `_requests`)."""
+        n_layers = self.layout.n_layers
+        stats.setdefault("requests", 0)
+        requests = self._requests(plans, readouts)
+        for number, request in enumerate(requests, start=1):
+            payload = self._payload(request, sets, kind, epsilon, means, readouts)
+            first = min(chunk.start_layer for part in request.parts for chunk in part.chunks) if request.n_chunks else None
+            label = (f"request {number} of {len(requests)} ({request.n_chunks} chunks, {request.n_rows} ablated rows"
+                     + (f", head sets starting at layer {first} or above" if first is not None else ", clean readouts only") + ")")
+            results = iter(self.call(intrace.run_request, payload, label=label, stats=stats))
+            for part in request.parts:
+                batch, group = part.batch, part.batch.prompt_indices
+                if part.clean or any(chunk.start_layer > 0 for chunk in part.chunks):
+                    _count(stats, batch.size, n_layers)  # the clean pass this request ran for the group
+                if part.clean:
+                    readout = next(results)
+                    clean_logits, clean_hidden = _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
+                    if not _finite(clean_logits, clean_hidden):
+                        layer = self._remote_diagnosis(batch, Chunk((0,), 0), [()], kind, epsilon, means, readouts, stats)
+                        _report_non_finite("the clean model", layer, self.model.dtype)
+                    yield "clean", ChunkResult(group, (), clean_logits, clean_hidden)
+                for chunk in part.chunks:
+                    readout, n_sets = next(results), len(chunk.set_indices)
+                    logits, hidden = _by_set(readout.get("logits"), n_sets, batch.size), _by_set(readout.get("hidden"), n_sets, batch.size)
+                    if not _finite(logits, hidden):
+                        layer = self._remote_diagnosis(batch, chunk, sets, kind, epsilon, means, readouts, stats)
+                        _report_non_finite("an ablated model", layer, self.model.dtype)
+                    _count(stats, n_sets * batch.size, n_layers - chunk.start_layer)
+                    yield "ablated", ChunkResult(group, chunk.set_indices, logits, hidden)
 
     def run(
         self,
@@ -408,30 +595,35 @@ class Engine:
 
         Returns [n_layers, n_heads * head_dim] in float32: the reference for `mean` ablation. Padding is excluded.
         """
-        lm, layout = self.model.lm, self.layout
+        layout = self.layout
         tokens = self.tokenize(prompts)
         total = torch.zeros(layout.n_layers, layout.n_heads * layout.head_dim, dtype=torch.float64)
         count = 0
-        for group in self._prompt_groups(tokens):
-            batch = self._batch(tokens, group)
-            with torch.no_grad(), lm.trace(**batch.repeated(1), logits_to_keep=1, use_cache=False, remote=self.config.remote):
-                sums = []
-                for layer in range(layout.n_layers):
-                    site = layer_part(lm, layout, layer, layout.output_path).input
-                    weights = batch.attention_mask.to(device=site.device, dtype=site.dtype).unsqueeze(-1)
-                    sums.append((site * weights).double().sum(dim=(0, 1)))
-                sums = nnsight.save(torch.stack(sums))
+        batches = [self._batch(tokens, group) for group in self._prompt_groups(tokens)]
+        for number, batch in enumerate(batches, start=1):
+            if self.remote:  # a forward pass per request: the sums are all that comes back
+                sums = self.call(intrace.head_sums, batch.repeated(1), label=f"reference-mean request {number} of {len(batches)}")
+            else:
+                sums = intrace.head_sums(self.model.lm, self.sites, batch.repeated(1), nnsight.save)
             total += sums.cpu()
             count += int(batch.attention_mask.sum())
         return (total / count).float()
 
 
-def _read_last_position(lm, layout, readouts, into: dict) -> None:
-    """Inside a trace: the final-norm hidden state and the logits at the last position (the norm runs first)."""
-    if "hidden" in readouts:
-        into["hidden"] = resolve(lm, layout.final_norm_path).output[:, -1]
-    if "logits" in readouts:
-        into["logits"] = lm.output.logits[:, -1]
+def _by_set(values: torch.Tensor | None, n_sets: int, n_prompts: int) -> torch.Tensor | None:
+    """[sets * prompts, width] readouts as float32 [sets, prompts, width] on the CPU."""
+    values = _to_cpu_float(values)
+    return None if values is None else values.view(n_sets, n_prompts, -1)
+
+
+def _first_non_finite(start_layer: int, flags: Sequence[bool]) -> int | None:
+    return next((start_layer + i for i, ok in enumerate(flags) if not ok), None)
+
+
+def _count(stats: dict, rows: int, layers: int) -> None:
+    stats["traces"] += 1
+    stats["rows"] += rows
+    stats["layer_rows"] += rows * layers
 
 
 def _to_cpu_float(values: torch.Tensor | None) -> torch.Tensor | None:
@@ -450,4 +642,4 @@ def _report_non_finite(what: str, layer: int | None, dtype: torch.dtype) -> None
     raise UserError(f"{what} produced non-finite values {where} (overflow in {str(dtype).removeprefix('torch.')}?); {advice}")
 
 
-__all__ = ["Engine", "EngineConfig", "EngineResult", "Chunk", "ChunkResult", "plan_chunks", "READOUTS", "KINDS"]
+__all__ = ["Engine", "EngineConfig", "EngineResult", "Chunk", "ChunkResult", "Request", "RequestPart", "plan_chunks", "READOUTS", "KINDS"]

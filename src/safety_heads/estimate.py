@@ -64,10 +64,11 @@ from typing import Iterator, Sequence
 import nnsight
 import torch
 
+from . import intrace
 from .ablation import check_epsilon, check_kind
 from .engine import Engine
 from .errors import UserError
-from .models import HeadLayout, layer_part, resolve
+from .models import HeadLayout
 
 
 @dataclass
@@ -126,40 +127,15 @@ def estimate_scores(
 
 
 def _head_dots(engine: Engine, batch, uniforms: torch.Tensor, kind: str, epsilon: float, means) -> torch.Tensor:
-    """One forward+backward pass over len(uniforms) rows: g_k[h] . delta_h for every layer, row and head, [L, K, H]."""
-    lm, layout = engine.model.lm, engine.layout
-    rows = len(uniforms)
+    """One forward+backward pass over len(uniforms) rows: g_k[h] . delta_h for every layer, row and head, [L, K, H].
+
+    The trace is intrace.head_dots (it travels to NDIF by value); remote, it is one request per pass."""
     embedding = _input_embedding_path(engine)
-    with torch.enable_grad(), lm.trace(**batch.repeated(rows), logits_to_keep=1, use_cache=False, remote=engine.config.remote):
-        # The weights may be frozen (ours are, in this function; NDIF's always are): make the graph start at the
-        # embeddings so every site downstream has a gradient, while no parameter gradient is ever computed.
-        resolve(lm, embedding).output.requires_grad_(True)
-        sites, deltas = [], []
-        for layer in range(layout.n_layers):  # forward order
-            if kind == "ua":
-                site = layer_part(lm, layout, layer, layout.query_path).output
-                delta = (epsilon - 1.0) * _query_block(site[:1].detach(), layout)
-            else:
-                site = layer_part(lm, layout, layer, layout.output_path).input
-                clean = site[:1].detach()  # every row is the same prompt: one copy of delta serves all rows
-                if kind == "sc":
-                    delta = (epsilon - 1.0) * clean
-                else:
-                    delta = means[layer].to(device=clean.device, dtype=clean.dtype) - clean
-            sites.append(site)
-            deltas.append(delta)
-        log_probs = lm.output.logits[:, -1].float().log_softmax(dim=-1)  # [rows, vocab]
-        probs = log_probs[0].detach().double().exp()
-        cdf = probs.cumsum(dim=0)
-        draws = torch.searchsorted(cdf, uniforms.to(cdf.device) * cdf[-1], right=True).clamp(max=probs.numel() - 1)
-        objective = log_probs.gather(1, draws[:, None]).sum()  # row k's term depends on row k alone
-        with objective.backward():
-            dots = nnsight.save([None] * layout.n_layers)
-            for layer in reversed(range(layout.n_layers)):  # gradients arrive in reverse forward order
-                grad = sites[layer].grad
-                if kind == "ua":
-                    grad = _query_block(grad, layout)
-                dots[layer] = _per_head_dot(grad.double(), deltas[layer].double(), layout, kind)
+    arguments = (embedding, batch.repeated(1), uniforms, kind, epsilon, means)
+    if engine.remote:
+        dots = engine.call(intrace.head_dots, *arguments, label=f"gradient-estimate request ({len(uniforms)} samples)")
+    else:
+        dots = intrace.head_dots(engine.model.lm, engine.sites, *arguments, nnsight.save)
     # A backward inside a trace leaves one reference cycle per trace, holding its tensors (nnsight.md section 4). The
     # cycle is young: a generation-1 collection frees all of it (measured: no tensor left over 30 calls, 4- and
     # 16-layer models) in well under a millisecond, where a full gc.collect() walks every object transformers and
@@ -170,19 +146,12 @@ def _head_dots(engine: Engine, batch, uniforms: torch.Tensor, kind: str, epsilon
 
 def _query_block(values: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
     """The query heads' part of the query site's output (a fused projection also holds keys and values)."""
-    if layout.query_axes == "flat":
-        return values[..., layout.query_offset : layout.query_offset + layout.n_heads * layout.head_dim]
-    return values
+    return intrace.query_block(values, layout.trace_sites())
 
 
 def _per_head_dot(grad: torch.Tensor, delta: torch.Tensor, layout: HeadLayout, kind: str) -> torch.Tensor:
     """sum over positions and head dims of grad * delta, per row and head: [rows, n_heads]."""
-    product = grad * delta  # delta has one row and broadcasts over the K rows
-    if kind == "ua" and layout.query_axes == "bhsd":
-        return product.sum(dim=(2, 3))
-    if kind == "ua" and layout.query_axes == "bshd":
-        return product.sum(dim=(1, 3))
-    return product.view(*product.shape[:-1], layout.n_heads, layout.head_dim).sum(dim=(1, 3))
+    return intrace.per_head_dot(grad, delta, layout.trace_sites(), kind)
 
 
 def _input_embedding_path(engine: Engine) -> str:
@@ -198,7 +167,7 @@ def _input_embedding_path(engine: Engine) -> str:
 @contextlib.contextmanager
 def _frozen(engine: Engine) -> Iterator[None]:
     """Turn parameter gradients off for the duration (less memory, and no `.grad` left on the user's weights)."""
-    parameters = [] if engine.config.remote else list(engine.model.module.parameters())
+    parameters = [] if engine.on_server else list(engine.model.module.parameters())  # NDIF's weights are frozen
     flags = [parameter.requires_grad for parameter in parameters]
     try:
         for parameter in parameters:

@@ -177,7 +177,7 @@ def run_evaluation(
             stop = start + generation.batch_size
             batch = generate(model, [p.token_ids for p in prompts[start:stop]], head_sets=head_sets[start:stop] if head_sets else None,
                              kind=config.ablation, epsilon=config.epsilon, means=means, config=generation,
-                             remote=engine.config.remote)
+                             engine=engine)  # remote: one request per batch, with the engine's retry settings
             texts = [g.text for g in batch]
             if checkpoint is not None:
                 checkpoint.append({"part": part, "start": start, "responses": texts})

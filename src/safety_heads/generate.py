@@ -21,7 +21,8 @@ from typing import Sequence
 import nnsight
 import torch
 
-from .ablation import Head, ablate_layer, ablation_plan, check_epsilon, check_kind
+from . import intrace
+from .ablation import Head, ablation_plan, check_epsilon, check_kind
 from .engine import left_padded
 from .errors import UserError
 from .models import LoadedModel
@@ -70,8 +71,14 @@ def generate(
     config: GenerationConfig | None = None,
     keep_logits: bool = False,
     remote: bool | str = False,
+    engine=None,
 ) -> list[Generation]:
-    """Generate an answer for each prompt; row i ablates `head_sets[i]` (None or [] = clean) at every step."""
+    """Generate an answer for each prompt; row i ablates `head_sets[i]` (None or [] = clean) at every step.
+
+    Remote (`remote`, or an `engine` whose EngineConfig says remote, which also carries the retry settings): one
+    request per batch of `config.batch_size` prompts, all steps on the server; only the token ids (and the logits,
+    with `keep_logits`) come back.
+    """
     config = config or GenerationConfig()
     config.validate()
     check_kind(kind)
@@ -80,6 +87,11 @@ def generate(
         raise ValueError("one head set per prompt")
     if kind == "mean" and means is None and head_sets and any(head_sets):
         raise UserError("a mean ablation needs reference means (Engine.head_means)")
+    if engine is None and remote:
+        from .engine import Engine, EngineConfig
+
+        engine = Engine(model, EngineConfig(remote=remote))
+    remote_engine = engine if engine is not None and engine.remote else None
     results: list[Generation] = []
     for start in range(0, len(token_lists), config.batch_size):
         rows = list(range(start, min(start + config.batch_size, len(token_lists))))
@@ -87,12 +99,13 @@ def generate(
         for set_ in sets:
             for layer, head in set_:
                 model.layout.check_head(layer, head)
-        results.extend(_generate_batch(model, [token_lists[i] for i in rows], sets, kind, epsilon, means, config, start, keep_logits, remote))
+        results.extend(_generate_batch(model, [token_lists[i] for i in rows], sets, kind, epsilon, means, config, start, keep_logits,
+                                       remote_engine))
     return results
 
 
-def _generate_batch(model, token_lists, sets, kind, epsilon, means, config, batch_start, keep_logits, remote):
-    lm, layout, tokenizer = model.lm, model.layout, model.tokenizer
+def _generate_batch(model, token_lists, sets, kind, epsilon, means, config, batch_start, keep_logits, engine):
+    tokenizer = model.tokenizer
     batch = left_padded(token_lists, tokenizer.pad_token_id)
     plan = ablation_plan(sets)
     n_rows = len(token_lists)
@@ -103,23 +116,24 @@ def _generate_batch(model, token_lists, sets, kind, epsilon, means, config, batc
         return_dict_in_generate=True,
         output_logits=keep_logits,
     )
+    seed = None
     if config.do_sample:
         settings.update(top_k=config.top_k, top_p=config.top_p, temperature=config.temperature)
-        torch.manual_seed(config.seed + batch_start)  # the same batch draws the same tokens on a rerun
+        seed = config.seed + batch_start  # the same batch draws the same tokens on a rerun (seeded where it runs)
     else:
         settings.update(top_k=None, top_p=None, temperature=None)  # silence sampling defaults from generation_config
+    if means is not None and plan:  # only the layers this batch ablates travel (remote), in the model's dtype
+        means = {layer: means[layer].to(model.dtype) for layer in plan}
+    arguments = (settings, batch.input_ids, batch.attention_mask, plan, n_rows, kind, epsilon, means, seed)
     with warnings.catch_warnings():
         # An open `tracer.all()` loop ends when generation stops (EOS or max_new_tokens); nnsight warns about the step
         # it waited for in vain. That is the intended way to cover every step whatever the length.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with torch.no_grad(), lm.generate(**settings, remote=remote) as tracer:
-            with tracer.invoke(input_ids=batch.input_ids, attention_mask=batch.attention_mask):
-                if plan:
-                    for _ in tracer.all():
-                        for layer in sorted(plan):
-                            ablate_layer(lm, layout, layer, plan[layer], n_rows, kind, epsilon, means)
-            with tracer.invoke():
-                output = nnsight.save(tracer.result)
+        if engine is None:
+            output = intrace.generate_batch(model.lm, model.layout.trace_sites(), *arguments, nnsight.save)
+        else:  # one request for the whole batch, every step on the server (intrace.generate_batch is its body)
+            last = batch_start + n_rows - 1
+            output = engine.call(intrace.generate_batch, *arguments, label=f"generation request for prompts {batch_start}-{last}")
     prompt_length = batch.input_ids.shape[1]
     generations = []
     eos = _eos_ids(model)

@@ -67,6 +67,11 @@ class HeadLayout:
         """The columns of a flat [..., n_heads*head_dim] tensor that belong to one query head."""
         return slice(head * self.head_dim, (head + 1) * self.head_dim)
 
+    def trace_sites(self) -> dict:
+        """The fields in-trace code needs (intrace.py), as a plain dict: remote requests carry it by value, where a
+        HeadLayout would make NDIF import this module."""
+        return {name: getattr(self, name) for name in TRACE_SITE_FIELDS}
+
     def check_head(self, layer: int, head: int) -> None:
         if not 0 <= layer < self.n_layers:
             raise UserError(f"layer {layer} is out of range: this model has layers 0-{self.n_layers - 1}")
@@ -87,6 +92,11 @@ class HeadLayout:
             f"ua surgery    {'yes' if self.query_weight_path else 'no (per-head query norm)'}",
         ]
         return "\n".join(lines)
+
+
+TRACE_SITE_FIELDS = (
+    "n_layers", "n_heads", "head_dim", "layers_path", "final_norm_path", "query_path", "output_path", "query_axes", "query_offset",
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,6 +249,9 @@ class LoadedModel:
     name: str
     dtype: torch.dtype
     config: ModelConfig = field(default_factory=ModelConfig)
+    # The NDIF model key ("nnsight.modeling.transformers.TransformersModel:{repo_id, revision}") when this is a
+    # weightless client of a model served remotely (load_remote_model); None for a model held here.
+    remote_key: str | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -333,6 +346,53 @@ def load_model(config: ModelConfig) -> LoadedModel:
     except Exception as error:  # noqa: BLE001
         raise UserError(f"could not load the weights of '{config.model}': {_first_line(error)}") from None
     return wrap(module, tokenizer, config.model, config)
+
+
+def check_remote_model(config: ModelConfig) -> None:
+    """NDIF serves hub checkpoints only: say so in one line, before anything is downloaded."""
+    name = config.model
+    if name == "tiny":
+        raise UserError(
+            "--remote needs a Hugging Face hub id such as meta-llama/Llama-2-7b-chat-hf: the built-in 'tiny' model exists "
+            "only on this machine (--remote local simulates a remote run with it)"
+        )
+    if Path(name).expanduser().exists():
+        raise UserError(f"--remote needs a Hugging Face hub id: '{name}' is a local folder, and NDIF runs only models from the hub")
+    if not HUB_ID.match(name):
+        raise UserError(f"--remote needs a Hugging Face hub id such as meta-llama/Llama-2-7b-chat-hf, not '{name}'")
+    if config.dtype not in ("auto", "bfloat16"):
+        raise UserError(f"NDIF runs its models in bfloat16; drop --dtype {config.dtype} when using --remote")
+
+
+def load_remote_model(config: ModelConfig) -> LoadedModel:
+    """A weightless client of a hub model served by NDIF: the architecture on the meta device (module paths, head
+    layout, sizes), the tokenizer, and the model key requests name it by. Needs the hub (config, tokenizer, the
+    repo's canonical id), with HF_TOKEN for gated repos; no weights are downloaded."""
+    import nnsight
+    from transformers import AutoTokenizer
+
+    config.validate()
+    check_remote_model(config)
+    source, hf_config = read_config(config)
+    head_layout(hf_config)  # an unsupported family fails before anything else
+    try:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **_common_arguments(config)))
+    except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
+        raise UserError(f"could not load a tokenizer for '{config.model}': {_first_line(error)}") from None
+    try:
+        lm = nnsight.TransformersModel(
+            source, revision=config.revision, task="text-generation", tokenizer=tokenizer, config=hf_config,
+            attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code,
+        )
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"could not build the architecture of '{config.model}' (no weights): {_first_line(error)}") from None
+    try:
+        key = lm.to_model_key()  # canonicalises the repo id through the hub, once
+    except Exception as error:  # noqa: BLE001
+        raise UserError(f"could not look up '{config.model}' on the Hugging Face hub: {_first_line(error)}") from None
+    layout = head_layout(lm._module.config)
+    # NDIF runs every model in bfloat16 (reference/nnsight.md section 6): recorded in results, and used for sizes.
+    return LoadedModel(lm=lm, tokenizer=tokenizer, layout=layout, name=config.model, dtype=torch.bfloat16, config=config, remote_key=key)
 
 
 def read_config(config: ModelConfig):

@@ -1,0 +1,270 @@
+"""Everything that runs inside an nnsight trace, locally and inside NDIF requests.
+
+A remote request ships the source of these functions (`nnsight.register` makes cloudpickle send this module by
+value), and NDIF rebuilds them inside a sandbox whose import hook admits only torch, math, collections, typing,
+builtins and a few more (reference/nnsight.md section 6). So this module imports torch and nothing else --
+no `re`, no `dataclasses`, nothing from safety_heads -- and every argument is plain data: attribute paths as strings,
+sizes as ints, index lists, tensors, and the `sites` dict (`HeadLayout.trace_sites()`). tests/test_remote.py parses
+this file and fails on any other import.
+
+Conventions:
+- `sites` names where heads live: layers_path, final_norm_path, query_path, output_path (relative to a layer),
+  query_axes ("flat" | "bshd" | "bhsd"), query_offset, n_layers, n_heads, head_dim.
+- `keep` is [rows, n_heads]: 1 for a head left alone, 0 for an ablated one; each batch row has its own ablation.
+  Edits are in place on the real activations.
+- `plan` maps a layer to (rows, heads): the (row, head) pairs ablated there, expanded into a mask in-trace, so a
+  request carries a few integers rather than mask tensors.
+- `save` is `nnsight.save` when a function opens the outermost trace (values must be saved to outlive it), and None
+  inside a session, where inner traces hand their values to the enclosing code without saving.
+
+The functions that open traces (`clean_pass`, `ablated_pass`, `run_request`, `head_sums`, `generate_batch`,
+`head_dots`) are the bodies of the engine's requests: `remote.call` runs one of them as a single NDIF request (an
+nnsight session), the engine calls them directly when it runs locally.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _identity(value):
+    return value
+
+
+def resolve(root, path):
+    """Follow a dotted path ("model.layers") through modules or nnsight envoys alike."""
+    node = root
+    for part in path.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def layer_site(lm, sites, layer, path):
+    """`lm.<layers_path>[layer].<path>`."""
+    return resolve(resolve(lm, sites["layers_path"])[layer], path)
+
+
+# -- edits ---------------------------------------------------------------------------------------------------------
+
+
+def per_column(per_head, head_dim):
+    """[rows, n_heads] -> [rows, 1, n_heads * head_dim], broadcasting over positions."""
+    return per_head.repeat_interleave(head_dim, dim=-1).unsqueeze(1)
+
+
+def scale_queries(query_site_output, sites, keep, epsilon):
+    """`ua`: multiply the queries of the ablated heads by epsilon."""
+    factor = keep + (1 - keep) * epsilon
+    if sites["query_axes"] == "flat":
+        start = sites["query_offset"]
+        block = query_site_output[..., start : start + sites["n_heads"] * sites["head_dim"]]
+        block.mul_(per_column(factor, sites["head_dim"]))
+    elif sites["query_axes"] == "bshd":
+        query_site_output.mul_(factor[:, None, :, None])
+    else:  # bhsd
+        query_site_output.mul_(factor[:, :, None, None])
+
+
+def scale_outputs(output_site_input, sites, keep, epsilon):
+    """`sc`: multiply the outputs of the ablated heads by epsilon."""
+    output_site_input.mul_(per_column(keep + (1 - keep) * epsilon, sites["head_dim"]))
+
+
+def replace_outputs(output_site_input, sites, keep, mean):
+    """`mean`: replace the outputs of the ablated heads by their reference mean (`mean` is [n_heads * head_dim])."""
+    keep_columns = per_column(keep, sites["head_dim"])
+    output_site_input.mul_(keep_columns).add_((1 - keep_columns) * mean)
+
+
+def ablate_layer(lm, sites, layer, pairs, n_rows, kind, epsilon, means=None, repeat=1):
+    """Inside a trace: ablate one layer's (row, head) `pairs` for a batch of `n_rows` x `repeat` rows.
+
+    Row r of the plan covers batch rows r*repeat .. r*repeat+repeat-1 (the engine tiles each head set over its
+    prompts). Reads the site (waiting for the module to run) and edits it in place. `means[layer]` (a tensor or a
+    dict keyed by layer) is the reference for kind "mean".
+    """
+    rows, heads = pairs
+    if kind == "ua":
+        site = layer_site(lm, sites, layer, sites["query_path"]).output
+    else:
+        site = layer_site(lm, sites, layer, sites["output_path"]).input
+    keep = torch.ones(n_rows, sites["n_heads"], dtype=site.dtype, device=site.device)
+    keep[rows, heads] = 0
+    if repeat > 1:
+        keep = keep.repeat_interleave(repeat, dim=0)
+    if kind == "ua":
+        scale_queries(site, sites, keep, epsilon)
+    elif kind == "sc":
+        scale_outputs(site, sites, keep, epsilon)
+    else:
+        replace_outputs(site, sites, keep, means[layer].to(device=site.device, dtype=site.dtype))
+
+
+def read_last(lm, sites, readouts, into):
+    """Inside a trace: the final-norm hidden state and the logits at the last position (the norm runs first).
+
+    Copies (`clone`), so a result holds [rows, width] and not the whole [rows, positions, width] activation it was
+    sliced from: a view would keep that alive on the server and travel whole in the response.
+    """
+    if "hidden" in readouts:
+        into["hidden"] = resolve(lm, sites["final_norm_path"]).output[:, -1].clone()
+    if "logits" in readouts:
+        into["logits"] = lm.output.logits[:, -1].clone()
+
+
+# -- forward passes --------------------------------------------------------------------------------------------------
+
+
+def clean_pass(lm, sites, inputs, residual_layers, readouts, save=None):
+    """One unablated pass: the residual stream after `residual_layers` and the last-position readouts."""
+    save = save or _identity
+    layers = resolve(lm, sites["layers_path"])
+    with torch.no_grad(), lm.trace(**inputs, logits_to_keep=1, use_cache=False):
+        residuals = save({})
+        readout = save({})
+        for layer in sorted(residual_layers):
+            residuals[layer] = layers[layer].output
+        read_last(lm, sites, readouts, readout)
+    return residuals, readout
+
+
+def ablated_pass(lm, sites, inputs, n_sets, start_layer, plan, residual, kind, epsilon, means, readouts, save=None,
+                 check_layers=False):
+    """One pass over `n_sets` copies of the batch `inputs`, copy i ablating plan row i.
+
+    With `start_layer` > 0, layers below it are skipped and `residual` (the clean stream after layer start_layer-1)
+    is fed in. `check_layers` (diagnosis) also returns, per layer from `start_layer` on, whether its output is finite.
+    """
+    save = save or _identity
+    layers = resolve(lm, sites["layers_path"])
+    repeat = inputs["input_ids"].shape[0]
+    tiled = {name: value.repeat(n_sets, 1) for name, value in inputs.items()}
+    with torch.no_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
+        if start_layer > 0:
+            skipped_output = residual.repeat(n_sets, 1, 1)
+            for layer in range(start_layer):
+                layers[layer].skip(skipped_output)
+        finite = save([])
+        for layer in range(start_layer, sites["n_layers"]) if check_layers else sorted(plan):
+            if layer in plan:
+                ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means, repeat=repeat)
+            if check_layers:  # diagnosis only: which layer's output first stops being finite
+                finite.append(bool(torch.isfinite(layers[layer].output).all()))
+        readout = save({})
+        read_last(lm, sites, readouts, readout)
+    return readout, finite
+
+
+def run_request(lm, sites, request):
+    """The body of one engine request, inside one session: per prompt group, a clean pass when the request returns
+    the group's clean readouts or its chunks need residuals, then one ablated pass per chunk.
+
+    `request` (engine.Engine._payload) holds kind, epsilon, means, readouts, check_layers and `groups`, each with
+    inputs, clean, residual_layers and chunks [(start_layer, n_sets, plan)]. Returns the readout dicts in that
+    order (a group's clean readouts first, when asked for); with check_layers, each chunk's per-layer finite flags.
+    """
+    kind, epsilon, means, readouts = request["kind"], request["epsilon"], request["means"], request["readouts"]
+    results = []
+    for group in request["groups"]:
+        residuals = {}
+        if group["clean"] or group["residual_layers"]:
+            residuals, clean = clean_pass(lm, sites, group["inputs"], group["residual_layers"], readouts)
+            if group["clean"]:
+                results.append(clean)
+        for start_layer, n_sets, plan in group["chunks"]:
+            readout, flags = ablated_pass(lm, sites, group["inputs"], n_sets, start_layer, plan, residuals.get(start_layer - 1),
+                                          kind, epsilon, means, readouts, check_layers=request["check_layers"])
+            results.append(flags if request["check_layers"] else readout)
+    return results
+
+
+def head_sums(lm, sites, inputs, save=None):
+    """Sum of every head's output (the output projection's input) over the real tokens of a padded batch:
+    [n_layers, n_heads * head_dim] in float64. Padding is excluded through the attention mask."""
+    save = save or _identity
+    with torch.no_grad(), lm.trace(**inputs, logits_to_keep=1, use_cache=False):
+        sums = []
+        for layer in range(sites["n_layers"]):
+            site = layer_site(lm, sites, layer, sites["output_path"]).input
+            weights = inputs["attention_mask"].to(device=site.device, dtype=site.dtype).unsqueeze(-1)
+            sums.append((site * weights).double().sum(dim=(0, 1)))
+        total = save(torch.stack(sums))
+    return total
+
+
+def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows, kind, epsilon, means, seed=None, save=None):
+    """Generate for a left-padded batch with row i ablating plan row i at every step (`tracer.all()`); returns
+    the generation output (sequences, and logits when `settings` asks for them). `seed` seeds sampling where the
+    generation runs (on the server for a remote request)."""
+    save = save or _identity
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad(), lm.generate(**settings) as tracer:
+        with tracer.invoke(input_ids=input_ids, attention_mask=attention_mask):
+            if plan:
+                for _ in tracer.all():
+                    for layer in sorted(plan):
+                        ablate_layer(lm, sites, layer, plan[layer], n_rows, kind, epsilon, means)
+        with tracer.invoke():
+            output = save(tracer.result)
+    return output
+
+
+# -- the gradient estimate (estimate.py explains the method) ---------------------------------------------------------
+
+
+def query_block(values, sites):
+    """The query heads' part of the query site's output (a fused projection also holds keys and values)."""
+    if sites["query_axes"] == "flat":
+        start = sites["query_offset"]
+        return values[..., start : start + sites["n_heads"] * sites["head_dim"]]
+    return values
+
+
+def per_head_dot(grad, delta, sites, kind):
+    """sum over positions and head dims of grad * delta, per row and head: [rows, n_heads]."""
+    product = grad * delta  # delta has one row and broadcasts over the K rows
+    if kind == "ua" and sites["query_axes"] == "bhsd":
+        return product.sum(dim=(2, 3))
+    if kind == "ua" and sites["query_axes"] == "bshd":
+        return product.sum(dim=(1, 3))
+    return product.view(*product.shape[:-1], sites["n_heads"], sites["head_dim"]).sum(dim=(1, 3))
+
+
+def head_dots(lm, sites, embedding_path, inputs, uniforms, kind, epsilon, means, save=None):
+    """One forward+backward pass over len(uniforms) copies of one prompt: g_k[h] . delta_h per layer, row and head
+    (a list of [rows, n_heads] float64 tensors, one per layer)."""
+    save = save or _identity
+    rows = len(uniforms)
+    tiled = {name: value.repeat(rows, 1) for name, value in inputs.items()}
+    with torch.enable_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
+        # The weights may be frozen (ours are, during the estimate; NDIF's always are): make the graph start at the
+        # embeddings so every site downstream has a gradient, while no parameter gradient is ever computed.
+        resolve(lm, embedding_path).output.requires_grad_(True)
+        site_values, deltas = [], []
+        for layer in range(sites["n_layers"]):  # forward order
+            if kind == "ua":
+                site = layer_site(lm, sites, layer, sites["query_path"]).output
+                delta = (epsilon - 1.0) * query_block(site[:1].detach(), sites)
+            else:
+                site = layer_site(lm, sites, layer, sites["output_path"]).input
+                clean = site[:1].detach()  # every row is the same prompt: one copy of delta serves all rows
+                if kind == "sc":
+                    delta = (epsilon - 1.0) * clean
+                else:
+                    delta = means[layer].to(device=clean.device, dtype=clean.dtype) - clean
+            site_values.append(site)
+            deltas.append(delta)
+        log_probs = lm.output.logits[:, -1].float().log_softmax(dim=-1)  # [rows, vocab]
+        probs = log_probs[0].detach().double().exp()
+        cdf = probs.cumsum(dim=0)
+        draws = torch.searchsorted(cdf, uniforms.to(cdf.device) * cdf[-1], right=True).clamp(max=probs.numel() - 1)
+        objective = log_probs.gather(1, draws[:, None]).sum()  # row k's term depends on row k alone
+        with objective.backward():
+            dots = save([None] * sites["n_layers"])
+            for layer in reversed(range(sites["n_layers"])):  # gradients arrive in reverse forward order
+                grad = site_values[layer].grad
+                if kind == "ua":
+                    grad = query_block(grad, sites)
+                dots[layer] = per_head_dot(grad.double(), deltas[layer].double(), sites, kind)
+    return dots
