@@ -127,8 +127,10 @@ def run_experiment(
         raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
     check_output_folder(out)
     # The run's own settings, checked on resume: finished stages must not be mixed with stages under other settings.
-    run_checkpoint = Checkpoint(out / "run.checkpoint.jsonl", {"model": model.name, "dtype": str(model.dtype), **asdict(config),
-                                                              "engine": asdict(engine_config or EngineConfig())})
+    # Batching and retry settings change no result (beyond float rounding), so they may differ on resume; where the
+    # traces run (here or on NDIF, in another dtype) does.
+    remote = (engine_config or EngineConfig()).remote
+    run_checkpoint = Checkpoint(out / "run.checkpoint.jsonl", {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote})
     run_checkpoint.start(resume)
     # Read every data set first: a bad name fails before any stage runs.
     ships_queries = load_prompts(config.ships_dataset, limit=config.ships_limit)
