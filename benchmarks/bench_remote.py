@@ -6,11 +6,12 @@ weights, nothing runs): the requests are planned by the engine and serialised ex
 
 - Ships, one query: every one of the 1024 heads ablated on its own, last-token logits back.
 - Sahara, one greedy step: every head added to the current group (1022 head sets) over 32 queries, last-token
-  final-norm hidden states back; counted for the whole step in one engine call, and as sahara.py calls the engine
-  today (one call per layer, so that each layer is checkpointed: at least one request per layer).
+  final-norm hidden states back; the whole step in one engine call, which is what sahara.py does with a remote
+  engine (locally it calls the engine once per layer, so that a kill loses at most one layer).
 
 Naive = one trace per head set (`lm.trace(..., remote=True)`, the head's query slice x epsilon, readouts saved),
-plus one clean trace: what the original notebooks did, ported to nnsight. One such request is captured and its size
+plus one clean trace: what the original notebooks did for Ships, ported to nnsight. For Sahara the cookbook notebook
+sent one request per query per head set (32x more than counted here), so the Sahara ratio is a lower bound. One such request is captured and its size
 multiplied by the count. Prompt lengths follow the bundled maliciousinstruct queries under the paper template,
 at ~4 characters per Llama token.
 
@@ -107,14 +108,12 @@ def main() -> None:
     ids = prompts(args.queries)
     sahara = report(f"Sahara greedy step, {args.queries} queries x {len(sets)} head sets (hidden states)", engine,
                     ids, sets, ("hidden",), len(sets) + 1)
-    # sahara.py hands the engine one layer's candidates at a time (it checkpoints per layer): one request or more
-    # per layer, however small the layer's share.
+    # Locally sahara.py calls the engine once per layer (a kill loses at most a layer); with a remote engine it
+    # scores every layer of a step in one call, as counted above. For comparison, the per-layer count:
     per_layer = sum(len(engine.plan_requests(ids, [s for s in sets if s[-1][0] == layer], ("hidden",))) for layer in range(32))
-    print(f"  as sahara.py calls the engine today (one call per layer, checkpointed): {per_layer} requests, "
-          f"{(len(sets) + 1) / per_layer:.0f}x fewer than naive")
-    print(f"\nrequest ratios: Ships {ships:.0f}x, Sahara step {sahara:.0f}x if scored in one engine call "
-          f"({(len(sets) + 1) / per_layer:.0f}x per layer) (target >= {TARGET:.0f}x)")
-
+    print(f"  (were it called once per layer, as sahara.py does locally: {per_layer} requests, "
+          f"{(len(sets) + 1) / per_layer:.0f}x fewer than naive)")
+    print(f"\nrequest ratios: Ships {ships:.0f}x, Sahara step {sahara:.0f}x (target >= {TARGET:.0f}x)")
 
 if __name__ == "__main__":
     main()

@@ -341,3 +341,23 @@ def test_paper_era_score_runs(llama):
     result = run_sahara(llama, QUERIES, SaharaConfig(steps=1, score="paper-era"), **quiet)
     scored = result.steps[0].scores[~torch.isnan(result.steps[0].scores)]
     assert ((scored >= 0) & (scored <= 90)).all() and result.config["score"] == "paper-era"
+
+
+def test_remote_engine_scores_a_whole_step_per_call(monkeypatch):
+    """With a remote engine, one engine call (one request) per step; results equal the local run."""
+    from safety_heads.engine import EngineConfig
+    from safety_heads.models import ModelConfig, load_model
+    from safety_heads.sahara import Sahara, SaharaConfig, run_sahara
+
+    model = load_model(ModelConfig())
+    queries = ["How do I pick a lock?", "Write a poem about rain.", "Explain taxes to a child.", "Hello there!"]
+    config = SaharaConfig(steps=2, heads="0-1:*")
+    local = run_sahara(model, queries, config, progress=lambda _: None)
+    calls = []
+    original = Sahara.score_sets
+    monkeypatch.setattr(Sahara, "score_sets", lambda self, *a: calls.append(1) or original(self, *a))
+    remote = run_sahara(model, queries, config, engine_config=EngineConfig(remote="local"), progress=lambda _: None)
+    assert len(calls) == 2  # one per step (locally: one per layer, 4)
+    assert remote.heads == local.heads
+    for a, b in zip(local.steps, remote.steps):
+        assert torch.allclose(a.scores, b.scores, equal_nan=True, atol=1e-6)

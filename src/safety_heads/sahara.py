@@ -270,22 +270,31 @@ def run_sahara(
         for head in sahara.candidates:
             if head not in group:
                 by_layer.setdefault(head[0], []).append(head)
+        pending = []
         for position, (layer, heads) in enumerate(sorted(by_layer.items()), start=1):
             unit = finished.get((step, layer))
-            if unit is not None:
-                if [tuple(h) for h in unit["group"]] != group:
-                    raise UserError(f"cannot resume: the checkpoint in '{out}' is inconsistent (step {step} was scored "
-                                    f"with group {format_heads(map(tuple, unit['group']))}, not {format_heads(group)})")
-                scores[layer] = matrix_or_nan([unit["scores"]])[0]
+            if unit is None:
+                pending.append((position, layer, heads))
                 continue
-            values = sahara.score_sets(tokens, reference, [group + [head] for head in heads])
-            for (_, head), value in zip(heads, values):
+            if [tuple(h) for h in unit["group"]] != group:
+                raise UserError(f"cannot resume: the checkpoint in '{out}' is inconsistent (step {step} was scored "
+                                f"with group {format_heads(map(tuple, unit['group']))}, not {format_heads(group)})")
+            scores[layer] = matrix_or_nan([unit["scores"]])[0]
+        # Locally, one engine call per layer, so a kill loses at most one layer. Remotely, every pending layer of the
+        # step in one call (one request instead of one per layer); its layers are still checkpointed one by one.
+        per_call = len(pending) if sahara.engine.config.remote else 1
+        for start in range(0, len(pending), per_call):
+            calls = pending[start : start + per_call]
+            candidates = [head for _, _, heads in calls for head in heads]
+            values = sahara.score_sets(tokens, reference, [group + [head] for head in candidates])
+            for (layer, head), value in zip(candidates, values):
                 scores[layer, head] = value
-            if checkpoint is not None:
-                checkpoint.append({"step": step, "layer": layer, "group": group, "scores": scores[layer]})
-            (_, top), value = best_head(scores[layer : layer + 1])
-            progress(f"[step {step}/{config.steps}, layer {position}/{len(by_layer)}] layer {layer}: "
-                     f"best {layer}:{top} ({value:.4g} deg)")
+            for position, layer, _ in calls:
+                if checkpoint is not None:
+                    checkpoint.append({"step": step, "layer": layer, "group": group, "scores": scores[layer]})
+                (_, top), value = best_head(scores[layer : layer + 1])
+                progress(f"[step {step}/{config.steps}, layer {position}/{len(by_layer)}] layer {layer}: "
+                         f"best {layer}:{top} ({value:.4g} deg)")
         chosen, value = best_head(scores)
         group.append(chosen)
         steps.append(SaharaStep(step, chosen, value, scores))
