@@ -32,9 +32,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config(cls, args: argparse.Namespace):
-    """Build a config dataclass from the parsed flags that share its field names."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    return cls(**values)
+    """Build a config dataclass from the parsed flags that share its field names, and validate it."""
+    config = cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    config.validate()
+    return config
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +118,6 @@ def command_heads(args) -> int:
     from .models import ModelConfig, read_layout
 
     model_config = _config(ModelConfig, args)
-    model_config.validate()
     layout = _load(args).layout if args.load else read_layout(model_config)
     print(layout.describe())
     if args.heads:
@@ -131,9 +131,7 @@ def command_ships(args) -> int:
     from .ships import ShipsConfig, run_ships
 
     config = _config(ShipsConfig, args)
-    config.validate()
     engine_config = _config(EngineConfig, args)
-    engine_config.validate()
     queries, source = _queries(args)
     model = _load(args)
     result = run_ships(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
@@ -153,9 +151,7 @@ def command_sahara(args) -> int:
     from .sahara import SaharaConfig, run_sahara
 
     config = _config(SaharaConfig, args)
-    config.validate()
     engine_config = _config(EngineConfig, args)
-    engine_config.validate()
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, not {args.limit}")
     from .data import load_prompts
@@ -180,9 +176,7 @@ def command_run(args) -> int:
         raise UserError("choose one of --quick and --full")
     args.mode = "full" if args.full else "quick" if args.quick else default_mode()
     config = _config(ExperimentConfig, args).resolved()
-    config.validate()
     engine_config = _config(EngineConfig, args)
-    engine_config.validate()
     model = _load(args)
     record = run_experiment(model, config, args.out, resume=args.resume, engine_config=engine_config)
     print(f"{record['model']} ({config.mode}): Sahara group {','.join(f'{l}:{h}' for l, h in record['heads'])}")
@@ -204,14 +198,12 @@ def command_evaluate(args) -> int:
     from .generate import GenerationConfig
 
     config = _config(EvaluateConfig, args)
-    config.validate()
     generation = GenerationConfig(
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, top_k=args.top_k_sampling, top_p=args.top_p,
         temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
     )
     generation.validate()
     engine_config = _config(EngineConfig, args)
-    engine_config.validate()
     from .judges import make_judges
 
     make_judges(config.judges)  # a bad judge fails before the model loads
@@ -237,7 +229,6 @@ def command_surgery(args) -> int:
     from .surgery import SurgeryConfig, run_surgery
 
     config = _config(SurgeryConfig, args)
-    config.validate()
     model = _load(args)
     record = run_surgery(model, config, args.out)
     print(f"saved {args.out}: {record['model']} with {record['heads_spec']} baked in ({config.ablation}, eps={config.epsilon:g}); "
