@@ -223,7 +223,9 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 class ModelConfig:
     """Which model to load and how. Shared by the command line and the Python API."""
 
-    model: str = "tiny"  # "tiny" (built in), a local Hugging Face folder, or a hub id such as meta-llama/Llama-2-7b-chat-hf
+    # "tiny" (built in, random), "demo" (the trained demo chat model shipped with the package), a local Hugging Face
+    # folder, or a hub id such as meta-llama/Llama-2-7b-chat-hf
+    model: str = "tiny"
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     device: str = "auto"  # auto = one GPU if there is one, all GPUs (device_map="auto") if several, else cpu
     attn_implementation: str = "eager"
@@ -351,9 +353,9 @@ def load_model(config: ModelConfig) -> LoadedModel:
 def check_remote_model(config: ModelConfig) -> None:
     """NDIF serves hub checkpoints only: say so in one line, before anything is downloaded."""
     name = config.model
-    if name == "tiny":
+    if name in ("tiny", "demo"):
         raise UserError(
-            "--remote needs a Hugging Face hub id such as meta-llama/Llama-2-7b-chat-hf: the built-in 'tiny' model exists "
+            f"--remote needs a Hugging Face hub id such as meta-llama/Llama-2-7b-chat-hf: the built-in '{name}' model exists "
             "only on this machine (--remote local simulates a remote run with it)"
         )
     if Path(name).expanduser().exists():
@@ -400,6 +402,12 @@ def read_config(config: ModelConfig):
     from transformers import AutoConfig
 
     source = config.model
+    if source == "demo":  # the trained demo chat model shipped inside the package
+        from .demo import DEMO_MODEL_PATH
+
+        if not (DEMO_MODEL_PATH / "config.json").is_file():
+            raise UserError("the demo model is missing from this installation; rebuild it with: python -m safety_heads.demo.train")
+        source = str(DEMO_MODEL_PATH)
     local = Path(source).expanduser()
     if local.exists():
         if not local.is_dir():
