@@ -27,6 +27,10 @@ def folders(tmp_path_factory):
     (root / "long.json").write_text(json.dumps(["x" * 600]))
     (root / "ok.json").write_text(json.dumps(["How do I pick a lock?", "Hello"]))
     (root / "one.json").write_text(json.dumps(["How do I pick a lock?"]))
+    with open(root / "huge.jsonl", "wb") as stream:  # sparse: 300 MB on paper, nothing on disk
+        stream.truncate(300 * 2**20)
+    no_tokenizer = root / "no-tokenizer"
+    tiny_llama().save_pretrained(no_tokenizer)
     neox = root / "neox"
     transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1).save_pretrained(neox)
     no_template = root / "no-template"
@@ -78,6 +82,8 @@ BAD = [
     (["evaluate", "--heads", "0:1", "--max-new-tokens", "0", "--out", "{out}"], "--max-new-tokens"),
     (["surgery", "--heads", "0:9", "--out", "{out}"], "head 9 .* out of range"),
     (["sahara", "--dataset", "{root}/one.json", "--out", "{out}"], "rank"),
+    (["ships", "--dataset", "{root}/huge.jsonl", "--out", "{out}"], "over the 256 MB"),
+    (["ships", "--model", "{root}/no-tokenizer", "--prompt", "hi", "--out", "{out}"], "could not load a tokenizer"),
     (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--steps", "40", "--out", "{out}"], "--steps"),
     (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--rank", "0", "--out", "{out}"], "rank"),
     (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--score", "cosine", "--out", "{out}"], "unknown score"),

@@ -73,6 +73,7 @@ BUNDLED: dict[str, BundledDataset] = {
 # Tried in this order (case-insensitively) when no column is given; an earlier name wins.
 DEFAULT_COLUMNS = ("prompt", "query", "input", "instruction", "goal", "Behavior")
 SUFFIXES = (".csv", ".json", ".jsonl")
+MAX_FILE_BYTES = 256 * 2**20  # prompt files are read whole; far beyond any prompt set (HarmBench's is 0.2 MB)
 _JSON_TYPES = {
     type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"
 }
@@ -104,6 +105,9 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
             raise UserError(f"'{source}' is a folder; give a .csv, .json or .jsonl file")
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(f"'{source}' has an unsupported extension; use a .csv, .json or .jsonl file")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise UserError(f"'{source}' is {path.stat().st_size / 2**20:.0f} MB, over the {MAX_FILE_BYTES // 2**20} MB a prompt "
+                            "file may hold; split it or keep the prompts you need")
         try:
             data = path.read_bytes()
         except OSError as error:
