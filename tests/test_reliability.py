@@ -125,6 +125,18 @@ def test_changed_configuration_is_refused_on_resume(dataset, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "cannot resume" in err and "epsilon=0.0001 (now 1e-05)" in err and "template='raw' (now 'paper')" in err
 
 
+def assert_no_secrets(folder: Path, printed, min_files: int) -> None:
+    """No planted secret in any file under `folder`, nor in what was printed."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert len(files) >= min_files
+    for path in files:
+        data = path.read_bytes()
+        for secret in FAKE_SECRETS.values():
+            assert secret.encode() not in data, path
+    for secret in FAKE_SECRETS.values():
+        assert secret not in printed.out and secret not in printed.err
+
+
 def test_secrets_never_reach_any_output(dataset, tmp_path, monkeypatch, capsys):
     for key, value in FAKE_SECRETS.items():
         monkeypatch.setenv(key, value)
@@ -132,15 +144,7 @@ def test_secrets_never_reach_any_output(dataset, tmp_path, monkeypatch, capsys):
     assert main(["evaluate", "--dataset", str(dataset), "--limit", "2", "--heads", "0:1", "--max-new-tokens", "4",
                  "--harmless-limit", "2", "--out", str(tmp_path / "eval")]) == 0
     assert main(["surgery", "--heads", "0:1", "--out", str(tmp_path / "surgery")]) == 0
-    printed = capsys.readouterr()
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) >= 10
-    for path in files:
-        data = path.read_bytes()
-        for secret in FAKE_SECRETS.values():
-            assert secret.encode() not in data, path
-    for secret in FAKE_SECRETS.values():
-        assert secret not in printed.out and secret not in printed.err
+    assert_no_secrets(tmp_path, capsys.readouterr(), min_files=10)
 
 
 def test_documented_counts_match_the_tests():
@@ -174,12 +178,4 @@ def test_secrets_never_reach_any_output_of_a_remote_run(dataset, tmp_path, monke
                      "--harmless-limit", "2", "--out", str(tmp_path / "eval"), *remote]) == 0
         assert main(["doctor", "--host", mock.url, "--model", "org/tiny"]) == 0
         assert mock.executed >= 4 and set(mock.keys_seen) == {FAKE_SECRETS["NDIF_API_KEY"]}
-    printed = capsys.readouterr()
-    files = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert len(files) >= 5
-    for path in files:
-        data = path.read_bytes()
-        for secret in FAKE_SECRETS.values():
-            assert secret.encode() not in data, path
-    for secret in FAKE_SECRETS.values():
-        assert secret not in printed.out and secret not in printed.err
+    assert_no_secrets(tmp_path, capsys.readouterr(), min_files=5)
