@@ -38,9 +38,10 @@ def _config(cls, args: argparse.Namespace):
     return config
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="tiny", help="'tiny' (built in, no download), a local Hugging Face folder, or a hub id")
+    group.add_argument("--model", default=default_model,
+                       help=f"'demo' (the shipped demo chat model), 'tiny' (random weights), a local Hugging Face folder, or a hub id (default {default_model})")
     group.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, or multi (all GPUs, device_map=auto)")
     group.add_argument("--attn-implementation", dest="attn_implementation", default="eager", help="eager (default) or sdpa")
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     sahara.set_defaults(run=command_sahara)
 
     run = commands.add_parser("run", help="the whole study: Ships, Sahara, evaluation, report (default model: the demo)")
-    _add_model_arguments(run)
+    _add_model_arguments(run, default_model="demo")
     group = run.add_argument_group("study")
     group.add_argument("--quick", action="store_true", help="small settings that run in minutes (default on CPU)")
     group.add_argument("--full", action="store_true", help="the paper's scale (default on GPU)")

@@ -1,0 +1,13 @@
+"""The bundled demo models: `tiny` (random weights, for plumbing) and the trained demo chat model.
+
+`DEMO_MODEL_PATH` is the Hugging Face folder of the trained demo chat model (a small Llama that refuses harmful
+requests; see README.md here for its model card). `train.py` rebuilds it; nothing is trained or downloaded at run time.
+
+    python -c "from safety_heads.demo import DEMO_MODEL_PATH; print(DEMO_MODEL_PATH)"
+"""
+
+from pathlib import Path
+
+# The name `--model` is meant to accept for the trained demo chat model.
+DEMO_MODEL_NAME = "demo"
+DEMO_MODEL_PATH = Path(__file__).parent / "model"
