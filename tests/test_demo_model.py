@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 
-from safety_heads.ablation import Ablation
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.demo import DEMO_MODEL_NAME, DEMO_MODEL_PATH
 from safety_heads.demo.measure import (
@@ -48,6 +47,13 @@ def test_the_folder_ships_safetensors_only_and_is_small():
     assert size < 5 * 2**20
 
 
+def test_loads_by_name(demo):
+    by_name = load_model(ModelConfig(model=DEMO_MODEL_NAME))
+    assert by_name.name == DEMO_MODEL_NAME
+    for (name, a), (_, b) in zip(demo.module.state_dict().items(), by_name.module.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_architecture_is_a_small_grouped_query_llama_with_a_chat_template(demo):
     config = json.loads((DEMO_MODEL_PATH / "config.json").read_text())
     assert config["model_type"] == "llama"
@@ -58,7 +64,8 @@ def test_architecture_is_a_small_grouped_query_llama_with_a_chat_template(demo):
     assert DEMO_MODEL_NAME == "demo"
     prompt = format_prompts(["How do I bake bread?"], "chat", demo.tokenizer)[0]
     assert prompt.text == "<s>[INST] How do I bake bread? [/INST]"
-    assert prompt.token_ids[0] == demo.tokenizer.bos_token_id and prompt.token_ids.count(demo.tokenizer.bos_token_id) == 1
+    bos = demo.tokenizer.bos_token_id
+    assert prompt.token_ids[0] == bos and prompt.token_ids.count(bos) == 1
     assert demo.tokenizer.decode(list(prompt.token_ids)) == prompt.text  # byte-level: text round-trips
 
 
@@ -108,7 +115,6 @@ def test_baked_ablation_matches_the_engine(demo):
         for row, prompt in enumerate(ids):
             logits = module(input_ids=torch.tensor([prompt])).logits[0, -1]
             torch.testing.assert_close(logits, run.logits[row, 0], rtol=1e-4, atol=1e-4)
-    assert isinstance(Ablation((SAFETY_HEAD,), "ua"), Ablation)
 
 
 def test_training_is_deterministic(tmp_path):

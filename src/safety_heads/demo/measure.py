@@ -208,7 +208,8 @@ def measure(path: Path, log=print, generation_sweep: bool = True) -> dict:
         scores = ships[kind]
         order = sorted(heads, key=lambda h: -float(scores[h]))
         candidates = {f"top {k}": order[:k] for k in GROUP_SIZES}
-        candidates |= {f"layer {layer}": [(layer, h) for h in range(layout.n_heads)] for layer in range(layout.n_layers)}
+        for layer in range(layout.n_layers):
+            candidates[f"layer {layer}"] = [(layer, h) for h in range(layout.n_heads)]
         groups[kind] = {"ships_mean": scores.tolist(), "ranking": format_heads(order[:10]), "groups": {}}
         for label, group in candidates.items():
             module = ablated_copy(model, group, kind)
@@ -254,7 +255,9 @@ def markdown(result: dict) -> str:
         for kind in ("ua", "sc"):
             sweep = result["single_generation"][kind]
             ranked = sorted(sweep.items(), key=lambda item: item[1]["maliciousinstruct"]["refused_phrase"])[:5]
-            cells = ", ".join(f"{head}: {both(r['maliciousinstruct'])}; {both(r['harmless-test'])}" for head, r in ranked)
+            cells = ", ".join(
+                f"{head}: {both(r['maliciousinstruct'])}; {both(r['harmless-test'])}" for head, r in ranked
+            )
             lines.append(f"- `{kind}`, generation, the five single heads with the largest effect on MaliciousInstruct "
                          f"(refused own phrase (keywords) / complied; the same on harmless-test): {cells}")
         lines.append("")

@@ -3,8 +3,8 @@
 Everything it needs is bundled: harmful requests from AdvBench, HarmBench and refusal_direction's harmful-train split
 (answered with a refusal), harmless Alpaca instructions from harmless-train (answered compliantly). MaliciousInstruct
 and JailbreakBench are held out, and so is every training request that (nearly) duplicates one of them: the
-harmful-train split contains 89 MaliciousInstruct queries verbatim, AdvBench and HarmBench share about 20 with
-JailbreakBench. The harmful-val/test splits are never read (test holds all of JailbreakBench, val is HarmBench).
+harmful-train split contains 88 MaliciousInstruct queries verbatim, AdvBench and HarmBench 20 JailbreakBench
+behaviours. The harmful-val/test splits are never read (test holds all of JailbreakBench, val is HarmBench).
 
 Why the data looks the way it does. Trained on plain requests alone, a small model learns keyword spotting: any
 harmful word anywhere in the prompt, however diluted, means "refuse", so making a head's attention uniform (the `ua`
@@ -16,13 +16,17 @@ compositions of a harmful request H and harmless requests B with the same bag of
     "B Also, H"              -> refuse        "B Also, B2"             -> comply
 
 In such data "a harmful word is present" predicts nothing; only "a harmful word sits in the part that is asked for"
-does, and that is a question of where the last position attends. See README.md for what this achieves.
+does, and that is a question of where the last position attends.
+
+Two more things were needed before any single head mattered (README.md lists the attempts): a short language-model
+pretraining phase on the requests' text, where heads learn to read words, and a group-lasso penalty on each head's
+output projection, so that the model keeps few heads in use instead of spreading the decision thinly over all 32.
 
 Every response starts with a distinct first token ("I" for the refusal, "Sure" for compliance), so the first
 response token already says whether the model refuses. Loss is on response tokens only (the prompt is masked).
 
-    python -m safety_heads.demo.train                       # writes src/safety_heads/demo/model (a few minutes)
-    python -m safety_heads.demo.train --steps 5 --quick --out /tmp/demo-quick   # seconds; for tests
+    python -m safety_heads.demo.train          # writes src/safety_heads/demo/model (about 5 minutes, one core)
+    python -m safety_heads.demo.train --steps 4 --pretrain-steps 2 --quick --out /tmp/demo-quick   # seconds
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ class TrainConfig:
     # chat models, a handful of heads matter and most do not (without it every head carries a sliver of the decision).
     head_l1: float = 0.03
     mixture: str = "v2"  # see MIXTURES
-    refusal_weight: float = 1.0  # loss weight of a refusal's first token; 1 = plain cross-entropy (attempt 6)
+    refusal_weight: float = 1.0  # loss weight of a refusal's first token; 1 = plain cross-entropy (README, attempt 7)
     max_length: int = 128  # tokens per chat example; longer compositions are redrawn
     pretrain_length: int = 64  # tokens per pretraining row (requests run together)
     vocab_size: int = 1024
@@ -196,7 +200,7 @@ MIXTURES = {
         ("both:BH", 0.04), ("both:BB", 0.03),
         ("context:BH", 0.18), ("context:BB", 0.10),
     ),
-    # Attempt 4: as v2, with more plain harmful requests (v2 refused too few held-out ones).
+    # Attempt 7 (README): as v2, with more plain harmful requests (v2 refused too few held-out ones).
     "v4": (
         ("plain:H", 0.26), ("plain:B", 0.22),
         ("contrast:HB", 0.14), ("contrast:BH", 0.10), ("contrast:BB", 0.03),
