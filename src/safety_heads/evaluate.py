@@ -30,7 +30,7 @@ from .errors import UserError
 from .generate import GenerationConfig, generate
 from .judges import KeywordJudge, make_judges
 from .models import LoadedModel
-from .results import Checkpoint, check_output_folder, read_json, save_tensors, versions, write_json
+from .results import open_run, read_json, save_tensors, versions, write_json
 from .ships import kl_divergence, top_heads
 
 FORMAT = "safety-heads/eval"
@@ -160,12 +160,8 @@ def run_evaluation(
     checkpoint = None
     done: dict[tuple[str, int], list[str]] = {}
     if out is not None:
-        out = Path(out)
-        if (out / "eval.json").exists():
-            raise UserError(f"'{out}' already holds a finished evaluation (eval.json); choose another --out")
-        check_output_folder(out)
-        checkpoint = Checkpoint(out / "eval.checkpoint.jsonl", record)
-        for unit in checkpoint.start(resume):
+        out, checkpoint, units = open_run(out, "eval", "a finished evaluation", record, resume)
+        for unit in units:
             done[(unit["part"], unit["start"])] = unit["responses"]
 
     def answers(part: str, prompts, head_sets) -> list[str]:

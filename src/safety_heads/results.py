@@ -132,6 +132,17 @@ def check_output_folder(out: str | Path) -> Path:
     return out
 
 
+def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool) -> tuple[Path, "Checkpoint", list[dict]]:
+    """Prepare `out` for a run whose result is `name`.json: refuse a finished run, check the folder is writable, open
+    the checkpoint `name`.checkpoint.jsonl and return the units already finished (when resuming)."""
+    out = Path(out)
+    if (out / f"{name}.json").exists():
+        raise UserError(f"'{out}' already holds {what} ({name}.json); choose another --out")
+    check_output_folder(out)
+    checkpoint = Checkpoint(out / f"{name}.checkpoint.jsonl", record)
+    return out, checkpoint, checkpoint.start(resume)
+
+
 class Checkpoint:
     """An append-only JSON-lines file: a header with the run's configuration, then one line per finished unit."""
 

@@ -41,7 +41,7 @@ from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
 from .report import heatmap_png
-from .results import Checkpoint, check_output_folder, matrix_or_nan, run_record, save_tensors, versions, write_json
+from .results import matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
 SCORES = ("svd", "paper-era")
 FORMAT = "safety-heads/sahara"
@@ -239,14 +239,8 @@ def run_sahara(
     finished: dict[tuple[int, int], dict] = {}
     checkpoint = None
     if out is not None:
-        out = Path(out)
-        if (out / "sahara.json").exists():
-            raise UserError(f"'{out}' already holds a finished Sahara run (sahara.json); choose another --out")
-        check_output_folder(out)
-        checkpoint = Checkpoint(out / "sahara.checkpoint.jsonl", record)
-        # --resume with nothing to resume starts afresh, header included (Checkpoint.start would skip the header,
-        # and a later resume of that file would then be refused).
-        for unit in checkpoint.start(resume and checkpoint.path.exists()):
+        out, checkpoint, units = open_run(out, "sahara", "a finished Sahara run", record, resume)
+        for unit in units:
             finished[(unit["step"], unit["layer"])] = unit
         if finished:
             progress(f"resuming: {len(finished)} layer scorings already checkpointed")

@@ -32,7 +32,7 @@ from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
 from .report import heatmap_png
-from .results import Checkpoint, check_output_folder, matrix_or_nan, run_record, save_tensors, versions, write_json
+from .results import matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
 METHODS = ("exact", "estimate", "estimate+verify")
 TOP_FREQUENCY_K = 10  # the original ships_res_stats counts membership in each query's top 10
@@ -196,12 +196,8 @@ def run_ships(
     finished: dict[int, QueryScores] = {}
     checkpoint = None
     if out is not None:
-        out = Path(out)
-        if (out / "ships.json").exists():
-            raise UserError(f"'{out}' already holds a finished Ships run (ships.json); choose another --out")
-        check_output_folder(out)
-        checkpoint = Checkpoint(out / "ships.checkpoint.jsonl", record)
-        for unit in checkpoint.start(resume):
+        out, checkpoint, units = open_run(out, "ships", "a finished Ships run", record, resume)
+        for unit in units:
             finished[unit["index"]] = _unit_to_scores(unit)
         if finished:
             progress(f"resuming: {len(finished)} of {len(prompts)} queries already scored")
