@@ -110,6 +110,7 @@ class MockNdif:
         self.executed = 0  # jobs that ran to completion
         self.keys_seen: list[str | None] = []  # ndif-api-key header of each POST (kept in memory only)
         self.payload_sizes: list[int] = []
+        self.handler_errors: list[BaseException] = []  # exceptions raised while answering (client already gone)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
@@ -128,8 +129,18 @@ class MockNdif:
             def do_GET(self):
                 mock._handle(self, "GET")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            # Handler threads are joined on close, so a request still sleeping in "hang" cannot outlive its test and
+            # write into the next test's captured stderr. A client that gave up (the point of "hang" and "drop")
+            # makes the late write fail; that is recorded, never printed.
+            daemon_threads = False
+            block_on_close = True
+
+            def handle_error(self, request, client_address):
+                mock.handler_errors.append(sys.exc_info()[1])
+
+        self._server = Server(("127.0.0.1", 0), Handler)
+        self._port = self._server.server_address[1]  # kept after close: a late answer still names its result URL
         threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         self._watchdog = threading.Timer(self.lifetime_s, self.close)
         self._watchdog.daemon = True
@@ -148,7 +159,7 @@ class MockNdif:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://127.0.0.1:{self._port}"
 
     # -- routing --------------------------------------------------------------------------------------------------
 
