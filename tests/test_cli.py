@@ -87,6 +87,7 @@ BAD = [
     (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--steps", "40", "--out", "{out}"], "--steps"),
     (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--rank", "0", "--out", "{out}"], "rank"),
     (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--score", "cosine", "--out", "{out}"], "unknown score"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--exclude", "0:99", "--out", "{out}"], "head 99"),
     (["sahara", "--dataset", "{root}/long.json", "--out", "{out}"], "beyond the model's context|rank"),
     (["ships", "--prompt", "hi", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),
     (["evaluate", "--heads", "0:1", "--limit", "1", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),

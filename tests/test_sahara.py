@@ -266,6 +266,25 @@ def test_steps_beyond_the_candidates(llama):
         run_sahara(llama, QUERIES, SaharaConfig(steps=3, heads="0:0-1"), **quiet)
 
 
+def test_excluded_heads_are_never_scored_or_chosen(llama):
+    everything = run_sahara(llama, QUERIES, SaharaConfig(steps=1, heads="1-2:*"), **quiet)
+    best = everything.heads[0]
+    without = run_sahara(llama, QUERIES, SaharaConfig(steps=2, heads="1-2:*", exclude=f"{best[0]}:{best[1]},2:0"), **quiet)
+    assert best not in without.heads and (2, 0) not in without.heads
+    first = without.steps[0].scores
+    assert first[best].isnan() and first[2, 0].isnan()
+    kept = ~first.isnan()
+    torch.testing.assert_close(first[kept], everything.steps[0].scores[kept], rtol=0, atol=0)  # the rest unchanged
+    assert without.heads[0] == best_head(first)[0]  # the best of what is left
+
+
+def test_exclude_checks_its_spec_and_what_is_left(llama):
+    with pytest.raises(UserError, match="layer 7"):
+        run_sahara(llama, QUERIES, SaharaConfig(exclude="7:0"), **quiet)
+    with pytest.raises(UserError, match="--steps 2 exceeds the 1 candidate heads; lower --steps, widen --heads or exclude fewer"):
+        run_sahara(llama, QUERIES, SaharaConfig(steps=2, heads="0:0-1", exclude="0:1"), **quiet)
+
+
 def test_duplicates_warn_and_stay_or_are_dropped(llama):
     config = dict(steps=1, heads="2:*")
     with_copy = QUERIES + [QUERIES[0]]

@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--rank", type=int, default=1, help="singular vectors compared (default 1, as the original code)")
     group.add_argument("--score", default="svd", help="svd (default) or paper-era (column 0 of the raw matrix, see docs)")
     group.add_argument("--heads", default=None, help="restrict the candidates, e.g. '0-7:*' (default: every head)")
+    group.add_argument("--exclude", default=None, help="never choose these heads, e.g. '0:6' (one whose ablation breaks the model)")
     group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
     group.add_argument("--out", required=True, help="output folder")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -62,6 +62,7 @@ class SaharaConfig:
     ablation: str = "ua"
     epsilon: float = DEFAULT_EPSILON
     heads: str | None = None  # a head spec restricting the candidates ("0-7:*"); None = every head
+    exclude: str | None = None  # a head spec never chosen ("0:6"): e.g. a head whose ablation breaks the model
     dedupe: bool = False  # drop repeated queries (otherwise kept, each a row of M, with a warning)
     mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
     mean_reference_limit: int = 64
@@ -174,9 +175,11 @@ class Sahara:
         self.model, self.config = model, config
         self.engine = Engine(model, engine_config)
         layout = model.layout
-        self.candidates: list[Head] = list(parse_heads(config.heads, layout)) if config.heads else [
+        candidates: list[Head] = list(parse_heads(config.heads, layout)) if config.heads else [
             (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
         ]
+        excluded = set(parse_heads(config.exclude, layout)) if config.exclude else set()
+        self.candidates = [head for head in candidates if head not in excluded]
 
     @cached_property
     def means(self) -> torch.Tensor | None:
@@ -330,7 +333,7 @@ def _check_sizes(n: int, d: int, n_candidates: int, config: SaharaConfig) -> Non
         raise UserError(f"--rank {config.rank} exceeds the model's hidden size {d}")
     if config.steps > n_candidates:
         raise UserError(f"--steps {config.steps} exceeds the {n_candidates} candidate heads; "
-                        "lower --steps or widen --heads")
+                        "lower --steps, widen --heads or exclude fewer")
 
 
 def write_outputs(result: SaharaResult, out: Path) -> None:
