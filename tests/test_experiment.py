@@ -85,3 +85,14 @@ def run_with_stop(out, after):
 
     config = ExperimentConfig(ships_limit=2, sahara_limit=4, eval_limit=2, harmless_limit=2, max_new_tokens=6, steps=2)
     run_experiment(load_model(ModelConfig()), config, out, progress=progress)
+
+
+def test_excluded_heads_never_reach_the_sahara_group(run_folder, tmp_path):
+    chosen = json.loads((run_folder / "sahara" / "sahara.json").read_text())["heads"]
+    first = f"{chosen[0][0]}:{chosen[0][1]}"
+    out = tmp_path / "out"
+    assert main(["run", "--quick", "--out", str(out), *SMALL, "--exclude", first]) == 0
+    sahara = json.loads((out / "sahara" / "sahara.json").read_text())
+    assert chosen[0] not in sahara["heads"] and len(sahara["heads"]) == 2
+    assert sahara["config"]["exclude"] == first
+    assert json.loads((out / "experiment.json").read_text())["config"]["exclude"] == first

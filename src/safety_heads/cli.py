@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sahara-dataset", dest="sahara_dataset", default="maliciousinstruct")
     group.add_argument("--sahara-limit", dest="sahara_limit", type=int, default=None)
     group.add_argument("--steps", type=int, default=3)
+    group.add_argument("--exclude", default=None, help="heads Sahara never chooses, e.g. '0:6'")
     group.add_argument("--eval-datasets", dest="eval_datasets", default="maliciousinstruct,jailbreakbench")
     group.add_argument("--eval-limit", dest="eval_limit", type=int, default=None)
     group.add_argument("--harmless", default="harmless-test")

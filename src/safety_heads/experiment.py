@@ -60,6 +60,7 @@ class ExperimentConfig:
     sahara_dataset: str = "maliciousinstruct"
     sahara_limit: int | None = None
     steps: int = 3
+    exclude: str | None = None  # heads Sahara never chooses (SaharaConfig.exclude)
     eval_datasets: str = "maliciousinstruct,jailbreakbench"
     eval_limit: int | None = None
     harmless: str = "harmless-test"
@@ -154,7 +155,7 @@ def run_experiment(
         model, ships_queries, ShipsConfig(**common), out=out / "ships", resume=True, engine_config=engine_config,
         source={"dataset": config.ships_dataset, "limit": config.ships_limit}, progress=p))
     stage(2, "sahara", out / "sahara" / "sahara.json", lambda p: run_sahara(
-        model, sahara_queries, SaharaConfig(**common, steps=config.steps), out=out / "sahara", resume=True,
+        model, sahara_queries, SaharaConfig(**common, steps=config.steps, exclude=config.exclude), out=out / "sahara", resume=True,
         engine_config=engine_config, source={"dataset": config.sahara_dataset, "limit": config.sahara_limit}, progress=p))
     evaluation = dict(limit=config.eval_limit, judges=config.judges, harmless_limit=config.harmless_limit, **common)
     stage(3, "evaluate", out / "eval" / "eval.json", lambda p: run_evaluation(
