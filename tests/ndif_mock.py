@@ -120,6 +120,8 @@ class MockNdif:
         mock = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # seconds a silent connection may hold its thread: close() joins every handler thread
+
             def log_message(self, *args):  # quiet
                 pass
 
