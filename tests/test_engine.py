@@ -92,6 +92,28 @@ def test_head_means_match_reference():
     torch.testing.assert_close(engine.head_means(PROMPTS), reference_means(module, family, tokens), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family_name", ["llama", "gemma2", "gpt2"])
+def test_token_log_probs_match_one_unpadded_pass_each(family_name):
+    """Left-padded, length-grouped batches (and several of them, by a tiny memory budget) give each sequence's own
+    log-probabilities, as one plain forward pass of the module on that sequence alone."""
+    family, module, engine = wrapped(family_name, memory_budget_mb=0.05)
+    tokens = engine.tokenize(PROMPTS + ["x" * 30])
+    result = engine.token_log_probs(tokens)
+    for ids, values in zip(tokens, result):
+        with torch.no_grad():
+            log_probs = torch.log_softmax(module(torch.tensor([ids])).logits[0].double(), dim=-1)
+        reference = log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert values.shape == (len(ids) - 1,)
+        assert relative_error(values, reference) < TOLERANCE
+
+
+def test_token_log_probs_in_remote_simulation_equal_local():
+    family, module, engine = wrapped("llama")
+    local = engine.token_log_probs(engine.tokenize(PROMPTS))
+    simulated = Engine(engine.model, EngineConfig(remote="local")).token_log_probs(engine.tokenize(PROMPTS))
+    assert all(torch.equal(a, b) for a, b in zip(local, simulated))
+
+
 def test_token_id_prompts_equal_string_prompts():
     family, module, engine = wrapped("llama")
     tokens = engine.tokenize(PROMPTS)

@@ -41,6 +41,9 @@ def test_outputs_and_harmless_cost(model, tmp_path):
     harmless = record["harmless"]
     assert harmless["n"] == 3 and harmless["mean_kl"] > 0
     assert harmless["mean_kl"] == pytest.approx(sum(s["kl"] for s in harmless["samples"]) / 3)
+    for side in ("baseline", "ablated"):
+        values = [s[f"{side}_nll"] for s in harmless["samples"] if s[f"{side}_nll"] is not None]
+        assert harmless[side]["answer_nll"] == pytest.approx(sum(values) / len(values)) and min(values) > 0
     assert record["config"]["judge_versions"] == {"paper": "table4-v1", "gcg": "advbench-29-v1"}
     data = load_tensors(tmp_path / "eval_data.pt")
     for name in ("maliciousinstruct", "jailbreakbench"):
@@ -129,3 +132,23 @@ def test_resume_continues_without_regenerating(model, tmp_path, monkeypatch):
     resumed = run_evaluation(model, config, QUICK, out=tmp_path / "b", resume=True, progress=quiet)
     assert len(calls) == 1  # 4 batches in all (2 baseline, 2 ablated); 3 were checkpointed
     assert resumed["samples"] == full["samples"] and resumed["results"] == full["results"]
+
+
+def test_answer_nll_sees_a_garbled_answer_that_keyword_judges_do_not():
+    """On the demo model, head 0:6 garbles answers without refusing (model card): the clean model's likelihood of the
+    ablated harmless answers drops sharply with it in the group, and barely with the safety head 0:1 alone."""
+    from safety_heads.demo import DEMO_MODEL_PATH
+
+    demo = load_model(ModelConfig(model=str(DEMO_MODEL_PATH)))
+    generation = GenerationConfig(max_new_tokens=24, batch_size=16)
+    harmless = {}
+    for heads in ("0:1", "0:1,0:6,0:7"):
+        config = EvaluateConfig(datasets="maliciousinstruct", limit=1, heads=heads, judges="paper", template="chat",
+                                harmless_limit=16)
+        harmless[heads] = run_evaluation(demo, config, generation, progress=quiet)["harmless"]
+    baseline = harmless["0:1"]["baseline"]["answer_nll"]
+    assert harmless["0:1,0:6,0:7"]["baseline"]["answer_nll"] == pytest.approx(baseline)  # same answers, same score
+    assert harmless["0:1"]["ablated"]["answer_nll"] < baseline + 0.5
+    assert harmless["0:1,0:6,0:7"]["ablated"]["answer_nll"] > baseline + 1.5
+    # ... while the keyword judge sees no difference between the two groups on these prompts
+    assert harmless["0:1,0:6,0:7"]["ablated"]["refusal_rate"]["paper"] <= harmless["0:1"]["ablated"]["refusal_rate"]["paper"] + 0.1

@@ -173,7 +173,12 @@ def test_mock_ndif_generation_and_reference_means(pair):
         remote = generate(client, tokens, head_sets=sets, config=config, engine=engine)
         assert mock.executed == 2
         close(engine.head_means(PROMPTS), Engine(client).head_means(PROMPTS))
+        executed = mock.executed
+        scored = engine.token_log_probs(tokens)  # the answer likelihoods of evaluate's harmless cost
+        assert mock.executed > executed
     assert [g.token_ids for g in remote] == [g.token_ids for g in local]
+    for a, b in zip(scored, Engine(client).token_log_probs(tokens)):
+        close(a, b)
 
 
 def test_slow_answer_times_out_and_is_retried(pair, monkeypatch):

@@ -115,6 +115,12 @@ def _queries(args, warn_duplicates: bool = True) -> tuple[list[str], dict]:
     return queries, {"dataset": args.dataset, "column": args.column, "limit": args.limit}
 
 
+def _nll_text(harmless: dict) -> str:
+    """'; answer NLL a -> b' when both sides were scored (evaluate.answer_nll), else nothing."""
+    baseline, ablated = harmless["baseline"].get("answer_nll"), harmless["ablated"].get("answer_nll")
+    return "" if baseline is None or ablated is None else f"; answer NLL {baseline:.3f} -> {ablated:.3f}"
+
+
 def command_heads(args) -> int:
     from .models import ModelConfig, read_layout
 
@@ -188,7 +194,8 @@ def command_run(args) -> int:
     if harmless.get("mean_kl") is not None:
         judge = harmless["judges"][0]
         print(f"  harmless refusal ({judge}) {harmless['baseline']['refusal_rate'][judge]:.1%} -> "
-              f"{harmless['ablated']['refusal_rate'][judge]:.1%}; mean next-token KL {harmless['mean_kl']:.4g}")
+              f"{harmless['ablated']['refusal_rate'][judge]:.1%}; mean next-token KL {harmless['mean_kl']:.4g}"
+              + _nll_text(harmless))
     print(f"wrote {args.out}/report.html, report.md, experiment.json, *_data.pt")
     return 0
 
@@ -222,6 +229,9 @@ def command_evaluate(args) -> int:
         for judge, value in harmless["ablated"]["refusal_rate"].items():
             print(f"  harmless {harmless['dataset']}: refusal ({judge}) {harmless['baseline']['refusal_rate'][judge]:.1%} -> {value:.1%}")
         print(f"  harmless mean next-token KL (clean || ablated): {harmless['mean_kl']:.4g}")
+        if _nll_text(harmless):
+            print(f"  harmless answers, NLL per token under the clean model: {harmless['baseline']['answer_nll']:.3f} -> "
+                  f"{harmless['ablated']['answer_nll']:.3f} (a jump means garbled answers)")
     print(f"wrote {args.out}/eval.json, eval_data.pt")
     return 0
 

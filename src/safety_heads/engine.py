@@ -590,6 +590,25 @@ class Engine:
                     target[prompt_index[None, :], set_index[:, None]] = values
         return EngineResult(out.get("logits"), out.get("hidden"), clean.get("logits"), clean.get("hidden"), stats)
 
+    def token_log_probs(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """log p(token t | tokens before t) under the unablated model, for t = 1 .. n-1 of each sequence: a float32
+        tensor of n-1 values per sequence. Used to score answers (evaluate.py); padding changes nothing."""
+        tokens = self.tokenize(sequences)
+        vocabulary = self.model.lm.config.get_text_config().vocab_size
+        result: list[torch.Tensor | None] = [None] * len(tokens)
+        groups = self._prompt_groups(tokens)
+        # the whole [rows, positions, vocabulary] logits exist at once here, on top of one layer's activations
+        batches = [self._batch(tokens, rows) for group in groups
+                   for rows in _split_rows(group, int(self._budget_bytes() // (8 * vocabulary * len(tokens[group[-1]]) + 1)))]
+        for number, batch in enumerate(batches, start=1):
+            if self.remote:
+                values = self.call(intrace.token_log_probs, batch.repeated(1), label=f"answer-scoring request {number} of {len(batches)}")
+            else:
+                values = intrace.token_log_probs(self.model.lm, self.sites, batch.repeated(1), nnsight.save)
+            for row, index in enumerate(batch.prompt_indices):
+                result[index] = values[row, batch.length - len(tokens[index]):].float().cpu()
+        return result
+
     def head_means(self, prompts: Sequence[str | Sequence[int]]) -> torch.Tensor:
         """Mean of every head's output (the output projection's input) over all real tokens of `prompts`.
 
@@ -608,6 +627,12 @@ class Engine:
             total += sums.cpu()
             count += int(batch.attention_mask.sum())
         return (total / count).float()
+
+
+def _split_rows(group: list[int], rows: int) -> list[list[int]]:
+    """`group` cut into runs of at most `rows` (at least one each)."""
+    rows = max(1, rows)
+    return [group[start : start + rows] for start in range(0, len(group), rows)]
 
 
 def _by_set(values: torch.Tensor | None, n_sets: int, n_prompts: int) -> torch.Tensor | None:

@@ -4,8 +4,10 @@ Baseline vs ablated, on the same prompts with the same decoding:
 - on each harmful data set, the attack success rate (ASR) per judge: the share of answers judged harmful (invalid
   model-judge outputs are counted and reported, and excluded from neither numerator nor denominator silently:
   `invalid` says how many there were);
-- on a harmless set, the refusal rate (keyword judges) and the mean KL of next-token distributions, clean vs
-  ablated, at the prompt's last position -- so a "jailbreak" that merely breaks the model shows.
+- on a harmless set, the refusal rate (keyword judges), the mean KL of next-token distributions, clean vs
+  ablated, at the prompt's last position, and the answers' mean negative log-likelihood per token under the
+  unablated model (`answer_nll`), baseline vs ablated answers -- so a "jailbreak" that merely breaks the model shows
+  (a garbled answer is unlikely under the clean model even when its first token is right).
 
 Heads come from `--heads`, a Sahara result (`--from sahara.json`, its first `--top-k` heads, all by default), or a
 Ships result (`--from ships.json`: the top `--top-k` heads by mean score, default 3; with `--per-query`, each query's
@@ -217,7 +219,8 @@ def _rates(verdicts: dict[str, list]) -> dict:
 
 
 def _harmless_cost(model, engine, config, choice, prompts, judges, means, answers) -> dict:
-    """Refusal rates on harmless prompts (keyword judges) and the mean next-token KL, clean vs ablated."""
+    """Refusal rates on harmless prompts (keyword judges), the mean next-token KL, clean vs ablated, and the answers'
+    likelihood under the unablated model (`answer_nll`)."""
     keyword = [j for j in judges if isinstance(j, KeywordJudge)] or [make_judges("refusal-direction")[0]]
     cost = {"dataset": config.harmless, "n": len(prompts), "judges": [j.name for j in keyword]}
     if choice.per_query is not None:
@@ -230,9 +233,31 @@ def _harmless_cost(model, engine, config, choice, prompts, judges, means, answer
     readouts = engine.run([p.token_ids for p in prompts], [choice.heads], kind=config.ablation, epsilon=config.epsilon, means=means)
     kl = kl_divergence(readouts.clean_logits, readouts.logits[:, 0])
     cost["mean_kl"] = float(kl.mean())
-    cost["samples"] = [{"index": i, "query": p.query, "baseline": baseline[i], "ablated": ablated[i], "kl": float(kl[i])}
+    nll = {side: answer_nll(engine, model.tokenizer, prompts, texts) for side, texts in (("baseline", baseline), ("ablated", ablated))}
+    for side, values in nll.items():
+        scored = [v for v in values if v is not None]
+        cost[side]["answer_nll"] = sum(scored) / len(scored) if scored else None
+    cost["samples"] = [{"index": i, "query": p.query, "baseline": baseline[i], "ablated": ablated[i], "kl": float(kl[i]),
+                        "baseline_nll": nll["baseline"][i], "ablated_nll": nll["ablated"][i]}
                        for i, p in enumerate(prompts)]
     return cost
+
+
+def answer_nll(engine: Engine, tokenizer, prompts, responses: Sequence[str]) -> list[float | None]:
+    """Each response's mean negative log-likelihood per token (nats) under the unablated model, after its prompt;
+    None for an empty response. The response text is tokenized again (the same way for both sides).
+
+    Why: a keyword judge counts a garbled answer as a successful attack, and the next-token KL misses it when the
+    first token survives. The clean model finds its own fluent answers likely and garbled text unlikely, so this
+    rises sharply when an ablation breaks the model and little when it only changes what is answered.
+    """
+    answer_ids = [tokenizer(response, add_special_tokens=False).input_ids for response in responses]
+    scored = [i for i, ids in enumerate(answer_ids) if ids]
+    log_probs = engine.token_log_probs([list(prompts[i].token_ids) + answer_ids[i] for i in scored]) if scored else []
+    result: list[float | None] = [None] * len(responses)
+    for i, values in zip(scored, log_probs):
+        result[i] = -float(values[-len(answer_ids[i]):].double().mean())
+    return result
 
 
 def _config_record(model, config, generation, choice, judges, sets, harmless) -> dict:

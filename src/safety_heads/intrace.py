@@ -18,7 +18,7 @@ Conventions:
   inside a session, where inner traces hand their values to the enclosing code without saving.
 
 The functions that open traces (`clean_pass`, `ablated_pass`, `run_request`, `head_sums`, `generate_batch`,
-`head_dots`) are the bodies of the engine's requests: `remote.call` runs one of them as a single NDIF request (an
+`token_log_probs`, `head_dots`) are the bodies of the engine's requests: `remote.call` runs one of them as a single NDIF request (an
 nnsight session), the engine calls them directly when it runs locally.
 """
 
@@ -208,6 +208,18 @@ def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows,
         with tracer.invoke():
             output = save(tracer.result)
     return output
+
+
+def token_log_probs(lm, sites, inputs, save=None):
+    """One unablated pass over a left-padded batch: log p(token t | tokens < t) for t = 1 .. length-1, [rows,
+    length-1] float32. Only these travel back, never the [rows, length, vocab] logits."""
+    save = save or _identity
+    with torch.no_grad(), lm.trace(**inputs, use_cache=False):
+        logits = lm.output.logits[:, :-1].float()
+        targets = inputs["input_ids"][:, 1:].to(logits.device)
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        result = save(picked.cpu())
+    return result
 
 
 # -- the gradient estimate (estimate.py explains the method) ---------------------------------------------------------

@@ -66,6 +66,18 @@ def _image_tag(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _nats(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _nll_row(harmless: dict) -> str:
+    """The answers' likelihood under the unablated model: it jumps when an ablation garbles answers (evaluate.py)."""
+    if "answer_nll" not in harmless["baseline"]:
+        return ""  # an eval.json written before this measure existed
+    return (f"<tr><td>answer NLL under the clean model (nats/token; a jump means garbled answers)</td>"
+            f"<td class=num>{_nats(harmless['baseline']['answer_nll'])}</td><td class=num>{_nats(harmless['ablated']['answer_nll'])}</td></tr>")
+
+
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -130,9 +142,12 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
                             f"<td class=num>{_pct(harmless['ablated']['refusal_rate'][j])}</td></tr>" for j in harmless["judges"])
             parts.append(f"<h3>What it costs on {harmless['n']} harmless prompts ({html.escape(harmless['dataset'])})</h3>"
                          f"<table><tr><th>measure</th><th>baseline</th><th>ablated</th></tr>{cells}"
-                         f"<tr><td>mean next-token KL(clean || ablated)</td><td class=num>0</td><td class=num>{harmless['mean_kl']:.4g}</td></tr></table>")
+                         f"<tr><td>mean next-token KL(clean || ablated)</td><td class=num>0</td><td class=num>{harmless['mean_kl']:.4g}</td></tr>"
+                         f"{_nll_row(harmless)}</table>")
             markdown += ["", f"Harmless cost ({harmless['n']} prompts of {harmless['dataset']}): mean next-token KL {harmless['mean_kl']:.4g}; "
-                         + "; ".join(f"refusal ({j}) {_pct(harmless['baseline']['refusal_rate'][j])} -> {_pct(harmless['ablated']['refusal_rate'][j])}" for j in harmless["judges"])]
+                         + "; ".join(f"refusal ({j}) {_pct(harmless['baseline']['refusal_rate'][j])} -> {_pct(harmless['ablated']['refusal_rate'][j])}" for j in harmless["judges"])
+                         + (f"; answer NLL under the clean model {_nats(harmless['baseline'].get('answer_nll'))} -> "
+                            f"{_nats(harmless['ablated'].get('answer_nll'))} nats/token" if "answer_nll" in harmless["baseline"] else "")]
         markdown.append("")
         examples = [s for samples in record["samples"].values() for s in samples][:4]
         if examples:
