@@ -43,6 +43,31 @@ def test_hooks_generate_what_baked_weights_generate(ground_truth, demo, kind, he
     assert generate(demo.module, demo.tokenizer, ids, 16) == clean  # and the hooks are gone
 
 
+def test_package_answer_nll_matches_plain_torch(ground_truth, demo):
+    """evaluate.answer_nll (engine batches, nnsight) against the script's plain-torch scoring of the same answers."""
+    from safety_heads.demo.measure import harmless_sample
+    from safety_heads.engine import Engine
+    from safety_heads.evaluate import answer_nll
+
+    prompts = format_prompts(harmless_sample(10), "chat", demo.tokenizer)
+    ids = [list(p.token_ids) for p in prompts]
+    with ground_truth.hooked(demo.module, [(0, 6)], "ua", demo.layout.head_dim):  # garbled answers, some short
+        answers = ground_truth.answers_sorted_by_length(demo.module, demo.tokenizer, ids, 16, 4)
+    answers[3] = ""  # an empty answer is not scored
+    package = answer_nll(Engine(demo), demo.tokenizer, prompts, answers)
+    assert package[3] is None
+    scored = [v for v in package if v is not None]
+    plain = ground_truth.clean_answer_nll(demo.module, demo.tokenizer, ids, answers, 3)
+    assert sum(scored) / len(scored) == pytest.approx(plain, rel=1e-5)
+
+
+def test_auroc_matches_hand_computed_values(ground_truth):
+    assert ground_truth.auroc([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == 1.0
+    assert ground_truth.auroc([0.9, 0.2, 0.1, 0.8], [False, False, True, True]) == 0.25
+    assert ground_truth.auroc([0.5, 0.5, 0.5], [True, False, False]) == 0.5  # ties count half
+    assert math.isnan(ground_truth.auroc([1.0, 2.0], [True, True]))
+
+
 def test_spearman_matches_hand_computed_values(ground_truth):
     assert ground_truth.average_ranks([3.0, 1.0, 3.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
     assert ground_truth.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
@@ -67,6 +92,10 @@ def test_small_study_is_consistent_and_refuses_to_overwrite(ground_truth, tmp_pa
         assert entry["asr"] == pytest.approx(100 * entry["harmful_not_refused"] / 8)
         assert entry["harmless_answered"] == pytest.approx(100 * entry["harmless_complied"] / 6)
         assert entry["asr_coherent"] <= entry["asr"] + 1e-9  # a coherent compliance is never a refusal
+        assert entry["harmless_nll"] > 0
+    check = result["answer_nll_check"]
+    assert check["groups"] == len(result["singles"]) + len(result["pairs"]) + len(result["triples"])
+    assert check["flagged_below_floor"] <= check["below_floor"]
     sahara = result["sahara_heads"].split(",")
     assert len(sahara) == 3 and set(sahara) <= set(candidates)
     for k, comparison in result["comparison"].items():
