@@ -18,8 +18,8 @@ Conventions:
   inside a session, where inner traces hand their values to the enclosing code without saving.
 
 The functions that open traces (`clean_pass`, `ablated_pass`, `run_request`, `head_sums`, `generate_batch`,
-`token_log_probs`, `head_dots`) are the bodies of the engine's requests: `remote.call` runs one of them as a single NDIF request (an
-nnsight session), the engine calls them directly when it runs locally.
+`token_log_probs`, `head_dots`) are the bodies of the engine's requests: `remote.call` runs one of them as a single
+NDIF request (an nnsight session), the engine calls them directly when it runs locally.
 """
 
 from __future__ import annotations
