@@ -47,6 +47,7 @@ import torch
 
 from safety_heads.ablation import format_heads, parse_heads
 from safety_heads.data import format_prompts, load_prompts
+from safety_heads.engine import left_padded
 from safety_heads.demo.measure import complied, generate, harmless_sample
 from safety_heads.errors import UserError
 from safety_heads.judges import KEYWORD_JUDGES
@@ -96,38 +97,23 @@ def hooked(module, heads, kind: str, head_dim: int, epsilon: float = EPSILON):
             handle.remove()
 
 
-def answers_sorted_by_length(module, tokenizer, token_lists: list[list[int]], max_new_tokens: int,
-                             batch_size: int) -> list[str]:
-    """Greedy answers in input order, generated in batches of similar length (less padding, ~1.5x faster)."""
-    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
-    answers = generate(module, tokenizer, [token_lists[i] for i in order], max_new_tokens, batch_size)
-    result = [""] * len(token_lists)
-    for position, index in enumerate(order):
-        result[index] = answers[position]
-    return result
-
-
 @torch.no_grad()
 def clean_answer_nll(module, tokenizer, prompts: list[list[int]], answers: list[str], batch_size: int) -> float:
     """Mean over answers of the per-token negative log-likelihood of each answer after its prompt, under `module` as
-    it is (call it without hooks: the clean model). Plain torch, independent of the package's `answer_nll`; explicit
-    position ids make a left-padded row score as it would alone."""
+    it is (call it without hooks: the clean model). A plain forward of the module, independent of the package's
+    `answer_nll` (only the padding helper is shared); position ids make a left-padded row score as it would alone."""
     rows = [(prompt, tokenizer(answer, add_special_tokens=False).input_ids) for prompt, answer in zip(prompts, answers)]
     rows = [(prompt, answer) for prompt, answer in rows if answer]
     values = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        length = max(len(p) + len(a) for p, a in chunk)
-        input_ids = torch.full((len(chunk), length), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), length), dtype=torch.long)
-        for row, (prompt, answer) in enumerate(chunk):
-            input_ids[row, length - len(prompt) - len(answer):] = torch.tensor(prompt + answer)
-            mask[row, length - len(prompt) - len(answer):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        log_probs = torch.log_softmax(module(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits.double(), -1)
+        batch = left_padded([prompt + answer for prompt, answer in chunk], tokenizer.pad_token_id)
+        logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        log_probs = torch.log_softmax(logits.double(), -1)
+        length = batch.length
         for row, (_, answer) in enumerate(chunk):
             n = len(answer)
-            picked = log_probs[row, length - n - 1 : length - 1].gather(-1, input_ids[row, length - n:, None])
+            picked = log_probs[row, length - n - 1 : length - 1].gather(-1, batch.input_ids[row, length - n:, None])
             values.append(-float(picked.mean()))
     return sum(values) / len(values) if values else float("nan")
 
@@ -138,10 +124,10 @@ def outcome(module, tokenizer, tokens: dict, heads, kind: str, head_dim: int, ma
     refused / answered differently from `baseline` (the clean model's answers; None when this is the clean model,
     whose harmless answers are then kept)."""
     with hooked(module, heads, kind, head_dim):
-        harmful = answers_sorted_by_length(module, tokenizer, tokens["harmful"], max_new_tokens, batch_size)
-        harmless = answers_sorted_by_length(module, tokenizer, tokens["harmless"], max_new_tokens, batch_size)
+        harmful = generate(module, tokenizer, tokens["harmful"], max_new_tokens, batch_size)
+        harmless = generate(module, tokenizer, tokens["harmless"], max_new_tokens, batch_size)
     return {
-        "heads": format_heads(heads) if heads else "",
+        "heads": format_heads(heads),
         "harmful_not_refused": sum(not PAPER_JUDGE.refused(a) for a in harmful),
         "harmful_complied": sum(map(complied, harmful)),
         "harmless_complied": sum(map(complied, harmless)),
@@ -285,7 +271,7 @@ def study(args) -> int:
         log(f"resuming: {len(done)} head sets already measured")
 
     def measure(head_sets: list) -> list[dict]:
-        todo = [hs for hs in head_sets if (format_heads(hs) if hs else "") not in done]
+        todo = [hs for hs in head_sets if format_heads(hs) not in done]
         begun = time.time()
         for count, heads in enumerate(todo, 1):
             baseline = done[""]["harmless_answers"] if heads else None  # the clean set is measured first
@@ -296,8 +282,7 @@ def study(args) -> int:
             if count % 25 == 0 or count == len(todo):
                 left = (time.time() - begun) / count * (len(todo) - count)
                 log(f"{count}/{len(todo)} head sets measured, about {left / 60:.1f} min left")
-        return [done[format_heads(hs) if hs else ""] | rates(done[format_heads(hs) if hs else ""], n_harmful, n_harmless)
-                for hs in head_sets]
+        return [done[format_heads(hs)] | rates(done[format_heads(hs)], n_harmful, n_harmless) for hs in head_sets]
 
     (clean,) = measure([()])
     singles = measure([[h] for h in candidates])

@@ -35,7 +35,7 @@ def test_hooks_generate_what_baked_weights_generate(ground_truth, demo, kind, he
     """Two independent ablations (forward hooks on the HF module vs bake_into_weights) give the same greedy answers."""
     ids = [list(p.token_ids) for p in format_prompts(load_prompts("maliciousinstruct", limit=12), "chat", demo.tokenizer)]
     with ground_truth.hooked(demo.module, heads, kind, demo.layout.head_dim):
-        hooked = ground_truth.answers_sorted_by_length(demo.module, demo.tokenizer, ids, 16, 5)
+        hooked = generate(demo.module, demo.tokenizer, ids, 16, 5)
     baked = generate(ablated_copy(demo, heads, kind), demo.tokenizer, ids, 16)
     clean = generate(demo.module, demo.tokenizer, ids, 16)
     assert hooked == baked
@@ -52,7 +52,7 @@ def test_package_answer_nll_matches_plain_torch(ground_truth, demo):
     prompts = format_prompts(harmless_sample(10), "chat", demo.tokenizer)
     ids = [list(p.token_ids) for p in prompts]
     with ground_truth.hooked(demo.module, [(0, 6)], "ua", demo.layout.head_dim):  # garbled answers, some short
-        answers = ground_truth.answers_sorted_by_length(demo.module, demo.tokenizer, ids, 16, 4)
+        answers = generate(demo.module, demo.tokenizer, ids, 16, 4)
     answers[3] = ""  # an empty answer is not scored
     package = answer_nll(Engine(demo), demo.tokenizer, prompts, answers)
     assert package[3] is None

@@ -29,7 +29,7 @@ import torch
 
 from ..ablation import Ablation, bake_into_weights, format_heads
 from ..data import format_prompts, load_prompts
-from ..engine import Engine
+from ..engine import Engine, left_padded
 from ..models import LoadedModel, ModelConfig, load_model
 from ..ships import kl_divergence
 from . import DEMO_MODEL_PATH
@@ -68,22 +68,19 @@ def refused_keywords(answer: str) -> bool:
 @torch.no_grad()
 def generate(module, tokenizer, token_lists: list[list[int]], max_new_tokens: int = MAX_NEW_TOKENS,
              batch_size: int = 128) -> list[str]:
-    """Greedy answers (decoded new tokens only), left-padded batches."""
-    answers = []
-    pad = tokenizer.pad_token_id
-    for start in range(0, len(token_lists), batch_size):
-        rows = token_lists[start : start + batch_size]
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            input_ids[i, length - len(ids) :] = torch.tensor(ids)
-            mask[i, length - len(ids) :] = 1
+    """Greedy answers (decoded new tokens only), in input order. Prompts are batched by length (left-padded), which
+    pads less: about 1.5x faster than batching in input order on the demo model."""
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))
+    answers: list[str] = [""] * len(token_lists)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = left_padded([token_lists[i] for i in rows], tokenizer.pad_token_id)
         out = module.generate(
-            input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
-        answers += tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
+        for index, answer in zip(rows, tokenizer.batch_decode(out[:, batch.length :], skip_special_tokens=True)):
+            answers[index] = answer
     return answers
 
 
