@@ -19,7 +19,6 @@ own top-k heads -- how the paper's "16x" was measured -- on the queries stored i
 from __future__ import annotations
 
 import hashlib
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,6 +31,7 @@ from .errors import UserError
 from .generate import GenerationConfig, generate
 from .judges import KeywordJudge, make_judges
 from .models import LoadedModel
+from .progress import print_progress
 from .results import open_run, read_json, save_tensors, versions, write_json
 from .ships import kl_divergence, top_heads
 
@@ -136,7 +136,7 @@ def run_evaluation(
     config.validate()
     generation = generation or GenerationConfig()
     generation.validate()
-    progress = progress or (lambda line: print(line, file=sys.stderr))
+    progress = progress or print_progress
     judges = make_judges(config.judges)
     choice = choose_heads(config, model.layout)
     engine = Engine(model, engine_config)

@@ -18,7 +18,6 @@ overridden. `--resume` skips finished stages and resumes the unfinished one.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -32,6 +31,7 @@ from .errors import UserError
 from .evaluate import EvaluateConfig, run_evaluation
 from .generate import GenerationConfig
 from .models import LoadedModel
+from .progress import print_progress
 from .report import build_report
 from .results import Checkpoint, check_output_folder, load_tensors, read_json, save_tensors, versions, write_json
 from .sahara import SaharaConfig, run_sahara
@@ -122,7 +122,7 @@ def run_experiment(
 
     config = config.resolved()
     config.validate()
-    emit = progress or (lambda line: print(line, file=sys.stderr))
+    emit = progress or print_progress
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")

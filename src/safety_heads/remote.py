@@ -39,6 +39,7 @@ from nnsight.tracing.backend import Backend
 
 from . import intrace
 from .errors import UserError
+from .progress import print_progress
 
 TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 SECRET_VARIABLES = ("NDIF_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -169,7 +170,7 @@ class NdifBackend(RemoteBackend):
         super().__init__(model_key, host=host, api_key=api_key, env=env, blocking=False)
         self.display.enabled = False  # nnsight's status spinner writes to stdout, which carries our results
         self.attempts, self.backoff_s, self.poll_s, self.wait_s = attempts, backoff_s, poll_s, wait_s
-        self.notify = notify or (lambda line: print(line, file=sys.stderr))
+        self.notify = notify or print_progress
         self.sleep = sleep
         self.payload_bytes = 0
         self.submissions = 0

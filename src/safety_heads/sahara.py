@@ -28,7 +28,6 @@ nothing finished and re-derives the chosen heads from the checkpointed scores.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +39,7 @@ from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_h
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
+from .progress import print_progress
 from .report import heatmap_png
 from .results import matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
@@ -231,7 +231,7 @@ def run_sahara(
     from .data import format_prompts
 
     config.validate()
-    progress = progress or (lambda line: print(line, file=sys.stderr))
+    progress = progress or print_progress
     queries, duplicates = _dedupe(list(queries), config.dedupe, progress)  # first: the fingerprint sees what is used
     sahara = Sahara(model, config, engine_config)
     _check_sizes(len(queries), sahara.engine.d_model, len(sahara.candidates), config)

@@ -20,7 +20,6 @@ Over a data set: the mean score of each head, and how often each head is in a qu
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,6 +30,7 @@ from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_h
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
+from .progress import print_progress
 from .report import heatmap_png
 from .results import matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
@@ -192,7 +192,7 @@ def run_ships(
     prompts = format_prompts(list(queries), config.template, model.tokenizer, config.system)
     ships.engine.tokenize([p.token_ids for p in prompts])  # every prompt fits the context: fail before writing anything
     record = run_record(model, config, queries, source or {})
-    progress = progress or (lambda line: print(line, file=sys.stderr))
+    progress = progress or print_progress
     finished: dict[int, QueryScores] = {}
     checkpoint = None
     if out is not None:

@@ -12,7 +12,6 @@ express without also adding q/k/v biases. `ua` cannot be baked into Qwen3 / Gemm
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ from .ablation import DEFAULT_EPSILON, Ablation, bake_into_weights, check_epsilo
 from .engine import Engine
 from .errors import UserError
 from .models import LoadedModel
+from .progress import print_progress
 from .results import check_output_folder, versions, write_json
 
 SURGERY_KINDS = ("ua", "sc")
@@ -46,7 +46,7 @@ class SurgeryConfig:
 def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
     """Edit `model` in place, verify it against the traced ablation, save weights, tokenizer and surgery.json."""
     config.validate()
-    progress = progress or (lambda line: print(line, file=sys.stderr))
+    progress = progress or print_progress
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"'{out}' is not empty; surgery writes a whole checkpoint, so choose a new or empty --out")
