@@ -63,9 +63,9 @@ def naive_request_bytes(model, ids: list[list[int]], readout: str) -> int:
     with lm.trace(input_ids=batch, backend=capture):
         lm.model.layers[0].self_attn.q_proj.output[..., 0:d] *= EPSILON
         if readout == "logits":
-            out = lm.output.logits[:, -1].save()
+            lm.output.logits[:, -1].save()
         else:
-            out = lm.model.norm.output[:, -1].save()
+            lm.model.norm.output[:, -1].save()
     return len(capture.payloads[0])
 
 

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from families import FAMILIES
-from safety_heads.demo.tiny import byte_tokenizer, save_tiny_llama
+from safety_heads.demo.tiny import save_tiny_llama
 from safety_heads.errors import UserError
 from safety_heads.models import FAMILIES as REGISTRY
 from safety_heads.models import ModelConfig, head_layout, layer_part, load_model, resolve
@@ -156,8 +156,7 @@ def test_hub_load_passes_dtype_device_and_attention(monkeypatch, tmp_path):
         (dict(model="org/x", device="cuda:0"), "none is visible"),
     ],
 )
-def test_bad_model_settings(settings, message, monkeypatch, tmp_path):
-    folder = save_tiny_llama(tmp_path / "tiny")
+def test_bad_model_settings(settings, message, monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: transformers.AutoConfig.for_model("llama"))
     if torch.cuda.is_available() and "visible" in message:
         pytest.skip("a GPU is visible here")

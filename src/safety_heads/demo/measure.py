@@ -149,7 +149,6 @@ def measure(path: Path, log=print, generation_sweep: bool = True) -> dict:
     tokenizer, layout = model.tokenizer, model.layout
     sets = eval_sets() | frame_prompts()
     tokens = {name: [list(p.token_ids) for p in format_prompts(q, "chat", tokenizer)] for name, q in sets.items()}
-    main_sets = ("maliciousinstruct", "jailbreakbench", "harmless-test")
     refuse_id, _ = first_token_ids(tokenizer)
     heads = all_heads(model)
     engine = Engine(model)
