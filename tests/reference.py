@@ -17,8 +17,8 @@ def _get(root, path):
     return root
 
 
-def reference_readouts(model, family: Family, tokens: list[int], heads, kind: str, epsilon: float = 1e-4, means=None):
-    """Last-token logits and final-norm hidden state (float64) of `model` on `tokens` with `heads` ablated."""
+def _ablation_hooks(model, family: Family, heads, kind: str, epsilon: float, means) -> list:
+    """Plain forward hooks that ablate `heads` (one per head), returned so the caller removes them."""
     d = family.head_dim
     hooks = []
     layers = _get(model, family.layers)
@@ -44,6 +44,12 @@ def reference_readouts(model, family: Family, tokens: list[int], heads, kind: st
                     x[..., columns] = means[layer, columns].to(x.dtype)
                 return (x, *args[1:])
             hooks.append(_get(layers[layer], family.output_module).register_forward_pre_hook(edit_output))
+    return hooks
+
+
+def reference_readouts(model, family: Family, tokens: list[int], heads, kind: str, epsilon: float = 1e-4, means=None):
+    """Last-token logits and final-norm hidden state (float64) of `model` on `tokens` with `heads` ablated."""
+    hooks = _ablation_hooks(model, family, heads, kind, epsilon, means)
     captured = {}
     hooks.append(_get(model, family.final_norm).register_forward_hook(
         lambda module, args, output: captured.__setitem__("hidden", output[0, -1].detach().double())))
@@ -54,6 +60,18 @@ def reference_readouts(model, family: Family, tokens: list[int], heads, kind: st
         for hook in hooks:
             hook.remove()
     return logits, captured["hidden"]
+
+
+def reference_token_log_probs(model, family: Family, tokens: list[int], heads, kind: str, epsilon: float = 1e-4, means=None):
+    """log p(token t | tokens < t), t = 1 .. n-1 (float64), of `model` on `tokens` with `heads` ablated."""
+    hooks = _ablation_hooks(model, family, heads, kind, epsilon, means)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].double()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.log_softmax(logits, dim=-1)[torch.arange(len(tokens) - 1), torch.tensor(tokens[1:])]
 
 
 def reference_means(model, family: Family, prompts_tokens: list[list[int]]) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from families import FAMILIES
-from reference import reference_means, reference_readouts
+from reference import reference_means, reference_readouts, reference_token_log_probs
 from safety_heads.demo.tiny import byte_tokenizer
 from safety_heads.engine import Engine, EngineConfig, plan_chunks
 from safety_heads.errors import UserError
@@ -112,6 +112,43 @@ def test_token_log_probs_in_remote_simulation_equal_local():
     local = engine.token_log_probs(engine.tokenize(PROMPTS))
     simulated = Engine(engine.model, EngineConfig(remote="local")).token_log_probs(engine.tokenize(PROMPTS))
     assert all(torch.equal(a, b) for a, b in zip(local, simulated))
+
+
+@pytest.mark.parametrize("kind", ["ua", "sc", "mean"])
+@pytest.mark.parametrize("family_name", ["llama", "phi3", "gpt2"])
+def test_ablated_token_log_probs_match_reference(family_name, kind):
+    """Each sequence's last `last` tokens, teacher-forced, under each head set: as one plain hooked pass per (sequence,
+    set). Several batches and set chunks (a tiny budget); "Hi" is shorter than `last` + 1, so its head is NaN."""
+    family, module, engine = wrapped(family_name, memory_budget_mb=0.05)
+    tokens = engine.tokenize(PROMPTS + ["x" * 30])
+    means = reference_means(module, family, tokens) if kind == "mean" else None
+    head_sets = [[], [(0, 1)], [(0, 1), (2, 3)], [(1, 0), (1, 2)]]
+    last = 5
+    result = engine.ablated_token_log_probs(tokens, head_sets, last, kind=kind, epsilon=1e-4, means=means)
+    assert result.shape == (len(head_sets), len(tokens), last)
+    worst, smallest_effect = 0.0, math.inf
+    for s, heads in enumerate(head_sets):
+        for p, ids in enumerate(tokens):
+            reference = reference_token_log_probs(module, family, ids, heads, kind, 1e-4, means)[-last:]
+            values = result[s, p]
+            missing = last - len(reference)
+            assert torch.isnan(values[:missing]).all() and not torch.isnan(values[missing:]).any()
+            worst = max(worst, relative_error(values[missing:], reference))
+            if heads:
+                clean = reference_token_log_probs(module, family, ids, [], kind)[-last:]
+                smallest_effect = min(smallest_effect, relative_error(clean, reference))
+    assert worst <= TOLERANCE, f"max relative error {worst:.2e}"
+    assert smallest_effect > 100 * TOLERANCE
+
+
+def test_ablated_token_log_probs_in_remote_simulation_equal_local():
+    family, module, engine = wrapped("llama")
+    tokens = engine.tokenize(PROMPTS)
+    sets = [[], [(0, 1)], [(1, 0), (2, 3)]]
+    local = engine.ablated_token_log_probs(tokens, sets, 4)
+    simulated = Engine(engine.model, EngineConfig(remote="local")).ablated_token_log_probs(tokens, sets, 4)
+    assert torch.equal(local.isnan(), simulated.isnan())
+    assert torch.equal(local.nan_to_num(), simulated.nan_to_num())
 
 
 def test_token_id_prompts_equal_string_prompts():

@@ -168,9 +168,12 @@ class Batch:
         )
 
 
-def left_padded(token_lists: Sequence[Sequence[int]], pad_id: int | None, indices: Sequence[int] | None = None) -> Batch:
-    """Left-pad token lists; positions count real tokens only, so a padded row is positioned exactly as it would be alone."""
-    length = max(len(ids) for ids in token_lists)
+def left_padded(
+    token_lists: Sequence[Sequence[int]], pad_id: int | None, indices: Sequence[int] | None = None, min_length: int = 0
+) -> Batch:
+    """Left-pad token lists (to `min_length` at least); positions count real tokens only, so a padded row is
+    positioned exactly as it would be alone."""
+    length = max(min_length, max(len(ids) for ids in token_lists))
     input_ids = torch.full((len(token_lists), length), 0 if pad_id is None else pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(token_lists), length), dtype=torch.long)
     for row, ids in enumerate(token_lists):
@@ -422,9 +425,14 @@ class Engine:
             "readouts": tuple(readouts),
             "check_layers": check_layers,
             # Only the layers this request ablates, in the model's dtype (what the in-trace edit converts to anyway).
-            "means": None if means is None else {layer: means[layer].to(self.model.dtype) for layer in sorted(layers)},
+            "means": self._means_for(means, layers),
             "groups": groups,
         }
+
+    def _means_for(self, means: torch.Tensor | None, layers) -> dict | None:
+        """Only the reference means of the layers a pass ablates, in the model's dtype (what the in-trace edit
+        converts to anyway): all a remote request needs to carry."""
+        return None if means is None else {layer: means[layer].to(self.model.dtype) for layer in sorted(layers)}
 
     def call(self, function, *arguments, label: str = "request", stats: dict | None = None):
         """Run an intrace.py function that opens traces as one remote request (config.remote), retried on
@@ -489,13 +497,10 @@ class Engine:
         stats: dict | None = None,
     ) -> Iterator[tuple[str, ChunkResult]]:
         """Yield ("clean", ...) once per prompt group, then ("ablated", ...) per chunk, as they finish."""
-        check_kind(kind)
-        check_epsilon(epsilon)
+        _check_ablation(kind, epsilon, means)
         readouts = tuple(readouts)
         if not readouts or any(r not in READOUTS for r in readouts):
             raise ValueError(f"readouts must be a non-empty subset of {READOUTS}")
-        if kind == "mean" and means is None:
-            raise UserError("a mean ablation needs reference means: call Engine.head_means(reference_prompts) first")
         tokens = self.tokenize(prompts)
         sets = self._normalise_sets(head_sets)
         stats = stats if stats is not None else {}
@@ -604,9 +609,51 @@ class Engine:
             if self.remote:
                 values = self.call(intrace.token_log_probs, batch.repeated(1), label=f"answer-scoring request {number} of {len(batches)}")
             else:
-                values = intrace.token_log_probs(self.model.lm, self.sites, batch.repeated(1), nnsight.save)
+                values = intrace.token_log_probs(self.model.lm, self.sites, batch.repeated(1), save=nnsight.save)
             for row, index in enumerate(batch.prompt_indices):
                 result[index] = values[row, batch.length - len(tokens[index]):].float().cpu()
+        return result
+
+    def ablated_token_log_probs(
+        self,
+        sequences: Sequence[Sequence[int]],
+        head_sets: Sequence[Sequence[Head]],
+        last: int,
+        *,
+        kind: str = "ua",
+        epsilon: float = 1e-4,
+        means: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log p of each sequence's `last` final tokens (teacher-forced) with each head set ablated: [sets, sequences,
+        last] float32, NaN where a sequence has fewer than `last` + 1 tokens (its first token has no prediction). An
+        empty set is the clean model. Used by Sahara's harmless guard: how likely the ablated model finds the clean
+        model's own answers. No prefix reuse: every layer runs for every set."""
+        _check_ablation(kind, epsilon, means)
+        if last < 1:
+            raise ValueError(f"last must be at least 1, not {last}")
+        tokens = self.tokenize(sequences)
+        sets = self._normalise_sets(head_sets)
+        vocabulary = self.model.lm.config.get_text_config().vocab_size
+        result = torch.empty(len(sets), len(tokens), last)
+        for group in self._prompt_groups(tokens):
+            batch = left_padded([tokens[i] for i in group], self.model.tokenizer.pad_token_id, group, min_length=last + 1)
+            per_set = batch.size * (self.bytes_per_row(batch.length) + 8 * vocabulary * (last + 1))
+            max_sets = max(1, int(self._budget_bytes() // per_set))
+            if self.config.max_batch_rows is not None:
+                max_sets = max(1, min(max_sets, self.config.max_batch_rows // batch.size))
+            for start in range(0, len(sets), max_sets):
+                chunk = sets[start : start + max_sets]
+                plan = ablation_plan(chunk)
+                arguments = (batch.repeated(1), plan, len(chunk), kind, float(epsilon), self._means_for(means, plan), last)
+                if self.remote:
+                    values = self.call(intrace.token_log_probs, *arguments,
+                                       label=f"answer-scoring request for sets {start}-{start + len(chunk) - 1}")
+                else:
+                    values = intrace.token_log_probs(self.model.lm, self.sites, *arguments, save=nnsight.save)
+                values = values.float().cpu().reshape(len(chunk), batch.size, last)
+                result[start : start + len(chunk), batch.prompt_indices] = values
+        for index, ids in enumerate(tokens):
+            result[:, index, : max(0, last + 1 - len(ids))] = float("nan")  # predictions of padding, not of the sequence
         return result
 
     def head_means(self, prompts: Sequence[str | Sequence[int]]) -> torch.Tensor:
@@ -627,6 +674,13 @@ class Engine:
             total += sums.cpu()
             count += int(batch.attention_mask.sum())
         return (total / count).float()
+
+
+def _check_ablation(kind: str, epsilon: float, means: torch.Tensor | None) -> None:
+    check_kind(kind)
+    check_epsilon(epsilon)
+    if kind == "mean" and means is None:
+        raise UserError("a mean ablation needs reference means: call Engine.head_means(reference_prompts) first")
 
 
 def _split_rows(group: list[int], rows: int) -> list[list[int]]:

@@ -210,14 +210,20 @@ def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows,
     return output
 
 
-def token_log_probs(lm, sites, inputs, save=None):
-    """One unablated pass over a left-padded batch: log p(token t | tokens < t) for t = 1 .. length-1, [rows,
-    length-1] float32. Only these travel back, never the [rows, length, vocab] logits."""
+def token_log_probs(lm, sites, inputs, plan=None, n_sets=1, kind="ua", epsilon=1e-4, means=None, last=None, save=None):
+    """log p(token t | tokens < t) over a left-padded batch, [n_sets * rows, positions] float32: t = 1 .. length-1,
+    or the `last` final tokens only. With a `plan`, the batch is tiled `n_sets` times and copy i ablates plan row i
+    (as in `ablated_pass`). Only these values travel back, never the [rows, length, vocab] logits; with `last`, the
+    model computes logits for the last `last` + 1 positions alone."""
     save = save or _identity
-    with torch.no_grad(), lm.trace(**inputs, use_cache=False):
+    repeat = inputs["input_ids"].shape[0]
+    tiled = {name: value.repeat(n_sets, 1) for name, value in inputs.items()}
+    with torch.no_grad(), lm.trace(**tiled, logits_to_keep=0 if last is None else last + 1, use_cache=False):
+        for layer in sorted(plan or {}):
+            ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means, repeat=repeat)
         logits = lm.output.logits[:, :-1].float()
-        targets = inputs["input_ids"][:, 1:].to(logits.device)
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        targets = tiled["input_ids"][:, 1:] if last is None else tiled["input_ids"][:, -last:]
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
         result = save(picked.cpu())
     return result
 
