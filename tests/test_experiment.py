@@ -96,3 +96,22 @@ def test_excluded_heads_never_reach_the_sahara_group(run_folder, tmp_path):
     assert chosen[0] not in sahara["heads"] and len(sahara["heads"]) == 2
     assert sahara["config"]["exclude"] == first
     assert json.loads((out / "experiment.json").read_text())["config"]["exclude"] == first
+
+
+def test_the_guard_is_on_by_default_and_keeps_the_trap_head_out(run_folder, tmp_path):
+    """On the demo model, Sahara's plain search (--guard none) takes head 0:6, whose ablation garbles every answer;
+    the default guard passes over it, says so in sahara.json and the report, and records its setting."""
+    guarded = json.loads((run_folder / "sahara" / "sahara.json").read_text())
+    assert guarded["config"]["guard"] == "harmless-val" and guarded["config"]["guard_max_rise"] == 0.25
+    out = tmp_path / "plain"
+    assert main(["run", "--quick", "--out", str(out), *SMALL, "--guard", "none"]) == 0
+    plain = json.loads((out / "sahara" / "sahara.json").read_text())
+    assert plain["config"]["guard"] is None and all("passed_over" not in step for step in plain["steps"])
+    assert [0, 6] in plain["heads"] and [0, 6] not in guarded["heads"]
+    skipped = [head for step in guarded["steps"] for head in step["passed_over"]]
+    assert [0, 6] in skipped
+    step = next(s for s in guarded["steps"] if [0, 6] in s["passed_over"])
+    assert step["guard_rise"][0][6] > 0.25 >= step["guard_rise"][step["chosen"][0]][step["chosen"][1]]
+    assert f"0:6 (+{step['guard_rise'][0][6]:.3g})" in (run_folder / "report.md").read_text()
+    assert "No guard: the paper's search" in (out / "report.md").read_text()
+    assert json.loads((out / "experiment.json").read_text())["config"]["guard"] is None

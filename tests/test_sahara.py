@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from families import FAMILIES
-from reference import reference_means, reference_readouts
+from reference import reference_means, reference_readouts, reference_token_log_probs
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.demo.tiny import byte_tokenizer
 from safety_heads.errors import UserError
 from safety_heads.models import wrap
 from safety_heads.results import load_tensors
 from safety_heads.sahara import (
-    Sahara, SaharaConfig, best_head, paper_era_angles, run_sahara, subspace_angle, subspace_angles,
+    GUARD_BATCH, Sahara, _choose_guarded, SaharaConfig, best_head, paper_era_angles, run_sahara, subspace_angle, subspace_angles,
 )
 
 # Six lengths, so every engine batch is left-padded.
@@ -316,7 +316,9 @@ def test_bad_head_spec(llama):
     "settings, message",
     [(dict(steps=0), "--steps"), (dict(rank=0), "--rank"), (dict(ablation="zero"), "unknown ablation kind"),
      (dict(epsilon=2.0), "epsilon"), (dict(score="cosine"), "unknown score"),
-     (dict(score="paper-era", rank=2), "--rank applies"), (dict(mean_reference_limit=0), "--mean-reference-limit")],
+     (dict(score="paper-era", rank=2), "--rank applies"), (dict(mean_reference_limit=0), "--mean-reference-limit"),
+     (dict(guard_limit=0), "--guard-limit"), (dict(guard_tokens=0), "--guard-tokens"),
+     (dict(guard_max_rise=0.0), "--guard-max-rise must be positive")],
 )
 def test_bad_config(settings, message):
     with pytest.raises(UserError, match=message):
@@ -380,3 +382,155 @@ def test_remote_engine_scores_a_whole_step_per_call(monkeypatch):
     assert remote.heads == local.heads
     for a, b in zip(local.steps, remote.steps):
         assert torch.allclose(a.scores, b.scores, equal_nan=True, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The harmless guard.
+
+GUARD = dict(guard="harmless-val", guard_limit=3, guard_tokens=6)
+
+
+def reference_guard(module, family, tokenizer, config, group_sets):
+    """Independently: greedy answers by an argmax loop of the plain module, then for each head set the rise of their
+    mean NLL per token (hooked passes, one per sequence and set) over the clean model, averaged over prompts."""
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for query in load_prompts(config.guard, limit=config.guard_limit):
+        prompt = list(format_prompts([query], config.template, tokenizer)[0].token_ids)
+        answer = []
+        with torch.no_grad():
+            while len(answer) < config.guard_tokens:
+                token = int(module(torch.tensor([prompt + answer])).logits[0, -1].argmax())
+                if token == eos:
+                    break
+                answer.append(token)
+        if answer:
+            sequences.append((prompt + answer, len(answer)))
+
+    def nll(heads):
+        return sum(-reference_token_log_probs(module, family, ids, heads, "ua")[-n:].mean() for ids, n in sequences) / len(sequences)
+
+    clean = nll([])
+    return [nll(heads) - clean for heads in group_sets], len(sequences)
+
+
+def test_guard_rises_match_reference():
+    family, module, model = tiny("llama")
+    config = SaharaConfig(steps=1, heads="1-2:*", guard_max_rise=1e9, **GUARD)
+    candidates = [(layer, head) for layer in (1, 2) for head in range(family.n_heads)]
+    rises = Sahara(model, config).guard_rises([[h] for h in candidates])
+    expected, n_answers = reference_guard(module, family, model.tokenizer, config, [[h] for h in candidates])
+    assert n_answers >= 2
+    expected = torch.stack(expected)
+    assert (rises - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert expected.abs().max() > 1e-3  # the ablations do move the answers' likelihood
+    # In the search, the best-scoring candidates are checked first, GUARD_BATCH of them in one call.
+    step = run_sahara(model, QUERIES, config, **quiet).steps[0]
+    checked = [h for h in candidates if not step.guard[h].isnan()]
+    assert len(checked) == GUARD_BATCH and torch.isnan(step.guard[0]).all()
+    best_first = sorted(candidates, key=lambda h: -step.scores[h].item())
+    assert set(checked) == set(best_first[:GUARD_BATCH])
+    for head in checked:
+        assert abs(step.guard[head] - expected[candidates.index(head)]) <= 1e-5 * expected.abs().max()
+
+
+def test_guard_passes_over_heads_above_the_limit(llama):
+    plain = run_sahara(llama, QUERIES, SaharaConfig(steps=2, heads="1-2:*"), **quiet)
+    lenient = run_sahara(llama, QUERIES, SaharaConfig(steps=2, heads="1-2:*", guard_max_rise=1e9, **GUARD), **quiet)
+    same_steps(plain, lenient)  # a guard nothing fails changes nothing
+    first = lenient.steps[0]
+    limit = float(first.guard[first.chosen]) - 1e-9  # just below the rise of the head chosen unguarded
+    lines = []
+    guarded = run_sahara(llama, QUERIES, SaharaConfig(steps=2, heads="1-2:*", guard_max_rise=limit, **GUARD),
+                         progress=lines.append)
+    step = guarded.steps[0]
+    assert step.chosen != first.chosen and step.guard[step.chosen] <= limit
+    torch.testing.assert_close(step.scores, first.scores, rtol=0, atol=0, equal_nan=True)  # scores are not changed
+    higher = step.scores > step.scores[step.chosen]
+    assert higher.any() and (step.guard[higher] > limit).all()  # every better-scoring head was checked and failed
+    assert step.chosen == best_head(step.scores.masked_fill(higher, float("nan")))[0]
+    assert any(f"the guard passed over {first.chosen[0]}:{first.chosen[1]} (+" in line for line in lines)
+    assert any(line.startswith("guard: the clean model's answers to") for line in lines)
+
+
+def test_guarded_choice_is_the_best_eligible_head():
+    """_choose_guarded on random score matrices with NaN holes (heads not scored): the highest-scoring head whose
+    rise is within the limit, ties to the lowest (layer, head), exactly as best_head on the eligible heads."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        scores = torch.randint(0, 6, (3, 5), generator=generator).double()  # small integers: many ties
+        scores[torch.rand(3, 5, generator=generator) < 0.3] = float("nan")
+        if scores.isnan().all():
+            continue
+        rises = torch.rand(3, 5, generator=generator, dtype=torch.float64)
+        fake = type("FakeSahara", (), {"config": SaharaConfig(guard="x", guard_max_rise=0.5),
+                                       "guard_rises": lambda self, sets: torch.stack([rises[s[-1]] for s in sets])})()
+        chosen, guard, passed_over = _choose_guarded(fake, 1, [], scores, {}, None)
+        eligible = scores.masked_fill(rises > 0.5, float("nan"))
+        if eligible.isnan().all():
+            assert chosen is None
+            continue
+        assert chosen == best_head(eligible)[0]
+        assert all(rises[h] > 0.5 and scores[h] >= scores[chosen] for h in passed_over)
+        assert guard[chosen] == rises[chosen]
+
+
+def test_guard_that_nothing_passes(llama, monkeypatch):
+    def rises(self, head_sets):  # single heads pass, groups of two do not
+        return torch.tensor([0.0 if len(heads) == 1 else 5.0 for heads in head_sets], dtype=torch.float64)
+
+    monkeypatch.setattr(Sahara, "guard_rises", rises)
+    lines = []
+    stopped = run_sahara(llama, QUERIES, SaharaConfig(steps=3, heads="1-2:*", **GUARD), progress=lines.append)
+    assert len(stopped.heads) == 1 and len(stopped.steps) == 1
+    assert "the group stops at" in lines[-1]
+    monkeypatch.setattr(Sahara, "guard_rises", lambda self, head_sets: torch.full((len(head_sets),), 5.0, dtype=torch.float64))
+    with pytest.raises(UserError, match="every candidate head raises .* by more than 0.25 nats/token .*--guard-max-rise"):
+        run_sahara(llama, QUERIES, SaharaConfig(steps=3, heads="1-2:*", **GUARD), **quiet)
+
+
+def test_guard_is_checkpointed_and_written(tmp_path, monkeypatch, llama):
+    config = SaharaConfig(steps=2, heads="1-2:*", **GUARD)
+    uninterrupted = run_sahara(llama, QUERIES, config, out=tmp_path / "a", **quiet)
+    out = tmp_path / "b"
+    with pytest.raises(Interrupt):
+        run_sahara(llama, QUERIES, config, out=out, progress=stop_at("[step 2/2, layer 2/2]"))
+    units = [json.loads(line) for line in (out / "sahara.checkpoint.jsonl").read_text().splitlines()[1:]]
+    checks = [u for u in units if "guard" in u]
+    assert [u["step"] for u in checks] == [1] and len(checks[0]["guard"]) == GUARD_BATCH
+    calls = []
+    original = Sahara.guard_rises
+    monkeypatch.setattr(Sahara, "guard_rises", lambda self, sets: calls.append(len(sets)) or original(self, sets))
+    resumed = run_sahara(llama, QUERIES, config, out=out, resume=True, **quiet)
+    assert calls == [7]  # step 2's check of its 7 candidates (at most GUARD_BATCH); step 1's came from the checkpoint
+    same_steps(uninterrupted, resumed)
+    for a, b in zip(uninterrupted.steps, resumed.steps):
+        torch.testing.assert_close(a.guard, b.guard, rtol=0, atol=0, equal_nan=True)
+    record = json.loads((out / "sahara.json").read_text())
+    assert record["config"]["guard"] == "harmless-val" and record["config"]["guard_max_rise"] == 0.25
+    layer, head = record["steps"][0]["chosen"]
+    assert record["steps"][0]["guard_rise"][layer][head] == pytest.approx(float(resumed.steps[0].guard[layer, head]))
+    assert record["steps"][0]["guard_rise"][0] == [None] * 4
+    data = load_tensors(out / "sahara_data.pt")
+    assert data["guard_rise"].shape == (2, 3, 4)
+    with pytest.raises(UserError, match="cannot resume.*guard_max_rise"):
+        broken = tmp_path / "c"
+        with pytest.raises(Interrupt):
+            run_sahara(llama, QUERIES, config, out=broken, progress=stop_at("[step 1/2, layer 2/2]"))
+        run_sahara(llama, QUERIES, SaharaConfig(steps=2, heads="1-2:*", **GUARD, guard_max_rise=0.5), out=broken,
+                   resume=True, **quiet)
+
+
+def test_guard_through_a_remote_engine_equals_local():
+    """Remote (nnsight's local simulation of a request): the guard's answers are generated and scored by requests,
+    with the same results as locally."""
+    from safety_heads.engine import EngineConfig
+
+    family, module, model = tiny("llama")
+    config = SaharaConfig(steps=2, heads="1-2:*", guard_max_rise=0.3, **GUARD)
+    local = run_sahara(model, QUERIES, config, **quiet)
+    remote = run_sahara(model, QUERIES, config, engine_config=EngineConfig(remote="local"), **quiet)
+    assert remote.heads == local.heads
+    for a, b in zip(local.steps, remote.steps):
+        assert a.passed_over == b.passed_over
+        assert torch.allclose(a.guard, b.guard, equal_nan=True, atol=1e-6)

@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--score", default="svd", help="svd (default) or paper-era (column 0 of the raw matrix, see docs)")
     group.add_argument("--heads", default=None, help="restrict the candidates, e.g. '0-7:*' (default: every head)")
     group.add_argument("--exclude", default=None, help="never choose these heads, e.g. '0:6' (one whose ablation breaks the model)")
+    _add_guard_arguments(group, details=True)
     group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
     group.add_argument("--out", required=True, help="output folder")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sahara-limit", dest="sahara_limit", type=int, default=None)
     group.add_argument("--steps", type=int, default=3)
     group.add_argument("--exclude", default=None, help="heads Sahara never chooses, e.g. '0:6'")
+    _add_guard_arguments(group, details=False)
     group.add_argument("--eval-datasets", dest="eval_datasets", default="maliciousinstruct,jailbreakbench")
     group.add_argument("--eval-limit", dest="eval_limit", type=int, default=None)
     group.add_argument("--harmless", default="harmless-test")
@@ -383,6 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
     doctor.set_defaults(run=command_doctor)
     return parser
+
+
+def _add_guard_arguments(group, details: bool) -> None:
+    """`sahara` (details) keeps the paper's search by default; `run` guards it with harmless-val by default."""
+    default = None if details else "harmless-val"
+    group.add_argument("--guard", default=default, type=lambda value: None if value.lower() == "none" else value,
+                       help="a harmless data set or file: Sahara skips head sets whose ablation makes the model's own "
+                            "answers to its prompts unlikely; 'none' turns it off (default: "
+                            + ("none, as in the paper)" if details else "harmless-val)"))
+    group.add_argument("--guard-max-rise", dest="guard_max_rise", type=float, default=0.25,
+                       help="the most a chosen group may raise the NLL of those answers, nats per token (default 0.25)")
+    if details:
+        group.add_argument("--guard-limit", dest="guard_limit", type=int, default=16, help="guard prompts used (default 16)")
+        group.add_argument("--guard-tokens", dest="guard_tokens", type=int, default=24,
+                           help="length of the clean answers the guard scores (default 24)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

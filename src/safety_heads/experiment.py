@@ -61,6 +61,10 @@ class ExperimentConfig:
     sahara_limit: int | None = None
     steps: int = 3
     exclude: str | None = None  # heads Sahara never chooses (SaharaConfig.exclude)
+    # Sahara's harmless guard (SaharaConfig.guard), on by default here: without it, the demo model's group includes a
+    # head whose ablation garbles every answer (docs/sahara.md). None = off, the paper's search.
+    guard: str | None = "harmless-val"
+    guard_max_rise: float = 0.25  # SaharaConfig.guard_max_rise
     eval_datasets: str = "maliciousinstruct,jailbreakbench"
     eval_limit: int | None = None
     harmless: str = "harmless-test"
@@ -130,14 +134,15 @@ def run_experiment(
     # The run's own settings, checked on resume: finished stages must not be mixed with stages under other settings.
     # Batching and retry settings change no result (beyond float rounding), so they may differ on resume; where the
     # traces run (here or on NDIF, in another dtype) does.
+    # Read every data set first: a bad name fails before anything is written.
+    ships_queries = load_prompts(config.ships_dataset, limit=config.ships_limit)
+    sahara_queries = load_prompts(config.sahara_dataset, limit=config.sahara_limit)
+    for name in [*config.eval_datasets.split(","), config.guard]:
+        if name is not None:
+            load_prompts(name.strip(), limit=1)
     remote = (engine_config or EngineConfig()).remote
     run_checkpoint = Checkpoint(out / "run.checkpoint.jsonl", {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote})
     run_checkpoint.start(resume)
-    # Read every data set first: a bad name fails before any stage runs.
-    ships_queries = load_prompts(config.ships_dataset, limit=config.ships_limit)
-    sahara_queries = load_prompts(config.sahara_dataset, limit=config.sahara_limit)
-    for name in config.eval_datasets.split(","):
-        load_prompts(name.strip(), limit=1)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
     timings: dict[str, float] = {}
     common = dict(template=config.template, system=config.system, ablation=config.ablation, epsilon=config.epsilon)
@@ -154,9 +159,11 @@ def run_experiment(
     stage(1, "ships", out / "ships" / "ships.json", lambda p: run_ships(
         model, ships_queries, ShipsConfig(**common), out=out / "ships", resume=True, engine_config=engine_config,
         source={"dataset": config.ships_dataset, "limit": config.ships_limit}, progress=p))
+    search = SaharaConfig(**common, steps=config.steps, exclude=config.exclude, guard=config.guard,
+                          guard_max_rise=config.guard_max_rise)
     stage(2, "sahara", out / "sahara" / "sahara.json", lambda p: run_sahara(
-        model, sahara_queries, SaharaConfig(**common, steps=config.steps, exclude=config.exclude), out=out / "sahara", resume=True,
-        engine_config=engine_config, source={"dataset": config.sahara_dataset, "limit": config.sahara_limit}, progress=p))
+        model, sahara_queries, search, out=out / "sahara", resume=True, engine_config=engine_config,
+        source={"dataset": config.sahara_dataset, "limit": config.sahara_limit}, progress=p))
     evaluation = dict(limit=config.eval_limit, judges=config.judges, harmless_limit=config.harmless_limit, **common)
     stage(3, "evaluate", out / "eval" / "eval.json", lambda p: run_evaluation(
         model, EvaluateConfig(datasets=config.eval_datasets, source=str(out / "sahara" / "sahara.json"), harmless=config.harmless, **evaluation),

@@ -82,6 +82,11 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def _passed_over(step: dict) -> str:
+    """"0:6 (+0.867)": the heads the guard skipped at a Sahara step, with the rise of the answers' NLL (nats/token)."""
+    return ", ".join(f"{layer}:{head} (+{step['guard_rise'][layer][head]:.3g})" for layer, head in step.get("passed_over", []))
+
+
 def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, evaluation: dict | None,
                  per_query: dict | None = None, title: str = "safety-heads report", timings: dict | None = None) -> dict:
     """Write report.html and report.md into `folder` from the run's JSON records; returns what it reported."""
@@ -97,11 +102,22 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
         parts.append(f"<h2>Sahara: the data set's safety-head group</h2><p>Group (in the order chosen): <b>{heads}</b>, "
                      f"from {sahara['config']['n_queries']} queries of {html.escape(str(sahara['config'].get('dataset')))}, "
                      f"{sahara['config']['ablation']} ablation, eps={sahara['config']['epsilon']:g}, rank {sahara['config']['rank']}.</p>")
-        rows = "".join(f"<tr><td>{s['step']}</td><td>{s['chosen'][0]}:{s['chosen'][1]}</td><td class=num>{s['score']:.4g}</td></tr>" for s in sahara["steps"])
-        parts.append(f"<table><tr><th>step</th><th>head added</th><th>angle of the group (degrees)</th></tr>{rows}</table>")
+        guard = sahara["config"].get("guard")
+        skipped = {s["step"]: _passed_over(s) for s in sahara["steps"]}
+        guard_note = (f"Guarded by the clean model's answers to {guard}: a head is skipped when its group raises their "
+                      f"NLL by more than {sahara['config']['guard_max_rise']:g} nats/token." if guard else
+                      "No guard: the paper's search, which may pick a head whose ablation garbles every answer.")
+        parts.append(f"<p>{html.escape(guard_note)}</p>")
+        guard_header = "<th>skipped by the guard (NLL rise)</th>" if guard else ""
+        rows = "".join(f"<tr><td>{s['step']}</td><td>{s['chosen'][0]}:{s['chosen'][1]}</td><td class=num>{s['score']:.4g}</td>"
+                       + (f"<td>{skipped[s['step']] or '-'}</td>" if guard else "") + "</tr>" for s in sahara["steps"])
+        parts.append(f"<table><tr><th>step</th><th>head added</th><th>angle of the group (degrees)</th>{guard_header}</tr>{rows}</table>")
         markdown += ["## Sahara", "", f"Group: **{heads}** ({sahara['config']['n_queries']} queries, {sahara['config']['ablation']}, "
-                     f"eps={sahara['config']['epsilon']:g}).", "", "| step | head added | angle (degrees) |", "|---|---|---|"]
-        markdown += [f"| {s['step']} | {s['chosen'][0]}:{s['chosen'][1]} | {s['score']:.4g} |" for s in sahara["steps"]] + [""]
+                     f"eps={sahara['config']['epsilon']:g}). {guard_note}", "",
+                     "| step | head added | angle (degrees) |" + (" skipped by the guard (NLL rise) |" if guard else ""),
+                     "|---|---|---|" + ("---|" if guard else "")]
+        markdown += [f"| {s['step']} | {s['chosen'][0]}:{s['chosen'][1]} | {s['score']:.4g} |"
+                     + (f" {skipped[s['step']] or '-'} |" if guard else "") for s in sahara["steps"]] + [""]
         for step in sahara["steps"]:
             image = folder / "sahara" / f"sahara_step{step['step']}.png"
             if image.exists():

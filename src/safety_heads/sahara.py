@@ -28,7 +28,7 @@ nothing finished and re-derives the chosen heads from the checkpointed scores.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
@@ -49,6 +49,8 @@ FORMAT_VERSION = 1
 # Below this relative gap between the R-th and (R+1)-th singular values of M_clean, its top-R subspace is barely
 # determined (any rotation inside the near-tie fits), so every score is dominated by that ambiguity: warn.
 GAP_WARNING = 1e-3
+# The guard checks candidates best-scoring first, this many per call: enough that one call usually settles a step.
+GUARD_BATCH = 8
 
 
 @dataclass
@@ -67,6 +69,13 @@ class SaharaConfig:
     mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
     mean_reference_limit: int = 64
     score: str = "svd"  # svd | paper-era (hidden dimension 0 only; see the module docstring)
+    # The harmless guard (off by default, as in the paper): a head set may be chosen only if the ablated model still
+    # finds the clean model's greedy answers to these harmless prompts likely, i.e. their mean NLL per token rises by
+    # at most guard_max_rise nats. It keeps the search off heads whose ablation garbles every answer.
+    guard: str | None = None  # a harmless data set ("harmless-val") or file; None = no guard
+    guard_limit: int = 16  # its first N prompts
+    guard_tokens: int = 24  # length of the clean answers (greedy)
+    guard_max_rise: float = 0.25  # nats per token
 
     def validate(self) -> None:
         check_kind(self.ablation)
@@ -81,6 +90,11 @@ class SaharaConfig:
             raise UserError("--rank applies to the svd score only; the paper-era score compares one column")
         if self.mean_reference_limit < 1:
             raise UserError(f"--mean-reference-limit must be at least 1, not {self.mean_reference_limit!r}")
+        for name in ("guard_limit", "guard_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)!r}")
+        if not self.guard_max_rise > 0:
+            raise UserError(f"--guard-max-rise must be positive (nats per token), not {self.guard_max_rise!r}")
 
 
 @dataclass
@@ -89,6 +103,8 @@ class SaharaStep:
     chosen: Head
     score: float  # the score of the group after this step (G + [chosen])
     scores: torch.Tensor  # [layers, heads] float64, NaN for heads in G or not candidates
+    guard: torch.Tensor | None = None  # [layers, heads] rise of the guard answers' NLL (nats/token), NaN = not checked
+    passed_over: list[Head] = field(default_factory=list)  # higher-scoring heads the guard rejected, best first
 
 
 @dataclass
@@ -210,6 +226,47 @@ class Sahara:
         ablated = result.hidden.transpose(0, 1)  # [K, N, d]
         return angles_to_column(reference, ablated) if c.score == "paper-era" else angles_to_basis(reference, ablated)
 
+    # -- the harmless guard ----------------------------------------------------------------------------------------
+
+    @cached_property
+    def guard_answers(self) -> tuple[list[list[int]], torch.Tensor, int]:
+        """The guard's sequences (prompt + the clean model's greedy answer, empty answers dropped), the mask of
+        answer tokens among each sequence's `last` final tokens [P, last], and `last` (the longest answer)."""
+        from .data import prompt_tokens
+        from .generate import GenerationConfig, generate
+
+        c = self.config
+        prompts = prompt_tokens(c.guard, c.guard_limit, c.template, self.model.tokenizer, c.system)
+        answers = generate(self.model, prompts, config=GenerationConfig(max_new_tokens=c.guard_tokens),
+                           engine=self.engine if self.engine.remote else None)
+        kept = [(list(prompt), answer.token_ids) for prompt, answer in zip(prompts, answers) if answer.token_ids]
+        if not kept:
+            raise UserError(f"the model answered none of the --guard prompts from '{c.guard}' (each ended at once); "
+                            "choose another harmless set or drop --guard")
+        last = max(len(answer) for _, answer in kept)
+        mask = torch.zeros(len(kept), last, dtype=torch.bool)
+        for row, (_, answer) in enumerate(kept):
+            mask[row, last - len(answer) :] = True
+        return [prompt + answer for prompt, answer in kept], mask, last
+
+    def guard_nll(self, head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
+        """Mean NLL per token (nats) of the guard answers with each head set ablated, averaged over prompts: [K]."""
+        sequences, mask, last = self.guard_answers
+        c = self.config
+        log_probs = self.engine.ablated_token_log_probs(
+            sequences, head_sets, last, kind=c.ablation, epsilon=c.epsilon, means=self.means
+        ).double()
+        per_prompt = -torch.where(mask, log_probs, 0.0).sum(-1) / mask.sum(-1)  # [K, P]
+        return per_prompt.mean(-1)
+
+    @cached_property
+    def guard_clean_nll(self) -> float:
+        return float(self.guard_nll([[]])[0])
+
+    def guard_rises(self, head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
+        """How much each head set raises the guard answers' NLL per token over the clean model: [K] float64."""
+        return self.guard_nll(head_sets) - self.guard_clean_nll
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The greedy search, checkpointed.
@@ -237,14 +294,20 @@ def run_sahara(
     _check_sizes(len(queries), sahara.engine.d_model, len(sahara.candidates), config)
     prompts = format_prompts(queries, config.template, model.tokenizer, config.system)
     tokens = sahara.engine.tokenize([p.token_ids for p in prompts])  # every prompt fits: fail before writing
+    if config.guard is not None:
+        sahara.guard_answers  # a bad --guard data set fails here, before anything is written
     record = run_record(model, config, queries, source or {}) | {"duplicates": duplicates}
 
     finished: dict[tuple[int, int], dict] = {}
+    guard_units: dict[int, list[dict]] = {}  # per step, the checkpointed guard checks
     checkpoint = None
     if out is not None:
         out, checkpoint, units = open_run(out, "sahara", "a finished Sahara run", record, resume)
         for unit in units:
-            finished[(unit["step"], unit["layer"])] = unit
+            if "layer" in unit:
+                finished[(unit["step"], unit["layer"])] = unit
+            else:
+                guard_units.setdefault(unit["step"], []).append(unit)
         if finished:
             progress(f"resuming: {len(finished)} layer scorings already checkpointed")
 
@@ -257,6 +320,10 @@ def run_sahara(
                      f"nearly tie ({high:.6g} vs {low:.6g}); its top-{config.rank} subspace is ill-determined, so "
                      "the scores are unstable")
     reference = sahara.reference(clean)
+    if config.guard is not None:
+        sequences, _, _ = sahara.guard_answers
+        progress(f"guard: the clean model's answers to {len(sequences)} prompts of {config.guard} have NLL "
+                 f"{sahara.guard_clean_nll:.3f} nats/token; a chosen group may raise it by {config.guard_max_rise:g} at most")
 
     layout = model.layout
     group: list[Head] = []
@@ -273,9 +340,7 @@ def run_sahara(
             if unit is None:
                 pending.append((position, layer, heads))
                 continue
-            if [tuple(h) for h in unit["group"]] != group:
-                raise UserError(f"cannot resume: the checkpoint in '{out}' is inconsistent (step {step} was scored "
-                                f"with group {format_heads(map(tuple, unit['group']))}, not {format_heads(group)})")
+            _check_group(unit, group, out)
             scores[layer] = matrix_or_nan([unit["scores"]])[0]
         # Locally, one engine call per layer, so a kill loses at most one layer. Remotely, every pending layer of the
         # step in one call (one request instead of one per layer); its layers are still checkpointed one by one.
@@ -292,11 +357,30 @@ def run_sahara(
                 (_, top), value = best_head(scores[layer : layer + 1])
                 progress(f"[step {step}/{config.steps}, layer {position}/{len(by_layer)}] layer {layer}: "
                          f"best {layer}:{top} ({value:.4g} deg)")
-        chosen, value = best_head(scores)
+        guard, passed_over = None, []
+        if config.guard is None:
+            chosen, value = best_head(scores)
+        else:
+            checked: dict[Head, float] = {}  # the guard's rise for each head checked so far
+            for unit in guard_units.get(step, []):
+                _check_group(unit, group, out)
+                checked.update({(layer, head): rise for layer, head, rise in unit["guard"]})
+            chosen, guard, passed_over = _choose_guarded(sahara, step, group, scores, checked, checkpoint)
+            if chosen is None:
+                least = min(float(r) for r in guard[~guard.isnan()])
+                if not group:
+                    raise UserError(f"every candidate head raises the NLL of the clean answers to --guard prompts by more "
+                                    f"than {config.guard_max_rise:g} nats/token (the least: {least:.3g}); raise "
+                                    "--guard-max-rise or drop --guard")
+                progress(f"step {step}/{config.steps}: every remaining head raises the guard's NLL by more than "
+                         f"{config.guard_max_rise:g} (the least: {least:.3g}); the group stops at {format_heads(group)}")
+                break
+            value = float(scores[chosen])
         group.append(chosen)
-        steps.append(SaharaStep(step, chosen, value, scores))
-        progress(f"step {step}/{config.steps}: chose {chosen[0]}:{chosen[1]} ({value:.4g} deg); "
-                 f"group {format_heads(group)}")
+        steps.append(SaharaStep(step, chosen, value, scores, guard, passed_over))
+        skipped = ", ".join(f"{layer}:{head} (+{float(guard[layer, head]):.3g} nats/token)" for layer, head in passed_over)
+        progress(f"step {step}/{config.steps}: chose {chosen[0]}:{chosen[1]} ({value:.4g} deg); group {format_heads(group)}"
+                 + (f"; the guard passed over {skipped}" if passed_over else ""))
 
     result = SaharaResult(
         record | {"versions": versions(), "layout": asdict(layout)}, group, steps,
@@ -306,6 +390,39 @@ def run_sahara(
         write_outputs(result, out)
         checkpoint.remove()
     return result
+
+
+def _choose_guarded(sahara: Sahara, step: int, group: list[Head], scores: torch.Tensor, checked: dict[Head, float],
+                    checkpoint) -> tuple[Head | None, torch.Tensor, list[Head]]:
+    """The best-scoring head whose group passes the guard (None if none does), the step's guard matrix (NaN where
+    not checked) and the higher-scoring heads it passed over. Candidates are checked best-first, GUARD_BATCH at a time,
+    so a step usually costs one guard call, not one per head; `checked` (from the checkpoint) is never recomputed."""
+    n_heads = scores.shape[1]
+    values = scores.flatten().tolist()
+    scored = [i for i, value in enumerate(values) if value == value]  # not NaN (a NaN key would scramble the sort)
+    order = [divmod(i, n_heads) for i in sorted(scored, key=lambda i: (-values[i], i))]
+    chosen, passed_over = None, order
+    for position, head in enumerate(order):
+        if head not in checked:
+            batch = [h for h in order[position:] if h not in checked][:GUARD_BATCH]
+            new = dict(zip(batch, sahara.guard_rises([group + [h] for h in batch]).tolist()))
+            checked.update(new)
+            if checkpoint is not None:
+                checkpoint.append({"step": step, "group": group, "guard": [[layer, h, rise] for (layer, h), rise in new.items()]})
+        if checked[head] <= sahara.config.guard_max_rise:
+            chosen, passed_over = head, order[:position]
+            break
+    guard = torch.full_like(scores, float("nan"))
+    for head, rise in checked.items():
+        guard[head] = rise
+    return chosen, guard, passed_over
+
+
+def _check_group(unit: dict, group: list[Head], out) -> None:
+    """A checkpoint line must have been computed with the group re-derived so far."""
+    if [tuple(h) for h in unit["group"]] != group:
+        raise UserError(f"cannot resume: the checkpoint in '{out}' is inconsistent (step {unit['step']} was scored "
+                        f"with group {format_heads(map(tuple, unit['group']))}, not {format_heads(group)})")
 
 
 def _dedupe(queries: list[str], dedupe: bool, progress: Callable[[str], None]) -> tuple[list[str], int]:
@@ -351,7 +468,8 @@ def write_outputs(result: SaharaResult, out: Path) -> None:
             "heads": torch.tensor([list(h) for h in result.heads], dtype=torch.long).reshape(-1, 2),
             "step_scores": torch.tensor([s.score for s in result.steps], dtype=torch.float64),
             "clean_singular_values": result.clean_singular_values,
-        },
+        }
+        | ({"guard_rise": torch.stack([s.guard for s in result.steps])} if result.steps and result.steps[0].guard is not None else {}),
     )
     for step in result.steps:
         before = format_heads(result.heads[: step.step - 1]) or "nothing"
@@ -369,7 +487,9 @@ def sahara_record(result: SaharaResult) -> dict:
         "config": result.config,
         "heads": [list(h) for h in result.heads],
         "steps": [
-            {"step": s.step, "chosen": list(s.chosen), "score": s.score, "scores": s.scores} for s in result.steps
+            {"step": s.step, "chosen": list(s.chosen), "score": s.score, "scores": s.scores}
+            | ({"guard_rise": s.guard, "passed_over": [list(h) for h in s.passed_over]} if s.guard is not None else {})
+            for s in result.steps
         ],
         "clean": {"singular_values": result.clean_singular_values},
         "queries": [
