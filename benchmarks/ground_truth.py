@@ -15,7 +15,10 @@ pairs) it takes minutes, so the heuristics can be checked against the truth:
 - single heads and pairs are exhaustive; triples are a beam (every head added to each of the best `--beam` pairs,
   plus the Sahara and Ships triples), so the "best triple" is the best found, a lower bound on the true best;
 - **Sahara --exclude**: Sahara again without the heads whose ablation alone leaves < 80% of harmless prompts
-  answered, what a user does after the report shows a group breaking the model.
+  answered, what a user does after the report shows a group breaking the model;
+- **Sahara --guard harmless-val**: Sahara with its harmless guard (the default of `safety-heads run`), which needs
+  no truth: it skips a head when the group's ablation makes the clean model's answers to 16 harmless-val prompts
+  (a different split from the harmless-test prompts measured here) unlikely.
 
 "Best group of size k" = the highest ASR among groups of that size that still answer >= 80% of harmless prompts
 (without that floor the best groups are ones that break the model: see the demo model card's head 0:6). Targets
@@ -253,9 +256,13 @@ def study(args) -> int:
     sahara = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=args.ablation, heads=args.heads, steps=3),
                         progress=lambda line: None)
     sahara_groups = {k: sahara.heads[:k] for k in (1, 2, 3)}
+    guarded = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=args.ablation, heads=args.heads, steps=3,
+                                                      guard="harmless-val"), progress=lambda line: None)
+    guard_groups = {k: guarded.heads[:k] for k in range(1, len(guarded.heads) + 1)}  # the guard may stop it early
     ships_order = sorted(candidates, key=lambda h: -float(ships.mean[h]))
     ships_groups = {k: ships_order[:k] for k in (1, 2, 3)}
-    log(f"Sahara group {format_heads(sahara.heads)}; Ships top 3 {format_heads(ships_order[:3])}")
+    log(f"Sahara group {format_heads(sahara.heads)}; with the guard {format_heads(guarded.heads)}; "
+        f"Ships top 3 {format_heads(ships_order[:3])}")
 
     # The truth, one head set at a time, checkpointed.
     record = {"model": args.model, "ablation": args.ablation, "epsilon": EPSILON, "heads": args.heads,
@@ -288,21 +295,23 @@ def study(args) -> int:
     singles = measure([[h] for h in candidates])
     # What a user does after seeing a group break the harmless side: exclude the heads that do it alone, search again.
     breaking = [h for h, e in zip(candidates, singles) if e["harmless_answered"] < 100 * HARMLESS_FLOOR]
-    guarded_groups = None
+    excluding_groups = None
     if breaking and len(candidates) - len(breaking) >= 3:
-        guarded = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=args.ablation, heads=args.heads,
-                                                          exclude=format_heads(breaking), steps=3), progress=lambda line: None)
-        guarded_groups = {k: guarded.heads[:k] for k in (1, 2, 3)}
+        excluding = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=args.ablation, heads=args.heads,
+                                                            exclude=format_heads(breaking), steps=3), progress=lambda line: None)
+        excluding_groups = {k: excluding.heads[:k] for k in (1, 2, 3)}
         log(f"heads that break the harmless side alone: {format_heads(breaking)}; Sahara without them: "
-            f"{format_heads(guarded.heads)}")
+            f"{format_heads(excluding.heads)}")
     pairs = measure([list(p) for p in itertools.combinations(candidates, 2)])
     floor_pairs = sorted([p for p in pairs if p["harmless_answered"] >= 100 * HARMLESS_FLOOR],
                          key=lambda e: (-e["asr"], -e["asr_coherent"]))[: args.beam]
     triples_wanted = {tuple(sorted([*parse_heads(p["heads"], layout), h]))
                       for p in floor_pairs for h in candidates if h not in parse_heads(p["heads"], layout)}
     triples_wanted |= {tuple(sorted(sahara_groups[3])), tuple(sorted(ships_groups[3]))}
-    if guarded_groups:
-        triples_wanted.add(tuple(sorted(guarded_groups[3])))
+    if excluding_groups:
+        triples_wanted.add(tuple(sorted(excluding_groups[3])))
+    if 3 in guard_groups:
+        triples_wanted.add(tuple(sorted(guard_groups[3])))
     triples = measure([list(t) for t in sorted(triples_wanted)])
     by_size = {1: singles, 2: pairs, 3: triples}
 
@@ -322,9 +331,13 @@ def study(args) -> int:
             "sahara_gap": (best["asr"] - sahara_entry["asr"]) if best else None,
             "sahara_meets_floor": sahara_entry["harmless_answered"] >= 100 * HARMLESS_FLOOR,
         }
-        if guarded_groups:
-            guarded_entry = entry_for(guarded_groups[k])
-            comparison[k] |= {"sahara_excluding": guarded_entry, "sahara_excluding_rank": rank_of(guarded_entry, by_size[k])}
+        if excluding_groups:
+            excluding_entry = entry_for(excluding_groups[k])
+            comparison[k] |= {"sahara_excluding": excluding_entry, "sahara_excluding_rank": rank_of(excluding_entry, by_size[k])}
+        if k in guard_groups:
+            guard_entry = entry_for(guard_groups[k])
+            comparison[k] |= {"sahara_guard": guard_entry, "sahara_guard_rank": rank_of(guard_entry, by_size[k]),
+                              "sahara_guard_gap": (best["asr"] - guard_entry["asr"]) if best else None}
     single_asr = [e["asr"] for e in singles]
     single_coherent = [e["asr_coherent"] for e in singles]
     ships_scores = [float(ships.mean[h]) for h in candidates]
@@ -353,7 +366,16 @@ def study(args) -> int:
         "gap_met": {k: c["sahara_meets_floor"] and c["sahara_gap"] is not None and c["sahara_gap"] <= TARGET_GAP
                     for k, c in comparison.items()},
     }
+    if "sahara_guard" in comparison[3]:
+        guard_entry = comparison[3]["sahara_guard"]
+        targets["guard_raise_points"] = guard_entry["asr"] - clean["asr"]
+        targets["guard_raise_met"] = (targets["guard_raise_points"] >= TARGET_RAISE
+                                      and guard_entry["harmless_answered"] >= 100 * HARMLESS_FLOOR)
+    targets["guard_gap_met"] = {
+        k: c["sahara_guard"]["harmless_answered"] >= 100 * HARMLESS_FLOOR and c["sahara_guard_gap"] is not None
+        and c["sahara_guard_gap"] <= TARGET_GAP for k, c in comparison.items() if "sahara_guard" in c}
     result = {"config": record, "clean": clean, "sahara_heads": format_heads(sahara.heads),
+              "sahara_guard_heads": format_heads(guarded.heads),
               "breaking_heads": format_heads(breaking),
               "ships_ranking": format_heads(ships_order[:10]), "comparison": comparison, "correlations": correlations,
               "targets": targets, "answer_nll_check": nll_check, "singles": singles, "pairs": pairs, "triples": triples,
@@ -388,6 +410,8 @@ def markdown(result: dict) -> str:
         if "sahara_excluding" in c:
             lines.append(f"| {k} | Sahara --exclude {result['breaking_heads']} | {cell(c['sahara_excluding'])} | "
                          f"{c['sahara_excluding_rank']} of {n} |")
+        if "sahara_guard" in c:
+            lines.append(f"| {k} | Sahara --guard harmless-val | {cell(c['sahara_guard'])} | {c['sahara_guard_rank']} of {n} |")
         if c["best"]:
             lines.append(f"| {k} | best (harmless >= {100 * HARMLESS_FLOOR:.0f}%) | {cell(c['best'])} | 1 |")
         lines.append(f"| {k} | best (no floor) | {cell(c['best_without_floor'])} | 1 |")
@@ -405,6 +429,10 @@ def markdown(result: dict) -> str:
         f"{'met' if t['raise_met'] else 'not met'}",
         f"- Sahara's gap to the best group of its size, in ASR points: {gaps} "
         f"(target <= {TARGET_GAP:.0f}: {', '.join(f'k={k} ' + ('met' if m else 'not met') for k, m in t['gap_met'].items())})",
+        "- with the guard (`--guard harmless-val`, the default of `safety-heads run`): "
+        + (f"the 3-head group raises ASR by {t['guard_raise_points']:.1f} points: "
+           f"{'met' if t['guard_raise_met'] else 'not met'}; " if "guard_raise_points" in t else "the search stopped early; ")
+        + "gap target " + ", ".join(f"k={k} " + ("met" if m else "not met") for k, m in t["guard_gap_met"].items()),
         f"- answer NLL (the harmless cost's `answer_nll`) as a detector of groups below the harmless floor, over "
         f"{c['groups']} groups ({c['below_floor']} below): AUROC {c['auroc']:.3f}; a rise > {c['alarm_nats']:g} nat/token "
         f"flags {c['flagged_below_floor']} of the {c['below_floor']} and {c['flagged_above_floor']} of the other "

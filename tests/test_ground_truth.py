@@ -106,6 +106,13 @@ def test_small_study_is_consistent_and_refuses_to_overwrite(ground_truth, tmp_pa
         if comparison["best"] is not None:
             assert comparison["best"]["harmless_answered"] >= 80
             assert comparison["sahara_gap"] == pytest.approx(comparison["best"]["asr"] - comparison["sahara"]["asr"])
+    guarded = result["sahara_guard_heads"].split(",")
+    assert 1 <= len(guarded) <= 3 and set(guarded) <= set(candidates)
+    for k, comparison in result["comparison"].items():
+        if int(k) <= len(guarded):
+            assert sorted(comparison["sahara_guard"]["heads"].split(",")) == sorted(guarded[: int(k)])
+            assert comparison["sahara_guard"]["asr"] <= comparison["best_without_floor"]["asr"]
+    assert "| Sahara --guard harmless-val |" in (out / "ground_truth.md").read_text()
     assert (out / "ground_truth.md").read_text() in capsys.readouterr().out
     assert ground_truth.main(argv) == 2  # a finished study is never overwritten
     assert "already holds a finished study" in capsys.readouterr().err
