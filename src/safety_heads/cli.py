@@ -169,7 +169,11 @@ def command_sahara(args) -> int:
     result = run_sahara(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
     print(f"Sahara group over {len(queries)} queries ({config.ablation}, eps={config.epsilon:g}, rank {config.rank}):")
     for step in result.steps:
-        print(f"  step {step.step}: + {step.chosen[0]}:{step.chosen[1]}   angle {step.score:.4g} degrees")
+        guard = ""
+        if step.guard is not None:
+            skipped = ", ".join(f"{l}:{h} +{float(step.guard[l, h]):.3g}" for l, h in step.passed_over)
+            guard = f"   answer NLL +{float(step.guard[step.chosen]):.3g} nats/token" + (f" (passed over {skipped})" if skipped else "")
+        print(f"  step {step.step}: + {step.chosen[0]}:{step.chosen[1]}   angle {step.score:.4g} degrees{guard}")
     print(f"heads: {','.join(f'{l}:{h}' for l, h in result.heads)}")
     print(f"wrote {args.out}/sahara.json, sahara_data.pt, sahara_step*.png")
     return 0
