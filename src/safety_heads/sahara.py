@@ -23,6 +23,12 @@ ablated together against the *clean* model (whose M is computed once) and add th
 batches and the unablated prefix of layers; a checkpoint line is written after each, so `--resume` recomputes
 nothing finished and re-derives the chosen heads from the checkpointed scores.
 
+The harmless guard (an extension, off by default; `safety-heads run` turns it on): the score rewards any ablation
+that moves the representation, including one that garbles every answer. With `guard`, the clean model first answers
+a few harmless prompts; a head is then chosen only if its group raises the NLL of those answers (teacher-forced,
+Engine.ablated_token_log_probs) by at most `guard_max_rise` nats/token. Candidates are checked best score first,
+GUARD_BATCH per call, so the step's choice is the best-scoring head that passes, at the cost of about one call.
+
     safety-heads sahara --model tiny --dataset maliciousinstruct --limit 16 --steps 3 --out runs/sahara
 """
 
@@ -367,7 +373,7 @@ def run_sahara(
                 checked.update({(layer, head): rise for layer, head, rise in unit["guard"]})
             chosen, guard, passed_over = _choose_guarded(sahara, step, group, scores, checked, checkpoint)
             if chosen is None:
-                least = min(float(r) for r in guard[~guard.isnan()])
+                least = min((float(r) for r in guard[~guard.isnan()]), default=float("nan"))
                 if not group:
                     raise UserError(f"every candidate head raises the NLL of the clean answers to --guard prompts by more "
                                     f"than {config.guard_max_rise:g} nats/token (the least: {least:.3g}); raise "
