@@ -158,3 +158,40 @@ def test_console_script_has_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip() == f"safety-heads: error: model folder '{tmp_path / 'nope'}' does not exist"
+
+
+def test_ctrl_c_at_start_up_is_one_line(monkeypatch, capsys):
+    """The parser and the library's imports run inside main()'s try, so a Ctrl-C there is answered like one later."""
+    import safety_heads.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["heads"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["safety-heads: interrupted; finished work is kept (rerun with --resume to continue)"]
+
+
+def test_importing_the_command_line_does_not_import_torch():
+    # Importing torch takes a second or more; outside main()'s try, a Ctrl-C in it would end in a traceback.
+    probe = "import sys, safety_heads.cli; print(sorted(m for m in ('torch', 'transformers', 'nnsight') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+def test_a_ctrl_c_after_a_finished_run_does_not_kill_the_program():
+    """entry(): once main() has returned, a SIGINT during the interpreter's shutdown leaves the exit code alone."""
+    probe = ("import atexit, os, signal, safety_heads.cli as cli\n"
+             "cli.main = lambda: 0\n"
+             "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+             "cli.entry()\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, (done.returncode, done.stderr)
+
+
+@pytest.mark.parametrize("code", [0, 2, 130])
+def test_the_program_exits_with_mains_code(code):
+    probe = f"import safety_heads.cli as cli\ncli.main = lambda: {code}\ncli.entry()\n"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code and done.stderr == ""
