@@ -195,3 +195,31 @@ def test_the_program_exits_with_mains_code(code):
     probe = f"import safety_heads.cli as cli\ncli.main = lambda: {code}\ncli.entry()\n"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == code and done.stderr == ""
+
+
+def test_an_interrupt_a_library_turned_into_another_error_is_still_an_interrupt(monkeypatch, capsys):
+    """Measured once: a Ctrl-C inside a transformers lazy import came back as "could not load the config". main()
+    remembers the signal, so whatever error follows it, the user sees the interrupt (and the next Ctrl-C works)."""
+    import os
+    import signal
+    import time
+
+    import safety_heads.cli as cli
+    from safety_heads.errors import UserError
+
+    def swallowing(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises in here
+        except BaseException:  # noqa: BLE001 - what the library did
+            raise UserError("could not load the config of 'demo': Could not import module 'LlamaConfig'") from None
+        return 0
+
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "command_heads", swallowing)
+    assert cli.main(["heads"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == [cli.INTERRUPTED]
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    monkeypatch.setattr(cli, "command_heads", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # without an interrupt, a bug keeps its traceback
+        cli.main(["heads"])

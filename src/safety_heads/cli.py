@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from dataclasses import fields
 from typing import Sequence
 
@@ -415,19 +416,40 @@ def _add_guard_arguments(group, details: bool) -> None:
                            help="length of the clean answers the guard scores (default 24)")
 
 
+INTERRUPTED = "safety-heads: interrupted; finished work is kept (rerun with --resume to continue)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    interrupted: list[bool] = []
+    previous = None
     try:  # everything, imports included: a Ctrl-C at start-up is answered like one later on
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, lambda signum, frame: _interrupt(interrupted))
         args = build_parser().parse_args(argv)
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # stderr carries our progress lines and one-line errors only
         return args.run(args)
-    except UserError as error:
-        print(f"safety-heads: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("safety-heads: interrupted; finished work is kept (rerun with --resume to continue)", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    except Exception as error:
+        if interrupted:  # a library turned the interrupt into another error (measured: a transformers lazy import)
+            print(INTERRUPTED, file=sys.stderr)
+            return 130
+        if isinstance(error, UserError):
+            print(f"safety-heads: error: {error}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt(interrupted: list[bool]) -> None:
+    """The SIGINT handler while main() runs: Python's own (raise KeyboardInterrupt), remembering that it happened."""
+    interrupted.append(True)
+    raise KeyboardInterrupt
 
 
 def entry() -> None:
