@@ -131,15 +131,15 @@ def run_experiment(
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
     check_output_folder(out)
-    # The run's own settings, checked on resume: finished stages must not be mixed with stages under other settings.
-    # Batching and retry settings change no result (beyond float rounding), so they may differ on resume; where the
-    # traces run (here or on NDIF, in another dtype) does.
     # Read every data set first: a bad name fails before anything is written.
     ships_queries = load_prompts(config.ships_dataset, limit=config.ships_limit)
     sahara_queries = load_prompts(config.sahara_dataset, limit=config.sahara_limit)
     for name in [*config.eval_datasets.split(","), config.guard]:
         if name is not None:
             load_prompts(name.strip(), limit=1)
+    # The run's own settings, checked on resume: finished stages must not be mixed with stages under other settings.
+    # Batching and retry settings change no result (beyond float rounding), so they may differ on resume; where the
+    # traces run (here or on NDIF, in another dtype) does.
     remote = (engine_config or EngineConfig()).remote
     run_checkpoint = Checkpoint(out / "run.checkpoint.jsonl", {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote})
     run_checkpoint.start(resume)
