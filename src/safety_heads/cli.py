@@ -456,7 +456,10 @@ def entry() -> None:
     """The `safety-heads` program: main(), then exit with its code. Once main() has returned, everything is written
     and reported, so a late Ctrl-C (during the interpreter's shutdown) is ignored rather than turning a finished run
     into a death by signal."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # in the instant between main()'s handler and the next line
+        code = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code == 130:
         # Measured: after a Ctrl-C caught in the first seconds (while torch and transformers import), the interpreter's
