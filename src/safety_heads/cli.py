@@ -459,6 +459,7 @@ def entry() -> None:
     try:
         code = main()
     except KeyboardInterrupt:  # in the instant between main()'s handler and the next line
+        print(INTERRUPTED, file=sys.stderr)
         code = 130
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if code == 130:
