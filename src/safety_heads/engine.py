@@ -599,20 +599,11 @@ class Engine:
         """log p(token t | tokens before t) under the unablated model, for t = 1 .. n-1 of each sequence: a float32
         tensor of n-1 values per sequence. Used to score answers (evaluate.py); padding changes nothing."""
         tokens = self.tokenize(sequences)
-        vocabulary = self.model.lm.config.get_text_config().vocab_size
-        result: list[torch.Tensor | None] = [None] * len(tokens)
-        groups = self._prompt_groups(tokens)
-        # the whole [rows, positions, vocabulary] logits exist at once here, on top of one layer's activations
-        batches = [self._batch(tokens, rows) for group in groups
-                   for rows in _split_rows(group, int(self._budget_bytes() // (8 * vocabulary * len(tokens[group[-1]]) + 1)))]
-        for number, batch in enumerate(batches, start=1):
-            if self.remote:
-                values = self.call(intrace.token_log_probs, batch.repeated(1), label=f"answer-scoring request {number} of {len(batches)}")
-            else:
-                values = intrace.token_log_probs(self.model.lm, self.sites, batch.repeated(1), save=nnsight.save)
-            for row, index in enumerate(batch.prompt_indices):
-                result[index] = values[row, batch.length - len(tokens[index]):].float().cpu()
-        return result
+        last = max(len(ids) for ids in tokens) - 1
+        if last < 1:
+            return [torch.empty(0) for _ in tokens]
+        values = self.ablated_token_log_probs(tokens, [[]], last)[0]
+        return [values[index, last - (len(ids) - 1) :] for index, ids in enumerate(tokens)]
 
     def ablated_token_log_probs(
         self,
@@ -626,8 +617,9 @@ class Engine:
     ) -> torch.Tensor:
         """log p of each sequence's `last` final tokens (teacher-forced) with each head set ablated: [sets, sequences,
         last] float32, NaN where a sequence has fewer than `last` + 1 tokens (its first token has no prediction). An
-        empty set is the clean model. Used by Sahara's harmless guard: how likely the ablated model finds the clean
-        model's own answers. No prefix reuse: every layer runs for every set."""
+        empty set is the clean model. Used by Sahara's harmless guard (how likely the ablated model finds the clean
+        model's own answers) and, with the empty set, by `token_log_probs`. No prefix reuse: every layer runs for every
+        set. Only the picked values leave the trace."""
         _check_ablation(kind, epsilon, means)
         if last < 1:
             raise ValueError(f"last must be at least 1, not {last}")
@@ -635,23 +627,27 @@ class Engine:
         sets = self._normalise_sets(head_sets)
         vocabulary = self.model.lm.config.get_text_config().vocab_size
         result = torch.empty(len(sets), len(tokens), last)
+        requests = 0
         for group in self._prompt_groups(tokens):
-            batch = left_padded([tokens[i] for i in group], self.model.tokenizer.pad_token_id, group, min_length=last + 1)
-            per_set = batch.size * (self.bytes_per_row(batch.length) + 8 * vocabulary * (last + 1))
-            max_sets = max(1, int(self._budget_bytes() // per_set))
+            # a row holds one layer's activations and, at the end, [last + 1, vocabulary] logits and their log-softmax
+            length = max(len(tokens[group[-1]]), last + 1)  # groups are sorted by length
+            rows = max(1, int(self._budget_bytes() // (self.bytes_per_row(length) + 8 * vocabulary * (last + 1))))
             if self.config.max_batch_rows is not None:
-                max_sets = max(1, min(max_sets, self.config.max_batch_rows // batch.size))
-            for start in range(0, len(sets), max_sets):
-                chunk = sets[start : start + max_sets]
-                plan = ablation_plan(chunk)
-                arguments = (batch.repeated(1), plan, len(chunk), kind, float(epsilon), self._means_for(means, plan), last)
-                if self.remote:
-                    values = self.call(intrace.token_log_probs, *arguments,
-                                       label=f"answer-scoring request for sets {start}-{start + len(chunk) - 1}")
-                else:
-                    values = intrace.token_log_probs(self.model.lm, self.sites, *arguments, save=nnsight.save)
-                values = values.float().cpu().reshape(len(chunk), batch.size, last)
-                result[start : start + len(chunk), batch.prompt_indices] = values
+                rows = min(rows, self.config.max_batch_rows)
+            for part in _split_rows(group, rows):
+                batch = left_padded([tokens[i] for i in part], self.model.tokenizer.pad_token_id, part, min_length=last + 1)
+                max_sets = max(1, rows // batch.size)
+                for start in range(0, len(sets), max_sets):
+                    chunk = sets[start : start + max_sets]
+                    plan = ablation_plan(chunk)
+                    arguments = (batch.repeated(1), plan, len(chunk), kind, float(epsilon), self._means_for(means, plan), last)
+                    if self.remote:
+                        requests += 1
+                        values = self.call(intrace.token_log_probs, *arguments, label=f"answer-scoring request {requests}")
+                    else:
+                        values = intrace.token_log_probs(self.model.lm, self.sites, *arguments, save=nnsight.save)
+                    values = values.float().cpu().reshape(len(chunk), batch.size, last)
+                    result[start : start + len(chunk), batch.prompt_indices] = values
         for index, ids in enumerate(tokens):
             result[:, index, : max(0, last + 1 - len(ids))] = float("nan")  # predictions of padding, not of the sequence
         return result

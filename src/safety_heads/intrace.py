@@ -210,20 +210,20 @@ def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows,
     return output
 
 
-def token_log_probs(lm, sites, inputs, plan=None, n_sets=1, kind="ua", epsilon=1e-4, means=None, last=None, save=None):
-    """log p(token t | tokens < t) over a left-padded batch, [n_sets * rows, positions] float32: t = 1 .. length-1,
-    or the `last` final tokens only. With a `plan`, the batch is tiled `n_sets` times and copy i ablates plan row i
-    (as in `ablated_pass`). Only these values travel back, never the [rows, length, vocab] logits; with `last`, the
-    model computes logits for the last `last` + 1 positions alone."""
+def token_log_probs(lm, sites, inputs, plan, n_sets, kind, epsilon, means, last, save=None):
+    """log p of the `last` final tokens of a left-padded batch, teacher-forced, [n_sets * rows, last] float32: the
+    batch is tiled `n_sets` times and copy i ablates plan row i (as in `ablated_pass`; an empty plan is the clean
+    model). The model computes logits for the last `last` + 1 positions only, and only the picked values travel back,
+    never the [rows, positions, vocab] logits."""
     save = save or _identity
     repeat = inputs["input_ids"].shape[0]
     tiled = {name: value.repeat(n_sets, 1) for name, value in inputs.items()}
-    with torch.no_grad(), lm.trace(**tiled, logits_to_keep=0 if last is None else last + 1, use_cache=False):
-        for layer in sorted(plan or {}):
+    with torch.no_grad(), lm.trace(**tiled, logits_to_keep=last + 1, use_cache=False):
+        for layer in sorted(plan):
             ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means, repeat=repeat)
         logits = lm.output.logits[:, :-1].float()
-        targets = tiled["input_ids"][:, 1:] if last is None else tiled["input_ids"][:, -last:]
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+        targets = tiled["input_ids"][:, -last:].to(logits.device)
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         result = save(picked.cpu())
     return result
 
