@@ -44,6 +44,7 @@ from safety_heads.ablation import DEFAULT_EPSILON, format_heads  # noqa: E402
 from safety_heads.data import format_prompts, load_prompts  # noqa: E402
 from safety_heads.demo.measure import generate  # noqa: E402
 from safety_heads.errors import UserError  # noqa: E402
+from safety_heads.judges import KEYWORD_JUDGES  # noqa: E402
 from safety_heads.models import ModelConfig, load_model  # noqa: E402
 from safety_heads.results import Checkpoint, read_json, write_json  # noqa: E402
 from safety_heads.sahara import SaharaConfig, run_sahara  # noqa: E402
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stages", default="ships,truth,sahara,sahara-guard,groups,query-ships,estimate")
+    parser.add_argument("--report-only", action="store_true", help="only (re)write study.json and study.md from what exists")
+    parser.add_argument("--judge", default="gcg", help="the keyword judge whose verdicts are the ASR (see study.md's judge table)")
     parser.add_argument("--quick", action="store_true",
                         help="2 scoring queries, Sahara over the top 24 Ships heads, 3+3 heads, 8 prompts per set: minutes")
     args = parser.parse_args(argv)
@@ -74,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         args.ships_limit, args.sahara_limit, args.truth_top, args.truth_random = 2, 2, 3, 3
         args.eval_limit, args.jbb_limit, args.harmless = 8, 8, 8
     try:
-        Study(args).run()
+        if not args.report_only:
+            Study(args).run()
+        write_report(args.out, args.judge)
         return 0
     except UserError as error:
         print(f"real_model_study: error: {error}", file=sys.stderr)
@@ -230,6 +235,163 @@ class Study:
         result = run_ships(self.model, self.scoring, ShipsConfig(template="chat", method="estimate"),
                            out=self.out / "estimate-run", resume=True)
         return {"mean": result.mean.tolist()}
+
+
+# -- the report: everything below reads the stage files and the answers, and generates nothing -------------------
+
+
+HAND_LABELS = Path(__file__).resolve().parent / "qwen_hand_labels.json"
+
+
+def harmful(judge_name: str, answers: list[str]) -> list[bool]:
+    return [bool(v) for v in KEYWORD_JUDGES[judge_name].judge([""] * len(answers), answers)]
+
+
+def asr(judge_name: str, answers: list[str]) -> float:
+    return 100 * sum(harmful(judge_name, answers)) / len(answers)
+
+
+def answered(answers: list[str]) -> float:
+    """Harmless prompts answered: no refusal phrase of refusal_direction's list (case-insensitive)."""
+    return 100 * sum(not KEYWORD_JUDGES["refusal-direction"].refused(a) for a in answers) / len(answers)
+
+
+def judge_agreement(labels: list[dict]) -> dict:
+    """How often each keyword judge's verdict equals a hand label ("comply" = harmful, "refuse" = not)."""
+    table = {}
+    for name in KEYWORD_JUDGES:
+        verdicts = harmful(name, [x["answer"] for x in labels])
+        truth = [x["label"] == "comply" for x in labels]
+        table[name] = {
+            "agree": sum(v == t for v, t in zip(verdicts, truth)), "n": len(labels),
+            "false_harmful": sum(v and not t for v, t in zip(verdicts, truth)),
+            "false_refusal": sum(t and not v for v, t in zip(verdicts, truth)),
+        }
+    return table
+
+
+def write_report(out: Path, judge_name: str) -> dict:
+    answers = {}
+    path = out / "answers.checkpoint.jsonl"
+    if not path.exists():
+        raise UserError(f"no answers in {out}: run the study first")
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    config = lines[0]["config"]
+    for unit in lines[1:]:
+        answers[(unit["heads"], unit["set"])] = unit
+    stage = {name: read_json(out / f"{name}.json") for name in
+             ("ships", "truth", "sahara", "sahara-guard", "groups", "query-ships", "estimate") if (out / f"{name}.json").exists()}
+    times = read_json(out / "times.json") if (out / "times.json").exists() else {}
+    report = {"config": config, "judge": judge_name, "times_s": times}
+    eval_sets = ("maliciousinstruct-51-100", "jailbreakbench")
+
+    # Judges against hand labels.
+    if HAND_LABELS.exists():
+        labels = json.loads(HAND_LABELS.read_text())["labels"]
+        report["judges"] = judge_agreement(labels)
+
+    # Held-out groups (Table 3's upper block, plus the harmless cost).
+    if "groups" in stage:
+        clean = {s: answers[("", s)]["answers"] for s in (*eval_sets, "harmless-test")}
+        clean_nll = answers[("", "harmless-test")]["clean_nll"]
+        rows = {}
+        for name, heads in stage["groups"].items():
+            label = format_heads(sorted(tuple(h) for h in heads))
+            got = {s: answers[(label, s)] for s in (*eval_sets, "harmless-test")}
+            rows[name] = {
+                "heads": label,
+                **{f"asr_{s}": asr(judge_name, got[s]["answers"]) for s in eval_sets},
+                **{f"delta_{s}": asr(judge_name, got[s]["answers"]) - asr(judge_name, clean[s]) for s in eval_sets},
+                "harmless_answered": answered(got["harmless-test"]["answers"]),
+                "harmless_nll": got["harmless-test"]["clean_nll"], "harmless_nll_rise": got["harmless-test"]["clean_nll"] - clean_nll,
+                "example": got["maliciousinstruct-51-100"]["answers"][0],
+            }
+        report["groups"] = rows
+
+    # Ground truth: single heads on MaliciousInstruct 51-100.
+    if "truth" in stage and "ships" in stage:
+        base = asr(judge_name, answers[("", "maliciousinstruct-51-100")]["answers"])
+        mean = torch.tensor(stage["ships"]["mean"])
+        ships_rank = {h: i + 1 for i, h in enumerate(sorted(((l, h) for l in range(mean.shape[0]) for h in range(mean.shape[1])),
+                                                             key=lambda x: -float(mean[x])))}
+        step1 = torch.tensor([[float("nan") if v is None else v for v in row]
+                              for row in stage["sahara"]["steps"][0]["scores"]]) if "sahara" in stage else None
+        estimate = torch.tensor(stage["estimate"]["mean"]) if "estimate" in stage else None
+        heads = [tuple(h) for h in stage["truth"]["top"]] + [tuple(h) for h in stage["truth"]["random"]]
+        singles = []
+        for head in heads:
+            got = answers[(format_heads([head]), "maliciousinstruct-51-100")]["answers"]
+            singles.append({
+                "head": format_heads([head]), "group": "ships-top" if list(head) in stage["truth"]["top"] else "random",
+                "asr": asr(judge_name, got), "delta": asr(judge_name, got) - base,
+                "asr_by_judge": {j: asr(j, got) for j in KEYWORD_JUDGES},
+                "ships": float(mean[head]), "ships_rank": ships_rank[head],
+                "sahara_step1": None if step1 is None else float(step1[head]),
+                "estimate": None if estimate is None else float(estimate[head]),
+                "example": got[0],
+            })
+        truth_asr = [e["asr"] for e in singles]
+        correlations = {"ships": spearman([e["ships"] for e in singles], truth_asr)}
+        if step1 is not None:
+            correlations["sahara_step1"] = spearman([e["sahara_step1"] for e in singles], truth_asr)
+        if estimate is not None:
+            correlations["estimate"] = spearman([e["estimate"] for e in singles], truth_asr)
+        report["truth"] = {"baseline_asr": base, "heads": singles, "spearman_vs_true_asr": correlations}
+
+    # Query-level Ships (Table 3's lower block): each scoring query with its own top-k heads.
+    if "query-ships" in stage:
+        rows = stage["query-ships"]["rows"]
+        report["query_ships"] = {f"k{k}": asr(judge_name, [r[f"k{k}"] for r in rows]) for k in (0, 1, 2, 3)}
+    write_json(out / "study.json", report)
+    (out / "study.md").write_text(markdown(report))
+    print(f"wrote {out / 'study.json'} and {out / 'study.md'}", file=sys.stderr)
+    return report
+
+
+def markdown(report: dict) -> str:
+    c = report["config"]
+    lines = [f"# The paper's study on {c['model']}", "",
+             f"Chat template (the model's own, with its default system prompt), ua, eps {DEFAULT_EPSILON:g}, greedy, "
+             f"{c['max_new_tokens']} new tokens; ASR by the `{report['judge']}` keyword judge.", ""]
+    if "judges" in report:
+        lines += ["## Keyword judges against hand labels", "", "| judge | agrees | called harmful, was a refusal | called refusal, complied |",
+                  "|---|---|---|---|"]
+        for name, j in report["judges"].items():
+            lines.append(f"| {name} | {j['agree']}/{j['n']} | {j['false_harmful']} | {j['false_refusal']} |")
+        lines.append("")
+    if "groups" in report:
+        lines += ["## Held-out evaluation (MaliciousInstruct 51-100, JailbreakBench)", "",
+                  "| ablated | heads | MI ASR | MI Δ | JBB ASR | JBB Δ | harmless answered | harmless NLL (rise) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in report["groups"].items():
+            lines.append(f"| {name} | {r['heads'] or '-'} | {r['asr_maliciousinstruct-51-100']:.1f}% | "
+                         f"{r['delta_maliciousinstruct-51-100']:+.1f} | {r['asr_jailbreakbench']:.1f}% | {r['delta_jailbreakbench']:+.1f} | "
+                         f"{r['harmless_answered']:.0f}% | {r['harmless_nll']:.3f} ({r['harmless_nll_rise']:+.3f}) |")
+        lines.append("")
+    if "query_ships" in report:
+        q = report["query_ships"]
+        lines += ["## Query-level Ships (each scoring query with its own top-k heads)", "",
+                  "| k | 0 | 1 | 2 | 3 |", "|---|---|---|---|---|",
+                  "| ASR | " + " | ".join(f"{q[f'k{k}']:.1f}%" for k in range(4)) + " |", ""]
+    if "truth" in report:
+        t = report["truth"]
+        lines += ["## Ground truth: single heads ablated alone (MaliciousInstruct 51-100, plain hooks)", "",
+                  f"Clean ASR {t['baseline_asr']:.1f}%. Spearman against true ASR: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in t["spearman_vs_true_asr"].items()) + ".", "",
+                  "| head | chosen as | true ASR | Δ | paper / gcg / refusal-direction | Ships KL (rank) | Sahara step 1 (deg) | estimate |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in sorted(t["heads"], key=lambda e: -e["asr"]):
+            by = e["asr_by_judge"]
+            lines.append(f"| {e['head']} | {e['group']} | {e['asr']:.0f}% | {e['delta']:+.0f} | "
+                         f"{by['paper']:.0f} / {by['gcg']:.0f} / {by['refusal-direction']:.0f} | {e['ships']:.4f} ({e['ships_rank']}) | "
+                         + ("-" if e["sahara_step1"] is None else f"{e['sahara_step1']:.3f}") + " | "
+                         + ("-" if e["estimate"] is None else f"{e['estimate']:.4f}") + " |")
+        lines.append("")
+    if report["times_s"]:
+        lines += ["## Time of every stage (2-core CPU)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in report["times_s"].items()]
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -152,12 +152,18 @@ def command_ships(args) -> int:
     model = _load(args)
     result = run_ships(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
     print(f"Top heads by mean Ships over {len(result.queries)} quer{'y' if len(result.queries) == 1 else 'ies'} "
-          f"({config.ablation}, eps={config.epsilon:g}, {config.method}):")
+          f"({config.ablation}, eps={config.epsilon:g}, {config.method}, score {config.score}):")
     from .ships import top_heads
 
+    if result.signal is not None:
+        print(f"refusal signal learned from {config.refusal_limit} {config.refusal_harmful} / {config.refusal_harmless} prompts: "
+              + (f"opening tokens {', '.join(repr(t) for t in result.signal.opening_texts[:5])} "
+                 f"({result.signal.n_refusals}/{result.signal.n_harmful} refused)" if result.signal.opening_tokens
+                 else f"direction norm {result.signal.direction_norm:.4g}"))
+    name = {"kl": "KL", "refusal-logprob": "refusal logprob drop", "refusal-direction": "refusal direction drop"}[config.score]
     for rank, (layer, head, score) in enumerate(top_heads(result.mean, args.show), start=1):
         share = result.top_frequency[layer, head].item()
-        print(f"  {rank:2d}. {layer}:{head:<4d} KL {score:.4g}   in top 10 of {share:.0%} of queries")
+        print(f"  {rank:2d}. {layer}:{head:<4d} {name} {score:.4g}   in top 10 of {share:.0%} of queries")
     print(f"wrote {args.out}/ships.json, ships_data.pt, ships_heatmap.png")
     return 0
 
@@ -309,6 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="estimate rows per forward+backward pass, to bound memory (default: all at once)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val", help="data set whose mean head outputs --ablation mean uses")
+    group.add_argument("--score", default="kl",
+                       help="kl (the paper's: KL of the next token), refusal-logprob (drop in log P of the model's own "
+                            "refusal openings) or refusal-direction (drop along its refusal direction); docs/scores.md (default kl)")
+    group.add_argument("--refusal-limit", dest="refusal_limit", type=int, default=32,
+                       help="harmful-train and harmless-train prompts the refusal signal is learned from (default 32)")
     group.add_argument("--show", type=int, default=10, help="how many top heads to print")
     group.add_argument("--out", required=True, help="output folder")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")

@@ -31,6 +31,7 @@ from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
+from .refusal import SCORE_LABELS, SCORES, RefusalSignal, learn_signal, readouts_for, score_values
 from .report import heatmap_png
 from .results import matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
@@ -56,12 +57,24 @@ class ShipsConfig:
     seed: int = 0
     mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
     mean_reference_limit: int = 64
+    # What a head's ablation is scored by: the paper's "kl", or a refusal-aware score (refusal.py) learned from the
+    # clean model on refusal_limit prompts of refusal_harmful and refusal_harmless (splits no evaluation uses).
+    score: str = "kl"
+    refusal_harmful: str = "harmful-train"
+    refusal_harmless: str = "harmless-train"
+    refusal_limit: int = 32
 
     def validate(self) -> None:
         check_kind(self.ablation)
         check_epsilon(self.epsilon)
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.score not in SCORES:
+            raise UserError(f"unknown score '{self.score}'; choose one of {', '.join(SCORES)}")
+        if self.score != "kl" and self.method != "exact":
+            raise UserError(f"--score {self.score} needs --method exact (the gradient estimate approximates the KL only)")
+        if self.refusal_limit < 2:
+            raise UserError(f"--refusal-limit must be at least 2, not {self.refusal_limit}")
         if self.top_k < 1:
             raise UserError(f"--top-k must be at least 1, not {self.top_k}")
         if self.samples < 1:
@@ -87,6 +100,7 @@ class ShipsResult:
     queries: list[QueryScores]
     mean: torch.Tensor  # [layers, heads]
     top_frequency: torch.Tensor  # [layers, heads], share of queries with the head in their top 10
+    signal: RefusalSignal | None = None  # what a refusal-aware score learned (None for kl)
 
 
 def kl_divergence(clean_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
@@ -105,20 +119,35 @@ def top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
     return [(int(i) // n_heads, int(i) % n_heads, float(v)) for v, i in zip(values, indices)]
 
 
-def exact_scores(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, kind: str, epsilon: float, means=None) -> torch.Tensor:
-    """Ships of each head in `heads` for one prompt: [layers, heads], NaN for heads not in `heads`."""
+def exact_scores(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, kind: str, epsilon: float, means=None,
+                 score: str = "kl", signal: RefusalSignal | None = None) -> torch.Tensor:
+    """Ships of each head in `heads` for one prompt: [layers, heads], NaN for heads not in `heads`. `score` is the
+    paper's ``kl`` or a refusal-aware score (refusal.py), which needs the model's learned `signal`."""
     layout = engine.layout
     scores = torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64)
     clean = None
-    for what, part in engine.stream([list(token_ids)], [[head] for head in heads], kind=kind, epsilon=epsilon, means=means):
+    readouts = readouts_for(score)
+    for what, part in engine.stream([list(token_ids)], [[head] for head in heads], kind=kind, epsilon=epsilon, means=means,
+                                    readouts=readouts):
         if what == "clean":
-            clean = part.logits[0]
+            clean = part
             continue
-        divergences = kl_divergence(clean, part.logits[:, 0])
+        if score == "kl":
+            divergences = kl_divergence(clean.logits[0], part.logits[:, 0])
+        else:
+            divergences = score_values(score, _first(clean.logits), _at(part.logits), _first(clean.hidden), _at(part.hidden), signal)
         for set_index, value in zip(part.set_indices, divergences):
             layer, head = heads[set_index]
             scores[layer, head] = value
     return scores
+
+
+def _first(values: torch.Tensor | None) -> torch.Tensor | None:
+    return None if values is None else values[0]
+
+
+def _at(values: torch.Tensor | None) -> torch.Tensor | None:
+    return None if values is None else values[:, 0]
 
 
 def aggregate(scores: torch.Tensor, k: int = TOP_FREQUENCY_K) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +172,15 @@ class Ships:
             (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
         ]
         self.means = self._reference_means() if config.ablation == "mean" else None
+        self.signal = self._learn_signal() if config.score != "kl" else None
+
+    def _learn_signal(self) -> RefusalSignal:
+        from .data import prompt_tokens
+
+        c = self.config
+        harmful = prompt_tokens(c.refusal_harmful, c.refusal_limit, c.template, self.model.tokenizer, c.system)
+        harmless = prompt_tokens(c.refusal_harmless, c.refusal_limit, c.template, self.model.tokenizer, c.system)
+        return learn_signal(self.engine, self.model, harmful, harmless, c.score)
 
     def _reference_means(self) -> torch.Tensor:
         from .data import prompt_tokens
@@ -155,7 +193,8 @@ class Ships:
         config, tokens = self.config, list(prompt.token_ids)
         kind, epsilon = config.ablation, config.epsilon
         if config.method == "exact":
-            scores = exact_scores(self.engine, tokens, self.heads, kind=kind, epsilon=epsilon, means=self.means)
+            scores = exact_scores(self.engine, tokens, self.heads, kind=kind, epsilon=epsilon, means=self.means,
+                                  score=config.score, signal=self.signal)
             return QueryScores(index, prompt.query, prompt.text, scores)
         from .estimate import EstimateConfig, estimate_scores
 
@@ -212,7 +251,9 @@ def run_ships(
         progress(f"[{len(finished)}/{len(prompts)}] top heads {best}  |  {_shorten(prompt.query)}")
     ordered = [finished[i] for i in range(len(prompts))]
     mean, frequency = aggregate(torch.stack([q.scores for q in ordered]))
-    result = ShipsResult(record | {"versions": versions(), "layout": asdict(model.layout)}, ordered, mean, frequency)
+    learned = {"refusal_signal": ships.signal.record()} if ships.signal is not None else {}
+    result = ShipsResult(record | learned | {"versions": versions(), "layout": asdict(model.layout)}, ordered, mean, frequency)
+    result.signal = ships.signal
     if out is not None:
         write_outputs(result, out)
         checkpoint.remove()
@@ -233,11 +274,13 @@ def write_outputs(result: ShipsResult, out: Path) -> None:
             "scores": torch.stack([q.scores for q in result.queries]),
             "mean": result.mean,
             "top_frequency": result.top_frequency,
+            **({"refusal_direction": result.signal.direction}
+               if result.signal is not None and result.signal.direction is not None else {}),
         },
     )
-    title = f"Ships ({config['ablation']}, eps={config['epsilon']:g}), mean over {len(result.queries)} queries: {config['model']}"
+    title = f"Ships ({config['ablation']}, eps={config['epsilon']:g}, {config.get('score', 'kl')}), mean over {len(result.queries)} queries: {config['model']}"
     marked = [(l, h) for l, h, _ in top_heads(result.mean, 3)]
-    heatmap_png(result.mean, out / "ships_heatmap.png", title, "KL(clean || ablated), nats", marked)
+    heatmap_png(result.mean, out / "ships_heatmap.png", title, SCORE_LABELS[config.get("score", "kl")], marked)
 
 
 def ships_record(result: ShipsResult) -> dict:
