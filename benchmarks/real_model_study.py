@@ -108,9 +108,11 @@ class Study:
             "harmless-test": random.Random(SEED).sample(load_prompts("harmless-test"), args.harmless),
         }
         self.tokens = {name: self.encode(queries) for name, queries in self.sets.items()}
-        record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("stages", "threads", "out")}
-        self.checkpoint = Checkpoint(self.out / "answers.checkpoint.jsonl", record)
-        self.answers = {(u["heads"], u["set"]): u for u in self.checkpoint.start(resume=True)}
+        # What the answers depend on; a resume with other values is refused.
+        record = {k: getattr(args, k) for k in ("model", "ships_limit", "sahara_limit", "truth_top", "truth_random",
+                                                "eval_limit", "jbb_limit", "harmless", "max_new_tokens", "batch_size", "quick")}
+        self.record = record
+        self.checkpoint, self.answers = None, {}  # opened on the first answer needed (a sweep-only run never opens it)
         self.all_heads = [(l, h) for l in range(self.layout.n_layers) for h in range(self.layout.n_heads)]
 
     def log(self, line: str) -> None:
@@ -126,9 +128,12 @@ class Study:
             return read_json(path)
         t = time.perf_counter()
         result = work()
-        self.times[name] = round(time.perf_counter() - t, 1)  # of the session that finished it (resumes: see log)
         write_json(path, result)
-        write_json(self.out / "times.json", self.times)
+        # Re-read first: a sweep may run in a second process beside the study, and each adds its own stages.
+        times_path = self.out / "times.json"
+        self.times = (read_json(times_path) if times_path.exists() else {}) | {"load_model": self.times["load_model"]}
+        self.times[name] = round(time.perf_counter() - t, 1)  # of the session that finished it (resumes: see log)
+        write_json(times_path, self.times)
         self.log(f"stage {name} done in {self.times[name]:.0f} s")
         return result
 
@@ -136,6 +141,9 @@ class Study:
 
     def answers_for(self, heads: list, set_name: str, tokens: list[list[int]] | None = None) -> list[str]:
         key = (format_heads(sorted(heads)), set_name)
+        if self.checkpoint is None:
+            self.checkpoint = Checkpoint(self.out / "answers.checkpoint.jsonl", self.record)
+            self.answers = {(u["heads"], u["set"]): u for u in self.checkpoint.start(resume=True)}
         if key not in self.answers:
             t = time.perf_counter()
             with hooked(self.module, heads, "ua", self.layout.head_dim, DEFAULT_EPSILON):
@@ -166,7 +174,10 @@ class Study:
             self.timed("query-ships", lambda: self.query_ships(ships))
         if "estimate" in stages:
             self.timed("estimate", self.estimate)
-        write_json(self.out / "times.json", self.times)
+        if "scores" in stages:
+            scores = self.timed("scores", self.scores)
+            if "score-groups" in stages:
+                self.timed("score-groups", lambda: self.score_groups(scores))
         self.log(f"finished; results in {self.out}")
 
     def ships(self) -> dict:
@@ -231,6 +242,54 @@ class Study:
             rows.append(row)
         return {"rows": rows}
 
+    def scores(self) -> dict:
+        """The paper's KL and the two refusal-aware scores (refusal.py) of every head on the scoring queries, from one
+        sweep per query with both readouts; checkpointed per query."""
+        from safety_heads.data import prompt_tokens
+        from safety_heads.engine import Engine
+        from safety_heads.refusal import learn_signal
+        from safety_heads.ships import exact_score_maps
+
+        engine = Engine(self.model)
+        harmful, harmless = (prompt_tokens(name, 32, "chat", self.tokenizer) for name in ("harmful-train", "harmless-train"))
+        signals, learn_s = {}, {}
+        for name in ("refusal-direction", "refusal-logprob"):
+            t = time.perf_counter()
+            signals[name] = learn_signal(engine, self.model, harmful, harmless, name)
+            learn_s[name] = round(time.perf_counter() - t, 1)
+        names = ("kl", "refusal-logprob", "refusal-direction")
+        checkpoint = Checkpoint(self.out / "scores.checkpoint.jsonl", {"queries": self.scoring})
+        done = {u["index"]: u for u in checkpoint.start(resume=True)}
+        for index, tokens in enumerate(self.encode(self.scoring)):
+            if index in done:
+                continue
+            t = time.perf_counter()
+            maps = exact_score_maps(engine, tokens, self.all_heads, kind="ua", epsilon=DEFAULT_EPSILON, scores=names,
+                                    signals=signals)
+            done[index] = {"index": index, "seconds": round(time.perf_counter() - t, 1),
+                           **{name: maps[name].tolist() for name in names}}
+            checkpoint.append(done[index])
+            self.log(f"scores: {len(done)}/{len(self.scoring)} queries")
+        units = [done[i] for i in range(len(self.scoring))]
+        return {
+            "mean": {name: torch.tensor([u[name] for u in units]).mean(0).tolist() for name in names},
+            "signals": {name: signal.record() for name, signal in signals.items()},
+            "learn_seconds": learn_s, "sweep_seconds": sum(u["seconds"] for u in units),
+        }
+
+    def score_groups(self, scores: dict) -> dict:
+        """Held-out evaluation of the top-3 group of each refusal-aware score, as `groups` does for Ships and Sahara."""
+        groups = {}
+        for name in ("refusal-logprob", "refusal-direction"):
+            mean = torch.tensor(scores["mean"][name])
+            order = sorted(self.all_heads, key=lambda h: -float(mean[h]))
+            groups[f"{name}-top3"] = order[:3]  # top 1 too would cost 4 more generations per score; not scoped
+        for count, (name, heads) in enumerate(groups.items(), 1):
+            for set_name in self.sets:
+                self.answers_for(list(heads), set_name)
+            self.log(f"score groups: {count}/{len(groups)} measured ({name} {format_heads(heads)})")
+        return {name: [list(h) for h in heads] for name, heads in groups.items()}
+
     def estimate(self) -> dict:
         result = run_ships(self.model, self.scoring, ShipsConfig(template="chat", method="estimate"),
                            out=self.out / "estimate-run", resume=True)
@@ -280,7 +339,7 @@ def write_report(out: Path, judge_name: str) -> dict:
     for unit in lines[1:]:
         answers[(unit["heads"], unit["set"])] = unit
     stage = {name: read_json(out / f"{name}.json") for name in
-             ("ships", "truth", "sahara", "sahara-guard", "groups", "query-ships", "estimate") if (out / f"{name}.json").exists()}
+             ("ships", "truth", "sahara", "sahara-guard", "groups", "query-ships", "estimate", "scores", "score-groups") if (out / f"{name}.json").exists()}
     times = read_json(out / "times.json") if (out / "times.json").exists() else {}
     report = {"config": config, "judge": judge_name, "times_s": times}
     eval_sets = ("maliciousinstruct-51-100", "jailbreakbench")
@@ -338,6 +397,32 @@ def write_report(out: Path, judge_name: str) -> dict:
             correlations["estimate"] = spearman([e["estimate"] for e in singles], truth_asr)
         report["truth"] = {"baseline_asr": base, "heads": singles, "spearman_vs_true_asr": correlations}
 
+    # Refusal-aware scores against the truth (issue: scores that track refusal), and their top-3 groups held out.
+    if "scores" in stage and "truth" in report:
+        singles = report["truth"]["heads"]
+        truth_asr = [e["asr"] for e in singles]
+        best5 = {e["head"] for e in sorted(singles, key=lambda e: -e["asr"])[:5]}
+        table = {}
+        for name, mean in stage["scores"]["mean"].items():
+            mean = torch.tensor(mean)
+            order = [format_heads([h]) for h in sorted(((l, h) for l in range(mean.shape[0]) for h in range(mean.shape[1])),
+                                                       key=lambda x: -float(mean[x]))]
+            values = [float(mean[tuple(int(x) for x in e["head"].split(":"))]) for e in singles]
+            table[name] = {"spearman": spearman(values, truth_asr), "best5_in_top5": len(best5 & set(order[:5])),
+                           "best5_in_top10": len(best5 & set(order[:10])), "top5": order[:5]}
+            if "score-groups" in stage and f"{name}-top3" in stage["score-groups"]:
+                label = format_heads(sorted(tuple(h) for h in stage["score-groups"][f"{name}-top3"]))
+                got = {st: answers[(label, st)] for st in (*eval_sets, "harmless-test")}
+                clean_nll = answers[("", "harmless-test")]["clean_nll"]
+                table[name]["top3_group"] = {
+                    "heads": label, **{f"delta_{st}": asr(judge_name, got[st]["answers"]) - asr(judge_name, answers[("", st)]["answers"])
+                                       for st in eval_sets},
+                    "harmless_answered": answered(got["harmless-test"]["answers"]),
+                    "harmless_nll_rise": got["harmless-test"]["clean_nll"] - clean_nll,
+                }
+        report["scores"] = {"true_best5": sorted(best5), "by_score": table, "signals": stage["scores"]["signals"],
+                            "learn_seconds": stage["scores"]["learn_seconds"], "sweep_seconds": stage["scores"]["sweep_seconds"]}
+
     # Query-level Ships (Table 3's lower block): each scoring query with its own top-k heads.
     if "query-ships" in stage:
         rows = stage["query-ships"]["rows"]
@@ -386,6 +471,19 @@ def markdown(report: dict) -> str:
                          f"{by['paper']:.0f} / {by['gcg']:.0f} / {by['refusal-direction']:.0f} | {e['ships']:.4f} ({e['ships_rank']}) | "
                          + ("-" if e["sahara_step1"] is None else f"{e['sahara_step1']:.3f}") + " | "
                          + ("-" if e["estimate"] is None else f"{e['estimate']:.4f}") + " |")
+        lines.append("")
+    if "scores" in report:
+        sc = report["scores"]
+        lines += ["## Head scores against the truth (the single heads measured above)", "",
+                  f"True best 5: {', '.join(sc['true_best5'])}. One sweep computed all three scores in "
+                  f"{sc['sweep_seconds']:.0f} s; learning the signals took {sc['learn_seconds']} s.", "",
+                  "| score | Spearman vs true ASR | true best 5 in top 5 / top 10 | top 5 | top-3 group: MI Δ / JBB Δ / harmless answered / NLL rise |",
+                  "|---|---|---|---|---|"]
+        for name, r in sc["by_score"].items():
+            g = r.get("top3_group")
+            group = (f"{g['heads']}: {g['delta_maliciousinstruct-51-100']:+.1f} / {g['delta_jailbreakbench']:+.1f} / "
+                     f"{g['harmless_answered']:.0f}% / {g['harmless_nll_rise']:+.3f}") if g else "-"
+            lines.append(f"| {name} | {r['spearman']:.2f} | {r['best5_in_top5']} / {r['best5_in_top10']} | {', '.join(r['top5'])} | {group} |")
         lines.append("")
     if report["times_s"]:
         lines += ["## Time of every stage (2-core CPU)", "", "| stage | seconds |", "|---|---|"]

@@ -123,23 +123,33 @@ def exact_scores(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head]
                  score: str = "kl", signal: RefusalSignal | None = None) -> torch.Tensor:
     """Ships of each head in `heads` for one prompt: [layers, heads], NaN for heads not in `heads`. `score` is the
     paper's ``kl`` or a refusal-aware score (refusal.py), which needs the model's learned `signal`."""
+    return exact_score_maps(engine, token_ids, heads, kind=kind, epsilon=epsilon, means=means, scores=(score,),
+                            signals={score: signal})[score]
+
+
+def exact_score_maps(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, kind: str, epsilon: float,
+                     means=None, scores: Sequence[str] = ("kl",), signals: dict | None = None) -> dict[str, torch.Tensor]:
+    """Several scores of each head from one sweep (the readouts they need, together): {score: [layers, heads]}."""
     layout = engine.layout
-    scores = torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64)
+    signals = signals or {}
+    maps = {name: torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64) for name in scores}
+    readouts = tuple(sorted({r for name in scores for r in readouts_for(name)}))
     clean = None
-    readouts = readouts_for(score)
     for what, part in engine.stream([list(token_ids)], [[head] for head in heads], kind=kind, epsilon=epsilon, means=means,
                                     readouts=readouts):
         if what == "clean":
             clean = part
             continue
-        if score == "kl":
-            divergences = kl_divergence(clean.logits[0], part.logits[:, 0])
-        else:
-            divergences = score_values(score, _first(clean.logits), _at(part.logits), _first(clean.hidden), _at(part.hidden), signal)
-        for set_index, value in zip(part.set_indices, divergences):
-            layer, head = heads[set_index]
-            scores[layer, head] = value
-    return scores
+        for name in scores:
+            if name == "kl":
+                values = kl_divergence(clean.logits[0], part.logits[:, 0])
+            else:
+                values = score_values(name, _first(clean.logits), _at(part.logits), _first(clean.hidden), _at(part.hidden),
+                                      signals.get(name))
+            for set_index, value in zip(part.set_indices, values):
+                layer, head = heads[set_index]
+                maps[name][layer, head] = value
+    return maps
 
 
 def _first(values: torch.Tensor | None) -> torch.Tensor | None:
