@@ -534,3 +534,43 @@ def test_guard_through_a_remote_engine_equals_local():
     for a, b in zip(local.steps, remote.steps):
         assert a.passed_over == b.passed_over
         assert torch.allclose(a.guard, b.guard, equal_nan=True, atol=1e-6)
+
+
+# -- candidate pruning by a ships.json (--candidates N --rank-by) ----------------------------------------------------
+
+
+def test_candidates_ranked_by_a_ships_file_equal_the_same_heads_given_by_hand(tmp_path):
+    from safety_heads.ablation import format_heads
+    from safety_heads.cli import main
+    from safety_heads.results import read_json
+
+    common = ["--model", "demo", "--dataset", "maliciousinstruct", "--limit", "4", "--template", "chat"]
+    assert main(["ships", *common, "--score", "refusal-direction", "--refusal-limit", "4", "--out", str(tmp_path / "ships")]) == 0
+    mean = read_json(tmp_path / "ships" / "ships.json")["aggregate"]["mean"]
+    ranked = sorted(((l, h) for l in range(len(mean)) for h in range(len(mean[0]))), key=lambda x: -mean[x[0]][x[1]])
+    assert main(["sahara", *common, "--steps", "2", "--candidates", "5", "--rank-by", str(tmp_path / "ships" / "ships.json"),
+                 "--out", str(tmp_path / "pruned")]) == 0
+    assert main(["sahara", *common, "--steps", "2", "--heads", format_heads(ranked[:5]), "--out", str(tmp_path / "by-hand")]) == 0
+    pruned, by_hand = read_json(tmp_path / "pruned" / "sahara.json"), read_json(tmp_path / "by-hand" / "sahara.json")
+    assert pruned["heads"] == by_hand["heads"] and all(tuple(h) in ranked[:5] for h in pruned["heads"])
+    assert [s["scores"] for s in pruned["steps"]] == [s["scores"] for s in by_hand["steps"]]
+    assert pruned["config"]["candidates"] == 5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--candidates", "4"], "--candidates and --rank-by go together"),
+    (["--candidates", "0", "--rank-by", "x.json"], "--candidates must be at least 1"),
+    (["--candidates", "4", "--rank-by", "{bad}"], "not a ships.json"),
+    (["--candidates", "4", "--rank-by", "{wrong-shape}"], "made with another model"),
+])
+def test_bad_candidate_settings_are_one_line(flags, message, tmp_path, capsys):
+    from safety_heads.cli import main
+
+    (tmp_path / "bad.json").write_text('{"queries": []}')
+    (tmp_path / "wrong.json").write_text('{"aggregate": {"mean": [[0.1, 0.2], [0.3, 0.4]]}}')
+    flags = [f.replace("{bad}", str(tmp_path / "bad.json")).replace("{wrong-shape}", str(tmp_path / "wrong.json")) for f in flags]
+    assert main(["sahara", "--model", "tiny", "--dataset", "maliciousinstruct", "--limit", "2", *flags,
+                 "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -342,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--score", default="svd", help="svd (default) or paper-era (column 0 of the raw matrix, see docs)")
     group.add_argument("--heads", default=None, help="restrict the candidates, e.g. '0-7:*' (default: every head)")
     group.add_argument("--exclude", default=None, help="never choose these heads, e.g. '0:6' (one whose ablation breaks the model)")
+    group.add_argument("--candidates", type=int, default=None, metavar="N",
+                       help="try only the N heads ranked highest by --rank-by at each step (default: every head, the paper's search)")
+    group.add_argument("--rank-by", dest="rank_by", default=None, metavar="SHIPS_JSON",
+                       help="a ships.json whose mean score (any --score) ranks the candidates")
     _add_guard_arguments(group, details=True)
     group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
     group.add_argument("--out", required=True, help="output folder")

@@ -126,14 +126,19 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
 
     if ships:
         top = ships["aggregate"]["top_mean"][:10]
-        parts.append(f"<h2>Ships: per-query head importance</h2><p>Mean KL(clean || ablated) over {len(ships['queries'])} "
-                     f"queries ({ships['config']['ablation']}, eps={ships['config']['epsilon']:g}, {ships['config']['method']}).</p>")
+        from .refusal import SCORE_LABELS
+
+        score = ships["config"].get("score", "kl")  # files written before --score existed are KL
+        label = SCORE_LABELS[score]
+        parts.append(f"<h2>Ships: per-query head importance</h2><p>Score <b>{score}</b>: mean {html.escape(label)} over "
+                     f"{len(ships['queries'])} queries ({ships['config']['ablation']}, eps={ships['config']['epsilon']:g}, "
+                     f"{ships['config']['method']}).</p>")
         image = folder / "ships" / "ships_heatmap.png"
         if image.exists():
             parts.append(_image_tag(image, "Ships heat map"))
         rows = "".join(f"<tr><td>{l}:{h}</td><td class=num>{s:.4g}</td></tr>" for l, h, s in top)
-        parts.append(f"<table><tr><th>head</th><th>mean Ships (nats)</th></tr>{rows}</table>")
-        markdown += ["## Ships", "", "| head | mean Ships (nats) |", "|---|---|"] + [f"| {l}:{h} | {s:.4g} |" for l, h, s in top] + [""]
+        parts.append(f"<table><tr><th>head</th><th>mean {html.escape(label)}</th></tr>{rows}</table>")
+        markdown += ["## Ships", "", f"Score: {score}.", "", f"| head | mean {label} |", "|---|---|"] + [f"| {l}:{h} | {s:.4g} |" for l, h, s in top] + [""]
 
     for label, record in (("the Sahara group", evaluation), ("each query's own top Ships heads", per_query)):
         if not record:

@@ -82,6 +82,10 @@ class SaharaConfig:
     guard_limit: int = 16  # its first N prompts
     guard_tokens: int = 24  # length of the clean answers (greedy)
     guard_max_rise: float = 0.25  # nats per token
+    # Candidate pruning: only the `candidates` heads ranked highest by a ships.json (`rank_by`, any --score) are
+    # tried at each step. None = every head, the paper's search.
+    candidates: int | None = None
+    rank_by: str | None = None
 
     def validate(self) -> None:
         check_kind(self.ablation)
@@ -99,6 +103,10 @@ class SaharaConfig:
         for name in ("guard_limit", "guard_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)!r}")
+        if self.candidates is not None and (not isinstance(self.candidates, int) or self.candidates < 1):
+            raise UserError(f"--candidates must be at least 1, not {self.candidates!r}")
+        if (self.candidates is None) != (self.rank_by is None):
+            raise UserError("--candidates and --rank-by go together: keep the N heads a ships.json ranks highest")
         if not self.guard_max_rise > 0:
             raise UserError(f"--guard-max-rise must be positive (nats per token), not {self.guard_max_rise!r}")
 
@@ -189,6 +197,23 @@ def best_head(scores: torch.Tensor) -> tuple[Head, float]:
 # Scoring head sets on a model.
 
 
+def ranked_candidates(ships_json: str, layout, heads: Sequence[Head]) -> list[Head]:
+    """`heads` ordered by the mean score of a ships.json (any --score), best first; unscored heads last."""
+    from .results import read_json
+
+    record = read_json(ships_json)
+    try:
+        mean = record["aggregate"]["mean"]
+        values = torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in mean], dtype=torch.float64)
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"'{ships_json}' is not a ships.json (no aggregate.mean); give the file `safety-heads ships` wrote") from None
+    if tuple(values.shape) != (layout.n_layers, layout.n_heads):
+        raise UserError(f"'{ships_json}' scores {values.shape[0]} x {values.shape[1]} heads, but this model has "
+                        f"{layout.n_layers} x {layout.n_heads}: it was made with another model")
+    key = torch.nan_to_num(values, nan=-float("inf"))
+    return sorted(heads, key=lambda head: -float(key[head]))
+
+
 class Sahara:
     """Scores head sets over one data set for one model and configuration."""
 
@@ -202,6 +227,8 @@ class Sahara:
         ]
         excluded = set(parse_heads(config.exclude, layout)) if config.exclude else set()
         self.candidates = [head for head in candidates if head not in excluded]
+        if config.candidates is not None:
+            self.candidates = ranked_candidates(config.rank_by, layout, self.candidates)[: config.candidates]
 
     @cached_property
     def means(self) -> torch.Tensor | None:
