@@ -7,7 +7,8 @@ For each score (mean over the scoring queries, MaliciousInstruct 1-50, chat temp
 - how many of the 5 truly best heads (by coherent ASR) are in the score's top 5 and top 10;
 - the held-out ASR rise and harmless cost of the score's top-3 group, next to Sahara's groups (plain, and with the
   harmless guard);
-- what the score costs: the Ships run's time, and the time to learn the refusal signal.
+- what the score costs: the Ships run's time, which includes learning the refusal signal;
+- the score as Sahara's candidate ranking: the guarded search over the score's top 8 heads only.
 
 Held out: MaliciousInstruct 51-100 and JailbreakBench (150 harmful), 100 harmless-test prompts (seed 0), 24 new tokens,
 as in ground_truth.py. The real model's table comes from real_model_study.py (stages scores and score-groups).
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = outcome(module, tokenizer, tokens, list(group), "ua", layout.head_dim, args.max_new_tokens, 128, baseline)
         return counts | rates(counts, len(tokens["harmful"]), len(tokens["harmless"]))
 
+    args.out.mkdir(parents=True, exist_ok=True)
+    if any(args.out.glob("ships-*")):
+        raise SystemExit(f"{args.out} holds an earlier run; choose another --out")
     started = time.perf_counter()
     clean = measure([])
     truth = {h: measure([h], clean["harmless_answers"]) for h in heads}
@@ -69,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
               "true_best5_coherent": format_heads(best5), "truth_seconds": round(truth_seconds, 1), "scores": {}}
     for name in SCORES:
         t = time.perf_counter()
-        ships = run_ships(model, scoring, ShipsConfig(template="chat", score=name), progress=QUIET)
+        ships = run_ships(model, scoring, ShipsConfig(template="chat", score=name), out=args.out / f"ships-{name}",
+                          progress=QUIET)
         seconds = time.perf_counter() - t
         order = sorted(heads, key=lambda h: -float(ships.mean[h]))
         values = [float(ships.mean[h]) for h in heads]
@@ -82,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             "best5_in_top5": len(set(order[:5]) & set(best5)), "best5_in_top10": len(set(order[:10]) & set(best5)),
             "top5": format_heads(order[:5]), "top3_group": _group_entry(group),
         }
+        # The score as Sahara's candidate ranking: the guarded search over its top 8 heads only.
+        t = time.perf_counter()
+        pruned = run_sahara(model, scoring, SaharaConfig(template="chat", steps=3, guard="harmless-val", candidates=8,
+                                                         rank_by=str(args.out / f"ships-{name}" / "ships.json")), progress=QUIET)
+        result["scores"][name]["guarded_top8"] = {"seconds": round(time.perf_counter() - t, 1),
+                                                  "group": _group_entry(measure(pruned.heads, clean["harmless_answers"]))}
         print(f"{name}: top5 {format_heads(order[:5])}, Spearman {result['scores'][name]['spearman_coherent']:.2f}", file=sys.stderr)
     for label, guard in (("sahara", None), ("sahara-guard", "harmless-val")):
         t = time.perf_counter()
@@ -89,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         result[label] = {"seconds": round(time.perf_counter() - t, 1), "group": _group_entry(measure(sahara.heads, clean["harmless_answers"]))}
     result["truth"] = {format_heads([h]): {k: truth[h][k] for k in ("asr", "asr_coherent", "harmless_answered", "harmless_nll")}
                        for h in heads}
-    args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "scores_vs_truth.json", result)
     text = markdown(result)
     (args.out / "scores_vs_truth.md").write_text(text)
@@ -112,9 +122,18 @@ def markdown(result: dict) -> str:
         g = s["top3_group"]
         lines.append(f"| {name} | {s['spearman_asr']:.2f} | {s['spearman_coherent']:.2f} | {s['best5_in_top5']} / {s['best5_in_top10']} | "
                      f"{s['top5']} | {g['heads']}: {g['asr']:.1f}% / {g['asr_coherent']:.1f}% / {g['harmless_answered']:.0f}% / {g['harmless_nll']:.3f} | {s['seconds']:.0f} |")
+    lines += ["", "Sahara with the harmless guard, candidates pruned to each score's top 8 (`--candidates 8 --rank-by`):", "",
+              "| ranked by | group | ASR / coherent / harmless answered / NLL | Sahara time (s) |", "|---|---|---|---|"]
+    for name, s in result["scores"].items():
+        g = s["guarded_top8"]["group"]
+        lines.append(f"| {name} | {g['heads']} | {g['asr']:.1f}% / {g['asr_coherent']:.1f}% / {g['harmless_answered']:.0f}% / "
+                     f"{g['harmless_nll']:.3f} | {s['guarded_top8']['seconds']:.0f} |")
+    lines += ["", "Sahara over every head:", "", "| search | group | ASR / coherent / harmless answered / NLL | Sahara time (s) |",
+              "|---|---|---|---|"]
     for label in ("sahara", "sahara-guard"):
         g = result[label]["group"]
-        lines.append(f"| {label} (group) | | | | | {g['heads']}: {g['asr']:.1f}% / {g['asr_coherent']:.1f}% / {g['harmless_answered']:.0f}% / {g['harmless_nll']:.3f} | {result[label]['seconds']:.0f} |")
+        lines.append(f"| {label} | {g['heads']} | {g['asr']:.1f}% / {g['asr_coherent']:.1f}% / {g['harmless_answered']:.0f}% / "
+                     f"{g['harmless_nll']:.3f} | {result[label]['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
