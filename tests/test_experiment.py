@@ -115,3 +115,19 @@ def test_the_guard_is_on_by_default_and_keeps_the_trap_head_out(run_folder, tmp_
     assert f"0:6 (+{step['guard_rise'][0][6]:.3g})" in (run_folder / "report.md").read_text()
     assert "No guard: the paper's search" in (out / "report.md").read_text()
     assert json.loads((out / "experiment.json").read_text())["config"]["guard"] is None
+
+
+def test_run_prunes_sahara_candidates_to_its_own_ships_ranking(tmp_path):
+    from safety_heads.cli import main
+    from safety_heads.results import read_json
+
+    out = tmp_path / "run"
+    assert main(["run", "--model", "demo", "--quick", "--ships-limit", "2", "--sahara-limit", "4", "--eval-limit", "2",
+                 "--harmless-limit", "2", "--max-new-tokens", "4", "--steps", "2", "--candidates", "3", "--out", str(out)]) == 0
+    mean = read_json(out / "ships" / "ships.json")["aggregate"]["mean"]
+    top3 = sorted(((l, h) for l in range(len(mean)) for h in range(len(mean[0]))), key=lambda x: -mean[x[0]][x[1]])[:3]
+    sahara = read_json(out / "sahara" / "sahara.json")
+    assert all(tuple(h) in top3 for h in sahara["heads"])
+    scored = [(l, h) for l, row in enumerate(sahara["steps"][0]["scores"]) for h, v in enumerate(row) if v is not None]
+    assert sorted(scored) == sorted(top3)  # only the candidates were tried
+    assert sahara["config"]["candidates"] == 3

@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sahara-limit", dest="sahara_limit", type=int, default=None)
     group.add_argument("--steps", type=int, default=3)
     group.add_argument("--exclude", default=None, help="heads Sahara never chooses, e.g. '0:6'")
+    group.add_argument("--candidates", type=int, default=None, metavar="N",
+                       help="Sahara tries only the N heads the run's own Ships stage ranks highest (default: every head)")
     _add_guard_arguments(group, details=False)
     group.add_argument("--eval-datasets", dest="eval_datasets", default="maliciousinstruct,jailbreakbench")
     group.add_argument("--eval-limit", dest="eval_limit", type=int, default=None)

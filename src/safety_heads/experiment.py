@@ -61,6 +61,7 @@ class ExperimentConfig:
     sahara_limit: int | None = None
     steps: int = 3
     exclude: str | None = None  # heads Sahara never chooses (SaharaConfig.exclude)
+    candidates: int | None = None  # Sahara tries only the N heads the Ships stage ranks highest; None = every head
     # Sahara's harmless guard (SaharaConfig.guard), on by default here: without it, the demo model's group includes a
     # head whose ablation garbles every answer (docs/sahara.md). None = off, the paper's search.
     guard: str | None = "harmless-val"
@@ -89,7 +90,7 @@ class ExperimentConfig:
         check_epsilon(self.epsilon)
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name.endswith(("_limit", "top_k", "tokens")) and value is not None and value < 1:
+            if field.name.endswith(("_limit", "top_k", "tokens", "candidates")) and value is not None and value < 1:
                 raise UserError(f"--{field.name.replace('_', '-')} must be at least 1, not {value}")
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps}")
@@ -160,7 +161,8 @@ def run_experiment(
         model, ships_queries, ShipsConfig(**common), out=out / "ships", resume=True, engine_config=engine_config,
         source={"dataset": config.ships_dataset, "limit": config.ships_limit}, progress=p))
     search = SaharaConfig(**common, steps=config.steps, exclude=config.exclude, guard=config.guard,
-                          guard_max_rise=config.guard_max_rise)
+                          guard_max_rise=config.guard_max_rise, candidates=config.candidates,
+                          rank_by=str(out / "ships" / "ships.json") if config.candidates else None)
     stage(2, "sahara", out / "sahara" / "sahara.json", lambda p: run_sahara(
         model, sahara_queries, search, out=out / "sahara", resume=True, engine_config=engine_config,
         source={"dataset": config.sahara_dataset, "limit": config.sahara_limit}, progress=p))
