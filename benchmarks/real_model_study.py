@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stages", default="ships,truth,sahara,sahara-guard,groups,query-ships,estimate")
+    parser.add_argument("--prune-by", default="refusal-logprob", help="scores whose top 48 heads the sahara-pruned stage searches")
     parser.add_argument("--report-only", action="store_true", help="only (re)write study.json and study.md from what exists")
     parser.add_argument("--judge", default="gcg", help="the keyword judge whose verdicts are the ASR (see study.md's judge table)")
     parser.add_argument("--quick", action="store_true",
@@ -176,8 +177,9 @@ class Study:
             self.timed("estimate", self.estimate)
         if "scores" in stages:
             scores = self.timed("scores", self.scores)
+            pruned = self.timed("sahara-pruned", lambda: self.sahara_pruned(scores)) if "sahara-pruned" in stages else None
             if "score-groups" in stages:
-                self.timed("score-groups", lambda: self.score_groups(scores))
+                self.timed("score-groups", lambda: self.score_groups(scores, pruned))
         self.log(f"finished; results in {self.out}")
 
     def ships(self) -> dict:
@@ -277,9 +279,29 @@ class Study:
             "learn_seconds": learn_s, "sweep_seconds": sum(u["seconds"] for u in units),
         }
 
-    def score_groups(self, scores: dict) -> dict:
-        """Held-out evaluation of the top-3 group of each refusal-aware score, as `groups` does for Ships and Sahara."""
+    def sahara_pruned(self, scores: dict) -> dict:
+        """The guarded search (run's default) over only the top 48 heads by refusal-logprob (--candidates 48
+        --rank-by), the recipe that found the best group on the demo model (docs/scores.md). (The same by Ships' KL,
+        to measure what pruning alone changes, was left out to fit the session: --prune-by kl,refusal-logprob.)"""
+        results = {}
+        for name in self.args.prune_by.split(","):
+            ranking = self.out / f"ranking-{name}.json"  # all --rank-by reads: the mean score per head
+            write_json(ranking, {"aggregate": {"mean": scores["mean"][name]}})
+            config = SaharaConfig(template="chat", steps=3, guard="harmless-val", candidates=48, rank_by=str(ranking))
+            t = time.perf_counter()
+            result = run_sahara(self.model, load_prompts("maliciousinstruct", limit=self.args.sahara_limit), config,
+                                out=self.out / f"sahara-guard-top48-{name}", resume=True)
+            results[name] = {"heads": [list(h) for h in result.heads], "seconds": round(time.perf_counter() - t, 1),
+                             "steps": [{"chosen": list(st.chosen), "score": st.score, "guard_rise": st.guard,
+                                        "passed_over": [list(h) for h in st.passed_over]} for st in result.steps]}
+        return results
+
+    def score_groups(self, scores: dict, pruned: dict | None) -> dict:
+        """Held-out evaluation of the top-3 group of each refusal-aware score, as `groups` does for Ships and Sahara,
+        and of the pruned guarded searches' groups."""
         groups = {}
+        for name, result in (pruned or {}).items():
+            groups[f"sahara-guard-top48-{name}"] = [tuple(h) for h in result["heads"]]
         for name in ("refusal-logprob", "refusal-direction"):
             mean = torch.tensor(scores["mean"][name])
             order = sorted(self.all_heads, key=lambda h: -float(mean[h]))
@@ -339,7 +361,7 @@ def write_report(out: Path, judge_name: str) -> dict:
     for unit in lines[1:]:
         answers[(unit["heads"], unit["set"])] = unit
     stage = {name: read_json(out / f"{name}.json") for name in
-             ("ships", "truth", "sahara", "sahara-guard", "groups", "query-ships", "estimate", "scores", "score-groups") if (out / f"{name}.json").exists()}
+             ("ships", "truth", "sahara", "sahara-guard", "groups", "query-ships", "estimate", "scores", "sahara-pruned", "score-groups") if (out / f"{name}.json").exists()}
     times = read_json(out / "times.json") if (out / "times.json").exists() else {}
     report = {"config": config, "judge": judge_name, "times_s": times}
     eval_sets = ("maliciousinstruct-51-100", "jailbreakbench")
@@ -423,6 +445,20 @@ def write_report(out: Path, judge_name: str) -> dict:
         report["scores"] = {"true_best5": sorted(best5), "by_score": table, "signals": stage["scores"]["signals"],
                             "learn_seconds": stage["scores"]["learn_seconds"], "sweep_seconds": stage["scores"]["sweep_seconds"]}
 
+    # The guarded search over only the top 48 heads of a score, held out like the groups above.
+    if "sahara-pruned" in stage:
+        pruned = {}
+        for name, result in stage["sahara-pruned"].items():
+            label = format_heads(sorted(tuple(h) for h in result["heads"]))
+            entry = {"heads": label, "order": format_heads([tuple(h) for h in result["heads"]]), "seconds": result["seconds"]}
+            if all((label, st) in answers for st in (*eval_sets, "harmless-test")):
+                entry |= {f"delta_{st}": asr(judge_name, answers[(label, st)]["answers"]) - asr(judge_name, answers[("", st)]["answers"])
+                          for st in eval_sets}
+                entry["harmless_answered"] = answered(answers[(label, "harmless-test")]["answers"])
+                entry["harmless_nll_rise"] = answers[(label, "harmless-test")]["clean_nll"] - answers[("", "harmless-test")]["clean_nll"]
+            pruned[name] = entry
+        report["sahara_pruned"] = pruned
+
     # Query-level Ships (Table 3's lower block): each scoring query with its own top-k heads.
     if "query-ships" in stage:
         rows = stage["query-ships"]["rows"]
@@ -484,6 +520,14 @@ def markdown(report: dict) -> str:
             group = (f"{g['heads']}: {g['delta_maliciousinstruct-51-100']:+.1f} / {g['delta_jailbreakbench']:+.1f} / "
                      f"{g['harmless_answered']:.0f}% / {g['harmless_nll_rise']:+.3f}") if g else "-"
             lines.append(f"| {name} | {r['spearman']:.2f} | {r['best5_in_top5']} / {r['best5_in_top10']} | {', '.join(r['top5'])} | {group} |")
+        lines.append("")
+    if "sahara_pruned" in report:
+        lines += ["## Sahara with the guard over the top 48 heads of a score (`--candidates 48 --rank-by`)", "",
+                  "| ranked by | group (in order chosen) | MI Δ | JBB Δ | harmless answered | NLL rise | time (s) |", "|---|---|---|---|---|---|---|"]
+        for name, e in report["sahara_pruned"].items():
+            held = (f"{e['delta_maliciousinstruct-51-100']:+.1f} | {e['delta_jailbreakbench']:+.1f} | {e['harmless_answered']:.0f}% | "
+                    f"{e['harmless_nll_rise']:+.3f}") if "harmless_answered" in e else "- | - | - | -"
+            lines.append(f"| {name} | {e['order']} | {held} | {e['seconds']:.0f} |")
         lines.append("")
     if report["times_s"]:
         lines += ["## Time of every stage (2-core CPU)", "", "| stage | seconds |", "|---|---|"]
