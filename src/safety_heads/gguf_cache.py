@@ -92,8 +92,9 @@ def _dequantise(path: Path, folder: Path, trust_remote_code: bool) -> None:
         except ImportError as error:
             raise UserError(f"reading GGUF files needs the 'gguf' package ({error}); pip install gguf") from None
         except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
-            text = str(error).strip().splitlines()
-            raise UserError(f"could not read GGUF file '{path}': {text[0] if text else type(error).__name__}") from None
+            from .models import _first_line  # models imports this module at its top: import here, not there
+
+            raise UserError(f"could not read GGUF file '{path}': {_first_line(error)}") from None
         # The weights are plain float32 tensors now; only the loader's bookkeeping still calls the model "quantized",
         # which makes save_pretrained refuse it and would make the saved config ask for the GGUF file again.
         module.hf_quantizer = None

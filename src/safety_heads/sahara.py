@@ -199,12 +199,11 @@ def best_head(scores: torch.Tensor) -> tuple[Head, float]:
 
 def ranked_candidates(ships_json: str, layout, heads: Sequence[Head]) -> list[Head]:
     """`heads` ordered by the mean score of a ships.json (any --score), best first; unscored heads last."""
-    from .results import read_json
+    from .results import matrix_or_nan, read_json
 
     record = read_json(ships_json)
     try:
-        mean = record["aggregate"]["mean"]
-        values = torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in mean], dtype=torch.float64)
+        values = matrix_or_nan(record["aggregate"]["mean"])
     except (KeyError, TypeError, ValueError):
         raise UserError(f"'{ships_json}' is not a ships.json (no aggregate.mean); give the file `safety-heads ships` wrote") from None
     if tuple(values.shape) != (layout.n_layers, layout.n_heads):

@@ -21,6 +21,7 @@ Over a data set: the mean score of each head, and how often each head is in a qu
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -182,12 +183,15 @@ class Ships:
             (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
         ]
         self.means = self._reference_means() if config.ablation == "mean" else None
-        self.signal = self._learn_signal() if config.score != "kl" else None
 
-    def _learn_signal(self) -> RefusalSignal:
+    @cached_property
+    def signal(self) -> RefusalSignal | None:
+        """Learned on first use (it generates answers), so bad input and a bad --out are reported before it."""
         from .data import prompt_tokens
 
         c = self.config
+        if c.score == "kl":
+            return None
         harmful = prompt_tokens(c.refusal_harmful, c.refusal_limit, c.template, self.model.tokenizer, c.system)
         harmless = prompt_tokens(c.refusal_harmless, c.refusal_limit, c.template, self.model.tokenizer, c.system)
         return learn_signal(self.engine, self.model, harmful, harmless, c.score)
