@@ -240,3 +240,83 @@ def test_remote_simulation_equals_local():
     local = engine.run(PROMPTS, head_sets, readouts=("logits", "hidden"))
     simulated = Engine(engine.model, EngineConfig(remote="local")).run(PROMPTS, head_sets, readouts=("logits", "hidden"))
     assert torch.equal(local.logits, simulated.logits) and torch.equal(local.hidden, simulated.hidden)
+
+
+# -- a shared prefix (EngineConfig.shared_prefix) ----------------------------------------------------------------------
+
+TEMPLATED = [f"<system> You are a careful assistant. <user> {q} <assistant>" for q in ("How do I pick a lock?", "Hi",
+                                                                                    "Write a poem.", "Tell me a joke")]
+
+
+def shared_lengths(engine, prompts, head_sets):
+    """The shared-prefix length of each prompt group the engine plans (None: that group runs whole)."""
+    plans = engine._group_plans(engine.tokenize(prompts), engine._normalise_sets(head_sets))
+    return [batch.shared.length if batch.shared is not None else None for batch, _ in plans]
+
+
+@pytest.mark.parametrize("kind", ["ua", "sc", "mean"])
+@pytest.mark.parametrize("family_name", sorted(FAMILIES))
+def test_shared_prefix_matches_reference(family_name, kind):
+    """Prompts of one template: their common first tokens run once per head set, the rests on that KV cache."""
+    family, module, engine = wrapped(family_name, shared_prefix="always")
+    tokens = engine.tokenize(TEMPLATED)
+    means = reference_means(module, family, tokens) if kind == "mean" else None
+    head_sets = head_sets_for(family)
+    lengths = shared_lengths(engine, TEMPLATED, head_sets)
+    assert lengths and all(length is not None and length >= 30 for length in lengths)  # the path under test is taken
+    result = engine.run(TEMPLATED, head_sets, kind=kind, epsilon=1e-4, means=means, readouts=("logits", "hidden"))
+    worst = 0.0
+    for p, prompt_tokens in enumerate(tokens):
+        clean_logits, clean_hidden = reference_readouts(module, family, prompt_tokens, [], kind)
+        worst = max(worst, relative_error(result.clean_logits[p], clean_logits), relative_error(result.clean_hidden[p], clean_hidden))
+        for k, heads in enumerate(head_sets):
+            logits, hidden = reference_readouts(module, family, prompt_tokens, heads, kind, 1e-4, means)
+            worst = max(worst, relative_error(result.logits[p, k], logits), relative_error(result.hidden[p, k], hidden))
+    assert worst <= TOLERANCE, f"max relative error {worst:.2e}"
+
+
+@pytest.mark.parametrize("settings", [dict(max_batch_rows=4), dict(max_batch_rows=9), dict(prefix_reuse=False)])
+def test_shared_prefix_with_other_batching_choices(settings):
+    family, module, engine = wrapped("qwen2", shared_prefix="never")
+    head_sets = head_sets_for(family)
+    expected = engine.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
+    shared = Engine(engine.model, EngineConfig(shared_prefix="always", **settings))
+    assert all(length is not None for length in shared_lengths(shared, TEMPLATED, head_sets))
+    other = shared.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
+    torch.testing.assert_close(other.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other.hidden, expected.hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prefix_needs_two_prompts_and_a_common_start():
+    family, module, engine = wrapped("llama", shared_prefix="always")
+    sets = [[(0, 0)]]
+    assert shared_lengths(engine, TEMPLATED[:1], sets) == [None]  # one prompt: nothing to share
+    assert shared_lengths(Engine(engine.model, EngineConfig(shared_prefix="never")), TEMPLATED, sets) == [None]
+    assert shared_lengths(engine, ["abc", "xyz"], sets) == [None]  # at most the start token in common
+
+
+def test_common_prefix_leaves_every_prompt_a_token():
+    from safety_heads.engine import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
+    assert common_prefix_length([[1, 2], [1, 2, 3]]) == 1  # the shorter prompt keeps its last token
+    assert common_prefix_length([[5, 2], [1, 2]]) == 0
+
+
+def test_shared_prefix_auto_is_taken_only_when_it_pays():
+    """On the tiny model a trace costs more than the few positions saved; with free traces it pays."""
+    family, module, engine = wrapped("llama")  # auto
+    head_sets = head_sets_for(family)
+    assert shared_lengths(engine, TEMPLATED, head_sets) == [None]
+    engine._overhead_layer_rows = lambda length: 0.0
+    assert all(length is not None for length in shared_lengths(engine, TEMPLATED, head_sets))
+
+
+def test_shared_prefix_in_remote_simulation_equals_local():
+    family, module, engine = wrapped("qwen3", shared_prefix="always")
+    head_sets = head_sets_for(family)
+    local = engine.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
+    simulated = Engine(engine.model, EngineConfig(remote="local", shared_prefix="always"))
+    assert all(length is not None for length in shared_lengths(simulated, TEMPLATED, head_sets))
+    result = simulated.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
+    assert torch.equal(local.logits, result.logits) and torch.equal(local.hidden, result.hidden)

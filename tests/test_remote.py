@@ -244,7 +244,9 @@ def test_cli_remote_ships_resumes_after_a_server_error(pair, remote_cli, tmp_pat
     queries = tmp_path / "queries.json"
     queries.write_text(json.dumps(["How do I pick a lock?", "Tell me a secret.", "Hi there"]))
     out = tmp_path / "run"
-    argv = ["ships", "--model", "org/tiny", "--dataset", str(queries), "--out", str(out), "--remote-backoff", "0.001"]
+    # One query per request, so the second request (query 2) is the one that fails.
+    argv = ["ships", "--model", "org/tiny", "--dataset", str(queries), "--out", str(out), "--remote-backoff", "0.001",
+            "--queries-per-pass", "1"]
     with MockNdif(server.lm, failures={"job": [None, "error"]}, api_key=SECRETS["NDIF_API_KEY"]) as mock:
         assert main(argv + ["--remote", mock.url]) == 2
         err = capsys.readouterr().err.strip().splitlines()  # query 1's progress line, then the error

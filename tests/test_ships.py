@@ -98,7 +98,7 @@ class Interrupt(Exception):
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
     model = load_model(ModelConfig())
-    config = ShipsConfig()
+    config = ShipsConfig(queries_per_pass=1)  # one query per sweep: Ships.score is each query's unit of work
     uninterrupted = run_ships(model, QUERIES, config, out=tmp_path / "a", progress=lambda _: None)
 
     calls = []
@@ -207,3 +207,63 @@ def test_estimate_and_verify_methods(tmp_path):
     assert torch.equal(verified.scores[others], verified.estimate[others])
     record = json.loads((tmp_path / "v" / "ships.json").read_text())
     assert record["queries"][0]["verified"] == [list(h) for h in verified.verified] and "estimate" in record["queries"][0]
+
+
+@pytest.mark.parametrize("family_name", ["llama", "qwen3", "gpt2"])
+def test_queries_swept_together_match_reference(family_name):
+    """Several queries in one sweep, their template's common prefix computed once per head set, against one plain
+    forward pass per (query, head)."""
+    from safety_heads.engine import EngineConfig
+    from safety_heads.ships import exact_score_maps_of
+
+    family = FAMILIES[family_name]
+    module = family.build()
+    tokenizer = byte_tokenizer()
+    engine = Engine(wrap(module, tokenizer, family_name), EngineConfig(shared_prefix="always"))
+    prompts = [list(p.token_ids) for p in format_prompts(QUERIES, "chat", tokenizer)]
+    heads = [(layer, head) for layer in range(3) for head in range(family.n_heads)]
+    plans = engine._group_plans(prompts, [[head] for head in heads])
+    assert all(batch.shared is not None for batch, _ in plans)
+    maps = exact_score_maps_of(prompts, heads, engine=engine, kind="ua", epsilon=1e-4)
+    for tokens, scores in zip(prompts, maps):
+        clean, _ = reference_readouts(module, family, tokens, [], "ua")
+        expected = torch.tensor([[reference_kl(clean, reference_readouts(module, family, tokens, [(l, h)], "ua", 1e-4)[0])
+                                  for h in range(family.n_heads)] for l in range(3)], dtype=torch.float64)
+        assert expected.min() > 1e-4
+        assert ((scores["kl"] - expected).abs().max() / expected.max()).item() <= 1e-5
+
+
+def test_resume_recomputes_an_unfinished_block_whole(tmp_path, monkeypatch):
+    """A kill inside a block of queries: the block is swept again with all its queries, so numbers are identical."""
+    model = load_model(ModelConfig())
+    queries = QUERIES + ["Name three colours.", "What is a prime number?"]
+    config = ShipsConfig(template="chat", queries_per_pass=2)
+    uninterrupted = run_ships(model, queries, config, out=tmp_path / "a", progress=lambda _: None)
+    original = Ships.score_many
+    blocks = []
+
+    class Killed(Exception):
+        pass
+
+    # A kill between the two checkpoint lines of block 2 (queries 2 and 3): query 2's line is written, query 3's not.
+    from safety_heads import ships as ships_module
+
+    real_unit = ships_module._scores_to_unit
+
+    def unit_then_kill(scores):
+        if scores.index == 3:
+            raise Killed
+        return real_unit(scores)
+
+    monkeypatch.setattr(ships_module, "_scores_to_unit", unit_then_kill)
+    with pytest.raises(Killed):
+        run_ships(model, queries, config, out=tmp_path / "b", progress=lambda _: None)
+    monkeypatch.setattr(ships_module, "_scores_to_unit", real_unit)
+    checkpointed = [json.loads(line) for line in (tmp_path / "b" / "ships.checkpoint.jsonl").read_text().splitlines()[1:]]
+    assert [unit["index"] for unit in checkpointed] == [0, 1, 2]  # block 2 = queries 2, 3: only its first was kept
+    monkeypatch.setattr(Ships, "score_many", lambda self, items: blocks.append([i for i, _ in items]) or original(self, items))
+    blocks.clear()
+    resumed = run_ships(model, queries, config, out=tmp_path / "b", resume=True, progress=lambda _: None)
+    assert blocks == [[2, 3], [4]]  # the unfinished block again, whole; the finished block 0, 1 not at all
+    for a, b in zip(uninterrupted.queries, resumed.queries):
+        assert torch.equal(a.scores, b.scores) and a.query == b.query

@@ -61,6 +61,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="activation memory per forward pass (default: 2048 on CPU, half the free GPU memory, 16384 with --remote)")
     group.add_argument("--max-batch-rows", dest="max_batch_rows", type=int, default=None, help="cap on rows per forward pass")
     group.add_argument("--no-prefix-reuse", dest="prefix_reuse", action="store_false", help="recompute unablated lower layers")
+    group.add_argument("--shared-prefix", dest="shared_prefix", default="auto", choices=("auto", "always", "never"),
+                       help="compute the prompts' common first tokens (a template's system prompt) once per head set: "
+                            "auto (when it saves compute; default), always, or never")
     group = parser.add_argument_group("remote (NDIF; docs/remote.md)")
     group.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
                        help="run on NDIF (needs NDIF_API_KEY and a hub id); optionally another host URL, or 'local' to simulate")
@@ -311,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--method", default="exact", help="exact, estimate (gradients, ~1 forward+backward) or estimate+verify")
     group.add_argument("--top-k", dest="top_k", type=int, default=10, help="heads recomputed exactly by estimate+verify (default 10)")
     group.add_argument("--samples", type=int, default=64, help="Fisher samples for the estimate (default 64)")
+    group.add_argument("--queries-per-pass", dest="queries_per_pass", type=int, default=8,
+                       help="exact method: queries swept together, sharing their template's prefix; also the checkpoint unit (default 8)")
     group.add_argument("--samples-per-pass", dest="samples_per_pass", type=int, default=None,
                        help="estimate rows per forward+backward pass, to bound memory (default: all at once)")
     group.add_argument("--seed", type=int, default=0)

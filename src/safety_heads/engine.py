@@ -32,6 +32,7 @@ import torch
 from . import intrace
 from .ablation import KINDS, Head, ablation_plan, check_epsilon, check_kind
 from .errors import UserError
+from .flops import flop_model
 from .models import LoadedModel, resolve
 
 READOUTS = ("logits", "hidden")
@@ -44,6 +45,7 @@ DEFAULT_CPU_BUDGET_MB = 2048
 # NDIF: the server's free memory is unknown here. 16 GiB of activations per forward pass fits beside a 7-13B bf16
 # model on one 80 GB GPU; --memory-budget overrides it.
 DEFAULT_REMOTE_BUDGET_MB = 16384
+SHARED_PREFIX_MODES = ("auto", "always", "never")
 MAX_PADDING_SHARE = 0.15  # a prompt group stops growing before padding exceeds this share of its positions
 GPU_BUDGET_FRACTION = 0.5
 
@@ -55,6 +57,10 @@ class EngineConfig:
     memory_budget_mb: float | None = None  # activation memory per forward pass; None = 2 GiB on CPU, half of free GPU memory
     max_batch_rows: int | None = None  # hard cap on rows per forward pass, on top of the budget
     prefix_reuse: bool = True
+    # Compute a prompt group's shared first tokens (a template's system prompt and role markers) once per head set and
+    # run every prompt's remaining tokens on their KV cache (intrace.shared_clean_pass). Exact either way. "auto": when
+    # the compute it saves outweighs a second trace per chunk; "always": whenever two prompts share two tokens; "never".
+    shared_prefix: str = "auto"
     # False: run here. True: run on NDIF (NDIF_HOST or nnsight's configured host). "http(s)://...": that host.
     # "local": nnsight's simulation of a remote request (serialise, deserialise, run here) -- the offline proof that
     # the in-trace code travels. Remote runs send one request per group of chunks (docs/remote.md).
@@ -67,6 +73,8 @@ class EngineConfig:
     remote_wait_s: float = 7200.0  # give up on a job that has not finished after this long (queue + run)
 
     def validate(self) -> None:
+        if self.shared_prefix not in SHARED_PREFIX_MODES:
+            raise UserError(f"--shared-prefix must be one of {', '.join(SHARED_PREFIX_MODES)}, not {self.shared_prefix!r}")
         if self.memory_budget_mb is not None and not (self.memory_budget_mb > 0 and math.isfinite(self.memory_budget_mb)):
             raise UserError(f"--memory-budget must be a positive number of MB, not {self.memory_budget_mb!r}")
         if self.max_batch_rows is not None and self.max_batch_rows < 1:
@@ -143,6 +151,16 @@ class Request:
 
 
 @dataclass
+class SharedPrefix:
+    """A prompt group split at the tokens all its prompts begin with: the prefix (one row) and the rests, left-padded
+    after it (their attention mask spans prefix + rest, their positions continue from the prefix)."""
+
+    length: int
+    prefix_inputs: dict  # input_ids, attention_mask, position_ids, each [1, length]
+    rest: "Batch"
+
+
+@dataclass
 class Batch:
     """Prompts left-padded into one tensor: the last position is every row's last prompt token."""
 
@@ -150,6 +168,7 @@ class Batch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
+    shared: SharedPrefix | None = None  # set when the engine computes the group's common prefix once
 
     @property
     def size(self) -> int:
@@ -181,6 +200,32 @@ def left_padded(
         attention_mask[row, length - len(ids) :] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return Batch(list(indices if indices is not None else range(len(token_lists))), input_ids, attention_mask, position_ids)
+
+
+MIN_SHARED_PREFIX = 2  # tokens; a shorter common prefix is not worth a second trace per chunk
+
+
+def common_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
+    """How many first tokens all lists share, leaving every list at least one token of its own (its last position
+    must be computed with the rest)."""
+    shortest = min(len(ids) for ids in token_lists)
+    length = 0
+    while length < shortest - 1 and all(ids[length] == token_lists[0][length] for ids in token_lists):
+        length += 1
+    return length
+
+
+def split_shared_prefix(token_lists: Sequence[Sequence[int]], pad_id: int | None, indices: Sequence[int]) -> SharedPrefix | None:
+    """The group's common prefix and its left-padded rests, or None when fewer than two prompts share at least
+    MIN_SHARED_PREFIX tokens."""
+    length = common_prefix_length(token_lists) if len(token_lists) >= 2 else 0
+    if length < MIN_SHARED_PREFIX:
+        return None
+    prefix = torch.tensor([list(token_lists[0][:length])])
+    prefix_inputs = dict(input_ids=prefix, attention_mask=torch.ones_like(prefix), position_ids=torch.arange(length)[None])
+    rests = left_padded([ids[length:] for ids in token_lists], pad_id, indices)
+    mask = torch.cat([torch.ones(rests.size, length, dtype=torch.long), rests.attention_mask], dim=1)
+    return SharedPrefix(length, prefix_inputs, Batch(rests.prompt_indices, rests.input_ids, mask, rests.position_ids + length))
 
 
 def plan_chunks(
@@ -240,10 +285,13 @@ class Engine:
         self.config = config or EngineConfig()
         self.config.validate()
         self.layout = model.layout
-        self.sites = model.layout.trace_sites()  # what in-trace code needs, as plain data (intrace.py)
+        # What in-trace code needs, as plain data (intrace.py), and the name the model gives its KV cache argument
+        # and output field (transformers renamed past_key_values to cache).
+        self.sites = {**model.layout.trace_sites(), "cache_name": _cache_name(model.module)}
         hf_config = model.module.config
         self.d_model = hf_config.hidden_size if hasattr(hf_config, "hidden_size") else hf_config.n_embd
         self.context_length = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)
+        self.flops = flop_model(model.module, resolve(model.module, self.layout.layers_path), self.layout.n_heads, self.layout.head_dim)
 
     # -- inputs ------------------------------------------------------------------------------------------------
 
@@ -306,19 +354,35 @@ class Engine:
             return min(torch.cuda.mem_get_info(device)[0] for device in self._gpus) * GPU_BUDGET_FRACTION
         return DEFAULT_CPU_BUDGET_MB * 2**20
 
-    def bytes_per_row(self, length: int) -> float:
-        """Peak activation memory of one row of one forward pass, roughly (no gradients are kept)."""
+    def bytes_per_row(self, length: int, cached: bool = False) -> float:
+        """Peak activation memory of one row of one forward pass, roughly (no gradients are kept); `cached`: the pass
+        also holds every layer's keys and values (a shared prefix's cache)."""
         hf_config = self.model.module.config
         intermediate = getattr(hf_config, "intermediate_size", None) or 4 * self.d_model
         itemsize = torch.finfo(self.model.dtype).bits // 8
         per_position = 12 * self.d_model + 4 * intermediate + 3 * self.layout.n_heads * length
+        if cached:
+            per_position += 2 * self.layout.n_layers * self.layout.n_kv_heads * self.layout.head_dim
         return length * per_position * itemsize + 2 * hf_config.vocab_size * 4
 
-    def max_rows(self, length: int) -> int:
-        rows = int(self._budget_bytes() // self.bytes_per_row(length))
+    def max_rows(self, length: int, cached: bool = False) -> int:
+        rows = int(self._budget_bytes() // self.bytes_per_row(length, cached))
         if self.config.max_batch_rows is not None:
             rows = min(rows, self.config.max_batch_rows)
         return max(rows, 1)
+
+    def _pass_flops(self, batch: Batch, chunk: Chunk | None) -> float:
+        """FLOPs (flops.py) of a group's clean pass (`chunk` None) or of one chunk's ablated pass: the layers from the
+        chunk's first ablated layer up, and the unembedding at each row's last position."""
+        model, n_layers = self.flops, self.layout.n_layers
+        n_sets, layers = (1, n_layers) if chunk is None else (len(chunk.set_indices), n_layers - chunk.start_layer)
+        shared = batch.shared
+        if shared is None:
+            rows = n_sets * batch.size
+            return model.layers(rows, batch.length, batch.length, layers) + model.head(rows)
+        prefix, rest = shared.length, shared.rest.length
+        return (model.layers(n_sets, prefix, prefix, layers) + model.head(n_sets)
+                + model.layers(n_sets * batch.size, rest, prefix + rest, layers) + model.head(n_sets * batch.size))
 
     def _overhead_layer_rows(self, length: int) -> float:
         """A trace's fixed cost in units of one layer evaluated on one row."""
@@ -352,6 +416,26 @@ class Engine:
         residuals, readout = intrace.clean_pass(self.model.lm, self.sites, batch.repeated(1), residual_layers, readouts, nnsight.save)
         return residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
 
+    def _shared_clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...]):
+        """The clean pass of a group with a shared prefix: the prefix's keys and values, the residuals (prefix and
+        rests, as a pair per layer) and the readouts."""
+        shared = batch.shared
+        prefix_kv, prefix_residuals, rest_residuals, readout = intrace.shared_clean_pass(
+            self.model.lm, self.sites, shared.prefix_inputs, shared.rest.repeated(1), residual_layers, readouts, nnsight.save
+        )
+        residuals = {layer: (prefix_residuals[layer], rest_residuals[layer]) for layer in residual_layers}
+        return prefix_kv, residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
+
+    def _shared_ablated_pass(self, batch: Batch, chunk: Chunk, sets, prefix_kv, residual, kind, epsilon, means, readouts):
+        shared, n_sets = batch.shared, len(chunk.set_indices)
+        prefix_residual, rest_residual = residual if residual is not None else (None, None)
+        readout = intrace.shared_ablated_pass(
+            self.model.lm, self.sites, shared.prefix_inputs, shared.rest.repeated(1), prefix_kv, n_sets, chunk.start_layer,
+            ablation_plan([sets[i] for i in chunk.set_indices]), prefix_residual, rest_residual, kind, epsilon, means,
+            readouts, nnsight.save,
+        )
+        return _by_set(readout.get("logits"), n_sets, batch.size), _by_set(readout.get("hidden"), n_sets, batch.size)
+
     def _ablated_pass(self, batch: Batch, chunk: Chunk, sets, residual, kind, epsilon, means, readouts, check_layers=False):
         n_sets = len(chunk.set_indices)
         plan = ablation_plan([sets[i] for i in chunk.set_indices])
@@ -371,14 +455,35 @@ class Engine:
         active = [i for i, heads in enumerate(sets) if heads]
         first_layers = [sets[i][0][0] for i in active]
         plans = []
+        n_layers, reuse = self.layout.n_layers, self.config.prefix_reuse
         for group in self._prompt_groups(tokens):
             batch = self._batch(tokens, group)
+            overhead = self._overhead_layer_rows(batch.length)
             max_sets = max(1, self.max_rows(batch.length) // batch.size)
-            chunks = plan_chunks(
-                first_layers, self.layout.n_layers, batch.size, max_sets, self._overhead_layer_rows(batch.length), self.config.prefix_reuse
-            )
+            chunks = plan_chunks(first_layers, n_layers, batch.size, max_sets, overhead, reuse)
+            shared = self._shared_prefix(tokens, group, batch, len(active), len(chunks)) if active else None
+            if shared is not None:
+                # Per head set, a chunk now computes the prefix once and every prompt's rest: fewer positions (in
+                # units of rows of the full length), two traces, and every layer's keys and values held.
+                batch.shared = shared
+                rows_per_set = (shared.length + batch.size * shared.rest.length) / batch.length
+                max_sets = max(1, self.max_rows(batch.length, cached=True) // batch.size)
+                chunks = plan_chunks(first_layers, n_layers, rows_per_set, max_sets, 2 * overhead, reuse)
             plans.append((batch, [Chunk(tuple(active[i] for i in chunk.set_indices), chunk.start_layer) for chunk in chunks]))
         return plans
+
+    def _shared_prefix(self, tokens: list[list[int]], group: list[int], batch: Batch, n_sets: int, n_chunks: int) -> SharedPrefix | None:
+        """The group split at its common prefix, when that saves more compute than the extra trace per chunk costs."""
+        if self.config.shared_prefix == "never":
+            return None
+        shared = split_shared_prefix([tokens[i] for i in group], self.model.tokenizer.pad_token_id, group)
+        if shared is None or self.config.shared_prefix == "always":
+            return shared
+        # Positions saved per head set and layer, in rows of the full length; every set runs about half the layers.
+        saved_rows = (batch.size * batch.length - shared.length - batch.size * shared.rest.length) / batch.length
+        if saved_rows * n_sets * self.layout.n_layers / 2 <= n_chunks * self._overhead_layer_rows(batch.length):
+            return None
+        return shared
 
     def _requests(self, plans: list[tuple[Batch, list[Chunk]]], readouts: tuple[str, ...]) -> list[Request]:
         """Pack the groups' clean readouts and chunks, in order, into as few requests as the result budget
@@ -418,7 +523,12 @@ class Engine:
                 layers.update(plan)
                 chunks.append((chunk.start_layer, len(chunk.set_indices), plan))
             residual_layers = sorted({chunk.start_layer - 1 for chunk in part.chunks if chunk.start_layer > 0})
-            groups.append({"inputs": part.batch.repeated(1), "clean": part.clean, "residual_layers": residual_layers, "chunks": chunks})
+            shared = part.batch.shared if not check_layers else None  # a diagnosis runs the whole prompts
+            groups.append({
+                "inputs": part.batch.repeated(1) if shared is None else shared.rest.repeated(1),
+                "prefix": None if shared is None else shared.prefix_inputs,
+                "clean": part.clean, "residual_layers": residual_layers, "chunks": chunks,
+            })
         return {
             "kind": kind,
             "epsilon": float(epsilon),
@@ -504,7 +614,7 @@ class Engine:
         tokens = self.tokenize(prompts)
         sets = self._normalise_sets(head_sets)
         stats = stats if stats is not None else {}
-        for key in ("traces", "rows", "layer_rows"):
+        for key in ("traces", "rows", "layer_rows", "flops"):
             stats.setdefault(key, 0)
         n_layers = self.layout.n_layers
         plans = self._group_plans(tokens, sets)
@@ -514,21 +624,28 @@ class Engine:
         for batch, plan in plans:
             group = batch.prompt_indices
             residual_layers = {chunk.start_layer - 1 for chunk in plan if chunk.start_layer > 0}
-            residuals, clean_logits, clean_hidden = self._clean_pass(batch, residual_layers, readouts)
+            if batch.shared is not None:
+                prefix_kv, residuals, clean_logits, clean_hidden = self._shared_clean_pass(batch, residual_layers, readouts)
+            else:
+                residuals, clean_logits, clean_hidden = self._clean_pass(batch, residual_layers, readouts)
             if not _finite(clean_logits, clean_hidden):
                 layer = self._ablated_pass(batch, Chunk((0,), 0), [()], None, kind, epsilon, means, readouts, check_layers=True)
                 _report_non_finite("the clean model", layer, self.model.dtype)
-            _count(stats, batch.size, n_layers)
+            _count(stats, batch.size, n_layers, self._pass_flops(batch, None))
             yield "clean", ChunkResult(group, (), clean_logits, clean_hidden)
             for chunk in plan:
-                logits, hidden = self._ablated_pass(
-                    batch, chunk, sets, residuals.get(chunk.start_layer - 1), kind, epsilon, means, readouts
-                )
+                residual = residuals.get(chunk.start_layer - 1)
+                if batch.shared is not None:
+                    logits, hidden = self._shared_ablated_pass(batch, chunk, sets, prefix_kv, residual, kind, epsilon, means, readouts)
+                else:
+                    logits, hidden = self._ablated_pass(batch, chunk, sets, residual, kind, epsilon, means, readouts)
                 if not _finite(logits, hidden):
-                    residual = residuals.get(chunk.start_layer - 1)
+                    # Diagnosed on the whole prompts (no shared prefix), from the full batch's clean residual.
+                    if batch.shared is not None:
+                        residual = self._clean_pass(batch, residual_layers, readouts)[0].get(chunk.start_layer - 1)
                     layer = self._ablated_pass(batch, chunk, sets, residual, kind, epsilon, means, readouts, check_layers=True)
                     _report_non_finite("an ablated model", layer, self.model.dtype)
-                _count(stats, len(chunk.set_indices) * batch.size, n_layers - chunk.start_layer)
+                _count(stats, len(chunk.set_indices) * batch.size, n_layers - chunk.start_layer, self._pass_flops(batch, chunk))
                 yield "ablated", ChunkResult(group, chunk.set_indices, logits, hidden)
 
     def _stream_remote(self, plans, sets, kind, epsilon, means, readouts, stats) -> Iterator[tuple[str, ChunkResult]]:
@@ -545,7 +662,7 @@ class Engine:
             for part in request.parts:
                 batch, group = part.batch, part.batch.prompt_indices
                 if part.clean or any(chunk.start_layer > 0 for chunk in part.chunks):
-                    _count(stats, batch.size, n_layers)  # the clean pass this request ran for the group
+                    _count(stats, batch.size, n_layers, self._pass_flops(batch, None))  # the clean pass this request ran for the group
                 if part.clean:
                     readout = next(results)
                     clean_logits, clean_hidden = _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
@@ -559,7 +676,7 @@ class Engine:
                     if not _finite(logits, hidden):
                         layer = self._remote_diagnosis(batch, chunk, sets, kind, epsilon, means, readouts, stats)
                         _report_non_finite("an ablated model", layer, self.model.dtype)
-                    _count(stats, n_sets * batch.size, n_layers - chunk.start_layer)
+                    _count(stats, n_sets * batch.size, n_layers - chunk.start_layer, self._pass_flops(batch, chunk))
                     yield "ablated", ChunkResult(group, chunk.set_indices, logits, hidden)
 
     def run(
@@ -672,6 +789,13 @@ class Engine:
         return (total / count).float()
 
 
+def _cache_name(module: torch.nn.Module) -> str:
+    """What the model calls its KV cache, as a forward argument and an output field."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _check_ablation(kind: str, epsilon: float, means: torch.Tensor | None) -> None:
     check_kind(kind)
     check_epsilon(epsilon)
@@ -695,10 +819,11 @@ def _first_non_finite(start_layer: int, flags: Sequence[bool]) -> int | None:
     return next((start_layer + i for i, ok in enumerate(flags) if not ok), None)
 
 
-def _count(stats: dict, rows: int, layers: int) -> None:
+def _count(stats: dict, rows: int, layers: int, flops: float) -> None:
     stats["traces"] += 1
     stats["rows"] += rows
     stats["layer_rows"] += rows * layers
+    stats["flops"] += flops
 
 
 def _to_cpu_float(values: torch.Tensor | None) -> torch.Tensor | None:

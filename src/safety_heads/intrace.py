@@ -155,17 +155,100 @@ def ablated_pass(lm, sites, inputs, n_sets, start_layer, plan, residual, kind, e
     return readout, finite
 
 
+# -- a shared token prefix, computed once (the engine's `shared_prefix`) ---------------------------------------------
+#
+# Prompts made from one template share its first tokens (a chat template's system prompt and role markers). Under
+# causal attention the states of those tokens depend only on them and on the ablation, not on what follows, so a
+# group's prefix runs once per head set (one row each) and every prompt's remaining tokens (its "rest") run on that
+# prefix's KV cache. The rests are left-padded after the prefix: [prefix][padding][rest], the attention mask marks the
+# padding, and position ids continue from the prefix's length, so each row computes exactly what it would alone.
+
+
+def _cache_of(lm, sites):
+    """Inside a trace: the KV cache the model returns (its output field is `sites["cache_name"]`)."""
+    return getattr(lm.output, sites["cache_name"])
+
+
+def shared_clean_pass(lm, sites, prefix_inputs, rest_inputs, residual_layers, readouts, save=None):
+    """The clean pass of a group of prompts that share a prefix: the prefix once (one row), then every prompt's rest
+    on its cache. Returns the prefix's (keys, values) per layer, the residual stream after `residual_layers` for the
+    prefix ([1, P, d]) and for the rests ([prompts, S, d]), and the rests' last-position readouts."""
+    save = save or _identity
+    layers = resolve(lm, sites["layers_path"])
+    with torch.no_grad(), lm.trace(**prefix_inputs, logits_to_keep=1, use_cache=True):
+        prefix_residuals = save({})
+        for layer in sorted(residual_layers):
+            prefix_residuals[layer] = layers[layer].output
+        cache = save(_cache_of(lm, sites))
+    # The cache's own tensors: later updates replace them (torch.cat, repeat_interleave) and never write into them.
+    prefix_kv = [(cache.layers[layer].keys, cache.layers[layer].values) for layer in range(sites["n_layers"])]
+    cache.batch_repeat_interleave(rest_inputs["input_ids"].shape[0])
+    with torch.no_grad(), lm.trace(**rest_inputs, **{sites["cache_name"]: cache}, logits_to_keep=1, use_cache=True):
+        rest_residuals = save({})
+        for layer in sorted(residual_layers):
+            rest_residuals[layer] = layers[layer].output
+        readout = save({})
+        read_last(lm, sites, readouts, readout)
+    return prefix_kv, prefix_residuals, rest_residuals, readout
+
+
+def shared_ablated_pass(lm, sites, prefix_inputs, rest_inputs, prefix_kv, n_sets, start_layer, plan, prefix_residual,
+                        rest_residual, kind, epsilon, means, readouts, save=None):
+    """`ablated_pass` for a group that shares a prefix: the prefix once per head set (`n_sets` rows, copy i ablating
+    plan row i), then every (set, prompt) rest on that set's prefix cache. Layers below `start_layer` are skipped in
+    both, fed the clean residuals; their cache entries are the clean prefix's (`prefix_kv`)."""
+    save = save or _identity
+    layers = resolve(lm, sites["layers_path"])
+    n_prompts = rest_inputs["input_ids"].shape[0]
+    tiled_prefix = {name: value.repeat(n_sets, 1) for name, value in prefix_inputs.items()}
+    with torch.no_grad(), lm.trace(**tiled_prefix, logits_to_keep=1, use_cache=True):
+        if start_layer > 0:
+            skipped_output = prefix_residual.repeat(n_sets, 1, 1)
+            for layer in range(start_layer):
+                layers[layer].skip(skipped_output)
+        for layer in sorted(plan):
+            ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means)
+        cache = save(_cache_of(lm, sites))
+    for layer in range(start_layer):  # skipped layers wrote nothing: their keys and values are the clean prefix's
+        keys, values = prefix_kv[layer]
+        cache.update(keys.expand(n_sets, -1, -1, -1), values.expand(n_sets, -1, -1, -1), layer)
+    cache.batch_repeat_interleave(n_prompts)  # row set * n_prompts + prompt, as the rests are tiled below
+    tiled = {name: value.repeat(n_sets, 1) for name, value in rest_inputs.items()}
+    with torch.no_grad(), lm.trace(**tiled, **{sites["cache_name"]: cache}, logits_to_keep=1, use_cache=True):
+        if start_layer > 0:
+            skipped_output = rest_residual.repeat(n_sets, 1, 1)
+            for layer in range(start_layer):
+                layers[layer].skip(skipped_output)
+        for layer in sorted(plan):
+            ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means, repeat=n_prompts)
+        readout = save({})
+        read_last(lm, sites, readouts, readout)
+    return readout
+
+
 def run_request(lm, sites, request):
     """The body of one engine request, inside one session: per prompt group, a clean pass when the request returns
     the group's clean readouts or its chunks need residuals, then one ablated pass per chunk.
 
     `request` (engine.Engine._payload) holds kind, epsilon, means, readouts, check_layers and `groups`, each with
-    inputs, clean, residual_layers and chunks [(start_layer, n_sets, plan)]. Returns the readout dicts in that
+    inputs, prefix (a shared prefix's inputs, or None; inputs are then the rests), clean, residual_layers and chunks
+    [(start_layer, n_sets, plan)]. Returns the readout dicts in that
     order (a group's clean readouts first, when asked for); with check_layers, each chunk's per-layer finite flags.
     """
     kind, epsilon, means, readouts = request["kind"], request["epsilon"], request["means"], request["readouts"]
     results = []
     for group in request["groups"]:
+        prefix = group.get("prefix")
+        if prefix is not None:  # a shared prefix: its clean pass is always needed, for the prefix's keys and values
+            prefix_kv, prefix_residuals, rest_residuals, clean = shared_clean_pass(
+                lm, sites, prefix, group["inputs"], group["residual_layers"], readouts)
+            if group["clean"]:
+                results.append(clean)
+            for start_layer, n_sets, plan in group["chunks"]:
+                results.append(shared_ablated_pass(
+                    lm, sites, prefix, group["inputs"], prefix_kv, n_sets, start_layer, plan,
+                    prefix_residuals.get(start_layer - 1), rest_residuals.get(start_layer - 1), kind, epsilon, means, readouts))
+            continue
         residuals = {}
         if group["clean"] or group["residual_layers"]:
             residuals, clean = clean_pass(lm, sites, group["inputs"], group["residual_layers"], readouts)
@@ -286,3 +369,76 @@ def head_dots(lm, sites, embedding_path, inputs, uniforms, kind, epsilon, means,
                     grad = query_block(grad, sites)
                 dots[layer] = per_head_dot(grad.double(), deltas[layer].double(), sites, kind)
     return dots
+
+
+# -- the deterministic estimate: exact per-layer changes, the next-token Fisher over the top tokens ------------------
+
+
+def layer_deltas(lm, sites, inputs, kind, epsilon, means, save=None):
+    """Inside a session or as a function of its own: the exact change that ablating every head of a layer makes at
+    that layer's output site (the output projection's input), with every lower layer clean: one [positions,
+    n_heads * head_dim] tensor per layer, head h's columns its own change (heads do not mix before the projection).
+
+    Two rows, one pass: row 0 is clean; row 1 ablates every head of each layer, its output-site input is read, and
+    then set back to row 0's, so the next layer sees clean inputs again. For ``ua`` this is the exact effect of
+    flattened attention, not a linearisation of the softmax; for ``sc`` and ``mean`` it equals the closed form."""
+    save = save or _identity
+    n_heads = sites["n_heads"]
+    all_heads = ([1] * n_heads, list(range(n_heads)))
+    tiled = {name: value.repeat(2, 1) for name, value in inputs.items()}
+    with torch.no_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
+        deltas = save([])
+        for layer in range(sites["n_layers"]):
+            if kind == "ua":
+                site = layer_site(lm, sites, layer, sites["query_path"]).output
+                keep = torch.ones(2, n_heads, dtype=site.dtype, device=site.device)
+                keep[all_heads] = 0
+                scale_queries(site, sites, keep, epsilon)
+                site = layer_site(lm, sites, layer, sites["output_path"]).input
+                deltas.append((site[1] - site[0]).clone())
+                site[1] = site[0]
+            else:
+                site = layer_site(lm, sites, layer, sites["output_path"]).input
+                clean = site[0]
+                if kind == "sc":
+                    deltas.append((epsilon - 1.0) * clean)
+                else:
+                    deltas.append(means[layer].to(device=clean.device, dtype=clean.dtype) - clean)
+    return deltas
+
+
+def fisher_dots(lm, sites, embedding_path, inputs, n_top, deltas, save=None):
+    """One forward+backward pass over n_top + 1 rows of one prompt. Row r < n_top backpropagates the logit of the
+    clean model's r-th most likely next token; the last row the probability-weighted mean logit of all other tokens.
+    Returns, per layer, [n_top + 1, n_heads]: each row's gradient at the output site dotted with each head's
+    `deltas` change (a first-order change of that logit), and the probabilities [n_top + 1] the rows stand for."""
+    save = save or _identity
+    rows = n_top + 1
+    tiled = {name: value.repeat(rows, 1) for name, value in inputs.items()}
+    with torch.enable_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
+        resolve(lm, embedding_path).output.requires_grad_(True)  # frozen weights: start the graph here
+        site_values = [layer_site(lm, sites, layer, sites["output_path"]).input for layer in range(sites["n_layers"])]
+        logits = lm.output.logits[:, -1].float()  # [rows, vocab]
+        probs = logits[0].detach().double().softmax(dim=-1)
+        top = probs.topk(n_top)
+        rest = probs.clone()
+        rest[top.indices] = 0.0
+        rest_mass = rest.sum()
+        weights = torch.zeros_like(logits)
+        weights[torch.arange(n_top, device=logits.device), top.indices] = 1.0
+        weights[n_top] = (rest / rest_mass.clamp(min=1e-300)).to(weights.dtype)
+        mass = save(torch.cat([top.values, rest_mass[None]]).cpu())
+        objective = (logits * weights).sum()  # row r's term depends on row r alone
+        with objective.backward():
+            dots = save([None] * sites["n_layers"])
+            for layer in reversed(range(sites["n_layers"])):  # gradients arrive in reverse forward order
+                grad = site_values[layer].grad
+                dots[layer] = per_head_dot(grad.double(), deltas[layer].to(grad.device).double(), sites, "sc").cpu()
+    return dots, mass
+
+
+def fisher_estimate(lm, sites, embedding_path, inputs, n_top, kind, epsilon, means, save=None):
+    """The deterministic Ships estimate's two passes for one prompt (estimate.py explains the method): the exact
+    per-layer changes, then the top-token gradients. Returns the per-layer dots and the rows' probabilities."""
+    deltas = layer_deltas(lm, sites, inputs, kind, epsilon, means, save)
+    return fisher_dots(lm, sites, embedding_path, inputs, n_top, deltas, save)

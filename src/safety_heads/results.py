@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +42,15 @@ def run_record(model, config, queries, source: dict) -> dict:
     """Everything that determines a run's numbers (model, dtype, every config field, the data); a resumed run must
     match it exactly. `config` is any dataclass; `queries` are hashed, not stored."""
     digest = hashlib.sha256("\n\x00".join(queries).encode()).hexdigest()
+    settings = asdict(config)
+    for item in fields(config):  # how work is batched changes no number: such fields say metadata={"recorded": False}
+        if not item.metadata.get("recorded", True):
+            settings.pop(item.name)
     return {
         "model": model.name,
         "dtype": str(model.dtype).removeprefix("torch."),
         "attn_implementation": model.config.attn_implementation,
-        **asdict(config),
+        **settings,
         **source,
         "n_queries": len(queries),
         "queries_sha256": digest,

@@ -53,6 +53,10 @@ class ShipsConfig:
     heads: str | None = None  # a head spec restricting the sweep ("0-7:*"); None = every head
     method: str = "exact"
     top_k: int = 10  # heads recomputed exactly by estimate+verify, and listed per query
+    # Exact method: queries swept together (sharing batches and their template's common prefix, computed once per
+    # head set); a checkpoint line follows each such group, so a kill loses at most this many queries. It changes no
+    # number, so it is not part of the run's record (a resumed run may use another).
+    queries_per_pass: int = field(default=8, metadata={"recorded": False})
     samples: int = 64  # Fisher samples for the estimate
     samples_per_pass: int | None = None  # rows per forward+backward pass of the estimate (memory); None = all
     seed: int = 0
@@ -78,6 +82,8 @@ class ShipsConfig:
             raise UserError(f"--refusal-limit must be at least 2, not {self.refusal_limit}")
         if self.top_k < 1:
             raise UserError(f"--top-k must be at least 1, not {self.top_k}")
+        if self.queries_per_pass < 1:
+            raise UserError(f"--queries-per-pass must be at least 1, not {self.queries_per_pass}")
         if self.samples < 1:
             raise UserError(f"--samples must be at least 1, not {self.samples}")
 
@@ -131,34 +137,48 @@ def exact_scores(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head]
 def exact_score_maps(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, kind: str, epsilon: float,
                      means=None, scores: Sequence[str] = ("kl",), signals: dict | None = None) -> dict[str, torch.Tensor]:
     """Several scores of each head from one sweep (the readouts they need, together): {score: [layers, heads]}."""
+    return exact_score_maps_of([token_ids], heads, engine=engine, kind=kind, epsilon=epsilon, means=means, scores=scores,
+                               signals=signals)[0]
+
+
+def exact_score_maps_of(prompts: Sequence[Sequence[int]], heads: Sequence[Head], *, engine: Engine, kind: str,
+                        epsilon: float, means=None, scores: Sequence[str] = ("kl",), signals: dict | None = None,
+                        stats: dict | None = None) -> list[dict[str, torch.Tensor]]:
+    """`exact_score_maps` of several prompts from one engine sweep, one dict per prompt. Prompts swept together share
+    batches, and a template's common first tokens are computed once per head set (EngineConfig.shared_prefix).
+    `stats` collects the engine's counts (traces, rows, FLOPs)."""
     layout = engine.layout
     signals = signals or {}
-    maps = {name: torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64) for name in scores}
+    maps = [{name: torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64) for name in scores}
+            for _ in prompts]
     readouts = tuple(sorted({r for name in scores for r in readouts_for(name)}))
-    clean = None
-    for what, part in engine.stream([list(token_ids)], [[head] for head in heads], kind=kind, epsilon=epsilon, means=means,
-                                    readouts=readouts):
-        if what == "clean":
-            clean = part
-            continue
-        for name in scores:
-            if name == "kl":
-                values = kl_divergence(clean.logits[0], part.logits[:, 0])
-            else:
-                values = score_values(name, _first(clean.logits), _at(part.logits), _first(clean.hidden), _at(part.hidden),
-                                      signals.get(name))
-            for set_index, value in zip(part.set_indices, values):
-                layer, head = heads[set_index]
-                maps[name][layer, head] = value
+    clean: dict[int, tuple] = {}  # prompt index -> its clean (logits, hidden)
+    for what, part in engine.stream([list(ids) for ids in prompts], [[head] for head in heads], kind=kind,
+                                    epsilon=epsilon, means=means, readouts=readouts, stats=stats):
+        for column, prompt in enumerate(part.prompt_indices):
+            if what == "clean":
+                clean[prompt] = (_row(part.logits, column), _row(part.hidden, column))
+                continue
+            clean_logits, clean_hidden = clean[prompt]
+            logits, hidden = _column(part.logits, column), _column(part.hidden, column)
+            for name in scores:
+                if name == "kl":
+                    values = kl_divergence(clean_logits, logits)
+                else:
+                    values = score_values(name, clean_logits, logits, clean_hidden, hidden, signals.get(name))
+                for set_index, value in zip(part.set_indices, values):
+                    layer, head = heads[set_index]
+                    maps[prompt][name][layer, head] = value
     return maps
 
 
-def _first(values: torch.Tensor | None) -> torch.Tensor | None:
-    return None if values is None else values[0]
+def _row(values: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    return None if values is None else values[index]
 
 
-def _at(values: torch.Tensor | None) -> torch.Tensor | None:
-    return None if values is None else values[:, 0]
+def _column(values: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    """[sets, prompts, width] -> the sets' readouts for one prompt, [sets, width]."""
+    return None if values is None else values[:, index]
 
 
 def aggregate(scores: torch.Tensor, k: int = TOP_FREQUENCY_K) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,14 +222,27 @@ class Ships:
         c = self.config
         return self.engine.head_means(prompt_tokens(c.mean_reference, c.mean_reference_limit, c.template, self.model.tokenizer, c.system))
 
+    def score_many(self, items: Sequence[tuple[int, object]]) -> list[QueryScores]:
+        """Ships of every selected head for several (index, formatted prompt) pairs: exact ones in one sweep."""
+        config = self.config
+        if config.method != "exact" or len(items) == 1:
+            return [self.score(index, prompt) for index, prompt in items]
+        return self._exact(items)
+
+    def _exact(self, items: Sequence[tuple[int, object]]) -> list[QueryScores]:
+        config = self.config
+        maps = exact_score_maps_of([list(prompt.token_ids) for _, prompt in items], self.heads, engine=self.engine,
+                                   kind=config.ablation, epsilon=config.epsilon, means=self.means, scores=(config.score,),
+                                   signals={config.score: self.signal})
+        return [QueryScores(index, prompt.query, prompt.text, scores[config.score])
+                for (index, prompt), scores in zip(items, maps)]
+
     def score(self, index: int, prompt) -> QueryScores:
         """Ships of every selected head for one formatted prompt (data.FormattedPrompt)."""
         config, tokens = self.config, list(prompt.token_ids)
         kind, epsilon = config.ablation, config.epsilon
         if config.method == "exact":
-            scores = exact_scores(self.engine, tokens, self.heads, kind=kind, epsilon=epsilon, means=self.means,
-                                  score=config.score, signal=self.signal)
-            return QueryScores(index, prompt.query, prompt.text, scores)
+            return self._exact([(index, prompt)])[0]
         from .estimate import EstimateConfig, estimate_scores
 
         estimate = estimate_scores(
@@ -254,15 +287,21 @@ def run_ships(
             finished[unit["index"]] = _unit_to_scores(unit)
         if finished:
             progress(f"resuming: {len(finished)} of {len(prompts)} queries already scored")
-    for index, prompt in enumerate(prompts):
-        if index in finished:
+    # Queries are swept in fixed blocks of consecutive indices. A block a kill left unfinished is swept again whole,
+    # so every query is computed in the same batches as in an uninterrupted run, and resuming gives identical numbers.
+    per_pass = config.queries_per_pass if config.method == "exact" else 1
+    for start in range(0, len(prompts), per_pass):
+        block = list(enumerate(prompts))[start : start + per_pass]
+        if all(index in finished for index, _ in block):
             continue
-        result = ships.score(index, prompt)
-        finished[index] = result
-        if checkpoint is not None:
-            checkpoint.append(_scores_to_unit(result))
-        best = ", ".join(f"{l}:{h} ({s:.3g})" for l, h, s in result.top(3))
-        progress(f"[{len(finished)}/{len(prompts)}] top heads {best}  |  {_shorten(prompt.query)}")
+        for result in ships.score_many(block):
+            if result.index in finished:
+                continue
+            finished[result.index] = result
+            if checkpoint is not None:
+                checkpoint.append(_scores_to_unit(result))
+            best = ", ".join(f"{l}:{h} ({s:.3g})" for l, h, s in result.top(3))
+            progress(f"[{len(finished)}/{len(prompts)}] top heads {best}  |  {_shorten(result.query)}")
     ordered = [finished[i] for i in range(len(prompts))]
     mean, frequency = aggregate(torch.stack([q.scores for q in ordered]))
     learned = {"refusal_signal": ships.signal.record()} if ships.signal is not None else {}
