@@ -16,6 +16,7 @@ import gc
 import math
 import warnings
 
+import nnsight
 import pytest
 import torch
 
@@ -30,6 +31,7 @@ PROMPT = "How do I pick a lock?"
 REFERENCE = ["Hello there, how are you?", "Write a short poem about the sea, please.", PROMPT]  # for mean ablation
 GENTLE_STD = 0.1
 FIVE = ["llama", "qwen3", "gemma3_text", "gpt2", "phi3"]  # GQA, bshd q_norm, bhsd q_norm, Conv1D fused, fused qkv
+SAMPLED = EstimateConfig(estimator="sampled")  # the sampled-Fisher estimator; the deterministic one is tested below
 
 
 def gentle(name: str, seed: int = 0, std: float = GENTLE_STD) -> torch.nn.Module:
@@ -88,7 +90,7 @@ GENTLE_FLOOR = 0.8
 def test_estimate_ranks_heads_like_exact(name, kind):
     engine = engine_for(gentle(name), name)
     tokens = engine.tokenize([PROMPT])[0]
-    estimate = estimate_scores(engine, tokens, kind=kind)
+    estimate = estimate_scores(engine, tokens, kind=kind, config=SAMPLED)
     check_shape_and_sign(estimate, engine)
     rho = spearman(estimate, exact_scores(engine, tokens, kind))
     assert rho >= GENTLE_FLOOR, f"{name} {kind}: Spearman {rho:.3f}"
@@ -98,7 +100,7 @@ def test_mean_ablation_estimate_ranks_heads_like_exact():
     engine = engine_for(gentle("llama"), "llama")
     tokens = engine.tokenize([PROMPT])[0]
     means = engine.head_means(REFERENCE)
-    estimate = estimate_scores(engine, tokens, kind="mean", means=means)
+    estimate = estimate_scores(engine, tokens, kind="mean", means=means, config=SAMPLED)
     check_shape_and_sign(estimate, engine)
     rho = spearman(estimate, exact_scores(engine, tokens, "mean", means=means))
     assert rho >= GENTLE_FLOOR, f"Spearman {rho:.3f}"
@@ -118,7 +120,7 @@ STRONG_FLOOR = {"sc": 0.7, "ua": 0.4}
 def test_strong_init_models(name, kind):
     engine = engine_for(FAMILIES[name].build(), name)
     tokens = engine.tokenize([PROMPT])[0]
-    estimate = estimate_scores(engine, tokens, kind=kind)
+    estimate = estimate_scores(engine, tokens, kind=kind, config=SAMPLED)
     check_shape_and_sign(estimate, engine)
     rho = spearman(estimate, exact_scores(engine, tokens, kind))
     assert rho >= STRONG_FLOOR[kind], f"{name} {kind}: Spearman {rho:.3f}"
@@ -129,7 +131,7 @@ def test_small_ablations_match_exact_kl_in_size(kind):
     """At epsilon = 0.9 (a 10% change) the quadratic expansion is accurate: this pins the 1/2 and the delta's scale."""
     engine = engine_for(gentle("llama"), "llama")
     tokens = engine.tokenize([PROMPT])[0]
-    estimate = estimate_scores(engine, tokens, kind=kind, epsilon=0.9, config=EstimateConfig(samples=256))
+    estimate = estimate_scores(engine, tokens, kind=kind, epsilon=0.9, config=EstimateConfig(estimator="sampled", samples=256))
     ratio = (estimate / exact_scores(engine, tokens, kind, epsilon=0.9)).flatten()
     # Measured (K=256, model seeds 0-1, llama and gpt2 and qwen3): per-head ratio 0.77-1.15, median 0.91-1.03.
     assert 0.9 <= ratio.median() <= 1.1, ratio
@@ -139,10 +141,10 @@ def test_small_ablations_match_exact_kl_in_size(kind):
 def test_same_seed_same_result_and_other_seeds_agree():
     engine = engine_for(gentle("qwen3"), "qwen3")
     tokens = engine.tokenize([PROMPT])[0]
-    first = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(seed=3))
-    again = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(seed=3))
+    first = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(estimator="sampled", seed=3))
+    again = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(estimator="sampled", seed=3))
     assert torch.equal(first, again)
-    other = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(seed=4))
+    other = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(estimator="sampled", seed=4))
     assert not torch.equal(first, other)
     # Two independent K=64 estimates: each score has ~18% relative noise.
     assert (other / first).log().abs().median() < math.log(1.5)
@@ -153,8 +155,8 @@ def test_chunked_passes_equal_one_pass():
     """samples_per_pass splits the rows; each row keeps its draw, so only float rounding may differ."""
     engine = engine_for(gentle("gpt2"), "gpt2")
     tokens = engine.tokenize([PROMPT])[0]
-    whole = estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(samples=24))
-    chunked = estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(samples=24, samples_per_pass=10))
+    whole = estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=24))
+    chunked = estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=24, samples_per_pass=10))
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=0)
 
 
@@ -178,7 +180,7 @@ def test_one_forward_and_one_backward_pass():
     ]
     lm.trace = counting_trace
     try:
-        estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(samples=16))
+        estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=16))
     finally:
         del lm.trace
         for hook in hooks:
@@ -193,10 +195,10 @@ def test_weights_are_left_as_they_were():
     engine = engine_for(module, "gemma3_text")
     tokens = engine.tokenize([PROMPT])[0]
     module.requires_grad_(True)
-    trainable = estimate_scores(engine, tokens, kind="sc")
+    trainable = estimate_scores(engine, tokens, kind="sc", config=SAMPLED)
     assert all(p.requires_grad and p.grad is None for p in module.parameters())
     module.requires_grad_(False)  # as NDIF serves models
-    frozen = estimate_scores(engine, tokens, kind="sc")
+    frozen = estimate_scores(engine, tokens, kind="sc", config=SAMPLED)
     assert not any(p.requires_grad for p in module.parameters())
     torch.testing.assert_close(frozen, trainable)
     gc.collect()
@@ -212,11 +214,11 @@ def test_no_tensors_are_left_behind():
             warnings.simplefilter("ignore", FutureWarning)
             return sum(1 for thing in gc.get_objects() if isinstance(thing, torch.Tensor))
 
-    estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(samples=8))  # warm caches
+    estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=8))  # warm caches
     gc.collect()
     before = live_tensors()
     for _ in range(3):
-        estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(samples=8))
+        estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=8))
     assert live_tensors() == before
 
 
@@ -241,3 +243,124 @@ def test_empty_prompt_is_a_user_error():
     engine = engine_for(gentle("llama"), "llama")
     with pytest.raises(UserError, match="empty"):
         estimate_scores(engine, [])
+
+
+# -- the deterministic estimator (estimator="fisher", the default) ----------------------------------------------------
+
+# Spearman(estimate, exact) over the 12 heads, top_tokens 8, measured (model seed 0): gentle (std 0.1) sc llama 0.83,
+# qwen3 0.90, gemma3_text 0.76, gpt2 0.85, phi3 0.90; ua 0.95, 0.90, 0.94, 0.99, 1.00. Strong (std 0.3): sc 0.87,
+# 0.85, 0.87, 0.97, 0.93; ua 0.92, 0.94, 0.82, 0.97, 0.92. On the gentle models the next-token distribution is nearly
+# flat over 259 tokens, so 8 top tokens and a lumped rest hold little of its variance (the sizes come out ~8x small);
+# a trained model's next token is far more peaked. ua, the case the sampled estimator linearises badly, is where
+# this one gains: its changes are exact.
+FISHER_FLOOR = {"sc": 0.7, "ua": 0.8}
+
+
+@pytest.mark.parametrize("strong", [False, True])
+@pytest.mark.parametrize("kind", ["sc", "ua"])
+@pytest.mark.parametrize("name", FIVE)
+def test_fisher_estimate_ranks_heads_like_exact(name, kind, strong):
+    module = FAMILIES[name].build() if strong else gentle(name)
+    engine = engine_for(module, name)
+    tokens = engine.tokenize([PROMPT])[0]
+    estimate = estimate_scores(engine, tokens, kind=kind)  # the default estimator
+    check_shape_and_sign(estimate, engine)
+    rho = spearman(estimate, exact_scores(engine, tokens, kind))
+    assert rho >= FISHER_FLOOR[kind], f"{name} {kind}: Spearman {rho:.3f}"
+
+
+@pytest.mark.parametrize("kind", ["sc", "ua", "mean"])
+def test_fisher_estimate_is_the_exact_quadratic_form_for_small_ablations(kind):
+    """Every token backpropagated (nothing lumped) and a 10% ablation: the estimate is the second-order expansion
+    of the KL itself, so it matches the exact KL in size, head by head. This pins the 1/2, the exact per-layer
+    changes (for ua too: no linearised softmax) and the Fisher's centring."""
+    engine = engine_for(gentle("llama"), "llama")
+    tokens = engine.tokenize([PROMPT])[0]
+    means = engine.head_means(REFERENCE) if kind == "mean" else None
+    epsilon = 0.9 if kind != "mean" else 1e-4
+    vocabulary = engine.model.module.config.vocab_size
+    estimate = estimate_scores(engine, tokens, kind=kind, epsilon=epsilon, means=means,
+                               config=EstimateConfig(top_tokens=vocabulary - 1))
+    ratio = (estimate / exact_scores(engine, tokens, kind, epsilon=epsilon, means=means)).flatten()
+    if kind == "mean":  # a full replacement is not small: the ranking is what is promised
+        assert spearman(estimate, exact_scores(engine, tokens, kind, means=means)) >= 0.9
+    else:
+        assert ((ratio > 0.9) & (ratio < 1.1)).all(), ratio
+
+
+def test_layer_deltas_are_the_exact_change_of_each_head():
+    """For ua the change at the output site is computed, not linearised: it equals (ablated - clean) head outputs
+    of a plain forward pass with that one head's query scaled, at every position."""
+    from safety_heads import intrace
+
+    family = FAMILIES["qwen2"]
+    module = family.build()
+    engine = engine_for(module, "qwen2")
+    tokens = engine.tokenize([PROMPT])[0]
+    batch = engine._batch([tokens], [0])
+    deltas = intrace.layer_deltas(engine.model.lm, engine.sites, batch.repeated(1), "ua", 1e-4, None, save=nnsight.save)
+    d = family.head_dim
+    for layer, head in [(0, 1), (1, 3), (2, 0)]:
+        captured = {}
+        attention = module.model.layers[layer].self_attn
+
+        def scale(m, args, out, head=head):
+            out = out.clone()
+            out[..., head * d:(head + 1) * d] *= 1e-4
+            return out
+
+        def keep(m, args, key):
+            captured[key] = args[0][0].detach().clone()
+
+        with torch.no_grad():
+            hook = attention.o_proj.register_forward_pre_hook(lambda m, a: keep(m, a, "clean"))
+            module(input_ids=torch.tensor([tokens]), use_cache=False)
+            hook.remove()
+            hooks = [attention.q_proj.register_forward_hook(scale),
+                     attention.o_proj.register_forward_pre_hook(lambda m, a: keep(m, a, "ablated"))]
+            module(input_ids=torch.tensor([tokens]), use_cache=False)
+            for h in hooks:
+                h.remove()
+        expected = (captured["ablated"] - captured["clean"])[:, head * d:(head + 1) * d]
+        got = deltas[layer][:, head * d:(head + 1) * d]
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_fisher_estimate_is_deterministic_and_travels():
+    engine = engine_for(gentle("qwen3"), "qwen3")
+    tokens = engine.tokenize([PROMPT])[0]
+    first = estimate_scores(engine, tokens, kind="ua")
+    assert torch.equal(first, estimate_scores(engine, tokens, kind="ua"))
+    from safety_heads.engine import EngineConfig
+
+    simulated = estimate_scores(Engine(engine.model, EngineConfig(remote="local")), tokens, kind="ua")
+    torch.testing.assert_close(simulated, first, rtol=1e-6, atol=0)
+
+
+def test_fisher_estimate_costs_two_traces_of_few_rows():
+    engine = engine_for(gentle("llama"), "llama")
+    tokens = engine.tokenize([PROMPT])[0]
+    lm = engine.model.lm
+    shapes = []
+    original_trace = lm.trace
+
+    def counting_trace(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return original_trace(*args, **kwargs)
+
+    lm.trace = counting_trace
+    try:
+        estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(top_tokens=5))
+    finally:
+        del lm.trace
+    assert shapes == [(2, len(tokens)), (6, len(tokens))]  # the per-layer changes, then 5 tokens + the rest
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(config=EstimateConfig(top_tokens=0)), "top-tokens"),
+    (dict(config=EstimateConfig(estimator="guess")), "unknown estimator"),
+])
+def test_bad_fisher_settings_are_user_errors(settings, message):
+    engine = engine_for(gentle("llama"), "llama")
+    with pytest.raises(UserError, match=message):
+        estimate_scores(engine, engine.tokenize([PROMPT])[0], **settings)
