@@ -320,3 +320,61 @@ def test_shared_prefix_in_remote_simulation_equals_local():
     assert all(length is not None for length in shared_lengths(simulated, TEMPLATED, head_sets))
     result = simulated.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
     assert torch.equal(local.logits, result.logits) and torch.equal(local.hidden, result.hidden)
+
+
+# -- base reuse: heads every set ablates (a Sahara step's group) --------------------------------------------------------
+
+
+def grouped_sets(family):
+    """Every set holds the group (0, 1) and one more head, as in Sahara's second step."""
+    return [[(0, 1), (layer, head)] for layer in range(3) for head in range(family.n_heads) if (layer, head) != (0, 1)]
+
+
+@pytest.mark.parametrize("shared", ["never", "always"])
+@pytest.mark.parametrize("kind", ["ua", "sc", "mean"])
+@pytest.mark.parametrize("family_name", ["llama", "qwen3", "gemma2", "phi3", "gpt2"])
+def test_sets_with_common_heads_match_reference(family_name, kind, shared):
+    family, module, engine = wrapped(family_name, shared_prefix=shared)
+    engine._overhead_layer_rows = lambda length: 0.0  # free traces: a chunk per first layer, as on a large model
+    prompts = TEMPLATED if shared == "always" else PROMPTS
+    tokens = engine.tokenize(prompts)
+    means = reference_means(module, family, tokens) if kind == "mean" else None
+    head_sets = grouped_sets(family)
+    plans = engine._group_plans(tokens, engine._normalise_sets(head_sets))
+    assert all(batch.base == ((0, 1),) for batch, _ in plans)
+    assert any(chunk.start_layer > 0 for _, chunks in plans for chunk in chunks)  # reuse above the group's layer
+    result = engine.run(prompts, head_sets, kind=kind, epsilon=1e-4, means=means, readouts=("logits", "hidden"))
+    worst = 0.0
+    for p, prompt_tokens in enumerate(tokens):
+        clean_logits, _ = reference_readouts(module, family, prompt_tokens, [], kind)
+        worst = max(worst, relative_error(result.clean_logits[p], clean_logits))  # the clean readouts stay clean
+        for k, heads in enumerate(head_sets):
+            logits, hidden = reference_readouts(module, family, prompt_tokens, heads, kind, 1e-4, means)
+            worst = max(worst, relative_error(result.logits[p, k], logits), relative_error(result.hidden[p, k], hidden))
+    assert worst <= TOLERANCE, f"max relative error {worst:.2e}"
+
+
+def test_common_heads_cut_layer_evaluations():
+    family, module, engine = wrapped("llama")
+    sets = [[(0, 1), (2, head)] for head in range(family.n_heads)]
+    stats, without = {}, {}
+    list(engine.stream(["abc"], sets, stats=stats))
+    list(Engine(engine.model, EngineConfig(prefix_reuse=False)).stream(["abc"], sets, stats=without))
+    # Every set's own head is in layer 2 of 3: one layer per ablated row instead of three, plus a base pass.
+    assert stats["layer_rows"] - 2 * 3 == (without["layer_rows"] - 3) // 3
+
+
+def test_common_heads_in_remote_simulation_equal_local():
+    family, module, engine = wrapped("qwen3", shared_prefix="always")
+    engine._overhead_layer_rows = lambda length: 0.0
+    head_sets = grouped_sets(family)
+    local = engine.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
+    simulated = Engine(engine.model, EngineConfig(remote="local", shared_prefix="always"))
+    simulated._overhead_layer_rows = lambda length: 0.0
+    result = simulated.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
+    assert torch.equal(local.logits, result.logits) and torch.equal(local.hidden, result.hidden)
+    engines = [Engine(engine.model, EngineConfig(remote=remote, shared_prefix="never")) for remote in ("local", False)]
+    for other in engines:
+        other._overhead_layer_rows = lambda length: 0.0
+    plain, here = (other.run(PROMPTS, head_sets, readouts=("logits",)) for other in engines)
+    assert torch.equal(plain.logits, here.logits)

@@ -574,3 +574,18 @@ def test_bad_candidate_settings_are_one_line(flags, message, tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert message in error and len(error.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_guard_batch_changes_the_cost_not_the_choice(llama):
+    """guard_batch 1 checks the best head alone first and doubles only on failure: the same group, fewer checks."""
+    wide = run_sahara(llama, QUERIES, SaharaConfig(steps=2, heads="1-2:*", guard_max_rise=1e9, **GUARD), **quiet)
+    narrow = run_sahara(llama, QUERIES, SaharaConfig(steps=2, heads="1-2:*", guard_max_rise=1e9, guard_batch=1, **GUARD),
+                        **quiet)
+    same_steps(wide, narrow)
+    assert [int((~step.guard.isnan()).sum()) for step in narrow.steps] == [1, 1]
+    first = wide.steps[0]
+    limit = float(first.guard[first.chosen]) - 1e-9  # the unguarded best fails: the guard must widen
+    fails = [run_sahara(llama, QUERIES, SaharaConfig(steps=1, heads="1-2:*", guard_max_rise=limit, guard_batch=batch,
+                                                     **GUARD), **quiet).steps[0] for batch in (1, 8)]
+    assert fails[0].chosen == fails[1].chosen
+    assert 2 <= int((~fails[0].guard.isnan()).sum())

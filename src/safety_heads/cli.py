@@ -313,7 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--heads", default=None, help="restrict the sweep, e.g. '0-7:*' or '*/4:*' (default: every head)")
     group.add_argument("--method", default="exact", help="exact, estimate (gradients, ~1 forward+backward) or estimate+verify")
     group.add_argument("--top-k", dest="top_k", type=int, default=10, help="heads recomputed exactly by estimate+verify (default 10)")
-    group.add_argument("--samples", type=int, default=64, help="Fisher samples for the estimate (default 64)")
+    group.add_argument("--estimator", default="fisher",
+                       help="fisher (exact per-layer changes and the Fisher over the top next tokens; default) or sampled (sampled Fisher)")
+    group.add_argument("--top-tokens", dest="top_tokens", type=int, default=8, help="fisher: next tokens backpropagated one by one (default 8)")
+    group.add_argument("--samples", type=int, default=64, help="sampled: Fisher samples for the estimate (default 64)")
     group.add_argument("--queries-per-pass", dest="queries_per_pass", type=int, default=8,
                        help="exact method: queries swept together, sharing their template's prefix; also the checkpoint unit (default 8)")
     group.add_argument("--samples-per-pass", dest="samples_per_pass", type=int, default=None,
@@ -372,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--steps", type=int, default=3)
     group.add_argument("--exclude", default=None, help="heads Sahara never chooses, e.g. '0:6'")
     group.add_argument("--candidates", type=int, default=None, metavar="N",
-                       help="Sahara tries only the N heads the run's own Ships stage ranks highest (default: every head)")
+                       help="Sahara tries only the N heads the run's own Ships stage ranks highest (default: every head; "
+                            "with --quick on a model of more than 96 heads, 24)")
     _add_guard_arguments(group, details=False)
     group.add_argument("--eval-datasets", dest="eval_datasets", default="maliciousinstruct,jailbreakbench")
     group.add_argument("--eval-limit", dest="eval_limit", type=int, default=None)
@@ -457,6 +461,9 @@ def _add_guard_arguments(group, details: bool) -> None:
         group.add_argument("--guard-limit", dest="guard_limit", type=int, default=16, help="guard prompts used (default 16)")
         group.add_argument("--guard-tokens", dest="guard_tokens", type=int, default=24,
                            help="length of the clean answers the guard scores (default 24)")
+        group.add_argument("--guard-batch", dest="guard_batch", type=int, default=8,
+                           help="candidates the guard checks in a step's first call, doubling after (default 8; the "
+                                "choice is the same, only the cost differs)")
 
 
 INTERRUPTED = "safety-heads: interrupted; finished work is kept (rerun with --resume to continue)"

@@ -169,6 +169,9 @@ class Batch:
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     shared: SharedPrefix | None = None  # set when the engine computes the group's common prefix once
+    # Heads every head set of the call ablates (a Sahara step's group so far): the residuals that prefix reuse feeds
+    # into later layers then come from a pass ablating them, and a set's first layer is that of its other heads.
+    base: tuple = ()
 
     @property
     def size(self) -> int:
@@ -412,16 +415,18 @@ class Engine:
     # The traces themselves live in intrace.py, which NDIF receives by value; here they run in this process, so the
     # outermost trace must save what it returns (nnsight.save).
 
-    def _clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...]):
-        residuals, readout = intrace.clean_pass(self.model.lm, self.sites, batch.repeated(1), residual_layers, readouts, nnsight.save)
+    def _clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...], base=None):
+        residuals, readout = intrace.clean_pass(self.model.lm, self.sites, batch.repeated(1), residual_layers, readouts,
+                                                nnsight.save, base=base)
         return residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
 
-    def _shared_clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...]):
-        """The clean pass of a group with a shared prefix: the prefix's keys and values, the residuals (prefix and
-        rests, as a pair per layer) and the readouts."""
+    def _shared_clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...], base=None):
+        """The clean (or, with `base`, base-ablated) pass of a group with a shared prefix: the prefix's keys and
+        values, the residuals (prefix and rests, as a pair per layer) and the readouts."""
         shared = batch.shared
         prefix_kv, prefix_residuals, rest_residuals, readout = intrace.shared_clean_pass(
-            self.model.lm, self.sites, shared.prefix_inputs, shared.rest.repeated(1), residual_layers, readouts, nnsight.save
+            self.model.lm, self.sites, shared.prefix_inputs, shared.rest.repeated(1), residual_layers, readouts,
+            nnsight.save, base=base,
         )
         residuals = {layer: (prefix_residuals[layer], rest_residuals[layer]) for layer in residual_layers}
         return prefix_kv, residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
@@ -431,14 +436,13 @@ class Engine:
         prefix_residual, rest_residual = residual if residual is not None else (None, None)
         readout = intrace.shared_ablated_pass(
             self.model.lm, self.sites, shared.prefix_inputs, shared.rest.repeated(1), prefix_kv, n_sets, chunk.start_layer,
-            ablation_plan([sets[i] for i in chunk.set_indices]), prefix_residual, rest_residual, kind, epsilon, means,
-            readouts, nnsight.save,
+            _chunk_plan(sets, chunk), prefix_residual, rest_residual, kind, epsilon, means, readouts, nnsight.save,
         )
         return _by_set(readout.get("logits"), n_sets, batch.size), _by_set(readout.get("hidden"), n_sets, batch.size)
 
     def _ablated_pass(self, batch: Batch, chunk: Chunk, sets, residual, kind, epsilon, means, readouts, check_layers=False):
         n_sets = len(chunk.set_indices)
-        plan = ablation_plan([sets[i] for i in chunk.set_indices])
+        plan = _chunk_plan(sets, chunk)
         readout, finite = intrace.ablated_pass(
             self.model.lm, self.sites, batch.repeated(1), n_sets, chunk.start_layer, plan, residual, kind, epsilon, means,
             readouts, nnsight.save, check_layers=check_layers,
@@ -453,11 +457,13 @@ class Engine:
         """Per prompt group: its padded batch and its chunks (head sets that share one forward pass)."""
         # Empty head sets are the clean model: served from the clean pass, never run again.
         active = [i for i, heads in enumerate(sets) if heads]
-        first_layers = [sets[i][0][0] for i in active]
+        base = _common_heads([sets[i] for i in active]) if self.config.prefix_reuse else ()
+        first_layers = [next(layer for layer, head in sets[i] if (layer, head) not in base) for i in active]
         plans = []
         n_layers, reuse = self.layout.n_layers, self.config.prefix_reuse
         for group in self._prompt_groups(tokens):
             batch = self._batch(tokens, group)
+            batch.base = base
             overhead = self._overhead_layer_rows(batch.length)
             max_sets = max(1, self.max_rows(batch.length) // batch.size)
             chunks = plan_chunks(first_layers, n_layers, batch.size, max_sets, overhead, reuse)
@@ -471,6 +477,12 @@ class Engine:
                 chunks = plan_chunks(first_layers, n_layers, rows_per_set, max_sets, 2 * overhead, reuse)
             plans.append((batch, [Chunk(tuple(active[i] for i in chunk.set_indices), chunk.start_layer) for chunk in chunks]))
         return plans
+
+    def _base(self, batch: Batch, residual_layers, kind, epsilon, means) -> dict | None:
+        """What intrace's clean passes need to ablate the heads common to every set (None: nothing to ablate)."""
+        if not batch.base or not residual_layers:
+            return None
+        return dict(plan=ablation_plan([batch.base]), kind=kind, epsilon=epsilon, means=self._means_for(means, {l for l, _ in batch.base}))
 
     def _shared_prefix(self, tokens: list[list[int]], group: list[int], batch: Batch, n_sets: int, n_chunks: int) -> SharedPrefix | None:
         """The group split at its common prefix, when that saves more compute than the extra trace per chunk costs."""
@@ -519,14 +531,17 @@ class Engine:
         for part in request.parts:
             chunks = []
             for chunk in part.chunks:
-                plan = ablation_plan([sets[i] for i in chunk.set_indices])
+                plan = _chunk_plan(sets, chunk)
                 layers.update(plan)
                 chunks.append((chunk.start_layer, len(chunk.set_indices), plan))
-            residual_layers = sorted({chunk.start_layer - 1 for chunk in part.chunks if chunk.start_layer > 0})
+            residual_layers = residual_layers_of(part.chunks)
+            base = ablation_plan([part.batch.base]) if part.batch.base and residual_layers else None
+            layers.update(base or {})
             shared = part.batch.shared if not check_layers else None  # a diagnosis runs the whole prompts
             groups.append({
                 "inputs": part.batch.repeated(1) if shared is None else shared.rest.repeated(1),
                 "prefix": None if shared is None else shared.prefix_inputs,
+                "base": base,
                 "clean": part.clean, "residual_layers": residual_layers, "chunks": chunks,
             })
         return {
@@ -623,11 +638,17 @@ class Engine:
             return
         for batch, plan in plans:
             group = batch.prompt_indices
-            residual_layers = {chunk.start_layer - 1 for chunk in plan if chunk.start_layer > 0}
+            residual_layers = set(residual_layers_of(plan))
+            base = self._base(batch, residual_layers, kind, epsilon, means)
+            clean_pass = self._shared_clean_pass if batch.shared is not None else self._clean_pass
+            *residual_part, clean_logits, clean_hidden = clean_pass(batch, set() if base else residual_layers, readouts)
+            if base is not None:  # the residuals of the heads every set ablates, not of the clean model
+                *residual_part, _, _ = clean_pass(batch, residual_layers, readouts, base)
+                _count(stats, batch.size, n_layers, self._pass_flops(batch, None))
             if batch.shared is not None:
-                prefix_kv, residuals, clean_logits, clean_hidden = self._shared_clean_pass(batch, residual_layers, readouts)
+                prefix_kv, residuals = residual_part
             else:
-                residuals, clean_logits, clean_hidden = self._clean_pass(batch, residual_layers, readouts)
+                (residuals,) = residual_part
             if not _finite(clean_logits, clean_hidden):
                 layer = self._ablated_pass(batch, Chunk((0,), 0), [()], None, kind, epsilon, means, readouts, check_layers=True)
                 _report_non_finite("the clean model", layer, self.model.dtype)
@@ -642,7 +663,7 @@ class Engine:
                 if not _finite(logits, hidden):
                     # Diagnosed on the whole prompts (no shared prefix), from the full batch's clean residual.
                     if batch.shared is not None:
-                        residual = self._clean_pass(batch, residual_layers, readouts)[0].get(chunk.start_layer - 1)
+                        residual = self._clean_pass(batch, residual_layers, readouts, base)[0].get(chunk.start_layer - 1)
                     layer = self._ablated_pass(batch, chunk, sets, residual, kind, epsilon, means, readouts, check_layers=True)
                     _report_non_finite("an ablated model", layer, self.model.dtype)
                 _count(stats, len(chunk.set_indices) * batch.size, n_layers - chunk.start_layer, self._pass_flops(batch, chunk))
@@ -663,6 +684,8 @@ class Engine:
                 batch, group = part.batch, part.batch.prompt_indices
                 if part.clean or any(chunk.start_layer > 0 for chunk in part.chunks):
                     _count(stats, batch.size, n_layers, self._pass_flops(batch, None))  # the clean pass this request ran for the group
+                if part.batch.base and part.clean and residual_layers_of(part.chunks):
+                    _count(stats, batch.size, n_layers, self._pass_flops(batch, None))  # and the base pass beside it
                 if part.clean:
                     readout = next(results)
                     clean_logits, clean_hidden = _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
@@ -787,6 +810,29 @@ class Engine:
             total += sums.cpu()
             count += int(batch.attention_mask.sum())
         return (total / count).float()
+
+
+def _common_heads(sets: Sequence[tuple]) -> tuple:
+    """The heads every set contains, when every set has at least one more (else nothing: a set that is all base
+    would have no layer of its own to start from)."""
+    if not sets:
+        return ()
+    common = set(sets[0]).intersection(*map(set, sets[1:]))
+    if not common or any(len(heads) == len(common) for heads in sets):
+        return ()
+    return tuple(sorted(common))
+
+
+def _chunk_plan(sets, chunk: Chunk) -> dict:
+    """The ablation plan of a chunk's sets (row i: set i), without the layers below its start: those are skipped,
+    fed the residual of a pass that ablated them already (the base's heads)."""
+    plan = ablation_plan([sets[i] for i in chunk.set_indices])
+    return {layer: pairs for layer, pairs in plan.items() if layer >= chunk.start_layer}
+
+
+def residual_layers_of(chunks: Sequence[Chunk]) -> list[int]:
+    """The layers after which chunks starting above layer 0 take the residual stream."""
+    return sorted({chunk.start_layer - 1 for chunk in chunks if chunk.start_layer > 0})
 
 
 def _cache_name(module: torch.nn.Module) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +38,11 @@ from .sahara import SaharaConfig, run_sahara
 from .ships import ShipsConfig, run_ships
 
 MODES = ("quick", "full")
+# --quick on a model with more than QUICK_PRUNE_ABOVE heads: Sahara tries only the QUICK_CANDIDATES heads the Ships
+# stage ranks highest (a full search costs every head x queries x steps: most of an hour for a 0.5B model on a CPU;
+# benchmarks/RESULTS.md measures what pruning loses). Smaller models are searched over every head.
+QUICK_CANDIDATES = 24
+QUICK_PRUNE_ABOVE = 4 * QUICK_CANDIDATES
 # What --quick and --full fill in for every setting left unset (None). Quick runs in minutes on a laptop CPU; full is
 # the paper's scale (all queries, 128 new tokens).
 PRESETS = {
@@ -128,6 +133,9 @@ def run_experiment(
     config = config.resolved()
     config.validate()
     emit = progress or print_progress
+    pruned = config.mode == "quick" and config.candidates is None and model.layout.n_total_heads > QUICK_PRUNE_ABOVE
+    if pruned:
+        config = replace(config, candidates=QUICK_CANDIDATES)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
@@ -144,6 +152,9 @@ def run_experiment(
     remote = (engine_config or EngineConfig()).remote
     run_checkpoint = Checkpoint(out / "run.checkpoint.jsonl", {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote})
     run_checkpoint.start(resume)
+    if pruned:
+        emit(f"--quick on {model.layout.n_total_heads} heads: Sahara tries the {QUICK_CANDIDATES} heads the Ships stage "
+             f"ranks highest (--candidates N to change it; --full searches every head)")
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
     timings: dict[str, float] = {}
     common = dict(template=config.template, system=config.system, ablation=config.ablation, epsilon=config.epsilon)
@@ -160,8 +171,10 @@ def run_experiment(
     stage(1, "ships", out / "ships" / "ships.json", lambda p: run_ships(
         model, ships_queries, ShipsConfig(**common), out=out / "ships", resume=True, engine_config=engine_config,
         source={"dataset": config.ships_dataset, "limit": config.ships_limit}, progress=p))
+    # guard_batch 1: the guard checks the best head first and widens only when it fails (the same choice, and on a
+    # real model each check is a teacher-forced pass over every guard answer).
     search = SaharaConfig(**common, steps=config.steps, exclude=config.exclude, guard=config.guard,
-                          guard_max_rise=config.guard_max_rise, candidates=config.candidates,
+                          guard_max_rise=config.guard_max_rise, guard_batch=1, candidates=config.candidates,
                           rank_by=str(out / "ships" / "ships.json") if config.candidates else None)
     stage(2, "sahara", out / "sahara" / "sahara.json", lambda p: run_sahara(
         model, sahara_queries, search, out=out / "sahara", resume=True, engine_config=engine_config,

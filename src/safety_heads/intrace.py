@@ -115,17 +115,29 @@ def read_last(lm, sites, readouts, into):
 # -- forward passes --------------------------------------------------------------------------------------------------
 
 
-def clean_pass(lm, sites, inputs, residual_layers, readouts, save=None):
-    """One unablated pass: the residual stream after `residual_layers` and the last-position readouts."""
+def clean_pass(lm, sites, inputs, residual_layers, readouts, save=None, base=None):
+    """One unablated pass: the residual stream after `residual_layers` and the last-position readouts. With `base`
+    (plan, kind, epsilon, means: the heads every head set of a call ablates), every row ablates those heads, and
+    the residuals are the common starting point of the call's head sets (the engine's base reuse)."""
     save = save or _identity
     layers = resolve(lm, sites["layers_path"])
     with torch.no_grad(), lm.trace(**inputs, logits_to_keep=1, use_cache=False):
         residuals = save({})
         readout = save({})
-        for layer in sorted(residual_layers):
-            residuals[layer] = layers[layer].output
+        _base_and_residuals(lm, sites, layers, residual_layers, base, 1, inputs["input_ids"].shape[0], residuals)
         read_last(lm, sites, readouts, readout)
     return residuals, readout
+
+
+def _base_and_residuals(lm, sites, layers, residual_layers, base, n_rows, repeat, residuals):
+    """Inside a trace, in forward order: ablate `base`'s heads (if any) and read the residual after each of
+    `residual_layers`."""
+    plan = base["plan"] if base else {}
+    for layer in sorted(set(residual_layers) | set(plan)):
+        if layer in plan:
+            ablate_layer(lm, sites, layer, plan[layer], n_rows, base["kind"], base["epsilon"], base["means"], repeat=repeat)
+        if layer in residual_layers:
+            residuals[layer] = layers[layer].output
 
 
 def ablated_pass(lm, sites, inputs, n_sets, start_layer, plan, residual, kind, epsilon, means, readouts, save=None,
@@ -169,24 +181,23 @@ def _cache_of(lm, sites):
     return getattr(lm.output, sites["cache_name"])
 
 
-def shared_clean_pass(lm, sites, prefix_inputs, rest_inputs, residual_layers, readouts, save=None):
+def shared_clean_pass(lm, sites, prefix_inputs, rest_inputs, residual_layers, readouts, save=None, base=None):
     """The clean pass of a group of prompts that share a prefix: the prefix once (one row), then every prompt's rest
     on its cache. Returns the prefix's (keys, values) per layer, the residual stream after `residual_layers` for the
-    prefix ([1, P, d]) and for the rests ([prompts, S, d]), and the rests' last-position readouts."""
+    prefix ([1, P, d]) and for the rests ([prompts, S, d]), and the rests' last-position readouts. `base` as in
+    `clean_pass`."""
     save = save or _identity
     layers = resolve(lm, sites["layers_path"])
     with torch.no_grad(), lm.trace(**prefix_inputs, logits_to_keep=1, use_cache=True):
         prefix_residuals = save({})
-        for layer in sorted(residual_layers):
-            prefix_residuals[layer] = layers[layer].output
+        _base_and_residuals(lm, sites, layers, residual_layers, base, 1, 1, prefix_residuals)
         cache = save(_cache_of(lm, sites))
     # The cache's own tensors: later updates replace them (torch.cat, repeat_interleave) and never write into them.
     prefix_kv = [(cache.layers[layer].keys, cache.layers[layer].values) for layer in range(sites["n_layers"])]
     cache.batch_repeat_interleave(rest_inputs["input_ids"].shape[0])
     with torch.no_grad(), lm.trace(**rest_inputs, **{sites["cache_name"]: cache}, logits_to_keep=1, use_cache=True):
         rest_residuals = save({})
-        for layer in sorted(residual_layers):
-            rest_residuals[layer] = layers[layer].output
+        _base_and_residuals(lm, sites, layers, residual_layers, base, 1, rest_inputs["input_ids"].shape[0], rest_residuals)
         readout = save({})
         read_last(lm, sites, readouts, readout)
     return prefix_kv, prefix_residuals, rest_residuals, readout
@@ -238,11 +249,14 @@ def run_request(lm, sites, request):
     kind, epsilon, means, readouts = request["kind"], request["epsilon"], request["means"], request["readouts"]
     results = []
     for group in request["groups"]:
-        prefix = group.get("prefix")
-        if prefix is not None:  # a shared prefix: its clean pass is always needed, for the prefix's keys and values
+        prefix, base = group.get("prefix"), group.get("base")
+        base = dict(plan=base, kind=kind, epsilon=epsilon, means=means) if base else None
+        if prefix is not None:  # a shared prefix: its clean (or base) pass is always needed, for its keys and values
             prefix_kv, prefix_residuals, rest_residuals, clean = shared_clean_pass(
-                lm, sites, prefix, group["inputs"], group["residual_layers"], readouts)
+                lm, sites, prefix, group["inputs"], group["residual_layers"], readouts, base=base)
             if group["clean"]:
+                if base is not None:
+                    clean = shared_clean_pass(lm, sites, prefix, group["inputs"], [], readouts)[3]
                 results.append(clean)
             for start_layer, n_sets, plan in group["chunks"]:
                 results.append(shared_ablated_pass(
@@ -250,7 +264,12 @@ def run_request(lm, sites, request):
                     prefix_residuals.get(start_layer - 1), rest_residuals.get(start_layer - 1), kind, epsilon, means, readouts))
             continue
         residuals = {}
-        if group["clean"] or group["residual_layers"]:
+        if base is not None:
+            if group["clean"]:
+                results.append(clean_pass(lm, sites, group["inputs"], [], readouts)[1])
+            if group["residual_layers"]:
+                residuals = clean_pass(lm, sites, group["inputs"], group["residual_layers"], readouts, base=base)[0]
+        elif group["clean"] or group["residual_layers"]:
             residuals, clean = clean_pass(lm, sites, group["inputs"], group["residual_layers"], readouts)
             if group["clean"]:
                 results.append(clean)

@@ -27,7 +27,8 @@ The harmless guard (an extension, off by default; `safety-heads run` turns it on
 that moves the representation, including one that garbles every answer. With `guard`, the clean model first answers
 a few harmless prompts; a head is then chosen only if its group raises the NLL of those answers (teacher-forced,
 Engine.ablated_token_log_probs) by at most `guard_max_rise` nats/token. Candidates are checked best score first,
-GUARD_BATCH per call, so the step's choice is the best-scoring head that passes, at the cost of about one call.
+`guard_batch` in a step's first call (GUARD_BATCH by default, 1 in `run`) and twice as many in each further one (up
+to GUARD_BATCH), so the step's choice is the best-scoring head that passes, at the cost of about one call.
 
     safety-heads sahara --model tiny --dataset maliciousinstruct --limit 16 --steps 3 --out runs/sahara
 """
@@ -82,6 +83,11 @@ class SaharaConfig:
     guard_limit: int = 16  # its first N prompts
     guard_tokens: int = 24  # length of the clean answers (greedy)
     guard_max_rise: float = 0.25  # nats per token
+    # Candidates the guard checks in its first call of a step (best-scoring first); each further call of the step
+    # checks twice as many, up to GUARD_BATCH. The choice does not depend on it (it is always the best-scoring head
+    # that passes), only the cost and which extra heads' rises are recorded: 1 suits a model where the best head
+    # usually passes and each check is expensive (`run` uses 1).
+    guard_batch: int = field(default=GUARD_BATCH, metadata={"recorded": False})
     # Candidate pruning: only the `candidates` heads ranked highest by a ships.json (`rank_by`, any --score) are
     # tried at each step. None = every head, the paper's search.
     candidates: int | None = None
@@ -100,7 +106,7 @@ class SaharaConfig:
             raise UserError("--rank applies to the svd score only; the paper-era score compares one column")
         if self.mean_reference_limit < 1:
             raise UserError(f"--mean-reference-limit must be at least 1, not {self.mean_reference_limit!r}")
-        for name in ("guard_limit", "guard_tokens"):
+        for name in ("guard_limit", "guard_tokens", "guard_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)!r}")
         if self.candidates is not None and (not isinstance(self.candidates, int) or self.candidates < 1):
@@ -427,16 +433,19 @@ def run_sahara(
 def _choose_guarded(sahara: Sahara, step: int, group: list[Head], scores: torch.Tensor, checked: dict[Head, float],
                     checkpoint) -> tuple[Head | None, torch.Tensor, list[Head]]:
     """The best-scoring head whose group passes the guard (None if none does), the step's guard matrix (NaN where
-    not checked) and the higher-scoring heads it passed over. Candidates are checked best-first, GUARD_BATCH at a time,
-    so a step usually costs one guard call, not one per head; `checked` (from the checkpoint) is never recomputed."""
+    not checked) and the higher-scoring heads it passed over. Candidates are checked best-first, `guard_batch` in the
+    first call and twice as many in each further one (up to GUARD_BATCH), so a step usually costs one guard call,
+    not one per head; `checked` (from the checkpoint) is never recomputed."""
     n_heads = scores.shape[1]
     values = scores.flatten().tolist()
     scored = [i for i, value in enumerate(values) if value == value]  # not NaN (a NaN key would scramble the sort)
     order = [divmod(i, n_heads) for i in sorted(scored, key=lambda i: (-values[i], i))]
     chosen, passed_over = None, order
+    size = min(sahara.config.guard_batch, GUARD_BATCH)
     for position, head in enumerate(order):
         if head not in checked:
-            batch = [h for h in order[position:] if h not in checked][:GUARD_BATCH]
+            batch = [h for h in order[position:] if h not in checked][:size]
+            size = min(2 * size, GUARD_BATCH)
             new = dict(zip(batch, sahara.guard_rises([group + [h] for h in batch]).tolist()))
             checked.update(new)
             if checkpoint is not None:

@@ -57,7 +57,9 @@ class ShipsConfig:
     # head set); a checkpoint line follows each such group, so a kill loses at most this many queries. It changes no
     # number, so it is not part of the run's record (a resumed run may use another).
     queries_per_pass: int = field(default=8, metadata={"recorded": False})
-    samples: int = 64  # Fisher samples for the estimate
+    estimator: str = "fisher"  # the estimate: fisher (exact per-layer changes, top-token Fisher) or sampled (estimate.py)
+    top_tokens: int = 8  # fisher: next tokens backpropagated one by one
+    samples: int = 64  # sampled: Fisher samples for the estimate
     samples_per_pass: int | None = None  # rows per forward+backward pass of the estimate (memory); None = all
     seed: int = 0
     mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
@@ -86,6 +88,11 @@ class ShipsConfig:
             raise UserError(f"--queries-per-pass must be at least 1, not {self.queries_per_pass}")
         if self.samples < 1:
             raise UserError(f"--samples must be at least 1, not {self.samples}")
+        if self.method != "exact":
+            from .estimate import EstimateConfig
+
+            EstimateConfig(estimator=self.estimator, top_tokens=self.top_tokens, samples=self.samples,
+                           samples_per_pass=self.samples_per_pass).validate()
 
 
 @dataclass
@@ -247,7 +254,8 @@ class Ships:
 
         estimate = estimate_scores(
             self.engine, tokens, kind=kind, epsilon=epsilon, means=self.means,
-            config=EstimateConfig(samples=config.samples, seed=config.seed, samples_per_pass=config.samples_per_pass),
+            config=EstimateConfig(estimator=config.estimator, top_tokens=config.top_tokens, samples=config.samples,
+                                  seed=config.seed, samples_per_pass=config.samples_per_pass),
         )
         selected = torch.full_like(estimate, float("nan"))
         for layer, head in self.heads:
