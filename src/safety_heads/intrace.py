@@ -100,6 +100,20 @@ def ablate_layer(lm, sites, layer, pairs, n_rows, kind, epsilon, means=None, rep
         replace_outputs(site, sites, keep, means[layer].to(device=site.device, dtype=site.dtype))
 
 
+def skip_below(layers, start_layer, residual, n_sets):
+    """Inside a trace: skip layers 0 .. start_layer-1, feeding `residual` (one copy per head set) into start_layer."""
+    if start_layer > 0:
+        skipped_output = residual.repeat(n_sets, 1, 1)
+        for layer in range(start_layer):
+            layers[layer].skip(skipped_output)
+
+
+def ablate_plan(lm, sites, plan, n_rows, kind, epsilon, means, repeat=1):
+    """Inside a trace: every layer of `plan`, in forward order (`ablate_layer`)."""
+    for layer in sorted(plan):
+        ablate_layer(lm, sites, layer, plan[layer], n_rows, kind, epsilon, means, repeat=repeat)
+
+
 def read_last(lm, sites, readouts, into):
     """Inside a trace: the final-norm hidden state and the logits at the last position (the norm runs first).
 
@@ -152,10 +166,7 @@ def ablated_pass(lm, sites, inputs, n_sets, start_layer, plan, residual, kind, e
     repeat = inputs["input_ids"].shape[0]
     tiled = {name: value.repeat(n_sets, 1) for name, value in inputs.items()}
     with torch.no_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
-        if start_layer > 0:
-            skipped_output = residual.repeat(n_sets, 1, 1)
-            for layer in range(start_layer):
-                layers[layer].skip(skipped_output)
+        skip_below(layers, start_layer, residual, n_sets)
         finite = save([])
         for layer in range(start_layer, sites["n_layers"]) if check_layers else sorted(plan):
             if layer in plan:
@@ -207,18 +218,14 @@ def shared_ablated_pass(lm, sites, prefix_inputs, rest_inputs, prefix_kv, n_sets
                         rest_residual, kind, epsilon, means, readouts, save=None):
     """`ablated_pass` for a group that shares a prefix: the prefix once per head set (`n_sets` rows, copy i ablating
     plan row i), then every (set, prompt) rest on that set's prefix cache. Layers below `start_layer` are skipped in
-    both, fed the clean residuals; their cache entries are the clean prefix's (`prefix_kv`)."""
+    both, fed the clean (or base) residuals; their cache entries are the clean (or base) prefix's (`prefix_kv`)."""
     save = save or _identity
     layers = resolve(lm, sites["layers_path"])
     n_prompts = rest_inputs["input_ids"].shape[0]
     tiled_prefix = {name: value.repeat(n_sets, 1) for name, value in prefix_inputs.items()}
     with torch.no_grad(), lm.trace(**tiled_prefix, logits_to_keep=1, use_cache=True):
-        if start_layer > 0:
-            skipped_output = prefix_residual.repeat(n_sets, 1, 1)
-            for layer in range(start_layer):
-                layers[layer].skip(skipped_output)
-        for layer in sorted(plan):
-            ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means)
+        skip_below(layers, start_layer, prefix_residual, n_sets)
+        ablate_plan(lm, sites, plan, n_sets, kind, epsilon, means, repeat=1)
         cache = save(_cache_of(lm, sites))
     for layer in range(start_layer):  # skipped layers wrote nothing: their keys and values are the clean prefix's
         keys, values = prefix_kv[layer]
@@ -226,12 +233,8 @@ def shared_ablated_pass(lm, sites, prefix_inputs, rest_inputs, prefix_kv, n_sets
     cache.batch_repeat_interleave(n_prompts)  # row set * n_prompts + prompt, as the rests are tiled below
     tiled = {name: value.repeat(n_sets, 1) for name, value in rest_inputs.items()}
     with torch.no_grad(), lm.trace(**tiled, **{sites["cache_name"]: cache}, logits_to_keep=1, use_cache=True):
-        if start_layer > 0:
-            skipped_output = rest_residual.repeat(n_sets, 1, 1)
-            for layer in range(start_layer):
-                layers[layer].skip(skipped_output)
-        for layer in sorted(plan):
-            ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means, repeat=n_prompts)
+        skip_below(layers, start_layer, rest_residual, n_sets)
+        ablate_plan(lm, sites, plan, n_sets, kind, epsilon, means, repeat=n_prompts)
         readout = save({})
         read_last(lm, sites, readouts, readout)
     return readout
@@ -305,8 +308,7 @@ def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows,
         with tracer.invoke(input_ids=input_ids, attention_mask=attention_mask):
             if plan:
                 for _ in tracer.all():
-                    for layer in sorted(plan):
-                        ablate_layer(lm, sites, layer, plan[layer], n_rows, kind, epsilon, means)
+                    ablate_plan(lm, sites, plan, n_rows, kind, epsilon, means)
         with tracer.invoke():
             output = save(tracer.result)
     return output
@@ -321,8 +323,7 @@ def token_log_probs(lm, sites, inputs, plan, n_sets, kind, epsilon, means, last,
     repeat = inputs["input_ids"].shape[0]
     tiled = {name: value.repeat(n_sets, 1) for name, value in inputs.items()}
     with torch.no_grad(), lm.trace(**tiled, logits_to_keep=last + 1, use_cache=False):
-        for layer in sorted(plan):
-            ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means, repeat=repeat)
+        ablate_plan(lm, sites, plan, n_sets, kind, epsilon, means, repeat=repeat)
         logits = lm.output.logits[:, :-1].float()
         targets = tiled["input_ids"][:, -last:].to(logits.device)
         picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
