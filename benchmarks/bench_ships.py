@@ -12,7 +12,8 @@ gradient estimates, against each other.
   exactly, so its top 10 are exact values.
 
 FLOPs are counted by `safety_heads.flops` (the engine's own count for exact; the same model for the others: a
-forward pass per naive head, forward + 2x for the backward pass for the estimates) and divided by the time; the
+forward pass per naive head; for the estimates, each backward row as one more forward, since frozen weights need
+activation gradients only) and divided by the time; the
 peak is this machine's measured matmul throughput on the model's own MLP shapes, in the same run.
 
     python benchmarks/bench_ships.py --queries 4
@@ -82,6 +83,15 @@ def top_recall(estimate, exact, k):
     return len(top_exact & top_estimate) / k
 
 
+def planned_flops(loaded, token_lists, heads, **settings):
+    """FLOPs per query the engine would run for a full sweep under `settings` (from its plan; nothing runs)."""
+    engine = Engine(loaded, EngineConfig(**settings))
+    plans = engine._group_plans(token_lists, engine._normalise_sets([[head] for head in heads]))
+    total = sum(engine._pass_flops(batch, None) + sum(engine._pass_flops(batch, chunk) for chunk in chunks)
+                for batch, chunks in plans)
+    return total / len(token_lists)
+
+
 def timed(function):
     start = time.perf_counter()
     value = function()
@@ -101,7 +111,9 @@ def main():
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--verify", type=int, default=30, help="heads estimate+verify recomputes exactly")
     parser.add_argument("--skip-single", action="store_true", help="skip exact one query at a time")
+    parser.add_argument("--unshared", action="store_true", help="also exact over all queries with --shared-prefix never")
     parser.add_argument("--json", default=None, help="also write every number to this file")
+    parser.add_argument("--save-maps", default=None, help="save every score matrix to this .pt file")
     args = parser.parse_args()
 
     loaded = load_model(ModelConfig(model=args.model))
@@ -125,6 +137,16 @@ def main():
         print(f"  {name:24s} {seconds / n:9.2f} s/query  {flops / n / 1e12:7.3f} TFLOP/query  "
               f"{flops / seconds / 1e9:6.1f} GFLOP/s = {flops / seconds / peak:4.0%} of peak  {note}")
 
+    # The FLOP account of a full sweep, from the engine's plans: what each saving removes.
+    mean_length = sum(map(len, token_lists)) / n
+    per_head = model.layers(1, mean_length, mean_length, layout.n_layers) + model.head(1)
+    account = {"naive (a forward per head)": per_head * len(heads),
+               "batched, every layer": planned_flops(loaded, token_lists, heads, prefix_reuse=False, shared_prefix="never"),
+               "+ prefix reuse": planned_flops(loaded, token_lists, heads, shared_prefix="never"),
+               "+ shared prefix (default)": planned_flops(loaded, token_lists, heads)}
+    report["flop_account_per_query"] = account
+    print("  FLOP account of a full sweep, per query: " + "; ".join(f"{k} {v / 1e9:.1f} GFLOP" for k, v in account.items()))
+
     # exact, all queries in one sweep (the shared prefix on, as `auto` decides)
     stats = {}
     maps, exact_time = timed(lambda: exact_score_maps_of(token_lists, heads, engine=engine, kind="ua", epsilon=EPSILON,
@@ -137,6 +159,15 @@ def main():
                                                                   stats=single_stats)[0]["kl"] for t in token_lists])
         error = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(exact, singles))
         line("exact (one at a time)", single_time, single_stats["flops"], f"max rel. diff to all-at-once {error:.1e}")
+
+    if args.unshared:
+        unshared_stats = {}
+        plain = Engine(loaded, EngineConfig(shared_prefix="never"))
+        unshared, unshared_time = timed(lambda: exact_score_maps_of(token_lists, heads, engine=plain, kind="ua",
+                                                                    epsilon=EPSILON, stats=unshared_stats))
+        error = max(((a["kl"] - b).abs().max() / b.abs().max()).item() for a, b in zip(unshared, exact))
+        line("exact (no shared prefix)", unshared_time, unshared_stats["flops"],
+             f"max rel. diff {error:.1e}; the shared prefix saves {unshared_time / exact_time:.2f}x")
 
     # naive on the first query: a full forward per head
     timed_heads = spread_heads(layout, args.naive_heads)
@@ -158,13 +189,15 @@ def main():
     report["exact_vs_naive"] = naive_query_time / (exact_time / n)
 
     k = min(10, len(heads) // 3)
+    maps_out = {"exact": torch.stack(exact)}
     for label in [e for e in args.estimators.split(",") if e]:
         estimator, _, top = label.partition(":")
         config = EstimateConfig(estimator=estimator, top_tokens=int(top or args.top_tokens), samples=args.samples)
         estimates, estimate_time = timed(lambda: [estimate_scores(engine, t, kind="ua", epsilon=EPSILON, config=config)
                                                   for t in token_lists])
         rows = (config.top_tokens + 1) if estimator == "fisher" else args.samples
-        forward_rows = rows * 3 + (2 if estimator == "fisher" else 0)  # backward ~ 2 forwards
+        # The weights are frozen, so the backward pass computes activation gradients only: about one more forward.
+        forward_rows = rows * 2 + (2 if estimator == "fisher" else 0)
         flops = sum(model.layers(forward_rows, len(t), len(t), layout.n_layers) + model.head(forward_rows) for t in token_lists)
         rho = [spearman(e, x) for e, x in zip(estimates, exact)]
         recall = [top_recall(e, x, k) for e, x in zip(estimates, exact)]
@@ -187,16 +220,21 @@ def main():
 
         verified, verify_time = timed(verify)
         recall = [top_recall(v, x, k) for v, x in zip(verified, exact)]
+        rho = [spearman(v, x) for v, x in zip(verified, exact)]
         total = estimate_time + verify_time
         line(f"estimate {label}+verify", total, flops + verify_stats["flops"],
-             f"top-{k} recall {sum(recall) / n:.2f} (min {min(recall):.1f}) verifying {args.verify}, "
-             f"{exact_time / total:.2f}x faster than exact")
-        report[f"estimate {label}+verify"].update(recall=recall, speedup_vs_exact=exact_time / total, verify=args.verify)
+             f"Spearman {sum(rho) / n:.3f} (min {min(rho):.2f}), top-{k} recall {sum(recall) / n:.2f} (min "
+             f"{min(recall):.1f}) verifying {args.verify}, {exact_time / total:.2f}x faster than exact")
+        report[f"estimate {label}+verify"].update(spearman=rho, recall=recall, speedup_vs_exact=exact_time / total,
+                                                   verify=args.verify)
+        maps_out[label] = {"estimate": torch.stack(estimates), "verified": torch.stack(verified)}
 
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.json}")
+    if args.save_maps:  # every score matrix, for analysis (torch.load(..., weights_only=True))
+        torch.save(maps_out, args.save_maps)
 
 
 if __name__ == "__main__":

@@ -589,3 +589,23 @@ def test_guard_batch_changes_the_cost_not_the_choice(llama):
                                                      **GUARD), **quiet).steps[0] for batch in (1, 8)]
     assert fails[0].chosen == fails[1].chosen
     assert 2 <= int((~fails[0].guard.isnan()).sum())
+
+
+def test_sets_per_call_gathers_layers_and_resumes_identically(tmp_path, monkeypatch, llama):
+    """sets_per_call 6 puts two layers (4 and 4 sets, minus the group's) in one engine call; a kill between the
+    two layers' checkpoint lines is resumed by the same call again, so the numbers equal the uninterrupted run's."""
+    config = SaharaConfig(steps=2, sets_per_call=6)
+    calls = []
+    original = Sahara.score_sets
+    monkeypatch.setattr(Sahara, "score_sets", lambda self, t, r, sets: calls.append(len(sets)) or original(self, t, r, sets))
+    uninterrupted = run_sahara(llama, QUERIES, config, out=tmp_path / "a", **quiet)
+    assert calls[0] == 8 and calls[1] == 4  # step 1: layers 0-1 together, then layer 2
+    per_layer = run_sahara(llama, QUERIES, SaharaConfig(steps=2), **quiet)
+    for a, b in zip(uninterrupted.steps, per_layer.steps):
+        assert a.chosen == b.chosen
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-9, equal_nan=True)
+    out = tmp_path / "b"
+    with pytest.raises(Interrupt):  # the first layer of step 2's first call is checkpointed, its second is not
+        run_sahara(llama, QUERIES, config, out=out, progress=stop_at("[step 2/2, layer 1/3]"))
+    resumed = run_sahara(llama, QUERIES, config, out=out, resume=True, **quiet)
+    same_steps(uninterrupted, resumed)

@@ -174,7 +174,7 @@ def run_experiment(
     # guard_batch 1: the guard checks the best head first and widens only when it fails (the same choice, and on a
     # real model each check is a teacher-forced pass over every guard answer).
     search = SaharaConfig(**common, steps=config.steps, exclude=config.exclude, guard=config.guard,
-                          guard_max_rise=config.guard_max_rise, guard_batch=1, candidates=config.candidates,
+                          guard_max_rise=config.guard_max_rise, guard_batch=1, sets_per_call=16, candidates=config.candidates,
                           rank_by=str(out / "ships" / "ships.json") if config.candidates else None)
     stage(2, "sahara", out / "sahara" / "sahara.json", lambda p: run_sahara(
         model, sahara_queries, search, out=out / "sahara", resume=True, engine_config=engine_config,

@@ -19,9 +19,10 @@ i.e. it measures hidden dimension 0 alone. The authors replaced it after publica
 
 Greedy search (§4.2, Algorithm 1): G = []; at each of S steps score every candidate head h not in G as G + [h]
 ablated together against the *clean* model (whose M is computed once) and add the best (ties: the lowest
-(layer, head)). Per step and layer, one engine call runs all N queries for all of that layer's head sets, sharing
-batches and the unablated prefix of layers; a checkpoint line is written after each, so `--resume` recomputes
-nothing finished and re-derives the chosen heads from the checkpointed scores.
+(layer, head)). Per step, one engine call runs all N queries for the head sets of one layer (or of a few
+consecutive layers: `sets_per_call`), sharing batches, the unablated prefix of layers (the group so far ablated in
+the base pass) and the template's common prefix; a checkpoint line is written for each layer, so `--resume`
+recomputes at most one call and re-derives the chosen heads from the checkpointed scores.
 
 The harmless guard (an extension, off by default; `safety-heads run` turns it on): the score rewards any ablation
 that moves the representation, including one that garbles every answer. With `guard`, the clean model first answers
@@ -88,6 +89,10 @@ class SaharaConfig:
     # that passes), only the cost and which extra heads' rises are recorded: 1 suits a model where the best head
     # usually passes and each check is expensive (`run` uses 1).
     guard_batch: int = field(default=GUARD_BATCH, metadata={"recorded": False})
+    # Locally, consecutive layers of a step share an engine call until it holds at least this many head sets (1: a
+    # call per layer). Larger calls spread each call's clean and base passes over more sets (`run` uses 16, which
+    # matters when candidates are pruned to a few per layer); every layer is still checkpointed on its own.
+    sets_per_call: int = field(default=1, metadata={"recorded": False})
     # Candidate pruning: only the `candidates` heads ranked highest by a ships.json (`rank_by`, any --score) are
     # tried at each step. None = every head, the paper's search.
     candidates: int | None = None
@@ -106,7 +111,7 @@ class SaharaConfig:
             raise UserError("--rank applies to the svd score only; the paper-era score compares one column")
         if self.mean_reference_limit < 1:
             raise UserError(f"--mean-reference-limit must be at least 1, not {self.mean_reference_limit!r}")
-        for name in ("guard_limit", "guard_tokens", "guard_batch"):
+        for name in ("guard_limit", "guard_tokens", "guard_batch", "sets_per_call"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)!r}")
         if self.candidates is not None and (not isinstance(self.candidates, int) or self.candidates < 1):
@@ -372,24 +377,24 @@ def run_sahara(
         for head in sahara.candidates:
             if head not in group:
                 by_layer.setdefault(head[0], []).append(head)
-        pending = []
-        for position, (layer, heads) in enumerate(sorted(by_layer.items()), start=1):
+        layers = [(position, layer, heads) for position, (layer, heads) in enumerate(sorted(by_layer.items()), start=1)]
+        pending = set()
+        for _, layer, _ in layers:
             unit = finished.get((step, layer))
             if unit is None:
-                pending.append((position, layer, heads))
+                pending.add(layer)
                 continue
             _check_group(unit, group, out)
             scores[layer] = matrix_or_nan([unit["scores"]])[0]
-        # Locally, one engine call per layer, so a kill loses at most one layer. Remotely, every pending layer of the
-        # step in one call (one request instead of one per layer); its layers are still checkpointed one by one.
-        per_call = len(pending) if sahara.engine.config.remote else 1
-        for start in range(0, len(pending), per_call):
-            calls = pending[start : start + per_call]
+        for calls in _engine_calls(layers, pending, sahara.engine.config.remote, config.sets_per_call):
             candidates = [head for _, _, heads in calls for head in heads]
             values = sahara.score_sets(tokens, reference, [group + [head] for head in candidates])
             for (layer, head), value in zip(candidates, values):
-                scores[layer, head] = value
+                if layer in pending:
+                    scores[layer, head] = value
             for position, layer, _ in calls:
+                if layer not in pending:
+                    continue
                 if checkpoint is not None:
                     checkpoint.append({"step": step, "layer": layer, "group": group, "scores": scores[layer]})
                 (_, top), value = best_head(scores[layer : layer + 1])
@@ -428,6 +433,27 @@ def run_sahara(
         write_outputs(result, out)
         checkpoint.remove()
     return result
+
+
+def _engine_calls(layers: list, pending: set[int], remote: bool, sets_per_call: int) -> list[list]:
+    """A step's (position, layer, heads) cut into engine calls, only those with a layer still to score.
+
+    Locally, consecutive layers share a call until it holds `sets_per_call` head sets, and the cut depends on the
+    step's layers alone, not on which are finished: a resumed run computes every layer in the same call as an
+    uninterrupted run, so its numbers are identical; each layer is still checkpointed on its own. Remotely, every
+    pending layer in one call (one request instead of one per layer)."""
+    if remote:
+        return [[entry for entry in layers if entry[1] in pending]] if pending else []
+    blocks, block, size = [], [], 0
+    for entry in layers:
+        block.append(entry)
+        size += len(entry[2])
+        if size >= sets_per_call:
+            blocks.append(block)
+            block, size = [], 0
+    if block:
+        blocks.append(block)
+    return [block for block in blocks if any(layer in pending for _, layer, _ in block)]
 
 
 def _choose_guarded(sahara: Sahara, step: int, group: list[Head], scores: torch.Tensor, checked: dict[Head, float],
