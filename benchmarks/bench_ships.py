@@ -45,7 +45,7 @@ EPSILON = 1e-4
 def naive_scores(loaded, sites, tokens, heads):
     """One trace per head, the query heads scaled at the model's own query site (plain nnsight, no engine)."""
     lm, layout = loaded.lm, loaded.layout
-    ids = torch.tensor([tokens])
+    ids = torch.tensor([tokens], device=loaded.device)
     with torch.no_grad(), lm.trace(input_ids=ids, use_cache=False, logits_to_keep=1):
         clean = lm.output.logits[0, -1].save()
     scores = torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64)

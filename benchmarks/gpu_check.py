@@ -152,7 +152,8 @@ def sahara_ratio(loaded, name, n_queries, naive_sets):
     def naive_set(heads):
         rows = []
         for ids in tokens:
-            with torch.no_grad(), lm.trace(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1):
+            with torch.no_grad(), lm.trace(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False,
+                                           logits_to_keep=1):
                 for layer, head in heads:
                     query = lm.model.layers[layer].self_attn.q_proj.output
                     query[..., head * layout.head_dim:(head + 1) * layout.head_dim] *= EPSILON

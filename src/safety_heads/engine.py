@@ -416,7 +416,7 @@ class Engine:
     # outermost trace must save what it returns (nnsight.save).
 
     def _clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...], base=None):
-        residuals, readout = intrace.clean_pass(self.model.lm, self.sites, batch.repeated(1), residual_layers, readouts,
+        residuals, readout = intrace.clean_pass(self.model.lm, self.sites, self.model.on_device(batch.repeated(1)), residual_layers, readouts,
                                                 nnsight.save, base=base)
         return residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
 
@@ -425,8 +425,8 @@ class Engine:
         values, the residuals (prefix and rests, as a pair per layer) and the readouts."""
         shared = batch.shared
         prefix_kv, prefix_residuals, rest_residuals, readout = intrace.shared_clean_pass(
-            self.model.lm, self.sites, shared.prefix_inputs, shared.rest.repeated(1), residual_layers, readouts,
-            nnsight.save, base=base,
+            self.model.lm, self.sites, self.model.on_device(shared.prefix_inputs), self.model.on_device(shared.rest.repeated(1)),
+            residual_layers, readouts, nnsight.save, base=base,
         )
         residuals = {layer: (prefix_residuals[layer], rest_residuals[layer]) for layer in residual_layers}
         return prefix_kv, residuals, _to_cpu_float(readout.get("logits")), _to_cpu_float(readout.get("hidden"))
@@ -435,7 +435,8 @@ class Engine:
         shared, n_sets = batch.shared, len(chunk.set_indices)
         prefix_residual, rest_residual = residual if residual is not None else (None, None)
         readout = intrace.shared_ablated_pass(
-            self.model.lm, self.sites, shared.prefix_inputs, shared.rest.repeated(1), prefix_kv, n_sets, chunk.start_layer,
+            self.model.lm, self.sites, self.model.on_device(shared.prefix_inputs), self.model.on_device(shared.rest.repeated(1)),
+            prefix_kv, n_sets, chunk.start_layer,
             _chunk_plan(sets, chunk), prefix_residual, rest_residual, kind, epsilon, means, readouts, nnsight.save,
         )
         return _by_set(readout.get("logits"), n_sets, batch.size), _by_set(readout.get("hidden"), n_sets, batch.size)
@@ -444,7 +445,7 @@ class Engine:
         n_sets = len(chunk.set_indices)
         plan = _chunk_plan(sets, chunk)
         readout, finite = intrace.ablated_pass(
-            self.model.lm, self.sites, batch.repeated(1), n_sets, chunk.start_layer, plan, residual, kind, epsilon, means,
+            self.model.lm, self.sites, self.model.on_device(batch.repeated(1)), n_sets, chunk.start_layer, plan, residual, kind, epsilon, means,
             readouts, nnsight.save, check_layers=check_layers,
         )
         if check_layers:
@@ -785,7 +786,8 @@ class Engine:
                         requests += 1
                         values = self.call(intrace.token_log_probs, *arguments, label=f"answer-scoring request {requests}")
                     else:
-                        values = intrace.token_log_probs(self.model.lm, self.sites, *arguments, save=nnsight.save)
+                        values = intrace.token_log_probs(self.model.lm, self.sites, self.model.on_device(arguments[0]),
+                                                         *arguments[1:], save=nnsight.save)
                     values = values.float().cpu().reshape(len(chunk), batch.size, last)
                     result[start : start + len(chunk), batch.prompt_indices] = values
         for index, ids in enumerate(tokens):
@@ -806,7 +808,7 @@ class Engine:
             if self.remote:  # a forward pass per request: the sums are all that comes back
                 sums = self.call(intrace.head_sums, batch.repeated(1), label=f"reference-mean request {number} of {len(batches)}")
             else:
-                sums = intrace.head_sums(self.model.lm, self.sites, batch.repeated(1), nnsight.save)
+                sums = intrace.head_sums(self.model.lm, self.sites, self.model.on_device(batch.repeated(1)), nnsight.save)
             total += sums.cpu()
             count += int(batch.attention_mask.sum())
         return (total / count).float()

@@ -168,6 +168,7 @@ def _fisher_estimate(engine: Engine, batch, top_tokens: int, kind: str, epsilon:
         if engine.remote:
             dots, mass = engine.call(intrace.fisher_estimate, *arguments, label="estimate request")
         else:
+            arguments = (arguments[0], engine.model.on_device(arguments[1]), *arguments[2:])
             dots, mass = intrace.fisher_estimate(engine.model.lm, engine.sites, *arguments, save=nnsight.save)
     gc.collect(1)  # the backward trace's reference cycle (see _head_dots)
     changes = torch.stack([d.cpu().double() for d in dots])  # [L, rows, H]
@@ -185,6 +186,7 @@ def _head_dots(engine: Engine, batch, uniforms: torch.Tensor, kind: str, epsilon
     if engine.remote:
         dots = engine.call(intrace.head_dots, *arguments, label=f"gradient-estimate request ({len(uniforms)} samples)")
     else:
+        arguments = (arguments[0], engine.model.on_device(arguments[1]), *arguments[2:])
         dots = intrace.head_dots(engine.model.lm, engine.sites, *arguments, nnsight.save)
     # A backward inside a trace leaves one reference cycle per trace, holding its tensors (nnsight.md section 4). The
     # cycle is young: a generation-1 collection frees all of it (measured: no tensor left over 30 calls, 4- and

@@ -130,6 +130,8 @@ def _generate_batch(model, token_lists, sets, kind, epsilon, means, config, batc
         # it waited for in vain. That is the intended way to cover every step whatever the length.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         if engine is None:
+            local = model.on_device(dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
+            arguments = (settings, local["input_ids"], local["attention_mask"], *arguments[3:])
             output = intrace.generate_batch(model.lm, model.layout.trace_sites(), *arguments, nnsight.save)
         else:  # one request for the whole batch, every step on the server (intrace.generate_batch is its body)
             last = batch_start + n_rows - 1

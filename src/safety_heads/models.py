@@ -265,6 +265,13 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    def on_device(self, inputs: dict) -> dict:
+        """Model inputs (token ids, masks, positions) moved to where the model takes them: a model on one GPU has no
+        hook that moves CPU inputs (accelerate adds those only across several devices), and nnsight moves only the
+        inputs it tokenises itself."""
+        device = self.device
+        return {name: value.to(device) for name, value in inputs.items()}
+
 
 def _resolve_device(device: str) -> tuple[dict, str]:
     """from_pretrained keyword arguments for a device choice, and the kind of device it lands on."""
