@@ -371,12 +371,19 @@ def test_gradient_estimate_runs_remotely(pair):
 
     client, server = pair
     tokens = Engine(client).tokenize(PROMPTS[:1])[0]
-    config = EstimateConfig(samples=6, samples_per_pass=3)  # two forward+backward passes: two requests
+    # the sampled estimator: two forward+backward passes, two requests
+    config = EstimateConfig(estimator="sampled", samples=6, samples_per_pass=3)
     local = estimate_scores(Engine(client), tokens, config=config)
     assert torch.equal(estimate_scores(Engine(client, EngineConfig(remote="local")), tokens, config=config), local)
     with MockNdif(server.lm) as mock:
         remote = estimate_scores(Engine(client, EngineConfig(remote=mock.url, **FAST)), tokens, config=config)
         assert mock.executed == 2
+    close(remote, local)
+    # the default (fisher) estimator: both of its passes in one request
+    local = estimate_scores(Engine(client), tokens)
+    with MockNdif(server.lm) as mock:
+        remote = estimate_scores(Engine(client, EngineConfig(remote=mock.url, **FAST)), tokens)
+        assert mock.executed == 1
     close(remote, local)
 
 

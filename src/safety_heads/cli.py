@@ -167,6 +167,7 @@ def command_ships(args) -> int:
     for rank, (layer, head, score) in enumerate(top_heads(result.mean, args.show), start=1):
         share = result.top_frequency[layer, head].item()
         print(f"  {rank:2d}. {layer}:{head:<4d} {name} {score:.4g}   in top 10 of {share:.0%} of queries")
+    print(_compute_line(result.compute, "exact sweeps" if config.method == "exact" else "verification sweeps only"))
     print(f"wrote {args.out}/ships.json, ships_data.pt, ships_heatmap.png")
     return 0
 
@@ -193,6 +194,7 @@ def command_sahara(args) -> int:
             guard = f"   answer NLL +{float(step.guard[step.chosen]):.3g} nats/token" + (f" (passed over {skipped})" if skipped else "")
         print(f"  step {step.step}: + {step.chosen[0]}:{step.chosen[1]}   angle {step.score:.4g} degrees{guard}")
     print(f"heads: {','.join(f'{l}:{h}' for l, h in result.heads)}")
+    print(_compute_line(result.compute, "scoring sweeps; the guard's passes are not counted"))
     print(f"wrote {args.out}/sahara.json, sahara_data.pt, sahara_step*.png")
     return 0
 
@@ -446,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
     doctor.set_defaults(run=command_doctor)
     return parser
+
+
+def _compute_line(compute: dict, what: str) -> str:
+    """The FLOPs a run's engine sweeps performed in this process, and the rate over the run's wall time."""
+    rate = compute.get("gflop_per_s")
+    return (f"compute: {compute['engine_flops'] / 1e12:.3g} TFLOP ({what}) in {compute['seconds']:.1f} s"
+            + (f", {rate:.1f} GFLOP/s" if rate else "") + " (python benchmarks/bench_ships.py compares with this machine's peak)")
 
 
 def _add_guard_arguments(group, details: bool) -> None:

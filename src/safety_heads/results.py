@@ -57,6 +57,11 @@ def run_record(model, config, queries, source: dict) -> dict:
     }
 
 
+def compute_record(flops: float, seconds: float) -> dict:
+    """What a run's engine sweeps cost in this process: FLOPs (flops.py), the run's wall seconds, and the rate."""
+    return {"engine_flops": flops, "seconds": seconds, "gflop_per_s": flops / seconds / 1e9 if seconds > 0 else None}
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

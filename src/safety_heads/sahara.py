@@ -36,6 +36,7 @@ to GUARD_BATCH), so the step's choice is the best-scoring head that passes, at t
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -49,7 +50,7 @@ from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
 from .report import heatmap_png
-from .results import matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
+from .results import compute_record, matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
 SCORES = ("svd", "paper-era")
 FORMAT = "safety-heads/sahara"
@@ -140,6 +141,7 @@ class SaharaResult:
     queries: list[str]
     prompts: list[str]  # the formatted texts
     clean_singular_values: torch.Tensor  # of M_clean, float64, descending
+    compute: dict = field(default_factory=dict)  # this process's engine sweeps: FLOPs (flops.py) and seconds
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,6 +233,7 @@ class Sahara:
         config.validate()
         self.model, self.config = model, config
         self.engine = Engine(model, engine_config)
+        self.flops = 0.0  # of every scoring sweep so far (the guard's teacher-forced passes are not counted)
         layout = model.layout
         candidates: list[Head] = list(parse_heads(config.heads, layout)) if config.heads else [
             (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
@@ -266,6 +269,7 @@ class Sahara:
         result = self.engine.run(
             tokens, head_sets, kind=c.ablation, epsilon=c.epsilon, means=self.means, readouts=("hidden",)
         )
+        self.flops += result.stats.get("flops", 0.0)
         ablated = result.hidden.transpose(0, 1)  # [K, N, d]
         return angles_to_column(reference, ablated) if c.score == "paper-era" else angles_to_basis(reference, ablated)
 
@@ -331,6 +335,7 @@ def run_sahara(
     from .data import format_prompts
 
     config.validate()
+    started = time.perf_counter()
     progress = progress or print_progress
     queries, duplicates = _dedupe(list(queries), config.dedupe, progress)  # first: the fingerprint sees what is used
     sahara = Sahara(model, config, engine_config)
@@ -428,6 +433,7 @@ def run_sahara(
     result = SaharaResult(
         record | {"versions": versions(), "layout": asdict(layout)}, group, steps,
         queries, [p.text for p in prompts], singular_values,
+        compute_record(sahara.flops, time.perf_counter() - started),
     )
     if out is not None:
         write_outputs(result, out)
@@ -559,6 +565,7 @@ def sahara_record(result: SaharaResult) -> dict:
             for s in result.steps
         ],
         "clean": {"singular_values": result.clean_singular_values},
+        "compute": result.compute,
         "queries": [
             {"index": i, "query": q, "prompt": p} for i, (q, p) in enumerate(zip(result.queries, result.prompts))
         ],

@@ -20,6 +20,7 @@ Over a data set: the mean score of each head, and how often each head is in a qu
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +35,7 @@ from .models import LoadedModel
 from .progress import print_progress
 from .refusal import SCORE_LABELS, SCORES, RefusalSignal, learn_signal, readouts_for, score_values
 from .report import heatmap_png
-from .results import matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
+from .results import compute_record, matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
 METHODS = ("exact", "estimate", "estimate+verify")
 TOP_FREQUENCY_K = 10  # the original ships_res_stats counts membership in each query's top 10
@@ -115,6 +116,7 @@ class ShipsResult:
     mean: torch.Tensor  # [layers, heads]
     top_frequency: torch.Tensor  # [layers, heads], share of queries with the head in their top 10
     signal: RefusalSignal | None = None  # what a refusal-aware score learned (None for kl)
+    compute: dict = field(default_factory=dict)  # this process's exact sweeps: FLOPs (flops.py) and seconds
 
 
 def kl_divergence(clean_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
@@ -210,6 +212,7 @@ class Ships:
             (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
         ]
         self.means = self._reference_means() if config.ablation == "mean" else None
+        self.stats: dict = {}  # the engine's counts over every exact sweep (traces, rows, FLOPs)
 
     @cached_property
     def signal(self) -> RefusalSignal | None:
@@ -240,7 +243,7 @@ class Ships:
         config = self.config
         maps = exact_score_maps_of([list(prompt.token_ids) for _, prompt in items], self.heads, engine=self.engine,
                                    kind=config.ablation, epsilon=config.epsilon, means=self.means, scores=(config.score,),
-                                   signals={config.score: self.signal})
+                                   signals={config.score: self.signal}, stats=self.stats)
         return [QueryScores(index, prompt.query, prompt.text, scores[config.score])
                 for (index, prompt), scores in zip(items, maps)]
 
@@ -282,6 +285,7 @@ def run_ships(
     """Score every query; with `out`, checkpoint after each query and write ships.json, ships_data.pt and a heat map."""
     from .data import format_prompts
 
+    started = time.perf_counter()
     ships = Ships(model, config, engine_config)
     prompts = format_prompts(list(queries), config.template, model.tokenizer, config.system)
     ships.engine.tokenize([p.token_ids for p in prompts])  # every prompt fits the context: fail before writing anything
@@ -315,6 +319,7 @@ def run_ships(
     learned = {"refusal_signal": ships.signal.record()} if ships.signal is not None else {}
     result = ShipsResult(record | learned | {"versions": versions(), "layout": asdict(model.layout)}, ordered, mean, frequency)
     result.signal = ships.signal
+    result.compute = compute_record(ships.stats.get("flops", 0.0), time.perf_counter() - started)
     if out is not None:
         write_outputs(result, out)
         checkpoint.remove()
@@ -362,6 +367,7 @@ def ships_record(result: ShipsResult) -> dict:
             }
             for q in result.queries
         ],
+        "compute": result.compute,
         "aggregate": {
             "mean": result.mean,
             "top_frequency": result.top_frequency,
