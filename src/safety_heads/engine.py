@@ -560,6 +560,10 @@ class Engine:
         converts to anyway): all a remote request needs to carry."""
         return None if means is None else {layer: means[layer].to(self.model.dtype) for layer in sorted(layers)}
 
+    def inputs(self, inputs: dict) -> dict:
+        """Model inputs for a trace: on the model's device when it runs here, as they are (CPU) for a remote request."""
+        return inputs if self.remote else self.model.on_device(inputs)
+
     def call(self, function, *arguments, label: str = "request", stats: dict | None = None):
         """Run an intrace.py function that opens traces as one remote request (config.remote), retried on
         transient failures; a failure becomes a one-line UserError naming `label`."""
@@ -781,13 +785,13 @@ class Engine:
                 for start in range(0, len(sets), max_sets):
                     chunk = sets[start : start + max_sets]
                     plan = ablation_plan(chunk)
-                    arguments = (batch.repeated(1), plan, len(chunk), kind, float(epsilon), self._means_for(means, plan), last)
+                    arguments = (self.inputs(batch.repeated(1)), plan, len(chunk), kind, float(epsilon),
+                                 self._means_for(means, plan), last)
                     if self.remote:
                         requests += 1
                         values = self.call(intrace.token_log_probs, *arguments, label=f"answer-scoring request {requests}")
                     else:
-                        values = intrace.token_log_probs(self.model.lm, self.sites, self.model.on_device(arguments[0]),
-                                                         *arguments[1:], save=nnsight.save)
+                        values = intrace.token_log_probs(self.model.lm, self.sites, *arguments, save=nnsight.save)
                     values = values.float().cpu().reshape(len(chunk), batch.size, last)
                     result[start : start + len(chunk), batch.prompt_indices] = values
         for index, ids in enumerate(tokens):

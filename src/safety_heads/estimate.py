@@ -163,12 +163,11 @@ def _fisher_estimate(engine: Engine, batch, top_tokens: int, kind: str, epsilon:
     changes d_r (rows r: the top tokens and the lumped rest, with probabilities m_r). One request when remote."""
     vocabulary = engine.model.lm.config.get_text_config().vocab_size
     n_top = min(top_tokens, vocabulary - 1)
-    arguments = (_input_embedding_path(engine), batch.repeated(1), n_top, kind, epsilon, means)
+    arguments = (_input_embedding_path(engine), engine.inputs(batch.repeated(1)), n_top, kind, epsilon, means)
     with _frozen(engine):
         if engine.remote:
             dots, mass = engine.call(intrace.fisher_estimate, *arguments, label="estimate request")
         else:
-            arguments = (arguments[0], engine.model.on_device(arguments[1]), *arguments[2:])
             dots, mass = intrace.fisher_estimate(engine.model.lm, engine.sites, *arguments, save=nnsight.save)
     gc.collect(1)  # the backward trace's reference cycle (see _head_dots)
     changes = torch.stack([d.cpu().double() for d in dots])  # [L, rows, H]
@@ -182,11 +181,10 @@ def _head_dots(engine: Engine, batch, uniforms: torch.Tensor, kind: str, epsilon
 
     The trace is intrace.head_dots (it travels to NDIF by value); remote, it is one request per pass."""
     embedding = _input_embedding_path(engine)
-    arguments = (embedding, batch.repeated(1), uniforms, kind, epsilon, means)
+    arguments = (embedding, engine.inputs(batch.repeated(1)), uniforms, kind, epsilon, means)
     if engine.remote:
         dots = engine.call(intrace.head_dots, *arguments, label=f"gradient-estimate request ({len(uniforms)} samples)")
     else:
-        arguments = (arguments[0], engine.model.on_device(arguments[1]), *arguments[2:])
         dots = intrace.head_dots(engine.model.lm, engine.sites, *arguments, nnsight.save)
     # A backward inside a trace leaves one reference cycle per trace, holding its tensors (nnsight.md section 4). The
     # cycle is young: a generation-1 collection frees all of it (measured: no tensor left over 30 calls, 4- and

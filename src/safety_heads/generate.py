@@ -124,14 +124,14 @@ def _generate_batch(model, token_lists, sets, kind, epsilon, means, config, batc
         settings.update(top_k=None, top_p=None, temperature=None)  # silence sampling defaults from generation_config
     if means is not None and plan:  # only the layers this batch ablates travel (remote), in the model's dtype
         means = {layer: means[layer].to(model.dtype) for layer in plan}
-    arguments = (settings, batch.input_ids, batch.attention_mask, plan, n_rows, kind, epsilon, means, seed)
+    tokens = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    tokens = tokens if engine is not None else model.on_device(tokens)  # remote requests carry CPU tensors
+    arguments = (settings, tokens["input_ids"], tokens["attention_mask"], plan, n_rows, kind, epsilon, means, seed)
     with warnings.catch_warnings():
         # An open `tracer.all()` loop ends when generation stops (EOS or max_new_tokens); nnsight warns about the step
         # it waited for in vain. That is the intended way to cover every step whatever the length.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         if engine is None:
-            local = model.on_device(dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
-            arguments = (settings, local["input_ids"], local["attention_mask"], *arguments[3:])
             output = intrace.generate_batch(model.lm, model.layout.trace_sites(), *arguments, nnsight.save)
         else:  # one request for the whole batch, every step on the server (intrace.generate_batch is its body)
             last = batch_start + n_rows - 1
