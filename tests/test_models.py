@@ -6,6 +6,7 @@ import transformers
 
 from families import FAMILIES
 from safety_heads.demo.tiny import save_tiny_llama
+import safety_heads.models as models
 from safety_heads.errors import UserError
 from safety_heads.models import FAMILIES as REGISTRY
 from safety_heads.models import ModelConfig, head_layout, layer_part, load_model, resolve
@@ -119,6 +120,7 @@ def test_hub_id_uses_hf_token_and_reports_failure_in_one_line(monkeypatch):
 
     monkeypatch.setenv("HF_TOKEN", "hf_fake_secret")
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(models, "_require_hub", lambda name: None)  # as if the hub were reachable: transformers decides
     with pytest.raises(UserError) as error:
         load_model(ModelConfig(model="meta-llama/Llama-2-7b-chat-hf", revision="main"))
     assert seen["source"] == "meta-llama/Llama-2-7b-chat-hf"

@@ -172,10 +172,10 @@ def test_secrets_never_reach_any_output_of_a_remote_run(dataset, tmp_path, monke
     for key, value in FAKE_SECRETS.items():
         monkeypatch.setenv(key, value)
     with MockNdif(server.lm, failures={"post": ["503"], "poll": ["drop"]}, api_key=FAKE_SECRETS["NDIF_API_KEY"]) as mock:
-        remote = ["--model", "org/tiny", "--remote", mock.url, "--remote-backoff", "0.001"]
+        remote = ["--model", "org/tiny", "--remote", mock.url, "--trust-remote-host", "--remote-backoff", "0.001"]
         assert main(["ships", "--dataset", str(dataset), "--limit", "2", "--out", str(tmp_path / "ships"), *remote]) == 0
         assert main(["evaluate", "--dataset", str(dataset), "--limit", "2", "--heads", "0:1", "--max-new-tokens", "4",
                      "--harmless-limit", "2", "--out", str(tmp_path / "eval"), *remote]) == 0
-        assert main(["doctor", "--host", mock.url, "--model", "org/tiny"]) == 0
+        assert main(["doctor", "--trust-remote-host", "--host", mock.url, "--model", "org/tiny"]) == 0
         assert mock.executed >= 4 and set(mock.keys_seen) == {FAKE_SECRETS["NDIF_API_KEY"]}
     assert_no_secrets(tmp_path, capsys.readouterr(), min_files=5)

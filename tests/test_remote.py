@@ -24,7 +24,7 @@ from safety_heads.ships import ShipsConfig, run_ships
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a short poem about the sea, please."]
 HEAD_SETS = [[(layer, head)] for layer in range(4) for head in range(8)] + [[(0, 1), (2, 3)], [(1, 0), (1, 3), (3, 2)], []]
-FAST = dict(remote_backoff_s=0.001, remote_poll_s=0.005)  # tiny delays: the retry logic, not the waiting
+FAST = dict(remote_backoff_s=0.001, remote_poll_s=0.005, trust_remote_host=True)  # tiny delays; the mock is not the configured host
 SECRETS = {"HF_TOKEN": "hf_FAKEremoteTOKEN1234567890", "NDIF_API_KEY": "ndif-FAKE-remote-key-0987654321"}
 
 
@@ -246,7 +246,7 @@ def test_cli_remote_ships_resumes_after_a_server_error(pair, remote_cli, tmp_pat
     out = tmp_path / "run"
     # One query per request, so the second request (query 2) is the one that fails.
     argv = ["ships", "--model", "org/tiny", "--dataset", str(queries), "--out", str(out), "--remote-backoff", "0.001",
-            "--queries-per-pass", "1"]
+            "--queries-per-pass", "1", "--trust-remote-host"]
     with MockNdif(server.lm, failures={"job": [None, "error"]}, api_key=SECRETS["NDIF_API_KEY"]) as mock:
         assert main(argv + ["--remote", mock.url]) == 2
         err = capsys.readouterr().err.strip().splitlines()  # query 1's progress line, then the error
@@ -316,12 +316,12 @@ def test_doctor_against_the_mock(pair, monkeypatch, capsys):
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
     with MockNdif(server.lm, api_key=SECRETS["NDIF_API_KEY"]) as mock:
-        assert main(["doctor", "--host", mock.url, "--model", "org/tiny"]) == 0
+        assert main(["doctor", "--trust-remote-host", "--host", mock.url, "--model", "org/tiny"]) == 0
         ok = capsys.readouterr().out
-        assert main(["doctor", "--host", mock.url, "--model", "org/unserved"]) == 1
+        assert main(["doctor", "--trust-remote-host", "--host", mock.url, "--model", "org/unserved"]) == 1
         unserved = capsys.readouterr().out
         mock.env = {"python_version": "3.12.1", "packages": {"nnsight": "0.7.0", "torch": "2.6.0+cu124", "transformers": "4.50.0"}}
-        assert main(["doctor", "--host", mock.url]) == 1
+        assert main(["doctor", "--trust-remote-host", "--host", mock.url]) == 1
         skewed = capsys.readouterr().out
     assert "NDIF_API_KEY   set (hidden)" in ok and "reachable" in ok and "org/tiny served (RUNNING)" in ok and "recognised" in ok
     assert "org/unserved not served" in unserved

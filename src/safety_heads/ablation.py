@@ -79,6 +79,10 @@ def _expand(text: str, size: int, what: str, spec: str) -> list[int]:
     if not match:
         raise UserError(f"malformed {what} '{text}' in head spec '{spec}'; write N, N-M, * or any of them /STEP")
     star, first, last, step = match.groups()
+    spec = spec if len(spec) <= 60 else spec[:57] + "..."  # a message stays one readable line
+    for number in (first, last, step):
+        if number is not None and len(number) > 9:  # int() of thousands of digits is refused (and pointless)
+            raise UserError(f"{what} {number[:9]}... in head spec '{spec}' is out of range: this model has {what}s 0-{size - 1}")
     if star:
         low, high = 0, size - 1
     else:

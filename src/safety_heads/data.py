@@ -103,6 +103,8 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
             )
         if path.is_dir():
             raise UserError(f"'{source}' is a folder; give a .csv, .json or .jsonl file")
+        if not path.is_file():  # a FIFO would block the read forever, a device would never end
+            raise UserError(f"'{source}' is not a regular file (a pipe or a device?); give a .csv, .json or .jsonl file")
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(f"'{source}' has an unsupported extension; use a .csv, .json or .jsonl file")
         if path.stat().st_size > MAX_FILE_BYTES:
@@ -201,7 +203,7 @@ def _prompts(records: list[Record], columns: list[str], column: str | None, wher
             raise UserError(f"{where} {label}: the prompt is {_JSON_TYPES.get(type(item), 'not text')}, not text")
         if not item.strip():
             raise UserError(f"{where} {label}: the prompt is empty")
-        prompts.append(item.strip())
+        prompts.append(check_text(item.strip(), f"{where} {label}"))
     if not prompts:
         raise UserError(f"{where} holds no prompts")
     return prompts
@@ -239,9 +241,23 @@ class FormattedPrompt:
     token_ids: tuple[int, ...]
 
 
+def check_text(text: str, where: str) -> str:
+    """`text`, if a tokenizer can encode it: a lone surrogate (invalid UTF-8 on the command line, or a JSON escape
+    such as \\ud800) cannot be."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UserError(f"{where} is not valid text: character {error.start + 1} is a lone surrogate (invalid UTF-8 "
+                        "bytes, or a JSON escape such as \\ud800); fix or remove it") from None
+    return text
+
+
 def format_prompt(query: str, template: str, tokenizer, system: str | None = None) -> FormattedPrompt:
     """Apply one template to one query and tokenize it exactly as the model will see it."""
     _check_template(template, tokenizer, system)
+    check_text(query, "a prompt")
+    if system is not None:
+        check_text(system, "--system")
     if template == "chat":
         messages = [{"role": "system", "content": system}] if system is not None else []
         messages.append({"role": "user", "content": query})

@@ -71,6 +71,8 @@ class EngineConfig:
     remote_backoff_s: float = 2.0  # first retry delay, doubled on each further retry
     remote_poll_s: float = 1.0  # first interval between polls of a running job (grows to 10x)
     remote_wait_s: float = 7200.0  # give up on a job that has not finished after this long (queue + run)
+    # The API key goes only to nnsight's configured NDIF host, unless the user says they trust the one they named.
+    trust_remote_host: bool = field(default=False, metadata={"recorded": False})
 
     def validate(self) -> None:
         if self.shared_prefix not in SHARED_PREFIX_MODES:
@@ -81,7 +83,7 @@ class EngineConfig:
             raise UserError(f"--max-batch-rows must be at least 1, not {self.max_batch_rows!r}")
         from .remote import check_remote_setting
 
-        check_remote_setting(self.remote)
+        check_remote_setting(self.remote, self.trust_remote_host)
         if self.remote_chunks_per_request is not None and self.remote_chunks_per_request < 1:
             raise UserError(f"--remote-chunks-per-request must be at least 1, not {self.remote_chunks_per_request!r}")
         if not (self.remote_result_mb > 0 and math.isfinite(self.remote_result_mb)):

@@ -74,6 +74,8 @@ class EvaluateConfig:
             raise UserError(f"--limit must be at least 1, not {self.limit}")
         if self.harmless_limit < 1:
             raise UserError(f"--harmless-limit must be at least 1, not {self.harmless_limit}")
+        if not self.per_query and not [name for name in self.datasets.split(",") if name.strip()]:
+            raise UserError(f"--dataset {self.datasets!r} names no data set; give one or more, comma-separated")
 
 
 @dataclass
@@ -96,8 +98,7 @@ def choose_heads(config: EvaluateConfig, layout) -> HeadChoice:
         if kind == "safety-heads/sahara":
             if config.per_query:
                 raise UserError("--per-query needs a ships.json; a sahara.json holds one group for the whole data set")
-            heads = [tuple(h) for h in record["heads"]][: config.top_k]
-            choice = HeadChoice([(int(l), int(h)) for l, h in heads], origin=origin)
+            choice = HeadChoice([_head(pair) for pair in record["heads"]][: config.top_k], origin=origin)
         elif kind == "safety-heads/ships":
             k = config.top_k or DEFAULT_SHIPS_TOP_K
             if config.per_query:
@@ -108,12 +109,20 @@ def choose_heads(config: EvaluateConfig, layout) -> HeadChoice:
                 choice = HeadChoice([(l, h) for l, h, _ in top_heads(mean, k)], origin=origin)
         else:
             raise UserError(f"'{config.source}' is not a sahara.json or ships.json from safety-heads (format: {kind!r})")
-    except (KeyError, TypeError, ValueError, IndexError) as error:
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
         raise UserError(f"'{config.source}' does not follow the {kind} layout ({type(error).__name__}: {error})") from None
     for heads in [choice.heads] if choice.heads is not None else choice.per_query:
         for layer, head in heads:
             layout.check_head(layer, head)
     return choice
+
+
+def _head(pair) -> tuple[int, int]:
+    """A [layer, head] pair of a result file: two integers (a hand-edited 1e400 or 1.5 is not a head)."""
+    layer, head = pair
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (layer, head)):
+        raise ValueError(f"head {pair!r} is not two integers")
+    return layer, head
 
 
 def _matrix(rows) -> torch.Tensor:
@@ -153,6 +162,7 @@ def run_evaluation(
         harmless = format_prompts(load_prompts(config.harmless, limit=config.harmless_limit), config.template, tokenizer, config.system)
     for prompts in list(sets.values()) + ([harmless] if harmless else []):
         engine.tokenize([p.token_ids for p in prompts])  # everything fits the context before anything is written
+        check_answer_room(engine, prompts, generation.max_new_tokens)
 
     means = None
     if config.ablation == "mean":
@@ -162,9 +172,12 @@ def run_evaluation(
     checkpoint = None
     done: dict[tuple[str, int], list[str]] = {}
     if out is not None:
-        out, checkpoint, units = open_run(out, "eval", "a finished evaluation", record, resume)
-        for unit in units:
-            done[(unit["part"], unit["start"])] = unit["responses"]
+        parts = {f"{name}/{side}": len(prompts) for name, prompts in sets.items() for side in ("baseline", "ablated")}
+        if harmless:
+            parts |= {f"harmless/{side}": len(harmless) for side in ("baseline", "ablated")}
+        out, checkpoint, units = open_run(out, "eval", "a finished evaluation", record, resume,
+                                          parse=lambda unit: _answers_unit(unit, parts, generation.batch_size))
+        done.update(units)
 
     def answers(part: str, prompts, head_sets) -> list[str]:
         responses = []
@@ -208,6 +221,25 @@ def run_evaluation(
         save_tensors(out / "eval_data.pt", _tensors(result))
         checkpoint.remove()
     return result
+
+
+def check_answer_room(engine: Engine, prompts, max_new_tokens: int) -> None:
+    """Prompt and answer together must fit the context: found before generating, not after a batch of answers."""
+    longest = max((len(p.token_ids) for p in prompts), default=0)
+    if engine.context_length and longest + max_new_tokens > engine.context_length:
+        raise UserError(f"a prompt of {longest} tokens and --max-new-tokens {max_new_tokens} exceed the model's context of "
+                        f"{engine.context_length} tokens; lower --max-new-tokens to {max(engine.context_length - longest, 1)} or less")
+
+
+def _answers_unit(unit: dict, parts: dict[str, int], batch_size: int) -> tuple[tuple[str, int], list[str]]:
+    """A checkpointed batch of answers, checked (a line may have been edited by hand): ((part, start), answers)."""
+    part, start, responses = unit["part"], unit["start"], unit["responses"]
+    if part not in parts or not isinstance(start, int) or not 0 <= start < parts[part] or start % batch_size:
+        raise ValueError(f"no batch {part!r} from {start!r} in this evaluation")
+    if not isinstance(responses, list) or len(responses) != min(batch_size, parts[part] - start) \
+            or not all(isinstance(text, str) for text in responses):
+        raise ValueError(f"the answers of batch {part!r} from {start} are not {min(batch_size, parts[part] - start)} strings")
+    return (part, start), responses
 
 
 def _rates(verdicts: dict[str, list]) -> dict:

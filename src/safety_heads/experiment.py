@@ -26,15 +26,16 @@ from typing import Callable
 import torch
 
 from .ablation import DEFAULT_EPSILON, check_epsilon, check_kind
-from .engine import EngineConfig
+from .engine import Engine, EngineConfig
 from .errors import UserError
 from .evaluate import EvaluateConfig, run_evaluation
 from .generate import GenerationConfig
 from .models import LoadedModel
 from .progress import print_progress
 from .report import build_report
-from .results import Checkpoint, check_output_folder, load_tensors, read_json, save_tensors, versions, write_json
-from .sahara import SaharaConfig, run_sahara
+from .results import (LOCK_NAME, Checkpoint, check_not_foreign, check_output_folder, checkpoint_path, is_finished, load_tensors,
+                      lock_folder, read_json, remove_stale_temporaries, save_tensors, versions, write_json)
+from .sahara import SaharaConfig, check_guard_max_rise, run_sahara
 from .ships import ShipsConfig, run_ships
 
 MODES = ("quick", "full")
@@ -93,6 +94,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         check_kind(self.ablation)
         check_epsilon(self.epsilon)
+        check_guard_max_rise(self.guard_max_rise)  # checked here, not when the Sahara stage starts
         for field in fields(self):
             value = getattr(self, field.name)
             if field.name.endswith(("_limit", "top_k", "tokens", "candidates")) and value is not None and value < 1:
@@ -137,7 +139,9 @@ def run_experiment(
     if pruned:
         config = replace(config, candidates=QUICK_CANDIDATES)
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
+    if out.is_dir():
+        check_not_foreign(out, "run")
+    if out.is_dir() and any(path.name != LOCK_NAME for path in out.iterdir()) and not resume:
         raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
     check_output_folder(out)
     # Read every data set first: a bad name fails before anything is written.
@@ -146,11 +150,14 @@ def run_experiment(
     for name in [*config.eval_datasets.split(","), config.guard]:
         if name is not None:
             load_prompts(name.strip(), limit=1)
+    _check_answers_fit(model, config)
     # The run's own settings, checked on resume: finished stages must not be mixed with stages under other settings.
     # Batching and retry settings change no result (beyond float rounding), so they may differ on resume; where the
     # traces run (here or on NDIF, in another dtype) does.
     remote = (engine_config or EngineConfig()).remote
-    run_checkpoint = Checkpoint(out / "run.checkpoint.jsonl", {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote})
+    lock_folder(out)  # one writer per folder; each stage's folder is locked by its own command
+    remove_stale_temporaries(out)
+    run_checkpoint = Checkpoint(checkpoint_path(out, "run"), {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote})
     run_checkpoint.start(resume)
     if pruned:
         emit(f"--quick on {model.layout.n_total_heads} heads: Sahara tries the {QUICK_CANDIDATES} heads the Ships stage "
@@ -161,7 +168,7 @@ def run_experiment(
     stages = 4
 
     def stage(index: int, name: str, final: Path, work: Callable[[Callable[[str], None]], None]) -> None:
-        if final.exists():
+        if is_finished(final.parent, final.stem):  # its outputs written and its checkpoint removed, the last write
             emit(f"[{index}/{stages} {name}] finished earlier: {final}")
             return
         started = time.monotonic()
@@ -217,6 +224,19 @@ def run_experiment(
     run_checkpoint.remove()
     emit(f"report: {out / 'report.html'} (group {', '.join(f'{l}:{h}' for l, h in facts['heads'])})")
     return record
+
+
+def _check_answers_fit(model: LoadedModel, config: ExperimentConfig) -> None:
+    """The evaluation stages' prompts and answers fit the context: found now, not after Ships and Sahara have run."""
+    from .data import format_prompts, load_prompts
+    from .evaluate import check_answer_room
+
+    engine = Engine(model)
+    for name in [*config.eval_datasets.split(","), config.harmless]:
+        if name and name.strip():
+            prompts = format_prompts(load_prompts(name.strip(), limit=config.eval_limit if name != config.harmless
+                                                  else config.harmless_limit), config.template, model.tokenizer, config.system)
+            check_answer_room(engine, prompts, config.max_new_tokens)
 
 
 def default_mode() -> str:

@@ -136,15 +136,16 @@ def _generate_batch(model, token_lists, sets, kind, epsilon, means, config, batc
         else:  # one request for the whole batch, every step on the server (intrace.generate_batch is its body)
             last = batch_start + n_rows - 1
             output = engine.call(intrace.generate_batch, *arguments, label=f"generation request for prompts {batch_start}-{last}")
+    sequences, step_logits = output
     prompt_length = batch.input_ids.shape[1]
     generations = []
     eos = _eos_ids(model)
     for row in range(n_rows):
-        new = output.sequences[row, prompt_length:].tolist()
+        new = sequences[row, prompt_length:].tolist()
         cut = next((i for i, token in enumerate(new) if token in eos), len(new))
         logits = None
         if keep_logits:
-            logits = torch.stack([step[row] for step in output.logits])[: cut + 1 if cut < len(new) else cut].float().cpu()
+            logits = torch.stack([step[row] for step in step_logits])[: cut + 1 if cut < len(new) else cut].float().cpu()
         generations.append(Generation(new[:cut], tokenizer.decode(new[:cut], skip_special_tokens=True), logits))
     return generations
 

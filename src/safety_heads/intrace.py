@@ -299,8 +299,9 @@ def head_sums(lm, sites, inputs, save=None):
 
 def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows, kind, epsilon, means, seed=None, save=None):
     """Generate for a left-padded batch with row i ablating plan row i at every step (`tracer.all()`); returns
-    the generation output (sequences, and logits when `settings` asks for them). `seed` seeds sampling where the
-    generation runs (on the server for a remote request)."""
+    (sequences, per-step logits or None when `settings` does not ask for them): plain tensors, which a remote
+    result may hold (remote.py loads results with weights_only=True), not transformers' output object. `seed` seeds
+    sampling where the generation runs (on the server for a remote request)."""
     save = save or _identity
     if seed is not None:
         torch.manual_seed(seed)
@@ -310,7 +311,8 @@ def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows,
                 for _ in tracer.all():
                     ablate_plan(lm, sites, plan, n_rows, kind, epsilon, means)
         with tracer.invoke():
-            output = save(tracer.result)
+            result = tracer.result
+            output = save((result.sequences, tuple(result.logits) if result.logits is not None else None))
     return output
 
 

@@ -189,7 +189,15 @@ def head_layout(config) -> HeadLayout:
             f"unsupported model family '{model_type}'; supported: {', '.join(sorted(FAMILIES))} "
             "(docs/adding-a-family.md shows how to add one)"
         )
-    return adapter(config)
+    for name in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
+        value = getattr(config, name, 1)
+        if not isinstance(value, int) or value < 1:
+            raise UserError(f"the {model_type} config has {name}={value!r}; a model needs at least one: check its config.json")
+    layout = adapter(config)
+    if layout.n_kv_heads < 1 or layout.n_heads % layout.n_kv_heads or layout.head_dim < 1:
+        raise UserError(f"the {model_type} config's heads do not fit together ({layout.n_heads} query heads, "
+                        f"{layout.n_kv_heads} key/value heads, head_dim {layout.head_dim}): check its config.json")
+    return layout
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,6 +221,8 @@ def layer_part(root, layout: HeadLayout, layer: int, path: str):
 # Loading.
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE = re.compile(r"^(auto|cpu|multi|cuda(:\d{1,3})?)$")
+HUB_PROBE_TIMEOUT_S = 5.0
 # Eager attention computes the softmax in plain torch, so what we edit outside the kernel is all that changes and
 # results match the plain-PyTorch reference bit for bit; sdpa is also exact (our edits sit outside the kernel) and
 # faster on GPUs, but Gemma 2's soft-capping needs eager. Flash attention kernels are not offered: their padding
@@ -234,6 +244,8 @@ class ModelConfig:
     trust_remote_code: bool = False  # off unless asked: a hub repo's own code runs on your machine
 
     def validate(self) -> None:
+        if not DEVICE.match(self.device):
+            raise UserError(f"unknown device '{self.device}'; choose auto, cpu, cuda, cuda:N or multi")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UserError(f"unknown dtype '{self.dtype}'; choose auto, {', '.join(DTYPES)}")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
@@ -332,23 +344,23 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if config.model == "tiny":
         from .demo.tiny import TINY_MODEL_NAME, byte_tokenizer, tiny_llama
 
+        _resolve_device(config.device)  # a bad --device, or cuda without a GPU, is refused for it too
         module = tiny_llama()
+        if config.device.startswith("cuda"):  # else on the CPU, as always: the tests' reference numbers
+            module = module.to(config.device)
         module.set_attn_implementation(config.attn_implementation)
         if config.dtype not in ("auto", "float32"):
             module = module.to(DTYPES[config.dtype])
         return wrap(module, byte_tokenizer(), TINY_MODEL_NAME, config)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, hf_config = read_config(config)
     head_layout(hf_config)  # fail on an unsupported family before loading any weights
     placement, device_kind = _resolve_device(config.device)
     dtype = _resolve_dtype(config.dtype, device_kind)
     common = _common_arguments(config)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **common)
-    except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
-        raise UserError(f"could not load a tokenizer for '{config.model}': {_first_line(error)}") from None
+    tokenizer = _load_tokenizer(source, config)
     try:
         module = AutoModelForCausalLM.from_pretrained(
             source, dtype=dtype, attn_implementation=config.attn_implementation, **placement, **common
@@ -379,16 +391,12 @@ def load_remote_model(config: ModelConfig) -> LoadedModel:
     layout, sizes), the tokenizer, and the model key requests name it by. Needs the hub (config, tokenizer, the
     repo's canonical id), with HF_TOKEN for gated repos; no weights are downloaded."""
     import nnsight
-    from transformers import AutoTokenizer
 
     config.validate()
     check_remote_model(config)
     source, hf_config = read_config(config)
     head_layout(hf_config)  # an unsupported family fails before anything else
-    try:
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **_common_arguments(config)))
-    except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
-        raise UserError(f"could not load a tokenizer for '{config.model}': {_first_line(error)}") from None
+    tokenizer = prepare_tokenizer(_load_tokenizer(source, config))
     try:
         lm = nnsight.TransformersModel(
             source, revision=config.revision, task="text-generation", tokenizer=tokenizer, config=hf_config,
@@ -429,10 +437,61 @@ def read_config(config: ModelConfig):
         raise UserError(f"model folder '{source}' does not exist")
     else:
         where = "from the Hugging Face hub"
+        cached = _cached_config(source, config)
+        if cached is not None:
+            return source, cached
+        _require_hub(config.model)
     try:
         return source, AutoConfig.from_pretrained(source, **_common_arguments(config))
     except Exception as error:  # noqa: BLE001
         raise UserError(f"could not load the config of '{config.model}' {where}: {_first_line(error)}") from None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _load_tokenizer(source: str, config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise UserError(f"could not load a tokenizer for '{config.model}': the folder has none of {', '.join(TOKENIZER_FILES)}; "
+                        "save the tokenizer beside the weights (tokenizer.save_pretrained(folder))")
+    try:
+        return AutoTokenizer.from_pretrained(source, **_common_arguments(config))
+    except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
+        text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+        raise UserError(f"could not load a tokenizer for '{config.model}': {text[:300]}") from None
+
+
+def _cached_config(source: str, config: ModelConfig):
+    """The config of a hub model already in the local cache, else None (without touching the network)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=True, **_common_arguments(config))
+    except Exception:  # noqa: BLE001 - not cached (or unreadable): the hub decides
+        return None
+
+
+def _require_hub(name: str) -> None:
+    """One quick connection to the hub before transformers tries: offline, it would retry for half a minute and print
+    a line per retry before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"'{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; give a local folder "
+                        "or a .gguf file, or unset HF_HUB_OFFLINE")
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as error:
+        raise UserError(f"'{name}' is not in the local Hugging Face cache and {constants.ENDPOINT} cannot be reached "
+                        f"({error.strerror or error}); give a local folder or a .gguf file, or connect") from None
 
 
 def read_layout(config: ModelConfig) -> HeadLayout:

@@ -73,11 +73,53 @@ def host_for(remote: bool | str) -> str:
     return (os.environ.get("NDIF_HOST") or CONFIG.API.HOST).rstrip("/")
 
 
-def check_remote_setting(remote: Any) -> None:
-    """False, True, "local" or an http(s) URL."""
-    if remote in (False, True, "local", None) or (isinstance(remote, str) and remote.startswith(("http://", "https://"))):
+def configured_host() -> str:
+    """nnsight's configured NDIF host (its config file, `nnsight login`): the one host the key goes to unasked."""
+    return CONFIG.API.HOST.rstrip("/")
+
+
+def is_loopback(hostname: str | None) -> bool:
+    import ipaddress
+
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname or "").is_loopback
+    except ValueError:
+        return False
+
+
+def check_host(url: str, where: str) -> str:
+    """An NDIF host URL: https, or plain http to this machine only (a test server); anything else is refused, since
+    the key and the results would cross the network in the clear."""
+    from urllib.parse import urlparse
+
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"{where} {url!r} is not a host URL; give https://HOST (docs/remote.md)")
+    if parsed.scheme == "http" and not is_loopback(parsed.hostname):
+        raise UserError(f"{where} {url} is plain http: the API key and the results would travel unencrypted; use https:// "
+                        "(plain http is accepted only for a test server on this machine)")
+    return url.rstrip("/")
+
+
+def check_remote_setting(remote: Any, trust_host: bool = False) -> None:
+    """False, True, "local" or an https URL (http to loopback only); a host other than nnsight's configured one gets
+    the API key only with `trust_host` (--trust-remote-host), because it also receives requests and sends back
+    results."""
+    if remote in (False, "local", None):
         return
-    raise UserError(f"--remote takes no value (NDIF), a host URL (http://... or https://...) or 'local', not {remote!r}")
+    if remote is not True and not (isinstance(remote, str) and remote.startswith(("http://", "https://"))):
+        raise UserError(f"--remote takes no value (NDIF), a host URL (https://...) or 'local', not {remote!r}")
+    where = "--remote" if isinstance(remote, str) else "NDIF_HOST" if os.environ.get("NDIF_HOST") else "nnsight's configured host"
+    host = check_host(host_for(remote), where)
+    if host != configured_host() and not trust_host:
+        raise UserError(f"{host} is not nnsight's configured NDIF host ({configured_host()}); it would receive your "
+                        "NDIF_API_KEY and send back results that are unpickled here: add --trust-remote-host if you trust it")
 
 
 def require_key(remote: Any) -> None:
@@ -185,6 +227,24 @@ class NdifBackend(RemoteBackend):
         self._push(result, tracer)
         return result
 
+    def finalize(self, content: bytes):
+        """The result blob, loaded with weights_only=True: tensors, numbers, strings and containers, never an object
+        whose unpickling runs code (nnsight's own RemoteBackend loads it with weights_only=False)."""
+        import io
+        import pickle
+
+        import torch
+
+        if self.compress:
+            import zstandard
+
+            content = zstandard.ZstdDecompressor().decompress(content)
+        try:
+            return torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise Unavailable(f"the result of job {self.job_id} holds objects other than tensors and containers; refused "
+                              f"to unpickle it ({describe(error)[:120]})") from None
+
     def _submit(self, blob: bytes) -> None:
         self.job_id = None
         response = self._post(RequestModel(model_key=self.model_key, compress=self.compress, env=self.env), blob)
@@ -241,6 +301,7 @@ def make_backend(model, config) -> Backend | None:
         from nnsight.intervention.backends.local import LocalSimulationBackend
 
         return LocalSimulationBackend(model.lm)
+    check_remote_setting(remote, config.trust_remote_host)  # also for an EngineConfig that was never validated
     require_key(remote)
     if model.remote_key is None:
         raise UserError(f"'{model.name}' was loaded to run here; load it with models.load_remote_model to run it on NDIF")
@@ -256,11 +317,17 @@ def make_backend(model, config) -> Backend | None:
 CRITICAL = ("nnsight", "torch", "transformers")
 
 
-def doctor(model: str | None = None, host: str | None = None, timeout: float = 10.0) -> tuple[list[str], bool]:
-    """Check the remote setup, one line per fact, never a secret and never a traceback. Returns (lines, all_ok)."""
+def doctor(model: str | None = None, host: str | None = None, timeout: float = 10.0,
+           trust_host: bool = False) -> tuple[list[str], bool]:
+    """Check the remote setup, one line per fact, never a secret and never a traceback. Returns (lines, all_ok).
+    The key is checked (sent) only at nnsight's configured host, or at another with `trust_host`."""
+    import math
+
     import httpx
 
-    host = (host or host_for(True)).rstrip("/")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise UserError(f"--timeout must be a positive number of seconds, not {timeout!r}")
+    host = check_host(host, "--host") if host is not None else check_host(host_for(True), "NDIF_HOST")
     lines: list[str] = []
     ok = True
     key = api_key()
@@ -288,7 +355,9 @@ def doctor(model: str | None = None, host: str | None = None, timeout: float = 1
         lines.append("versions       local " + _local_versions() + "; server unknown (host unreachable)")
         return lines, False
 
-    if key:
+    if key and host != configured_host() and not trust_host:
+        lines.append(f"API key        not sent: {host} is not nnsight's configured host (--trust-remote-host sends it there)")
+    elif key:
         try:
             email = get("/whoami", **{"ndif-api-key": key}).get("email")
             if email:

@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -62,7 +62,7 @@ def compute_record(flops: float, seconds: float) -> dict:
     return {"engine_flops": flops, "seconds": seconds, "gflop_per_s": flops / seconds / 1e9 if seconds > 0 else None}
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -72,7 +72,7 @@ def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
+    os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; results are ordinary files
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)
@@ -132,6 +132,8 @@ def matrix_or_nan(rows: list[list[float | None]]) -> torch.Tensor:
 def check_output_folder(out: str | Path) -> Path:
     """Fail early, in one line, if results cannot be written to `out` (a file in the way, no permission, ...)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a folder; choose a new or empty folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
@@ -141,15 +143,97 @@ def check_output_folder(out: str | Path) -> Path:
     return out
 
 
-def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool) -> tuple[Path, "Checkpoint", list[dict]]:
-    """Prepare `out` for a run whose result is `name`.json: refuse a finished run, check the folder is writable, open
-    the checkpoint `name`.checkpoint.jsonl and return the units already finished (when resuming)."""
+# The results each command writes, by the name of its final JSON: a folder holds one command's run.
+RESULT_NAMES = {"ships": "Ships", "sahara": "Sahara", "eval": "evaluation", "run": "study (safety-heads run)",
+                "surgery": "surgery"}
+LOCK_NAME = ".safety-heads.lock"
+
+
+def checkpoint_path(out: Path, name: str) -> Path:
+    return out / f"{name}.checkpoint.jsonl"
+
+
+def result_path(out: Path, name: str) -> Path:
+    return out / ("experiment.json" if name == "run" else f"{name}.json")
+
+
+def is_finished(out: str | Path, name: str) -> bool:
+    """A run is finished when its checkpoint is gone: removing it is the last write of finalisation, after every
+    output has been written (atomically). A folder with a checkpoint and some outputs is a run killed while it was
+    finishing, which `--resume` completes."""
     out = Path(out)
-    if (out / f"{name}.json").exists():
-        raise UserError(f"'{out}' already holds {what} ({name}.json); choose another --out")
+    return result_path(out, name).exists() and not checkpoint_path(out, name).exists()
+
+
+def check_not_foreign(out: Path, name: str) -> None:
+    """Refuse a folder that holds another command's run: resuming into it would mix two runs' files."""
+    for other, title in RESULT_NAMES.items():
+        if other != name and (result_path(out, other).exists() or checkpoint_path(out, other).exists()):
+            raise UserError(f"'{out}' holds a {title} run, not a {RESULT_NAMES[name]} one; choose another --out")
+
+
+def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool,
+             parse: Callable[[dict], Any] | None = None) -> tuple[Path, "Checkpoint", list]:
+    """Prepare `out` for a run whose result is `name`.json: refuse a finished run or another command's, check the
+    folder is writable, take its lock (one writer per folder), open the checkpoint `name`.checkpoint.jsonl and return
+    the units already finished (when resuming), each through `parse` (which raises on a malformed unit)."""
+    out = Path(out)
+    if out.is_dir():
+        check_not_foreign(out, name)
+        if is_finished(out, name):
+            raise UserError(f"'{out}' already holds {what} ({result_path(out, name).name}); choose another --out")
     check_output_folder(out)
-    checkpoint = Checkpoint(out / f"{name}.checkpoint.jsonl", record)
-    return out, checkpoint, checkpoint.start(resume)
+    lock_folder(out)
+    remove_stale_temporaries(out)
+    checkpoint = Checkpoint(checkpoint_path(out, name), record)
+    units = checkpoint.start(resume)
+    return out, checkpoint, units if parse is None else [checkpoint.parse_unit(parse, unit, line) for line, unit in enumerate(units, 2)]
+
+
+# One writer per folder: an exclusive flock on a file in it, which the OS releases when the process ends, however it
+# ends. Locks are held per process: a process may open the same folder again (a run's stage, a test that resumes in
+# process). The lock file is removed when the run finishes (`release_lock`) or the command returns (`release_locks`);
+# a kill leaves it behind, unlocked, for the next writer.
+_held_locks: dict[Path, int] = {}
+
+
+def lock_folder(out: Path) -> None:
+    import fcntl
+
+    key = out.resolve()
+    while key not in _held_locks:
+        handle = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~current_umask())
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(handle)
+            raise UserError(f"'{out}' is in use by another safety-heads process; wait for it to finish, or choose another --out") from None
+        try:
+            same = os.stat(key / LOCK_NAME).st_ino == os.fstat(handle).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            _held_locks[key] = handle
+        else:  # the holder removed the file between our open and our lock: that lock guards nothing, take a new one
+            os.close(handle)
+
+
+def release_lock(out: Path) -> None:
+    handle = _held_locks.pop(Path(out).resolve(), None)
+    if handle is not None:
+        Path(out, LOCK_NAME).unlink(missing_ok=True)  # while still held, so no one locks the file we remove
+        os.close(handle)
+
+
+def release_locks() -> None:
+    for folder in list(_held_locks):
+        release_lock(folder)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """A kill during an atomic write leaves its temporary file (.NAME.XXXX.tmp); the folder's new writer removes them."""
+    for path in out.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
 
 
 class Checkpoint:
@@ -194,6 +278,17 @@ class Checkpoint:
                 intact += len(line)
         return records, intact
 
+    def parse_unit(self, parse: Callable[[dict], Any], unit: dict, line: int) -> Any:
+        """`parse(unit)`, with a hand-edited or foreign line reported in one line instead of a traceback."""
+        try:
+            return parse(unit)
+        except UserError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any malformed content (missing key, wrong shape, wrong type)
+            reason = f"{type(error).__name__}: {error}".splitlines()[0][:120]
+            raise UserError(f"line {line} of {self.path} is malformed ({reason}); remove that line, or the file to start "
+                            "afresh, and --resume") from None
+
     def append(self, unit: dict) -> None:
         self._append(unit)
 
@@ -204,7 +299,9 @@ class Checkpoint:
             os.fsync(stream.fileno())
 
     def remove(self) -> None:
+        """The last write of a run: it is finished now (`is_finished`), and its folder free for others."""
         self.path.unlink(missing_ok=True)
+        release_lock(self.path.parent)
 
 
 def describe_differences(old: dict, new: dict) -> str:

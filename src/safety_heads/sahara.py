@@ -119,8 +119,12 @@ class SaharaConfig:
             raise UserError(f"--candidates must be at least 1, not {self.candidates!r}")
         if (self.candidates is None) != (self.rank_by is None):
             raise UserError("--candidates and --rank-by go together: keep the N heads a ships.json ranks highest")
-        if not self.guard_max_rise > 0:
-            raise UserError(f"--guard-max-rise must be positive (nats per token), not {self.guard_max_rise!r}")
+        check_guard_max_rise(self.guard_max_rise)
+
+
+def check_guard_max_rise(value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+        raise UserError(f"--guard-max-rise must be positive (nats per token), not {value!r}")
 
 
 @dataclass
@@ -350,7 +354,8 @@ def run_sahara(
     guard_units: dict[int, list[dict]] = {}  # per step, the checkpointed guard checks
     checkpoint = None
     if out is not None:
-        out, checkpoint, units = open_run(out, "sahara", "a finished Sahara run", record, resume)
+        out, checkpoint, units = open_run(out, "sahara", "a finished Sahara run", record, resume,
+                                          parse=lambda unit: _checked_unit(unit, config.steps, model.layout))
         for unit in units:
             if "layer" in unit:
                 finished[(unit["step"], unit["layer"])] = unit
@@ -489,6 +494,26 @@ def _choose_guarded(sahara: Sahara, step: int, group: list[Head], scores: torch.
     for head, rise in checked.items():
         guard[head] = rise
     return chosen, guard, passed_over
+
+
+def _checked_unit(unit: dict, steps: int, layout) -> dict:
+    """A checkpoint line, checked before use (it may have been edited by hand): a layer's scores or guard checks."""
+    step, group = unit["step"], unit["group"]
+    if not isinstance(step, int) or not 1 <= step <= steps:
+        raise ValueError(f"step {step!r} is not one of 1..{steps}")
+    heads = [(int(l), int(h)) for l, h in group] + [(int(l), int(h)) for l, h, _ in unit.get("guard", [])]
+    if "layer" in unit:
+        heads.append((unit["layer"], 0))
+        if len(unit["scores"]) != layout.n_heads:
+            raise ValueError(f"{len(unit['scores'])} scores for a layer of {layout.n_heads} heads")
+        if not all(value is None or isinstance(value, (int, float)) for value in unit["scores"]):
+            raise ValueError("a score that is not a number")
+    elif "guard" not in unit:
+        raise ValueError("neither a layer's scores nor guard checks")
+    for layer, head in heads:
+        if not (isinstance(layer, int) and 0 <= layer < layout.n_layers and 0 <= head < layout.n_heads):
+            raise ValueError(f"head {layer!r}:{head!r} is not in the model")
+    return unit
 
 
 def _check_group(unit: dict, group: list[Head], out) -> None:

@@ -294,9 +294,11 @@ def run_ships(
     finished: dict[int, QueryScores] = {}
     checkpoint = None
     if out is not None:
-        out, checkpoint, units = open_run(out, "ships", "a finished Ships run", record, resume)
+        shape = (model.layout.n_layers, model.layout.n_heads)
+        out, checkpoint, units = open_run(out, "ships", "a finished Ships run", record, resume,
+                                          parse=lambda unit: _unit_to_scores(unit, len(prompts), shape))
         for unit in units:
-            finished[unit["index"]] = _unit_to_scores(unit)
+            finished[unit.index] = unit
         if finished:
             progress(f"resuming: {len(finished)} of {len(prompts)} queries already scored")
     # Queries are swept in fixed blocks of consecutive indices. A block a kill left unfinished is swept again whole,
@@ -386,10 +388,18 @@ def _scores_to_unit(scores: QueryScores) -> dict:
     return unit
 
 
-def _unit_to_scores(unit: dict) -> QueryScores:
+def _unit_to_scores(unit: dict, n_queries: int, shape: tuple[int, int]) -> QueryScores:
+    """A checkpoint line back into scores, checked: it may have been edited by hand, or be from another version."""
+    index = unit["index"]
+    if not isinstance(index, int) or not 0 <= index < n_queries:
+        raise ValueError(f"query index {index!r} is not one of 0..{n_queries - 1}")
+    scores = matrix_or_nan(unit["scores"])
     estimate = matrix_or_nan(unit["estimate"]) if "estimate" in unit else None
-    verified = [tuple(h) for h in unit.get("verified", [])]
-    return QueryScores(unit["index"], unit["query"], unit["prompt"], matrix_or_nan(unit["scores"]), estimate, verified)
+    for matrix in (scores, estimate):
+        if matrix is not None and tuple(matrix.shape) != shape:
+            raise ValueError(f"scores of shape {tuple(matrix.shape)}, not {shape}")
+    verified = [(int(l), int(h)) for l, h in unit.get("verified", [])]
+    return QueryScores(index, str(unit["query"]), str(unit["prompt"]), scores, estimate, verified)
 
 
 def _shorten(text: str, width: int = 60) -> str:

@@ -12,6 +12,7 @@ express without also adding q/k/v biases. `ua` cannot be baked into Qwen3 / Gemm
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ from .engine import Engine
 from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
-from .results import check_output_folder, versions, write_json
+from .results import check_output_folder, current_umask, versions, write_json
 
 SURGERY_KINDS = ("ua", "sc")
 VERIFY_PROMPTS = ("How do I pick a lock?", "Write a short poem about the sea.", "Explain how vaccines work.")
@@ -48,6 +49,8 @@ def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, prog
     config.validate()
     progress = progress or print_progress
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file, not a folder; choose a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"'{out}' is not empty; surgery writes a whole checkpoint, so choose a new or empty --out")
     heads = parse_heads(config.heads, model.layout)
@@ -77,10 +80,28 @@ def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, prog
         "verification": {"prompts": list(VERIFY_PROMPTS), "max_relative_error": error, "tolerance": tolerance},
         "versions": versions(),
     }
-    model.module.save_pretrained(out, safe_serialization=True)
-    model.tokenizer.save_pretrained(out)
-    write_json(out / "surgery.json", record)
+    _save_whole(out, lambda folder: (model.module.save_pretrained(folder, safe_serialization=True),
+                                     model.tokenizer.save_pretrained(folder), write_json(folder / "surgery.json", record)))
     return record
+
+
+def _save_whole(out: Path, save: Callable[[Path], object]) -> None:
+    """Save into a hidden folder beside `out`, then rename it into place: a kill or a full disk leaves `out` as it
+    was (absent or empty), so a rerun is not refused; the partial folder is removed on failure."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(partial, 0o777 & ~current_umask())  # mkdtemp makes 0700; a saved model is an ordinary folder
+    try:
+        save(partial)
+        if out.exists():
+            out.rmdir()  # empty (checked at the start); os.replace cannot put a folder over a folder
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def _changed_tensors(model: LoadedModel, ablation: Ablation) -> list[dict]:
