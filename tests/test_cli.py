@@ -1,10 +1,12 @@
 """The command line: happy paths, and a table of bad inputs that must each end in one line and exit code 2."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 import transformers
 
 from safety_heads.cli import main
@@ -33,6 +35,13 @@ def folders(tmp_path_factory):
     tiny_llama().save_pretrained(no_tokenizer)
     neox = root / "neox"
     transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1).save_pretrained(neox)
+    (root / "surrogate.jsonl").write_text('"fine"\n"\\ud800 broken"\n')  # a JSON escape of a lone surrogate
+    os.mkfifo(root / "fifo.jsonl")  # reading it would block forever
+    (root / "huge-head.sahara.json").write_text('{"format": "safety-heads/sahara", "heads": [[1e400, 0]]}')
+    (root / "float-head.sahara.json").write_text('{"format": "safety-heads/sahara", "heads": [[1.5, 0]]}')
+    zero_heads = root / "zero-heads"
+    zero_heads.mkdir()
+    (zero_heads / "config.json").write_text(json.dumps({**tiny_llama().config.to_dict(), "num_attention_heads": 0}))
     no_template = root / "no-template"
     tiny_llama().save_pretrained(no_template)
     tokenizer = byte_tokenizer()
@@ -100,6 +109,74 @@ BAD = [
     (["surgery", "--heads", "0:1", "--out", "{root}/ok.json/sub"], "cannot write to output folder"),
     (["surgery", "--heads", "0:1", "--ablation", "mean", "--out", "{out}"], "ua or sc"),
     (["surgery", "--heads", "0:1", "--epsilon", "-0.5", "--out", "{out}"], "epsilon"),
+    # Found by a probe of bad inputs (issue 14): each once ended in a traceback, a hang, a late failure or silence.
+    (["ships", "--prompt", "\udcff\udcfe", "--out", "{out}"], "not valid text"),  # what argv holds for bytes ff fe
+    (["ships", "--dataset", "{root}/surrogate.jsonl", "--out", "{out}"], "line 2.* not valid text"),
+    (["ships", "--prompt", "hi", "--template", "chat", "--system", "x\udc80", "--out", "{out}"], "--system is not valid text"),
+    (["surgery", "--heads", "0:1", "--out", "{root}/ok.json"], "is a file, not a folder"),
+    (["run", "--model", "tiny", "--quick", "--out", "{root}/ok.json"], "is a file, not a folder"),
+    (["ships", "--prompt", "hi", "--out", "{root}/ok.json"], "is a file, not a folder"),
+    (["ships", "--prompt", "hi", "--show", "-1", "--out", "{out}"], "--show must be 0 or more"),
+    (["heads", "--heads", "1" * 5000 + ":0"], "layer 111111111... .* out of range"),
+    (["heads", "--heads", "0:0/" + "9" * 5000], "out of range"),
+    (["evaluate", "--from", "{root}/huge-head.sahara.json", "--out", "{out}"], "does not follow"),
+    (["evaluate", "--from", "{root}/float-head.sahara.json", "--out", "{out}"], "not two integers"),
+    (["ships", "--dataset", "{root}/fifo.jsonl", "--out", "{out}"], "not a regular file"),
+    (["evaluate", "--heads", "0:1", "--max-new-tokens", "600", "--out", "{out}"], "exceed the model's context of 512"),
+    (["run", "--model", "tiny", "--quick", "--max-new-tokens", "600", "--out", "{out}"], "exceed the model's context of 512"),
+    (["run", "--model", "tiny", "--quick", "--guard-max-rise", "nan", "--out", "{out}"], "--guard-max-rise must be positive"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--guard", "harmless-val", "--guard-max-rise", "inf",
+      "--out", "{out}"], "--guard-max-rise must be positive"),
+    (["evaluate", "--heads", "0:1", "--dataset", ",", "--out", "{out}"], "names no data set"),
+    (["ships", "--prompt", "hi", "--device", "bogus", "--out", "{out}"], "unknown device 'bogus'"),
+    *([(["ships", "--prompt", "hi", "--device", "cuda", "--out", "{out}"], "none is visible")] if not torch.cuda.is_available() else []),
+    (["ships", "--prompt", "hi", "--out", ""], "argument --out: is empty"),
+    (["doctor", "--timeout", "nan"], "--timeout must be a positive number"),
+    (["doctor", "--timeout", "-1"], "--timeout must be a positive number"),
+    (["doctor", "--host", "not a url"], "not a host URL"),
+    (["doctor", "--host", "http://example.com"], "plain http"),
+    (["ships", "--dataset", "{root}/missing\nfile.json", "--out", "{out}"], "missing\\\\nfile.json' does not exist"),
+    (["ships", "--prompt", "hi", "--out", "{root}/ok.json/a\nb"], "cannot write to output folder .*a\\\\nb"),
+    (["heads", "--heads", "-1:0"], "malformed layer '-1'"),
+    (["ships", "--prompt", "hi", "--heads", "-1:0", "--out", "{out}"], "malformed layer '-1'"),
+    (["heads", "--model", "{root}/zero-heads"], "size of zero \\(num_attention_heads"),
+    (["heads", "--load", "--model", "{root}/no-tokenizer"], "has none of tokenizer.json"),
+    (["ships", "--model", "org/x", "--prompt", "hi", "--remote", "http://example.com", "--out", "{out}"], "plain http"),
+    (["ships", "--model", "org/x", "--prompt", "hi", "--remote", "https://example.com", "--out", "{out}"], "add --trust-remote-host"),
+    (["ships", "--model", "org/x", "--prompt", "hi", "--remote", "https://", "--out", "{out}"], "not a host URL"),
+    # and more of our own
+    (["ships", "--prompt", "hi", "--top-tokens", "0", "--out", "{out}"], "--top-tokens"),
+    (["ships", "--prompt", "hi", "--estimator", "magic", "--out", "{out}"], "unknown estimator 'magic'"),
+    (["ships", "--prompt", "hi", "--samples-per-pass", "0", "--out", "{out}"], "--samples-per-pass"),
+    (["ships", "--prompt", "hi", "--column", "x", "--out", "{out}"], "--column applies to --dataset"),
+    (["ships", "--prompt", "hi", "--limit", "3", "--out", "{out}"], "--limit applies to --dataset"),
+    (["ships", "--prompt", "hi", "--queries-per-pass", "0", "--out", "{out}"], "--queries-per-pass"),
+    (["ships", "--prompt", "hi", "--memory-budget", "inf", "--out", "{out}"], "--memory-budget"),
+    (["ships", "--prompt", "hi", "--remote-result-mb", "0", "--out", "{out}"], "--remote-result-mb"),
+    (["ships", "--prompt", "hi", "--remote-backoff", "-1", "--out", "{out}"], "remote_backoff_s"),
+    (["ships", "--prompt", "hi", "--epsilon", "inf", "--out", "{out}"], "epsilon"),
+    (["ships", "--prompt", "hi", "--dtype", "float64", "--out", "{out}"], "unknown dtype"),
+    (["ships", "--prompt", "hi", "--heads", "0:*/0", "--out", "{out}"], "step must be at least 1"),
+    (["ships", "--prompt", "hi", "--heads", "0::1", "--out", "{out}"], "malformed head '0::1'"),
+    (["ships", "--prompt", "hi", "--heads", "0:3-1", "--out", "{out}"], "empty head range"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--candidates", "4", "--out", "{out}"], "--candidates and --rank-by"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--rank-by", "{root}/ok.json", "--candidates", "3",
+      "--out", "{out}"], "is not a ships.json"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--guard-batch", "0", "--out", "{out}"], "--guard-batch"),
+    (["sahara", "--dataset", "maliciousinstruct", "--limit", "4", "--heads", "0:0", "--out", "{out}"], "exceeds the 1 candidate"),
+    (["evaluate", "--heads", "0:1", "--sample", "--temperature", "nan", "--out", "{out}"], "--temperature"),
+    (["evaluate", "--heads", "0:1", "--sample", "--top-p", "1.5", "--out", "{out}"], "--top-p"),
+    (["evaluate", "--heads", "0:1", "--batch-size", "0", "--out", "{out}"], "--batch-size"),
+    (["evaluate", "--heads", "0:1", "--judge", "", "--out", "{out}"], "no judge given"),
+    (["evaluate", "--heads", "0:1", "--per-query", "--out", "{out}"], "--per-query needs --from"),
+    (["run", "--model", "tiny", "--quick", "--full", "--out", "{out}"], "choose one of --quick and --full"),
+    (["run", "--model", "tiny", "--quick", "--judge", "vibes", "--out", "{out}"], "unknown judge 'vibes'"),
+    (["run", "--model", "tiny", "--quick", "--exclude", "9:9", "--out", "{out}"], "layer 9 .* out of range"),
+    (["run", "--model", "tiny", "--quick", "--template", "nope", "--out", "{out}"], "unknown template 'nope'"),
+    (["surgery", "--heads", "0:1", "--epsilon", "nan", "--out", "{out}"], "epsilon"),
+    (["heads", "--model", "{root}/ok.json"], "is a file"),
+    (["get-model", "nosuch"], "unknown model 'nosuch'"),
+    (["doctor", "--timeout", "0"], "--timeout must be a positive number"),
 ]
 
 
@@ -126,7 +203,8 @@ def test_bad_input_one_line_exit_2(argv, message, folders, tmp_path, capsys):
 
 
 def _is_usage_error(message):
-    return message in ("invalid float value", "--out", "one of the arguments --prompt --dataset is required", "invalid choice")
+    return message in ("invalid float value", "--out", "one of the arguments --prompt --dataset is required", "invalid choice",
+                       "argument --out: is empty")
 
 
 class _nothing:
@@ -223,3 +301,12 @@ def test_an_interrupt_a_library_turned_into_another_error_is_still_an_interrupt(
     monkeypatch.setattr(cli, "command_heads", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # without an interrupt, a bug keeps its traceback
         cli.main(["heads"])
+
+
+def test_invalid_utf8_on_the_real_command_line_is_one_line(tmp_path):
+    """The bytes ff fe as a real argv (Python decodes them to lone surrogates), in a real process."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "safety_heads.cli", "ships", "--prompt", b"\xff\xfe", "--out", str(out)],
+                            capture_output=True)
+    lines = result.stderr.decode(errors="replace").strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "not valid text" in lines[0] and not out.exists()

@@ -164,3 +164,22 @@ def test_bad_model_settings(settings, message, monkeypatch):
         pytest.skip("a GPU is visible here")
     with pytest.raises(UserError, match=message):
         load_model(ModelConfig(**settings))
+
+
+def test_a_hub_id_that_cannot_be_reached_fails_at_once_in_one_line(monkeypatch):
+    """Offline, transformers retries for about half a minute and prints a line per retry; we check first."""
+    import socket
+
+    from huggingface_hub import constants
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: a connection to it is refused at once
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    try:
+        with pytest.raises(UserError, match="not in the local Hugging Face cache and http://127.0.0.1:.* cannot be reached"):
+            load_model(ModelConfig(model="no-such-org/x"))
+    finally:
+        closed.close()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+        load_model(ModelConfig(model="no-such-org/x"))

@@ -82,8 +82,16 @@ def test_sigkill_then_resume_equals_uninterrupted(name, units, dataset, tmp_path
     assert kept >= units
     assert main(command(name, dataset, killed) + ["--resume"]) == 0
     capsys.readouterr()
-    final = {"ships": "ships.json", "evaluate": "eval.json", "sahara": "sahara.json", "run": "experiment.json"}[name]
-    a, b = result_without_timing(reference / final), result_without_timing(killed / final)
+    assert_same_result(name, reference, killed)
+    assert not checkpoint.exists()
+
+
+FINAL = {"ships": "ships.json", "evaluate": "eval.json", "sahara": "sahara.json", "run": "experiment.json"}
+
+
+def assert_same_result(name: str, reference: Path, killed: Path) -> None:
+    """The results of an interrupted-then-resumed run equal an uninterrupted one's."""
+    a, b = result_without_timing(reference / FINAL[name]), result_without_timing(killed / FINAL[name])
     if name == "ships":
         assert a["queries"] == b["queries"] and a["aggregate"] == b["aggregate"]
         assert [q["index"] for q in b["queries"]] == list(range(len(QUERIES)))  # none missing, none twice
@@ -96,7 +104,6 @@ def test_sigkill_then_resume_equals_uninterrupted(name, units, dataset, tmp_path
             assert first.get("steps", first.get("samples")) == second.get("steps", second.get("samples"))
     else:
         assert a["samples"] == b["samples"] and a["results"] == b["results"]
-    assert not checkpoint.exists()
 
 
 @pytest.mark.parametrize("name", list(KILL_POINTS))
@@ -179,3 +186,237 @@ def test_secrets_never_reach_any_output_of_a_remote_run(dataset, tmp_path, monke
         assert main(["doctor", "--trust-remote-host", "--host", mock.url, "--model", "org/tiny"]) == 0
         assert mock.executed >= 4 and set(mock.keys_seen) == {FAKE_SECRETS["NDIF_API_KEY"]}
     assert_no_secrets(tmp_path, capsys.readouterr(), min_files=5)
+
+
+# -- finishing: a kill or a full disk at any write of finalisation, then --resume -----------------------------------
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL at one instant: what was written stays, nothing after it runs (not even except: blocks that
+    catch Exception)."""
+
+
+def finalisation_events(monkeypatch, fail_at: int | None, failure) -> list[str]:
+    """Count the writes of finalisation (every atomic file write, and each checkpoint's removal, the last step), and
+    make the `fail_at`-th fail with `failure(path)`. A failing atomic write first leaves its temporary file behind,
+    as a kill in the middle of it would."""
+    import safety_heads.report as report
+    import safety_heads.results as results
+
+    events: list[str] = []
+    write, remove = results.atomic_write, results.Checkpoint.remove
+
+    def event(path: Path) -> None:
+        events.append(path.name)
+        if len(events) - 1 == fail_at:
+            raise failure(path)
+
+    def atomic_write(path, writer):
+        path = Path(path)
+        if len(events) == fail_at:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / f".{path.name}.killed.tmp").write_bytes(b"half")
+        event(path)
+        write(path, writer)
+
+    def remove_checkpoint(self):
+        event(self.path)
+        remove(self)
+
+    monkeypatch.setattr(results, "atomic_write", atomic_write)
+    monkeypatch.setattr(report, "atomic_write", atomic_write)
+    monkeypatch.setattr(results.Checkpoint, "remove", remove_checkpoint)
+    return events
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def references(dataset, tmp_path_factory):
+    """Each command's uninterrupted run, and how many finalisation events it had."""
+    folders, counts = {}, {}
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name in KILL_POINTS:
+            events = finalisation_events(monkeypatch, None, None)
+            folders[name] = tmp_path_factory.mktemp("reference") / name
+            assert main(command(name, dataset, folders[name])) == 0
+            counts[name] = len(events)
+    return folders, counts
+
+
+def kill_cases():
+    # run: its 23 events are each stage's outputs and checkpoint, then the report and the run's own files
+    counts = {"ships": 4, "sahara": 5, "evaluate": 3, "run": 23}
+    return [(name, index) for name, count in counts.items() for index in range(count)]
+
+
+@pytest.mark.parametrize("name, index", kill_cases())
+def test_killed_at_each_write_of_finalisation_then_resume_completes(name, index, dataset, references, tmp_path, monkeypatch, capsys):
+    reference_folders, counts = references
+    assert counts[name] == len([case for case in kill_cases() if case[0] == name])  # the cases cover every event
+    out = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        events = finalisation_events(patch, index, lambda path: Killed(path))
+        with pytest.raises(Killed):
+            main(command(name, dataset, out))
+        assert len(events) == index + 1
+    assert main(command(name, dataset, out) + ["--resume"]) == 0
+    capsys.readouterr()
+    assert_same_result(name, reference_folders[name], out)
+    assert files_under(out) == files_under(reference_folders[name])  # every output there, no temporary, no checkpoint
+
+
+@pytest.mark.parametrize("name, index", [("ships", 0), ("ships", 2), ("sahara", 3), ("run", 9), ("run", 20)])
+def test_full_disk_while_finishing_is_one_line_and_resumes(name, index, dataset, references, tmp_path, monkeypatch, capsys):
+    import errno
+
+    out = tmp_path / "full"
+    with monkeypatch.context() as patch:
+        finalisation_events(patch, index, lambda path: OSError(errno.ENOSPC, "No space left on device", str(path)))
+        assert main(command(name, dataset, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 or (len(err) > 1 and err[-1].startswith("safety-heads: error:") and all(not line.startswith("safety-heads") for line in err[:-1]))
+    assert "No space left on device" in err[-1] and "--resume" in err[-1] and "Traceback" not in "\n".join(err)
+    assert main(command(name, dataset, out) + ["--resume"]) == 0
+    assert_same_result(name, references[0][name], out)
+    assert files_under(out) == files_under(references[0][name])
+
+
+def test_full_disk_while_checkpointing_keeps_the_finished_units(dataset, references, tmp_path, monkeypatch, capsys):
+    """A checkpoint line torn by a full disk is dropped on resume; the lines before it are kept."""
+    import errno
+
+    import safety_heads.results as results
+
+    out, appended = tmp_path / "full", []
+    original = results.Checkpoint._append
+
+    def append(self, record):
+        appended.append(record)
+        if len(appended) == 3:  # the header, one unit, then a half-written line and the disk is full
+            with open(self.path, "a", encoding="utf-8") as stream:
+                stream.write('{"index": 1, "que')
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        original(self, record)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(results.Checkpoint, "_append", append)
+        assert main(command("ships", dataset, out)) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert len((out / "ships.checkpoint.jsonl").read_text().splitlines()) == 3  # header, one unit, the torn line
+    assert main(command("ships", dataset, out) + ["--resume"]) == 0
+    assert_same_result("ships", references[0]["ships"], out)
+
+
+# -- one run per folder ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("owner, intruder", [("ships", "sahara"), ("ships", "run"), ("sahara", "ships"), ("evaluate", "ships"),
+                                              ("run", "ships")])
+def test_resume_into_another_commands_folder_is_refused(owner, intruder, dataset, references, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "taken"
+    shutil.copytree(references[0][owner], folder)
+    before = {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
+    assert main(command(intruder, dataset, folder) + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a" in err[0] and "choose another --out" in err[0]
+    assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before  # nothing written, nothing mixed in
+
+
+def test_a_second_writer_is_refused_in_one_line(dataset, tmp_path, capsys):
+    """The lock is an flock on a file in the folder: here held through another open file, as another process would."""
+    import fcntl
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    handle = os.open(out / ".safety-heads.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        assert main(command("ships", dataset, out)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another safety-heads process" in err[0] and str(out) in err[0]
+        assert sorted(p.name for p in out.iterdir()) == [".safety-heads.lock"]  # nothing written
+    finally:
+        os.close(handle)
+    assert main(command("ships", dataset, out)) == 0  # free again: the run goes ahead, and leaves no lock behind
+    assert ".safety-heads.lock" not in {p.name for p in out.iterdir()}
+
+
+def test_two_processes_on_one_folder_one_is_refused(dataset, tmp_path):
+    """Real processes: the second --resume on a folder that the first is still writing is refused; the first finishes
+    unharmed. The first holds the lock from before its first checkpoint line until it ends, so waiting for that line
+    is enough (no timing)."""
+    out = tmp_path / "shared"
+    first = start(command("ships", dataset, out))
+    wait_for_units(first, out / "ships.checkpoint.jsonl", 0)
+    second = subprocess.run([sys.executable, "-m", "safety_heads.cli", *command("ships", dataset, out), "--resume"],
+                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    lines = second.stderr.strip().splitlines()
+    finished_first = (out / "ships.json").exists() and "already holds" in second.stderr
+    assert second.returncode == 2 and len(lines) == 1 and ("in use by another" in lines[0] or finished_first)
+    checkpoint_lines = json.loads((out / "ships.json").read_text())["queries"]
+    assert [q["index"] for q in checkpoint_lines] == list(range(len(QUERIES)))
+
+
+# -- malformed checkpoints -----------------------------------------------------------------------------------------
+
+
+def interrupted_ships(dataset, out, monkeypatch) -> Path:
+    """A ships run stopped after its first query (as Ctrl-C would): a checkpoint with its header and one unit."""
+    import safety_heads.ships as ships
+
+    def stop(line):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ships, "print_progress", stop)
+        assert main(command("ships", dataset, out)) == 130
+    return out / "ships.checkpoint.jsonl"
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda unit: unit.pop("query"), "KeyError"),
+    (lambda unit: unit.update(index=5 + len(QUERIES)), "query index"),
+    (lambda unit: unit.update(index="0"), "query index"),
+    (lambda unit: unit.update(scores=[[0.0, 1.0]]), "shape"),
+    (lambda unit: unit.update(scores="none"), "Error"),
+    (lambda unit: unit.update(verified=[[1]]), "Error"),
+])
+def test_a_hand_edited_checkpoint_line_is_one_line(edit, reason, dataset, tmp_path, monkeypatch, capsys):
+    checkpoint = interrupted_ships(dataset, tmp_path / "edited", monkeypatch)
+    header, unit = checkpoint.read_text().splitlines()
+    unit = json.loads(unit)
+    edit(unit)
+    checkpoint.write_text(header + "\n" + json.dumps(unit) + "\n")
+    capsys.readouterr()
+    assert main(command("ships", dataset, tmp_path / "edited") + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 2 of" in err[0] and "is malformed" in err[0] and reason in err[0], err
+
+
+@pytest.mark.parametrize("unit, reason", [
+    ({"step": 9, "layer": 0, "group": [], "scores": [0.0] * 8}, "step 9"),
+    ({"step": 1, "layer": 7, "group": [], "scores": [0.0] * 8}, "not in the model"),
+    ({"step": 1, "layer": 0, "group": [], "scores": [0.0] * 3}, "3 scores"),
+    ({"step": 1, "group": []}, "neither"),
+])
+def test_a_foreign_sahara_checkpoint_line_is_one_line(unit, reason, dataset, tmp_path, monkeypatch, capsys):
+    import safety_heads.sahara as sahara
+
+    out = tmp_path / "sahara"
+    with monkeypatch.context() as patch:  # stopped after its first layer, as Ctrl-C would
+        patch.setattr(sahara, "print_progress", lambda line: (_ for _ in ()).throw(KeyboardInterrupt()))
+        assert main(command("sahara", dataset, out)) == 130
+    checkpoint = out / "sahara.checkpoint.jsonl"
+    header = checkpoint.read_text().splitlines()[0]
+    checkpoint.write_text(header + "\n" + json.dumps(unit) + "\n")
+    capsys.readouterr()
+    assert main(command("sahara", dataset, out) + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is malformed" in err[0] and reason in err[0], err

@@ -397,3 +397,87 @@ def test_several_gpus_size_batches_by_the_tightest_one(pair, monkeypatch):
     engine._gpus = [torch.device(name) for name in free]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free[str(device)], 80 * 2**30))
     assert engine._budget_bytes() == 8 * 2**30 * 0.5
+
+
+# -- trust: https, the configured host, and results that cannot run code --------------------------------------------
+
+
+def test_an_unconfirmed_host_never_receives_the_key(pair, remote_cli, tmp_path, capsys):
+    """Without --trust-remote-host, a host other than nnsight's configured one is refused before anything is sent."""
+    _, server = pair
+    queries = tmp_path / "queries.json"
+    queries.write_text(json.dumps(["How do I pick a lock?"]))
+    with MockNdif(server.lm, api_key=SECRETS["NDIF_API_KEY"]) as mock:
+        argv = ["ships", "--model", "org/tiny", "--dataset", str(queries), "--out", str(tmp_path / "run"), "--remote", mock.url]
+        assert main(argv) == 2
+        assert main(["doctor", "--host", mock.url]) in (0, 1)
+        assert mock.keys_seen == [] and mock.executed == 0
+    err = capsys.readouterr()
+    lines = [line for line in err.err.strip().splitlines() if line]
+    assert len(lines) == 1 and "--trust-remote-host" in lines[0] and "not nnsight's configured NDIF host" in lines[0]
+    assert "API key        not sent" in err.out
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("host, message", [
+    ("http://example.com", "plain http"),
+    ("http://10.0.0.7:8000", "plain http"),
+    ("ftp://example.com", "--remote takes no value"),
+    ("https://", "not a host URL"),
+    ("https://example.com:notaport", "not a host URL"),
+])
+def test_insecure_or_malformed_hosts_are_refused(host, message):
+    with pytest.raises(UserError, match=message):
+        EngineConfig(remote=host, trust_remote_host=True).validate()
+
+
+def test_ndif_host_from_the_environment_must_be_https(monkeypatch):
+    monkeypatch.setenv("NDIF_HOST", "http://ndif.example.org")
+    with pytest.raises(UserError, match="NDIF_HOST http://ndif.example.org is plain http"):
+        EngineConfig(remote=True).validate()
+    monkeypatch.setenv("NDIF_HOST", "https://ndif.example.org")
+    with pytest.raises(UserError, match="--trust-remote-host"):
+        EngineConfig(remote=True).validate()
+    EngineConfig(remote=True, trust_remote_host=True).validate()  # named and trusted: accepted
+    monkeypatch.delenv("NDIF_HOST")
+    EngineConfig(remote=True).validate()  # nnsight's configured host needs no flag
+    EngineConfig(remote="http://127.0.0.1:8000", trust_remote_host=True).validate()  # a test server on this machine
+
+
+class _Planted:
+    """An object whose unpickling would run a command: what a hostile host could send back."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_result_that_would_run_code_is_refused(compress, tmp_path):
+    import io
+
+    from safety_heads.remote import NdifBackend, Unavailable
+
+    marker = tmp_path / "ran"
+    buffer = io.BytesIO()
+    torch.save({"values": [torch.ones(2)], "planted": _Planted(marker)}, buffer)
+    blob = buffer.getvalue()
+    if compress:
+        import zstandard
+
+        blob = zstandard.ZstdCompressor().compress(blob)
+    backend = NdifBackend("model-key", host="http://127.0.0.1:9", api_key=None)
+    backend.compress = compress
+    with pytest.raises(Unavailable, match="refused to unpickle"):
+        backend.finalize(blob)
+    assert not marker.exists()
+    plain = io.BytesIO()
+    torch.save({"values": [torch.ones(2)], "pair": (torch.zeros(1), None)}, plain)
+    data = plain.getvalue()
+    if compress:
+        data = zstandard.ZstdCompressor().compress(data)
+    assert torch.equal(backend.finalize(data)["values"][0], torch.ones(2))  # tensors and containers load as before

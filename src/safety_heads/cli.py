@@ -144,6 +144,8 @@ def _queries(args, warn_duplicates: bool = True) -> tuple[list[str], dict]:
     if args.prompt is not None:
         if not args.prompt.strip():
             raise UserError("--prompt is empty")
+        if args.column is not None or args.limit is not None:
+            raise UserError(f"--{'column' if args.column is not None else 'limit'} applies to --dataset, not to --prompt")
         return [args.prompt], {"dataset": None}
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, not {args.limit}")

@@ -25,11 +25,12 @@ from typing import Callable
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, check_epsilon, check_kind
+from .ablation import DEFAULT_EPSILON, check_epsilon, check_kind, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .evaluate import EvaluateConfig, run_evaluation
 from .generate import GenerationConfig
+from .judges import make_judges
 from .models import LoadedModel
 from .progress import print_progress
 from .report import build_report
@@ -138,6 +139,9 @@ def run_experiment(
     pruned = config.mode == "quick" and config.candidates is None and model.layout.n_total_heads > QUICK_PRUNE_ABOVE
     if pruned:
         config = replace(config, candidates=QUICK_CANDIDATES)
+    make_judges(config.judges)  # every setting is checked before the folder is touched
+    if config.exclude:
+        parse_heads(config.exclude, model.layout)
     out = Path(out)
     if out.is_dir():
         check_not_foreign(out, "run")

@@ -443,6 +443,9 @@ def read_config(config: ModelConfig):
         _require_hub(config.model)
     try:
         return source, AutoConfig.from_pretrained(source, **_common_arguments(config))
+    except ZeroDivisionError:  # transformers divides by the head counts while it reads the config
+        raise UserError(f"the config of '{config.model}' has a size of zero (num_attention_heads, num_key_value_heads or "
+                        "hidden_size); a model needs at least one: fix its config.json") from None
     except Exception as error:  # noqa: BLE001
         raise UserError(f"could not load the config of '{config.model}' {where}: {_first_line(error)}") from None
 

@@ -89,11 +89,11 @@ class ShipsConfig:
             raise UserError(f"--queries-per-pass must be at least 1, not {self.queries_per_pass}")
         if self.samples < 1:
             raise UserError(f"--samples must be at least 1, not {self.samples}")
-        if self.method != "exact":
-            from .estimate import EstimateConfig
+        from .estimate import EstimateConfig
 
-            EstimateConfig(estimator=self.estimator, top_tokens=self.top_tokens, samples=self.samples,
-                           samples_per_pass=self.samples_per_pass).validate()
+        # checked whatever the method: a bad value is a typo even where exact does not read it
+        EstimateConfig(estimator=self.estimator, top_tokens=self.top_tokens, samples=self.samples,
+                       samples_per_pass=self.samples_per_pass).validate()
 
 
 @dataclass
