@@ -244,7 +244,7 @@ def test_format_prompts_keeps_order(tokenizer):
     formatted = format_prompts(queries, "paper", tokenizer)
     assert [f.query for f in formatted] == queries
     assert all(isinstance(f, FormattedPrompt) for f in formatted)
-    assert TEMPLATES == ("raw", "paper", "chat")
+    assert TEMPLATES == ("auto", "raw", "paper", "chat")
 
 
 def test_template_errors(tokenizer):
@@ -318,3 +318,16 @@ def test_fuzz_json_values(tmp_path, value):
 @given(text=jsonl_text)
 def test_fuzz_jsonl_text(tmp_path, text):
     load_or_user_error(write(tmp_path, "fuzz.jsonl", text))
+
+
+def test_auto_template_is_the_chat_template_when_the_tokenizer_has_one():
+    from safety_heads.data import resolve_template
+    from safety_heads.demo.tiny import byte_tokenizer
+
+    chat = byte_tokenizer()
+    plain = byte_tokenizer()
+    plain.chat_template = None
+    assert resolve_template("auto", chat) == "chat" and resolve_template("auto", plain) == "raw"
+    assert resolve_template("paper", chat) == "paper"
+    assert format_prompt("q", "auto", chat).text == format_prompt("q", "chat", chat).text
+    assert format_prompt("q", "auto", plain).text == "q"

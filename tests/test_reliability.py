@@ -129,7 +129,7 @@ def test_changed_configuration_is_refused_on_resume(dataset, tmp_path, capsys):
     capsys.readouterr()
     assert main(command("ships", dataset, out) + ["--resume", "--epsilon", "1e-5", "--template", "paper"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cannot resume" in err and "epsilon=0.0001 (now 1e-05)" in err and "template='raw' (now 'paper')" in err
+    assert len(err.splitlines()) == 1 and "cannot resume" in err and "epsilon=0.0001 (now 1e-05)" in err and "template='chat' (now 'paper')" in err  # the template used: auto was chat here
 
 
 def assert_no_secrets(folder: Path, printed, min_files: int) -> None:

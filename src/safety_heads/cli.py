@@ -68,6 +68,10 @@ def _config(cls, args: argparse.Namespace):
     return config
 
 
+TEMPLATE_HELP = ("auto (default: the model's chat template when its tokenizer has one, else raw), raw, "
+                 "paper ('## Query: {q}\\n## Answer:') or chat")
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=default_model,
@@ -119,7 +123,7 @@ def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--dataset", help="a bundled data set (maliciousinstruct, jailbreakbench, advbench, harmbench, ...) or a CSV/JSON/JSONL file")
     group.add_argument("--column", default=None, help="the CSV column or JSON field holding the queries")
     group.add_argument("--limit", type=int, default=None, help="use the first N queries")
-    group.add_argument("--template", default="raw", help="raw, paper ('## Query: {q}\\n## Answer:') or chat")
+    group.add_argument("--template", default="auto", help=TEMPLATE_HELP)
     group.add_argument("--system", default=None, help="system prompt (chat template only)")
 
 
@@ -187,7 +191,8 @@ def command_ships(args) -> int:
     model = _load(args)
     result = run_ships(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
     print(f"Top heads by mean Ships over {len(result.queries)} quer{'y' if len(result.queries) == 1 else 'ies'} "
-          f"({config.ablation}, eps={config.epsilon:g}, {config.method}, score {config.score}):")
+          f"({config.ablation}, eps={config.epsilon:g}, {config.method}, score {config.score}, "
+          f"template {result.config['template']}):")
     from .ships import top_heads
 
     if result.signal is not None:
@@ -218,7 +223,8 @@ def command_sahara(args) -> int:
     source = {"dataset": args.dataset, "column": args.column, "limit": args.limit}
     model = _load(args)
     result = run_sahara(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
-    print(f"Sahara group over {len(queries)} queries ({config.ablation}, eps={config.epsilon:g}, rank {config.rank}):")
+    print(f"Sahara group over {len(queries)} queries ({config.ablation}, eps={config.epsilon:g}, rank {config.rank}, "
+          f"template {result.config['template']}):")
     for step in result.steps:
         guard = ""
         if step.guard is not None:
@@ -242,7 +248,8 @@ def command_run(args) -> int:
     engine_config = _config(EngineConfig, args)
     model = _load(args)
     record = run_experiment(model, config, args.out, resume=args.resume, engine_config=engine_config)
-    print(f"{record['model']} ({config.mode}): Sahara group {','.join(f'{l}:{h}' for l, h in record['heads'])}")
+    print(f"{record['model']} ({config.mode}, template {record['config']['template']}): Sahara group "
+          f"{','.join(f'{l}:{h}' for l, h in record['heads'])}")
     for name, numbers in record["asr"].items():
         judge = next(iter(numbers["ablated"]["asr"]))
         print(f"  {name:20s} ASR ({judge}) {numbers['baseline']['asr'][judge]:6.1%} -> {numbers['ablated']['asr'][judge]:6.1%}")
@@ -274,7 +281,8 @@ def command_evaluate(args) -> int:
     model = _load(args)
     result = run_evaluation(model, config, generation, out=args.out, resume=args.resume, engine_config=engine_config)
     heads = "per-query top heads" if result["heads"] is None else ",".join(f"{l}:{h}" for l, h in result["heads"])
-    print(f"Ablated {heads} ({config.ablation}, eps={config.epsilon:g}); ASR baseline -> ablated:")
+    print(f"Ablated {heads} ({result['config']['ablation']}, eps={result['config']['epsilon']:g}, "
+          f"template {result['config']['template']}); ASR baseline -> ablated:")
     for name, numbers in result["results"].items():
         for judge, value in numbers["ablated"]["asr"].items():
             invalid = numbers["ablated"]["invalid"][judge] + numbers["baseline"]["invalid"][judge]
@@ -374,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dataset", required=True, help="a bundled data set or a CSV/JSON/JSONL file")
     group.add_argument("--column", default=None, help="the CSV column or JSON field holding the queries")
     group.add_argument("--limit", type=int, default=None, help="use the first N queries")
-    group.add_argument("--template", default="raw", help="raw, paper or chat")
+    group.add_argument("--template", default="auto", help=TEMPLATE_HELP)
     group.add_argument("--system", default=None, help="system prompt (chat template only)")
     group.add_argument("--dedupe", action="store_true", help="drop repeated queries (default: warn and keep them)")
     _add_ablation_arguments(sahara)
@@ -400,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = run.add_argument_group("study")
     group.add_argument("--quick", action="store_true", help="small settings that run in minutes (default on CPU)")
     group.add_argument("--full", action="store_true", help="the paper's scale (default on GPU)")
-    group.add_argument("--template", default="chat", help="raw, paper or chat (default chat)")
+    group.add_argument("--template", default="auto", help=TEMPLATE_HELP)
     group.add_argument("--system", default=None)
     group.add_argument("--ships-dataset", dest="ships_dataset", default="maliciousinstruct")
     group.add_argument("--ships-limit", dest="ships_limit", type=int, default=None)
@@ -432,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = evaluate.add_argument_group("data")
     group.add_argument("--dataset", dest="datasets", default="maliciousinstruct", help="harmful data set(s), comma-separated")
     group.add_argument("--limit", type=int, default=None, help="use the first N queries of each data set")
-    group.add_argument("--template", default="raw", help="raw, paper or chat")
+    group.add_argument("--template", default="auto", help=TEMPLATE_HELP)
     group.add_argument("--system", default=None, help="system prompt (chat template only)")
     group.add_argument("--harmless", default="harmless-test", help="harmless data set for the cost measures ('' to skip)")
     group.add_argument("--harmless-limit", dest="harmless_limit", type=int, default=32)

@@ -228,7 +228,9 @@ def _pick_column(columns: list[str], column: str | None, where: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Templates.
 
-TEMPLATES = ("raw", "paper", "chat")
+# "auto" (every command's default) is the model's own chat template when its tokenizer has one, else raw: a chat
+# model read a raw prompt answers differently (on the demo model the safety head ranked eighth instead of second).
+TEMPLATES = ("auto", "raw", "paper", "chat")
 PAPER_TEMPLATE = "## Query: {query}\n## Answer:"
 
 
@@ -252,8 +254,16 @@ def check_text(text: str, where: str) -> str:
     return text
 
 
+def resolve_template(template: str, tokenizer) -> str:
+    """The template "auto" stands for with this tokenizer (chat if it has a chat template, else raw); others as given."""
+    if template == "auto":
+        return "chat" if getattr(tokenizer, "chat_template", None) else "raw"
+    return template
+
+
 def format_prompt(query: str, template: str, tokenizer, system: str | None = None) -> FormattedPrompt:
     """Apply one template to one query and tokenize it exactly as the model will see it."""
+    template = resolve_template(template, tokenizer)
     _check_template(template, tokenizer, system)
     check_text(query, "a prompt")
     if system is not None:
@@ -278,7 +288,7 @@ def format_prompts(
     queries: Iterable[str], template: str, tokenizer, system: str | None = None
 ) -> list[FormattedPrompt]:
     """`format_prompt` for each query, in order."""
-    _check_template(template, tokenizer, system)  # fail before the first query, even for an empty list
+    _check_template(resolve_template(template, tokenizer), tokenizer, system)  # fail before the first query, even for an empty list
     return [format_prompt(query, template, tokenizer, system) for query in queries]
 
 

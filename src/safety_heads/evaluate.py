@@ -19,7 +19,7 @@ own top-k heads -- how the paper's "16x" was measured -- on the queries stored i
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,7 +47,7 @@ class EvaluateConfig:
 
     datasets: str = "maliciousinstruct"  # comma-separated bundled names or files
     limit: int | None = None
-    template: str = "raw"
+    template: str = "auto"  # chat if the tokenizer has a chat template, else raw (data.resolve_template)
     system: str | None = None
     ablation: str = "ua"
     epsilon: float = DEFAULT_EPSILON
@@ -140,8 +140,9 @@ def run_evaluation(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Generate baseline and ablated answers, judge them, measure the harmless cost; write eval.json and eval_data.pt."""
-    from .data import format_prompts, load_prompts, prompt_tokens
+    from .data import format_prompts, load_prompts, prompt_tokens, resolve_template
 
+    config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
     config.validate()
     generation = generation or GenerationConfig()
     generation.validate()

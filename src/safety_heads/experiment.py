@@ -58,7 +58,7 @@ class ExperimentConfig:
     """Settings of `safety-heads run`; None means "from the --quick / --full preset"."""
 
     mode: str = "quick"
-    template: str = "chat"
+    template: str = "auto"  # chat if the tokenizer has a chat template, else raw (data.resolve_template)
     system: str | None = None
     ablation: str = "ua"
     epsilon: float = DEFAULT_EPSILON
@@ -131,9 +131,9 @@ def run_experiment(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every stage into `out` (skipping finished ones when resuming) and write the report; returns experiment.json."""
-    from .data import load_prompts
+    from .data import load_prompts, resolve_template
 
-    config = config.resolved()
+    config = replace(config.resolved(), template=resolve_template(config.template, model.tokenizer))  # recorded as used
     config.validate()
     emit = progress or print_progress
     pruned = config.mode == "quick" and config.candidates is None and model.layout.n_total_heads > QUICK_PRUNE_ABOVE

@@ -37,7 +37,7 @@ to GUARD_BATCH), so the step's choice is the best-scoring head that passes, at t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
@@ -66,7 +66,7 @@ GUARD_BATCH = 8
 class SaharaConfig:
     """What to search and how. Shared by `safety-heads sahara` and `run_sahara`."""
 
-    template: str = "raw"  # raw | paper | chat (data.py)
+    template: str = "auto"  # auto (chat if the tokenizer has a chat template, else raw) | raw | paper | chat (data.py)
     system: str | None = None  # system prompt, chat template only
     steps: int = 3  # heads in the group; the paper's ASR peaks at 3
     rank: int = 1  # R, the number of left singular vectors compared (the authors' code: 1)
@@ -336,8 +336,9 @@ def run_sahara(
 ) -> SaharaResult:
     """Greedy Sahara search; with `out`, checkpoint after every layer of every step and write sahara.json,
     sahara_data.pt and a heat map per step."""
-    from .data import format_prompts
+    from .data import format_prompts, resolve_template
 
+    config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
     config.validate()
     started = time.perf_counter()
     progress = progress or print_progress

@@ -21,7 +21,7 @@ Over a data set: the mean score of each head, and how often each head is in a qu
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 class ShipsConfig:
     """What to score and how. Shared by `safety-heads ships` and `run_ships`."""
 
-    template: str = "raw"  # raw | paper | chat (data.py)
+    template: str = "auto"  # auto (chat if the tokenizer has a chat template, else raw) | raw | paper | chat (data.py)
     system: str | None = None  # system prompt, chat template only
     ablation: str = "ua"
     epsilon: float = DEFAULT_EPSILON
@@ -283,8 +283,9 @@ def run_ships(
     progress: Callable[[str], None] | None = None,
 ) -> ShipsResult:
     """Score every query; with `out`, checkpoint after each query and write ships.json, ships_data.pt and a heat map."""
-    from .data import format_prompts
+    from .data import format_prompts, resolve_template
 
+    config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
     started = time.perf_counter()
     ships = Ships(model, config, engine_config)
     prompts = format_prompts(list(queries), config.template, model.tokenizer, config.system)
