@@ -145,6 +145,8 @@ BAD = [
     (["ships", "--model", "org/x", "--prompt", "hi", "--remote", "http://example.com", "--out", "{out}"], "plain http"),
     (["ships", "--model", "org/x", "--prompt", "hi", "--remote", "https://example.com", "--out", "{out}"], "add --trust-remote-host"),
     (["ships", "--model", "org/x", "--prompt", "hi", "--remote", "https://", "--out", "{out}"], "not a host URL"),
+    (["evaluate", "--heads", "{root}/ok.json", "--out", "{out}"], "is a file, not a head spec.*evaluate --from"),
+    (["surgery", "--heads", "{root}/ok.json", "--out", "{out}"], "is a file, not a head spec"),
     # and more of our own
     (["ships", "--prompt", "hi", "--top-tokens", "0", "--out", "{out}"], "--top-tokens"),
     (["ships", "--prompt", "hi", "--estimator", "magic", "--out", "{out}"], "unknown estimator 'magic'"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -102,6 +103,9 @@ def parse_heads(spec: str, layout: HeadLayout) -> tuple[Head, ...]:
     """Parse a head specification into sorted, unique (layer, head) pairs, checked against the model."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("empty head spec; write layer:head pairs such as 2:26,3:8 (or 0-7:* for whole layers)")
+    if spec.strip().lower().endswith(".json") or (":" not in spec and Path(spec).expanduser().exists()):
+        raise UserError(f"'{spec}' is a file, not a head spec (layer:head pairs such as 2:26,3:8); to take the heads "
+                        "from a sahara.json or ships.json, give it to evaluate --from")
     heads: set[Head] = set()
     for item in spec.split(","):
         if item.count(":") != 1:

@@ -108,12 +108,16 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="first retry delay in seconds, doubled on each retry (default 2)")
 
 
-def _add_ablation_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_ablation_arguments(parser: argparse.ArgumentParser, inherit: bool = False) -> None:
+    """`inherit` (evaluate): not given means the --from file's value (evaluate.with_source_settings)."""
     from .ablation import DEFAULT_EPSILON, KINDS
 
     group = parser.add_argument_group("ablation")
-    group.add_argument("--ablation", default="ua", help=f"{', '.join(KINDS)} (default ua: scale the head's query by epsilon)")
-    group.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help=f"scale factor, 0 to 1 (default {DEFAULT_EPSILON:g})")
+    source = "the --from file's, else " if inherit else ""
+    group.add_argument("--ablation", default=None if inherit else "ua",
+                       help=f"{', '.join(KINDS)} (default {source}ua: scale the head's query by epsilon)")
+    group.add_argument("--epsilon", type=float, default=None if inherit else DEFAULT_EPSILON,
+                       help=f"scale factor, 0 to 1 (default {source}{DEFAULT_EPSILON:g})")
 
 
 def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -440,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = evaluate.add_argument_group("data")
     group.add_argument("--dataset", dest="datasets", default="maliciousinstruct", help="harmful data set(s), comma-separated")
     group.add_argument("--limit", type=int, default=None, help="use the first N queries of each data set")
-    group.add_argument("--template", default="auto", help=TEMPLATE_HELP)
-    group.add_argument("--system", default=None, help="system prompt (chat template only)")
+    group.add_argument("--template", default=None, help=TEMPLATE_HELP.replace("(default: ", "(default: the --from file's, else "))
+    group.add_argument("--system", default=None, help="system prompt (chat template only; default: the --from file's)")
     group.add_argument("--harmless", default="harmless-test", help="harmless data set for the cost measures ('' to skip)")
     group.add_argument("--harmless-limit", dest="harmless_limit", type=int, default=32)
     group = evaluate.add_argument_group("heads")
@@ -449,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--from", dest="source", default=None, help="a sahara.json or ships.json to take the heads from")
     group.add_argument("--top-k", dest="top_k", type=int, default=None, help="first K Sahara heads / top K Ships heads (default: all / 3)")
     group.add_argument("--per-query", dest="per_query", action="store_true", help="with a ships.json: ablate each query's own top-k heads")
-    _add_ablation_arguments(evaluate)
+    _add_ablation_arguments(evaluate, inherit=True)
     group = evaluate.add_argument_group("judging and decoding")
     from .judges import JUDGE_HELP
 

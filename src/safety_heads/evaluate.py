@@ -47,10 +47,12 @@ class EvaluateConfig:
 
     datasets: str = "maliciousinstruct"  # comma-separated bundled names or files
     limit: int | None = None
-    template: str = "auto"  # chat if the tokenizer has a chat template, else raw (data.resolve_template)
+    # None = not given: with --from, the value the file was computed with (a ships.json of a chat run evaluated
+    # with raw prompts measures the wrong thing); without, INHERITED's default. run_evaluation fills them in.
+    template: str | None = None
     system: str | None = None
-    ablation: str = "ua"
-    epsilon: float = DEFAULT_EPSILON
+    ablation: str | None = None
+    epsilon: float | None = None
     heads: str | None = None  # a head spec such as "2:26,3:8"
     source: str | None = None  # a sahara.json or ships.json to take the heads from (--from)
     top_k: int | None = None
@@ -62,8 +64,10 @@ class EvaluateConfig:
     mean_reference_limit: int = 64
 
     def validate(self) -> None:
-        check_kind(self.ablation)
-        check_epsilon(self.epsilon)
+        if self.ablation is not None:
+            check_kind(self.ablation)
+        if self.epsilon is not None:
+            check_epsilon(self.epsilon)
         if (self.heads is None) == (self.source is None):
             raise UserError("give the heads to ablate with exactly one of --heads or --from")
         if self.per_query and self.source is None:
@@ -76,6 +80,34 @@ class EvaluateConfig:
             raise UserError(f"--harmless-limit must be at least 1, not {self.harmless_limit}")
         if not self.per_query and not [name for name in self.datasets.split(",") if name.strip()]:
             raise UserError(f"--dataset {self.datasets!r} names no data set; give one or more, comma-separated")
+
+
+# The settings --from takes from its file unless given, and their defaults without --from (or in an older file).
+INHERITED = {"template": "auto", "system": None, "ablation": "ua", "epsilon": DEFAULT_EPSILON}
+
+
+def with_source_settings(config: EvaluateConfig, progress: Callable[[str], None]) -> EvaluateConfig:
+    """`config` with every setting of INHERITED filled in: from the --from file where not given (and said so), else
+    the default; a given value that differs from the file's is a warning line."""
+    given = {name: getattr(config, name) for name in INHERITED}
+    if config.source is None:
+        return replace(config, **{name: INHERITED[name] if value is None else value for name, value in given.items()})
+    record = read_json(config.source)
+    recorded = record.get("config") if isinstance(record, dict) else None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    values, taken = {}, []
+    for name, value in given.items():
+        from_file = recorded.get(name, INHERITED[name])
+        if value is None:
+            values[name] = from_file
+            taken.append(f"{name} {from_file!r}")
+        else:
+            values[name] = value
+            if name in recorded and value != from_file:
+                progress(f"warning: --{name} {value!r} differs from the {from_file!r} that {config.source} was computed with")
+    if taken:
+        progress(f"from {config.source}: {', '.join(taken)} (give --template, --system, --ablation or --epsilon to override)")
+    return replace(config, **values)
 
 
 @dataclass
@@ -142,13 +174,15 @@ def run_evaluation(
     """Generate baseline and ablated answers, judge them, measure the harmless cost; write eval.json and eval_data.pt."""
     from .data import format_prompts, load_prompts, prompt_tokens, resolve_template
 
+    progress = progress or print_progress
+    config.validate()
+    choice = choose_heads(config, model.layout)  # first: a --from file of the wrong kind is refused before its settings are read
+    config = with_source_settings(config, progress)
     config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
     config.validate()
     generation = generation or GenerationConfig()
     generation.validate()
-    progress = progress or print_progress
     judges = make_judges(config.judges)
-    choice = choose_heads(config, model.layout)
     engine = Engine(model, engine_config)
     tokenizer = model.tokenizer
 
