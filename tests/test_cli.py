@@ -147,6 +147,7 @@ BAD = [
     (["ships", "--model", "org/x", "--prompt", "hi", "--remote", "https://", "--out", "{out}"], "not a host URL"),
     (["evaluate", "--heads", "{root}/ok.json", "--out", "{out}"], "is a file, not a head spec.*evaluate --from"),
     (["surgery", "--heads", "{root}/ok.json", "--out", "{out}"], "is a file, not a head spec"),
+    (["run", "--model", "tiny", "--quick", "--limit", "0", "--out", "{out}"], "--limit must be at least 1"),
     # and more of our own
     (["ships", "--prompt", "hi", "--top-tokens", "0", "--out", "{out}"], "--top-tokens"),
     (["ships", "--prompt", "hi", "--estimator", "magic", "--out", "{out}"], "unknown estimator 'magic'"),
@@ -313,3 +314,20 @@ def test_invalid_utf8_on_the_real_command_line_is_one_line(tmp_path):
                             capture_output=True)
     lines = result.stderr.decode(errors="replace").strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "not valid text" in lines[0] and not out.exists()
+
+
+def test_every_flag_with_a_default_shows_it_in_help():
+    from safety_heads.cli import _Help, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    missing = []
+    for name, command in commands.items():
+        formatter = _Help(name)
+        for action in command._actions:
+            if action.option_strings and action.nargs != 0 and action.default not in (None, "==SUPPRESS==") and action.default is not False:
+                if "default" not in formatter._get_help_string(action).lower():
+                    missing.append(f"{name} {action.option_strings[0]}")
+    assert not missing
+    ships_help = " ".join(commands["ships"].format_help().split())
+    assert "--seed SEED seed of the sampled estimator's draws (default 0)" in ships_help  # it said no default

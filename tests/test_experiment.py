@@ -131,3 +131,12 @@ def test_run_prunes_sahara_candidates_to_its_own_ships_ranking(tmp_path):
     scored = [(l, h) for l, row in enumerate(sahara["steps"][0]["scores"]) for h, v in enumerate(row) if v is not None]
     assert sorted(scored) == sorted(top3)  # only the candidates were tried
     assert sahara["config"]["candidates"] == 3
+
+
+def test_limit_sets_every_stage_limit_not_given_on_its_own():
+    from safety_heads.experiment import ExperimentConfig
+
+    config = ExperimentConfig(mode="full", limit=2, sahara_limit=5).resolved()
+    assert (config.ships_limit, config.sahara_limit, config.eval_limit, config.harmless_limit) == (2, 5, 2, 2)
+    quick = ExperimentConfig(mode="quick").resolved()  # without --limit: the preset's
+    assert (quick.ships_limit, quick.sahara_limit) == (4, 16)

@@ -32,8 +32,23 @@ from .errors import UserError
 # still end in the one-line "interrupted" message, which only main()'s try can give (the library is imported there).
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already says it (or there is none to say)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.nargs == 0 or "default" in text.lower()  # nargs 0: a switch
+                or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default {action.default})".strip()
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (and exit code 2), like every other error."""
+    """argparse, but a usage mistake is one line (and exit code 2), like every other error; --help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
@@ -367,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="exact method: queries swept together, sharing their template's prefix; also the checkpoint unit (default 8)")
     group.add_argument("--samples-per-pass", dest="samples_per_pass", type=int, default=None,
                        help="estimate rows per forward+backward pass, to bound memory (default: all at once)")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="seed of the sampled estimator's draws")
     group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val", help="data set whose mean head outputs --ablation mean uses")
     group.add_argument("--score", default="kl",
                        help="kl (the paper's: KL of the next token), refusal-logprob (drop in log P of the model's own "
@@ -401,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--rank-by", dest="rank_by", default=None, metavar="SHIPS_JSON",
                        help="a ships.json whose mean score (any --score) ranks the candidates")
     _add_guard_arguments(group, details=True)
-    group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
+    group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val", help="data set whose mean head outputs --ablation mean uses")
     group.add_argument("--out", required=True, type=_folder, help="output folder")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_engine_arguments(sahara)
@@ -413,26 +428,32 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--quick", action="store_true", help="small settings that run in minutes (default on CPU)")
     group.add_argument("--full", action="store_true", help="the paper's scale (default on GPU)")
     group.add_argument("--template", default="auto", help=TEMPLATE_HELP)
-    group.add_argument("--system", default=None)
-    group.add_argument("--ships-dataset", dest="ships_dataset", default="maliciousinstruct")
-    group.add_argument("--ships-limit", dest="ships_limit", type=int, default=None)
-    group.add_argument("--sahara-dataset", dest="sahara_dataset", default="maliciousinstruct")
-    group.add_argument("--sahara-limit", dest="sahara_limit", type=int, default=None)
-    group.add_argument("--steps", type=int, default=3)
+    group.add_argument("--system", default=None, help="system prompt (chat template only; default: the model's own)")
+    group.add_argument("--limit", type=int, default=None,
+                       help="queries per stage: sets --ships-limit, --sahara-limit, --eval-limit and --harmless-limit "
+                            "where they are not given (default: the --quick / --full preset)")
+    group.add_argument("--ships-dataset", dest="ships_dataset", default="maliciousinstruct", help="the Ships stage's queries")
+    group.add_argument("--ships-limit", dest="ships_limit", type=int, default=None, help="default: 4 with --quick, all with --full")
+    group.add_argument("--sahara-dataset", dest="sahara_dataset", default="maliciousinstruct", help="the Sahara stage's queries")
+    group.add_argument("--sahara-limit", dest="sahara_limit", type=int, default=None, help="default: 16 with --quick, all with --full")
+    group.add_argument("--steps", type=int, default=3, help="heads in the Sahara group")
     group.add_argument("--exclude", default=None, help="heads Sahara never chooses, e.g. '0:6'")
     group.add_argument("--candidates", type=int, default=None, metavar="N",
                        help="Sahara tries only the N heads the run's own Ships stage ranks highest (default: every head; "
                             "with --quick on a model of more than 96 heads, 24)")
     _add_guard_arguments(group, details=False)
-    group.add_argument("--eval-datasets", dest="eval_datasets", default="maliciousinstruct,jailbreakbench")
-    group.add_argument("--eval-limit", dest="eval_limit", type=int, default=None)
-    group.add_argument("--harmless", default="harmless-test")
-    group.add_argument("--harmless-limit", dest="harmless_limit", type=int, default=None)
+    group.add_argument("--eval-datasets", dest="eval_datasets", default="maliciousinstruct,jailbreakbench",
+                       help="harmful data sets the ASR is measured on, comma-separated")
+    group.add_argument("--eval-limit", dest="eval_limit", type=int, default=None, help="default: 16 with --quick, all with --full")
+    group.add_argument("--harmless", default="harmless-test", help="harmless data set for the cost measures")
+    group.add_argument("--harmless-limit", dest="harmless_limit", type=int, default=None,
+                       help="default: 16 with --quick, 100 with --full")
     from .judges import JUDGE_HELP as _judge_help
 
     group.add_argument("--judge", dest="judges", default="paper,gcg,refusal-direction", help=_judge_help)
-    group.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None)
-    group.add_argument("--per-query-top-k", dest="per_query_top_k", type=int, default=3)
+    group.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None, help="default: 32 with --quick, 128 with --full")
+    group.add_argument("--per-query-top-k", dest="per_query_top_k", type=int, default=3,
+                       help="the per-query evaluation ablates each query's top K Ships heads")
     group.add_argument("--out", required=True, type=_folder, help="output folder")
     group.add_argument("--resume", action="store_true", help="skip finished stages and resume the unfinished one")
     _add_ablation_arguments(run)
@@ -447,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--template", default=None, help=TEMPLATE_HELP.replace("(default: ", "(default: the --from file's, else "))
     group.add_argument("--system", default=None, help="system prompt (chat template only; default: the --from file's)")
     group.add_argument("--harmless", default="harmless-test", help="harmless data set for the cost measures ('' to skip)")
-    group.add_argument("--harmless-limit", dest="harmless_limit", type=int, default=32)
+    group.add_argument("--harmless-limit", dest="harmless_limit", type=int, default=32, help="harmless prompts used")
     group = evaluate.add_argument_group("heads")
     group.add_argument("--heads", default=None, help="heads to ablate, e.g. '2:26,3:8'")
     group.add_argument("--from", dest="source", default=None, help="a sahara.json or ships.json to take the heads from")
@@ -461,11 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64, help="default 64 (the paper used 128)")
     group.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     group.add_argument("--top-k-sampling", dest="top_k_sampling", type=int, default=None, help="top-k for --sample (the paper used 5)")
-    group.add_argument("--top-p", dest="top_p", type=float, default=None)
-    group.add_argument("--temperature", type=float, default=1.0)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--top-p", dest="top_p", type=float, default=None, help="nucleus sampling for --sample (default: off)")
+    group.add_argument("--temperature", type=float, default=1.0, help="for --sample")
+    group.add_argument("--seed", type=int, default=0, help="seed of --sample's draws")
     group.add_argument("--batch-size", dest="batch_size", type=int, default=16, help="queries generated together")
-    group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val")
+    group.add_argument("--mean-reference", dest="mean_reference", default="harmless-val", help="data set whose mean head outputs --ablation mean uses")
     group.add_argument("--out", required=True, type=_folder, help="output folder")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_engine_arguments(evaluate)
@@ -475,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(surgery)
     surgery.add_argument("--heads", required=True, help="heads to ablate, e.g. '2:26,3:8'")
     surgery.add_argument("--ablation", default="ua", help="ua (default) or sc")
-    surgery.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON)
+    surgery.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="scale factor, 0 to 1")
     surgery.add_argument("--out", required=True, type=_folder, help="a new or empty folder for the checkpoint")
     surgery.set_defaults(run=command_surgery)
 

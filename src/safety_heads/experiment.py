@@ -47,6 +47,7 @@ QUICK_CANDIDATES = 24
 QUICK_PRUNE_ABOVE = 4 * QUICK_CANDIDATES
 # What --quick and --full fill in for every setting left unset (None). Quick runs in minutes on a laptop CPU; full is
 # the paper's scale (all queries, 128 new tokens).
+STAGE_LIMITS = ("ships_limit", "sahara_limit", "eval_limit", "harmless_limit")  # what --limit sets
 PRESETS = {
     "quick": dict(ships_limit=4, sahara_limit=16, eval_limit=16, harmless_limit=16, max_new_tokens=32),
     "full": dict(ships_limit=None, sahara_limit=None, eval_limit=None, harmless_limit=100, max_new_tokens=128),
@@ -58,6 +59,7 @@ class ExperimentConfig:
     """Settings of `safety-heads run`; None means "from the --quick / --full preset"."""
 
     mode: str = "quick"
+    limit: int | None = None  # every stage's limit (ships, sahara, eval, harmless) that is not set on its own
     template: str = "auto"  # chat if the tokenizer has a chat template, else raw (data.resolve_template)
     system: str | None = None
     ablation: str = "ua"
@@ -86,6 +88,9 @@ class ExperimentConfig:
         if self.mode not in MODES:
             raise UserError(f"unknown mode '{self.mode}'; choose quick or full")
         values = asdict(self)
+        for key in STAGE_LIMITS:
+            if values[key] is None:
+                values[key] = self.limit
         preset = PRESETS[self.mode]
         for key, value in preset.items():
             if values[key] is None:
@@ -98,7 +103,7 @@ class ExperimentConfig:
         check_guard_max_rise(self.guard_max_rise)  # checked here, not when the Sahara stage starts
         for field in fields(self):
             value = getattr(self, field.name)
-            if field.name.endswith(("_limit", "top_k", "tokens", "candidates")) and value is not None and value < 1:
+            if (field.name == "limit" or field.name.endswith(("_limit", "top_k", "tokens", "candidates"))) and value is not None and value < 1:
                 raise UserError(f"--{field.name.replace('_', '-')} must be at least 1, not {value}")
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps}")
