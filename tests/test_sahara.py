@@ -609,3 +609,32 @@ def test_sets_per_call_gathers_layers_and_resumes_identically(tmp_path, monkeypa
         run_sahara(llama, QUERIES, config, out=out, progress=stop_at("[step 2/2, layer 1/3]"))
     resumed = run_sahara(llama, QUERIES, config, out=out, resume=True, **quiet)
     same_steps(uninterrupted, resumed)
+
+
+def test_readout_last_layer_is_the_final_norms_input_by_plain_hooks(tmp_path):
+    """--readout last-layer: M's rows are the last layer's output before the final norm (the notebook's readout),
+    checked against a plain PyTorch hook; the default stays the norm's output."""
+    from safety_heads.engine import Engine, EngineConfig
+    from safety_heads.models import ModelConfig, load_model
+    from safety_heads.sahara import Sahara, SaharaConfig
+
+    model = load_model(ModelConfig())
+    tokens = [list(model.tokenizer("How do I pick a lock?").input_ids), list(model.tokenizer("Tell me a secret").input_ids)]
+    seen = {}
+    norm = model.module.model.norm
+    handle = norm.register_forward_hook(lambda module, args, output: seen.update(before=args[0][:, -1], after=output[:, -1]))
+    try:
+        for row, ids in enumerate(tokens):
+            with torch.no_grad():
+                model.module(torch.tensor([ids]))
+            seen[row] = (seen["before"][0].clone(), seen["after"][0].clone())
+    finally:
+        handle.remove()
+    for readout, which in (("last-layer", 0), ("final-norm", 1)):
+        clean = Sahara(model, SaharaConfig(readout=readout)).clean(tokens)
+        for row in range(len(tokens)):
+            assert torch.allclose(clean[row], seen[row][which], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(seen[0][0], seen[0][1])  # the two readouts differ
+    with pytest.raises(UserError, match="--readout"):
+        SaharaConfig(readout="middle").validate()
+    assert Engine(model, EngineConfig()).sites["hidden_readout"] == "final-norm"

@@ -409,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--steps", type=int, default=3, help="heads in the group (default 3, where the paper's ASR peaks)")
     group.add_argument("--rank", type=int, default=1, help="singular vectors compared (default 1, as the original code)")
     group.add_argument("--score", default="svd", help="svd (default) or paper-era (column 0 of the raw matrix, see docs)")
+    group.add_argument("--readout", default="final-norm", choices=("final-norm", "last-layer"),
+                       help="the representation compared: the final norm's output at the last token (the paper's "
+                            "code), or the last layer's output before the norm (the cookbook notebook's)")
     group.add_argument("--heads", default=None, help="restrict the candidates, e.g. '0-7:*' (default: every head)")
     group.add_argument("--exclude", default=None, help="never choose these heads, e.g. '0:6' (one whose ablation breaks the model)")
     group.add_argument("--candidates", type=int, default=None, metavar="N",

@@ -36,6 +36,7 @@ from .flops import flop_model
 from .models import LoadedModel, resolve
 
 READOUTS = ("logits", "hidden")
+HIDDEN_READOUTS = ("final-norm", "last-layer")
 
 # The fixed cost of one trace, in floating-point operations of model compute it is worth (measured roughly: ~2 ms of
 # Python and nnsight bookkeeping per trace, against a CPU doing ~5e10 flop/s and a GPU ~1e13 on these shapes). It only
@@ -57,6 +58,9 @@ class EngineConfig:
     memory_budget_mb: float | None = None  # activation memory per forward pass; None = 2 GiB on CPU, half of free GPU memory
     max_batch_rows: int | None = None  # hard cap on rows per forward pass, on top of the budget
     prefix_reuse: bool = True
+    # Where the "hidden" readout is taken at the last position: "final-norm" (the final norm's output, as the paper's
+    # code) or "last-layer" (the last layer's output, before the final norm, as the cookbook notebook). Sahara sets it.
+    hidden_readout: str = "final-norm"
     # Compute a prompt group's shared first tokens (a template's system prompt and role markers) once per head set and
     # run every prompt's remaining tokens on their KV cache (intrace.shared_clean_pass). Exact either way. "auto": when
     # the compute it saves outweighs a second trace per chunk; "always": whenever two prompts share two tokens; "never".
@@ -79,6 +83,8 @@ class EngineConfig:
             raise UserError(f"--shared-prefix must be one of {', '.join(SHARED_PREFIX_MODES)}, not {self.shared_prefix!r}")
         if self.memory_budget_mb is not None and not (self.memory_budget_mb > 0 and math.isfinite(self.memory_budget_mb)):
             raise UserError(f"--memory-budget must be a positive number of MB, not {self.memory_budget_mb!r}")
+        if self.hidden_readout not in HIDDEN_READOUTS:
+            raise UserError(f"--readout must be one of {', '.join(HIDDEN_READOUTS)}, not {self.hidden_readout!r}")
         if self.max_batch_rows is not None and self.max_batch_rows < 1:
             raise UserError(f"--max-batch-rows must be at least 1, not {self.max_batch_rows!r}")
         from .remote import check_remote_setting
@@ -292,7 +298,8 @@ class Engine:
         self.layout = model.layout
         # What in-trace code needs, as plain data (intrace.py), and the name the model gives its KV cache argument
         # and output field (transformers renamed past_key_values to cache).
-        self.sites = {**model.layout.trace_sites(), "cache_name": _cache_name(model.module)}
+        self.sites = {**model.layout.trace_sites(), "cache_name": _cache_name(model.module),
+                      "hidden_readout": self.config.hidden_readout}
         hf_config = model.module.config
         self.d_model = hf_config.hidden_size if hasattr(hf_config, "hidden_size") else hf_config.n_embd
         self.context_length = getattr(hf_config, "max_position_embeddings", None) or getattr(hf_config, "n_positions", None)

@@ -115,13 +115,16 @@ def ablate_plan(lm, sites, plan, n_rows, kind, epsilon, means, repeat=1):
 
 
 def read_last(lm, sites, readouts, into):
-    """Inside a trace: the final-norm hidden state and the logits at the last position (the norm runs first).
+    """Inside a trace: the hidden state and the logits at the last position (the norm runs first). The hidden state
+    is the final norm's output, or with sites["hidden_readout"] "last-layer" its input (the last layer's output).
 
     Copies (`clone`), so a result holds [rows, width] and not the whole [rows, positions, width] activation it was
     sliced from: a view would keep that alive on the server and travel whole in the response.
     """
     if "hidden" in readouts:
-        into["hidden"] = resolve(lm, sites["final_norm_path"]).output[:, -1].clone()
+        norm = resolve(lm, sites["final_norm_path"])
+        state = norm.input if sites.get("hidden_readout") == "last-layer" else norm.output
+        into["hidden"] = state[:, -1].clone()
     if "logits" in readouts:
         into["logits"] = lm.output.logits[:, -1].clone()
 

@@ -1,7 +1,8 @@
 """Sahara: the heads a whole data set's refusals rely on, and the greedy search for a group of them (paper §4).
 
 Representation (§4.1): M = the final-norm hidden state at each query's last prompt token, one row per query (N x d),
-not mean-centred, as the authors' code does. Score of a head set T (Eq. 11, the code at HEAD, 6203a04): the sum of
+not mean-centred, as the authors' code does (`readout="last-layer"` takes the state before the final norm instead,
+as the nnsight cookbook notebook does). Score of a head set T (Eq. 11, the code at HEAD, 6203a04): the sum of
 the principal angles, in degrees, between the top-R left singular vectors of M_clean and of M_T (T ablated together):
 
     U1 = U_clean[:, :R],  U2 = U_T[:, :R],  sigma = svdvals(U1^T U2) clamped to [0, 1],
@@ -45,7 +46,7 @@ from typing import Callable, Sequence
 import torch
 
 from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_heads, parse_heads
-from .engine import Engine, EngineConfig
+from .engine import HIDDEN_READOUTS, Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
@@ -78,6 +79,9 @@ class SaharaConfig:
     mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
     mean_reference_limit: int = 64
     score: str = "svd"  # svd | paper-era (hidden dimension 0 only; see the module docstring)
+    # M's rows: the final norm's output at the last token (the paper's code) or the last layer's output before the
+    # norm (the cookbook notebook's `layers[-1].output`); they can choose different heads.
+    readout: str = "final-norm"
     # The harmless guard (off by default, as in the paper): a head set may be chosen only if the ablated model still
     # finds the clean model's greedy answers to these harmless prompts likely, i.e. their mean NLL per token rises by
     # at most guard_max_rise nats. It keeps the search off heads whose ablation garbles every answer.
@@ -108,6 +112,8 @@ class SaharaConfig:
             raise UserError(f"--rank must be at least 1, not {self.rank!r}")
         if self.score not in SCORES:
             raise UserError(f"unknown score '{self.score}'; choose one of {', '.join(SCORES)}")
+        if self.readout not in HIDDEN_READOUTS:
+            raise UserError(f"--readout must be one of {', '.join(HIDDEN_READOUTS)}, not {self.readout!r}")
         if self.score == "paper-era" and self.rank != 1:
             raise UserError("--rank applies to the svd score only; the paper-era score compares one column")
         if self.mean_reference_limit < 1:
@@ -236,7 +242,7 @@ class Sahara:
     def __init__(self, model: LoadedModel, config: SaharaConfig, engine_config: EngineConfig | None = None):
         config.validate()
         self.model, self.config = model, config
-        self.engine = Engine(model, engine_config)
+        self.engine = Engine(model, replace(engine_config or EngineConfig(), hidden_readout=config.readout))
         self.flops = 0.0  # of every scoring sweep so far (the guard's teacher-forced passes are not counted)
         layout = model.layout
         candidates: list[Head] = list(parse_heads(config.heads, layout)) if config.heads else [
