@@ -140,3 +140,38 @@ def test_limit_sets_every_stage_limit_not_given_on_its_own():
     assert (config.ships_limit, config.sahara_limit, config.eval_limit, config.harmless_limit) == (2, 5, 2, 2)
     quick = ExperimentConfig(mode="quick").resolved()  # without --limit: the preset's
     assert (quick.ships_limit, quick.sahara_limit) == (4, 16)
+
+
+def test_report_opens_with_a_summary_and_shows_the_figures(run_folder):
+    """The demo model's run: a summary first (model, template, group, ASR, harmless cost, the demo's note), the
+    figures as files and embedded, the configuration collapsed."""
+    markdown = (run_folder / "report.md").read_text()
+    html = (run_folder / "report.html").read_text()
+    sahara = json.loads((run_folder / "sahara" / "sahara.json").read_text())
+    evaluation = json.loads((run_folder / "eval" / "eval.json").read_text())
+    summary = markdown.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert markdown.index("## Summary") < markdown.index("## Sahara") < markdown.index("## Ships")
+    assert "Model demo, template chat." in summary
+    assert "Sahara group: " + ", ".join(f"{l}:{h}" for l, h in sahara["heads"]) in summary
+    judge = next(iter(evaluation["results"]["maliciousinstruct"]["ablated"]["asr"]))
+    base = evaluation["results"]["maliciousinstruct"]["baseline"]["asr"][judge]
+    assert f"ASR ({judge}), baseline -> ablated: maliciousinstruct {base:.1%}" in summary
+    assert "never actually helps" in summary  # what the demo model's answers are
+    for name in ("asr.png", "ships_map.png", "top_heads_by_layer.png"):
+        assert (run_folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert html.count("data:image/png;base64,") >= 3 and "white dashed boxes: the Sahara group" in html
+    assert "<details><summary>every setting of every stage (JSON)</summary><pre>" in html
+
+
+def test_summary_flags_a_harmless_cost_above_the_guards_limit():
+    from safety_heads.report import summary
+
+    evaluation = {"config": {"model": "m", "template": "chat"},
+                  "results": {"mi": {"baseline": {"asr": {"paper": 0.1}}, "ablated": {"asr": {"paper": 0.6}}}},
+                  "harmless": {"n": 8, "mean_kl": 0.5, "baseline": {"answer_nll": 0.5}, "ablated": {"answer_nll": 0.9}}}
+    sahara = {"config": {"model": "m", "template": "chat", "n_queries": 4, "dataset": "mi", "guard_max_rise": 0.25},
+              "heads": [[1, 2]]}
+    lines = summary(None, sahara, evaluation)
+    assert any(line.startswith("WARNING: the harmless answers' NLL rose by 0.400") for line in lines)
+    evaluation["harmless"]["ablated"]["answer_nll"] = 0.6
+    assert not any(line.startswith("WARNING") for line in summary(None, sahara, evaluation))

@@ -14,35 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .figures import asr_bars_png, ships_map_png, top_heads_by_layer_png
 from .results import atomic_write
-
-
-def heatmap_png(matrix: torch.Tensor, path: str | Path, title: str, label: str, marked: list[tuple[int, int]] = ()) -> None:
-    """Layers on the vertical axis (0 at the top), heads across; unscored heads (NaN) are left grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    values = matrix.detach().double().cpu().numpy()
-    n_layers, n_heads = values.shape
-    width = min(16, 3 + 0.28 * n_heads)
-    height = min(14, 2 + 0.28 * n_layers)
-    figure, axes = plt.subplots(figsize=(width, height), dpi=110)
-    colormap = matplotlib.colormaps["viridis"].with_extremes(bad="#d0d0d0")
-    image = axes.imshow(values, aspect="auto", cmap=colormap, interpolation="nearest")
-    figure.colorbar(image, ax=axes, label=label)
-    for layer, head in marked:
-        axes.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
-    axes.set_xticks(range(0, n_heads, max(1, n_heads // 16)))  # integer ticks, at most ~16 of them
-    axes.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
-    axes.set_xlabel("head")
-    axes.set_ylabel("layer")
-    axes.set_title(title, fontsize=10)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
-    atomic_write(Path(path), lambda stream: stream.write(buffer.getvalue()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,6 +32,34 @@ th{background:#f4f4f4}.num{text-align:right;font-variant-numeric:tabular-nums}.u
 img{max-width:100%;border:1px solid #eee}pre{white-space:pre-wrap;background:#f8f8f8;padding:.5em;font-size:.85em}
 .answer{max-width:420px;font-size:.9em;white-space:pre-wrap}details{margin:.6em 0}
 """
+
+
+def _figures(folder: Path, ships: dict | None, sahara: dict | None, evaluation: dict | None, model: str) -> list[str]:
+    """Write the run's figures (figures.py) beside the report and return them as embedded images with captions."""
+    from .refusal import SCORE_LABELS
+
+    parts = []
+    if evaluation:
+        asr_bars_png(evaluation["results"], folder / "asr.png", model, "the Sahara group" if sahara else "the heads")
+        parts.append("<h2>Figures</h2>" + _image_tag(folder / "asr.png", "ASR before and after ablation")
+                     + "<p>Attack success rate per data set and judge: blue before, red with the heads ablated.</p>")
+    if ships:
+        mean = matrix_of(ships["aggregate"]["mean"])
+        label = SCORE_LABELS[ships["config"].get("score", "kl")]
+        top = [(l, h) for l, h, _ in ships["aggregate"]["top_mean"][:3]]
+        group = [tuple(h) for h in sahara["heads"]] if sahara else []
+        ships_map_png(mean, folder / "ships_map.png", model, label, top, group)
+        top_heads_by_layer_png(mean, folder / "top_heads_by_layer.png", model, f"mean {label}")
+        parts.append(_image_tag(folder / "ships_map.png", "Ships map with the Sahara group")
+                     + "<p>Mean Ships score per head on a log colour scale (grey: not scored). Red boxes: the three "
+                       "heads with the highest mean score; white dashed boxes: the Sahara group.</p>"
+                     + _image_tag(folder / "top_heads_by_layer.png", "Top heads by layer")
+                     + "<p>How many of the 20 heads with the highest mean Ships score sit in each layer.</p>")
+    return parts
+
+
+def matrix_of(rows) -> "torch.Tensor":
+    return torch.tensor([[float("nan") if x is None else x for x in row] for row in rows], dtype=torch.float64)
 
 
 def _image_tag(path: Path, alt: str) -> str:
@@ -87,6 +88,45 @@ def _passed_over(step: dict) -> str:
     return ", ".join(f"{layer}:{head} (+{step['guard_rise'][layer][head]:.3g})" for layer, head in step.get("passed_over", []))
 
 
+DEMO_NOTE = ("The demo model is a small model trained for this project: it refuses with one fixed sentence, and its "
+             "compliant answer only repeats the request (`Sure, here is my answer to \"...\"`); it never actually helps "
+             "(src/safety_heads/demo/README.md). Its answers below look broken by design.")
+
+
+def summary(ships: dict | None, sahara: dict | None, evaluation: dict | None) -> list[str]:
+    """The report's first lines, in plain words: model, template, what was found, ASR before and after (first judge),
+    the harmless cost, and a flag when the harmless answers' NLL rose by more than the guard's limit."""
+    records = [r for r in (ships, sahara, evaluation) if r]
+    model, template = records[0]["config"]["model"], records[0]["config"].get("template", "?")
+    lines = [f"Model {model}, template {template}."]
+    if sahara:
+        lines.append(f"Sahara group: {', '.join(f'{l}:{h}' for l, h in sahara['heads'])} "
+                     f"({sahara['config']['n_queries']} queries of {sahara['config'].get('dataset')}).")
+    if ships:
+        lines.append("Ships top heads (mean over the queries): "
+                     + ", ".join(f"{l}:{h}" for l, h, _ in ships["aggregate"]["top_mean"][:3]) + ".")
+    if evaluation:
+        judge = next(iter(next(iter(evaluation["results"].values()))["ablated"]["asr"]))
+        lines.append(f"ASR ({judge}), baseline -> ablated: " + "; ".join(
+            f"{name} {_pct(n['baseline']['asr'][judge])} -> {_pct(n['ablated']['asr'][judge])}"
+            for name, n in evaluation["results"].items()) + ".")
+        harmless = evaluation.get("harmless") or {}
+        if "mean_kl" in harmless:
+            before, after = harmless["baseline"].get("answer_nll"), harmless["ablated"].get("answer_nll")
+            cost = f"Harmless cost ({harmless['n']} prompts): mean next-token KL {harmless['mean_kl']:.3g}"
+            if before is not None and after is not None:
+                cost += f", answer NLL {before:.3f} -> {after:.3f} nats/token"
+            lines.append(cost + ".")
+            limit = (sahara or {}).get("config", {}).get("guard_max_rise") or 0.25
+            if before is not None and after is not None and after - before > limit:
+                lines.append(f"WARNING: the harmless answers' NLL rose by {after - before:.3f} nats/token, more than the "
+                             f"guard's limit of {limit:g}: the ablation may garble answers, so part of the ASR change "
+                             "may be broken text, not compliance.")
+    if str(model) == "demo":
+        lines.append(DEMO_NOTE)
+    return lines
+
+
 def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, evaluation: dict | None,
                  per_query: dict | None = None, title: str = "safety-heads report", timings: dict | None = None) -> dict:
     """Write report.html and report.md into `folder` from the run's JSON records; returns what it reported."""
@@ -94,8 +134,13 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
     facts = {"heads": sahara["heads"] if sahara else None, "asr": {}, "harmless": None}
     parts, markdown = [f"<h1>{html.escape(title)}</h1>"], [f"# {title}", ""]
     model = next((r["config"]["model"] for r in (ships, sahara, evaluation) if r), "?")
-    parts.append(f"<p>Model <b>{html.escape(str(model))}</b>. Every number below is read from the JSON files in this folder.</p>")
-    markdown += [f"Model **{model}**. Every number below is read from the JSON files in this folder.", ""]
+    lines = summary(ships, sahara, evaluation)
+    facts["summary"] = lines
+    parts.append("<h2>Summary</h2><ul>" + "".join(
+        f"<li{' class=warn' if line.startswith('WARNING') else ''}>{html.escape(line)}</li>" for line in lines) + "</ul>")
+    parts.append(f"<p>Every number below is read from the JSON files in this folder.</p>")
+    markdown += ["## Summary", ""] + [f"- {line}" for line in lines] + ["", "Every number below is read from the JSON files in this folder.", ""]
+    parts += _figures(folder, ships, sahara, evaluation, str(model))
 
     if sahara:
         heads = ", ".join(f"{l}:{h}" for l, h in sahara["heads"])
@@ -182,7 +227,8 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
                          f"<tr><th>query</th><th>baseline</th><th>ablated</th></tr>{rows}</table></details>")
 
     configuration = {name: record["config"] for name, record in (("ships", ships), ("sahara", sahara), ("evaluate", evaluation), ("evaluate per query", per_query)) if record}
-    parts.append("<h2>Configuration and versions</h2><pre>" + html.escape(json.dumps(configuration, indent=1, default=str)) + "</pre>")
+    parts.append("<h2>Configuration and versions</h2><details><summary>every setting of every stage (JSON)</summary><pre>"
+                 + html.escape(json.dumps(configuration, indent=1, default=str)) + "</pre></details>")
     if timings:
         parts.append("<p>Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ".</p>")
         markdown += ["Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ".", ""]

@@ -50,7 +50,7 @@ from .engine import HIDDEN_READOUTS, Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
-from .report import heatmap_png
+from .figures import heatmap_png
 from .results import compute_record, matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
 SCORES = ("svd", "paper-era")

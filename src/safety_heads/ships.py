@@ -34,7 +34,7 @@ from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
 from .refusal import SCORE_LABELS, SCORES, RefusalSignal, learn_signal, readouts_for, score_values
-from .report import heatmap_png
+from .figures import heatmap_png
 from .results import compute_record, matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
 METHODS = ("exact", "estimate", "estimate+verify")
