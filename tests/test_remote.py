@@ -481,3 +481,18 @@ def test_a_result_that_would_run_code_is_refused(compress, tmp_path):
     if compress:
         data = zstandard.ZstdCompressor().compress(data)
     assert torch.equal(backend.finalize(data)["values"][0], torch.ones(2))  # tensors and containers load as before
+
+
+def test_doctor_defaults_to_a_served_chat_model_and_lists_them(pair, monkeypatch, capsys):
+    """Without --model, doctor checks the default remote chat model; one that is not served gets the list of the chat
+    models that are (from the host's /status: every served name with Instruct or chat in it)."""
+    from safety_heads.remote import DEFAULT_REMOTE_MODEL
+
+    _, server = pair
+    monkeypatch.setenv("NDIF_API_KEY", SECRETS["NDIF_API_KEY"])
+    served = ("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-3.1-70B-Instruct", "org/tiny-chat")
+    with MockNdif(server.lm, api_key=SECRETS["NDIF_API_KEY"], served=served) as mock:
+        assert main(["doctor", "--host", mock.url, "--trust-remote-host"]) == 1
+        out = capsys.readouterr().out
+    assert (f"model          {DEFAULT_REMOTE_MODEL} not served by this host (3 deployments; chat models served: "
+            "meta-llama/Llama-3.1-70B-Instruct, org/tiny-chat)") in out

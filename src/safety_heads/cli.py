@@ -9,7 +9,7 @@ and exit code 130; finished work is never lost (long runs checkpoint and `--resu
     safety-heads sahara --model tiny --dataset maliciousinstruct --limit 16 --out runs/sahara
     safety-heads evaluate --model tiny --dataset maliciousinstruct --limit 4 --heads 0:1 --out runs/eval
     safety-heads surgery --model tiny --heads 0:1,1:3 --out runs/surgery
-    safety-heads doctor --model meta-llama/Llama-2-7b-chat-hf
+    safety-heads doctor --model meta-llama/Llama-3.1-8B-Instruct
     safety-heads get-model qwen2.5-coder-0.5b-instruct --dir models
 """
 
@@ -526,7 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     get.set_defaults(run=command_get_model)
 
     doctor = commands.add_parser("doctor", help="check the NDIF setup: key, host, model served, versions (never prints secrets)")
-    doctor.add_argument("--model", default=None, help="a hub id to check, e.g. meta-llama/Llama-2-7b-chat-hf")
+    from .remote import DEFAULT_REMOTE_MODEL
+
+    doctor.add_argument("--model", default=DEFAULT_REMOTE_MODEL,
+                        help="the hub id to check is served (a chat model NDIF serves; the paper's Llama-2-7b-chat is not)")
     doctor.add_argument("--host", default=None, help="NDIF host URL (default: NDIF_HOST or nnsight's configured host)")
     doctor.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
     doctor.add_argument("--trust-remote-host", dest="trust_remote_host", action="store_true",

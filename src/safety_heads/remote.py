@@ -19,13 +19,14 @@ A retried request has produced nothing yet, so nothing is lost or counted twice;
 per query, evaluation per batch). The NDIF key and the hub token are read from the environment (or nnsight's own
 config) and are never printed: messages pass through `redact`.
 
-    NDIF_API_KEY=... safety-heads ships --model meta-llama/Llama-2-7b-chat-hf --remote --prompt "..." --out runs/r
-    safety-heads doctor --model meta-llama/Llama-2-7b-chat-hf
+    NDIF_API_KEY=... safety-heads ships --model meta-llama/Llama-3.1-8B-Instruct --remote --prompt "..." --out runs/r
+    safety-heads doctor --model meta-llama/Llama-3.1-8B-Instruct
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -317,7 +318,12 @@ def make_backend(model, config) -> Backend | None:
 CRITICAL = ("nnsight", "torch", "transformers")
 
 
-def doctor(model: str | None = None, host: str | None = None, timeout: float = 10.0,
+# A chat model NDIF's public deployment lists (its status page, 2026-12): the paper's Llama-2-7b-chat is not among
+# them (NDIF serves the base meta-llama/Llama-2-7b-hf), so the remote examples and `doctor` use this one.
+DEFAULT_REMOTE_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def doctor(model: str | None = DEFAULT_REMOTE_MODEL, host: str | None = None, timeout: float = 10.0,
            trust_host: bool = False) -> tuple[list[str], bool]:
     """Check the remote setup, one line per fact, never a secret and never a traceback. Returns (lines, all_ok).
     The key is checked (sent) only at nnsight's configured host, or at another with `trust_host`."""
@@ -379,7 +385,11 @@ def doctor(model: str | None = None, host: str | None = None, timeout: float = 1
             lines.append(f"model          {model} deployed but not running ({', '.join(states)}); try again later")
         else:
             ok = False
-            lines.append(f"model          {model} not served by this host ({len(deployments)} deployments; see nnsight.status())")
+            chat = sorted({str(d.get("repo_id")) for d in deployments.values() if isinstance(d, dict)
+                           and str(d.get("application_state")) == "RUNNING"
+                           and re.search(r"instruct|chat", str(d.get("repo_id", "")), re.IGNORECASE)})
+            lines.append(f"model          {model} not served by this host ({len(deployments)} deployments"
+                         + (f"; chat models served: {', '.join(chat)}" if chat else "; no chat model is running") + ")")
     else:
         lines.append("model          not checked (give --model HUB_ID)")
 
