@@ -21,3 +21,13 @@ def test_notebook_runs_end_to_end(tmp_path):
     difference = float(done.stdout.split("max |baked - traced| = ")[1].split()[0])
     assert difference < 1e-4  # the saved surgery reproduces the traced ablation
     assert "ASR" in done.stdout and "CONTENT WARNING" in done.stdout
+    flipped = int(done.stdout.split(" answers flipped from refusal to compliance")[0].rsplit("\n", 1)[-1].split(" of ")[0])
+    assert flipped >= 1  # the example shown is an answer the ablation turned from a refusal into compliance
+
+
+def test_notebook_cells_have_ids_and_its_plot_shows():
+    notebook = json.loads(NOTEBOOK.read_text())
+    ids = [cell.get("id") for cell in notebook["cells"]]
+    assert all(ids) and len(set(ids)) == len(ids) and (notebook["nbformat"], notebook["nbformat_minor"]) >= (4, 5)
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    assert "plt.show()" in code and 'matplotlib.use("Agg")' not in code  # Agg before show() showed nothing
