@@ -175,3 +175,23 @@ def test_summary_flags_a_harmless_cost_above_the_guards_limit():
     assert any(line.startswith("WARNING: the harmless answers' NLL rose by 0.400") for line in lines)
     evaluation["harmless"]["ablated"]["answer_nll"] = 0.6
     assert not any(line.startswith("WARNING") for line in summary(None, sahara, evaluation))
+
+
+def test_per_stage_heads_and_epsilon_reach_each_stage(tmp_path, capsys):
+    """The notebook's QUICK mode in miniature: sampled heads for Ships and Sahara, eps 1e-5 to find heads and 0 to
+    evaluate, the last layer's readout; each stage's file records what it used."""
+    out = tmp_path / "run"
+    assert main(["run", "--model", "tiny", "--quick", "--limit", "4", "--steps", "1", "--max-new-tokens", "4",
+                 "--ships-heads", "*/2:*/2", "--sahara-heads", "*/2:*/4", "--ships-epsilon", "1e-5",
+                 "--sahara-epsilon", "1e-5", "--eval-epsilon", "0", "--readout", "last-layer", "--judge", "seed",
+                 "--out", str(out)]) == 0
+    ships = json.loads((out / "ships" / "ships.json").read_text())
+    sahara = json.loads((out / "sahara" / "sahara.json").read_text())
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    assert (ships["config"]["heads"], ships["config"]["epsilon"]) == ("*/2:*/2", 1e-5)
+    scored = [(l, h) for l, row in enumerate(ships["queries"][0]["scores"]) for h, v in enumerate(row) if v is not None]
+    assert scored == [(l, h) for l in (0, 2) for h in (0, 2, 4, 6)]  # only the sampled heads
+    assert (sahara["config"]["heads"], sahara["config"]["epsilon"], sahara["config"]["readout"]) == ("*/2:*/4", 1e-5, "last-layer")
+    assert tuple(sahara["heads"][0]) in {(l, h) for l in (0, 2) for h in (0, 4)}
+    assert evaluation["config"]["epsilon"] == 0.0 and list(evaluation["config"]["judge_versions"]) == ["seed"]
+    assert "warning: --epsilon 0.0 differs from the 1e-05" in capsys.readouterr().err  # said, not silent

@@ -449,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--sahara-limit", dest="sahara_limit", type=int, default=None, help="default: 16 with --quick, all with --full")
     group.add_argument("--steps", type=int, default=3, help="heads in the Sahara group")
     group.add_argument("--exclude", default=None, help="heads Sahara never chooses, e.g. '0:6'")
+    group.add_argument("--ships-heads", dest="ships_heads", default=None,
+                       help="the heads Ships scores, e.g. '*/10:*/8' (every 10th layer, every 8th head; default: all)")
+    group.add_argument("--sahara-heads", dest="sahara_heads", default=None, help="Sahara's candidate heads (default: all)")
+    group.add_argument("--readout", default="final-norm", choices=("final-norm", "last-layer"),
+                       help="Sahara's representation: the final norm's output (the paper's code) or the last layer's (the notebook's)")
+    for stage in ("ships", "sahara", "eval"):
+        group.add_argument(f"--{stage}-epsilon", dest=f"{stage}_epsilon", type=float, default=None,
+                           help=f"epsilon of the {stage} stage (default: --epsilon)")
     group.add_argument("--candidates", type=int, default=None, metavar="N",
                        help="Sahara tries only the N heads the run's own Ships stage ranks highest (default: every head; "
                             "with --quick on a model of more than 96 heads, 24)")

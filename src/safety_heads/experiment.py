@@ -70,6 +70,13 @@ class ExperimentConfig:
     sahara_limit: int | None = None
     steps: int = 3
     exclude: str | None = None  # heads Sahara never chooses (SaharaConfig.exclude)
+    # Per stage (the cookbook notebook's QUICK mode samples heads and uses eps 1e-5 to find heads, 0 to evaluate):
+    ships_heads: str | None = None  # the heads Ships scores (a head spec such as "*/10:*/8"); None = every head
+    sahara_heads: str | None = None  # Sahara's candidates; None = every head
+    ships_epsilon: float | None = None  # None = epsilon
+    sahara_epsilon: float | None = None
+    eval_epsilon: float | None = None
+    readout: str = "final-norm"  # Sahara's representation (SaharaConfig.readout); "last-layer" as the notebook
     candidates: int | None = None  # Sahara tries only the N heads the Ships stage ranks highest; None = every head
     # Sahara's harmless guard (SaharaConfig.guard), on by default here: without it, the demo model's group includes a
     # head whose ablation garbles every answer (docs/sahara.md). None = off, the paper's search.
@@ -101,6 +108,9 @@ class ExperimentConfig:
         check_kind(self.ablation)
         check_epsilon(self.epsilon)
         check_guard_max_rise(self.guard_max_rise)  # checked here, not when the Sahara stage starts
+        for value in (self.ships_epsilon, self.sahara_epsilon, self.eval_epsilon):
+            if value is not None:
+                check_epsilon(value)
         for field in fields(self):
             value = getattr(self, field.name)
             if (field.name == "limit" or field.name.endswith(("_limit", "top_k", "tokens", "candidates"))) and value is not None and value < 1:
@@ -145,8 +155,9 @@ def run_experiment(
     if pruned:
         config = replace(config, candidates=QUICK_CANDIDATES)
     make_judges(config.judges)  # every setting is checked before the folder is touched
-    if config.exclude:
-        parse_heads(config.exclude, model.layout)
+    for spec in (config.exclude, config.ships_heads, config.sahara_heads):
+        if spec:
+            parse_heads(spec, model.layout)
     out = Path(out)
     if out.is_dir():
         check_not_foreign(out, "run")
@@ -173,7 +184,9 @@ def run_experiment(
              f"ranks highest (--candidates N to change it; --full searches every head)")
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
     timings: dict[str, float] = {}
-    common = dict(template=config.template, system=config.system, ablation=config.ablation, epsilon=config.epsilon)
+    common = dict(template=config.template, system=config.system, ablation=config.ablation)
+    epsilon = {name: config.epsilon if value is None else value  # per stage, --epsilon where not given
+               for name, value in (("ships", config.ships_epsilon), ("sahara", config.sahara_epsilon), ("eval", config.eval_epsilon))}
     stages = 4
 
     def stage(index: int, name: str, final: Path, work: Callable[[Callable[[str], None]], None]) -> None:
@@ -185,17 +198,19 @@ def run_experiment(
         timings[name] = time.monotonic() - started
 
     stage(1, "ships", out / "ships" / "ships.json", lambda p: run_ships(
-        model, ships_queries, ShipsConfig(**common), out=out / "ships", resume=True, engine_config=engine_config,
+        model, ships_queries, ShipsConfig(**common, epsilon=epsilon["ships"], heads=config.ships_heads), out=out / "ships", resume=True, engine_config=engine_config,
         source={"dataset": config.ships_dataset, "limit": config.ships_limit}, progress=p))
     # guard_batch 1: the guard checks the best head first and widens only when it fails (the same choice, and on a
     # real model each check is a teacher-forced pass over every guard answer).
-    search = SaharaConfig(**common, steps=config.steps, exclude=config.exclude, guard=config.guard,
+    search = SaharaConfig(**common, epsilon=epsilon["sahara"], heads=config.sahara_heads, readout=config.readout, steps=config.steps,
+                          exclude=config.exclude, guard=config.guard,
                           guard_max_rise=config.guard_max_rise, guard_batch=1, sets_per_call=16, candidates=config.candidates,
                           rank_by=str(out / "ships" / "ships.json") if config.candidates else None)
     stage(2, "sahara", out / "sahara" / "sahara.json", lambda p: run_sahara(
         model, sahara_queries, search, out=out / "sahara", resume=True, engine_config=engine_config,
         source={"dataset": config.sahara_dataset, "limit": config.sahara_limit}, progress=p))
-    evaluation = dict(limit=config.eval_limit, judges=config.judges, harmless_limit=config.harmless_limit, **common)
+    evaluation = dict(limit=config.eval_limit, judges=config.judges, harmless_limit=config.harmless_limit, **common,
+                      epsilon=epsilon["eval"])
     stage(3, "evaluate", out / "eval" / "eval.json", lambda p: run_evaluation(
         model, EvaluateConfig(datasets=config.eval_datasets, source=str(out / "sahara" / "sahara.json"), harmless=config.harmless, **evaluation),
         generation, out=out / "eval", resume=True, engine_config=engine_config, progress=p))
