@@ -31,8 +31,11 @@ def _save(figure, path: Path) -> None:
     atomic_write(Path(path), lambda stream: stream.write(buffer.getvalue()))
 
 
-def heatmap_png(matrix: torch.Tensor, path: str | Path, title: str, label: str, marked: list[tuple[int, int]] = ()) -> None:
-    """Layers on the vertical axis (0 at the top), heads across; unscored heads (NaN) are left grey."""
+def heatmap_png(matrix: torch.Tensor, path: str | Path, title: str, label: str, marked: list[tuple[int, int]] = (),
+                skipped: list[tuple[int, int, float]] = ()) -> None:
+    """Layers on the vertical axis (0 at the top), heads across; unscored heads (NaN) are left grey. `marked` heads
+    (the one chosen) get a red box; `skipped` ones (passed over by Sahara's harmless guard) an orange dashed box and
+    their NLL rise, with a legend saying which is which."""
     matplotlib, plt = _pyplot()
     values = matrix.detach().double().cpu().numpy()
     n_layers, n_heads = values.shape
@@ -44,6 +47,16 @@ def heatmap_png(matrix: torch.Tensor, path: str | Path, title: str, label: str, 
     figure.colorbar(image, ax=axes, label=label)
     for layer, head in marked:
         axes.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+    for layer, head, rise in skipped:
+        axes.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="orange", linestyle="--",
+                                     linewidth=1.5))
+        axes.text(head, layer, f"+{rise:.2g}", ha="center", va="center", fontsize=6, color="black",
+                  bbox=dict(facecolor="white", alpha=0.7, pad=0.5, linewidth=0))
+    if skipped:  # a legend only when there are two kinds of box to tell apart
+        axes.legend(handles=[matplotlib.patches.Patch(fill=False, edgecolor="red", label="chosen"),
+                             matplotlib.patches.Patch(fill=False, edgecolor="orange", linestyle="--",
+                                                      label="passed over by the guard (answer NLL rise, nats/token)")],
+                    fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
     axes.set_xticks(range(0, n_heads, max(1, n_heads // 16)))  # integer ticks, at most ~16 of them
     axes.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
     axes.set_xlabel("head")

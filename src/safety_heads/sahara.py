@@ -49,8 +49,8 @@ from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_h
 from .engine import HIDDEN_READOUTS, Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
-from .progress import print_progress
 from .figures import heatmap_png
+from .progress import print_progress
 from .results import compute_record, matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
 
 SCORES = ("svd", "paper-era")
@@ -581,7 +581,8 @@ def write_outputs(result: SaharaResult, out: Path) -> None:
         title = (f"Sahara step {step.step}: {before} + one head ({config['ablation']}, eps={config['epsilon']:g}, "
                  f"{len(result.queries)} queries): {config['model']}")
         label = "principal angle to clean, degrees" + (" (paper-era)" if config["score"] == "paper-era" else "")
-        heatmap_png(step.scores, out / f"sahara_step{step.step}.png", title, label, [step.chosen])
+        skipped = [(l, h, float(step.guard[l, h])) for l, h in step.passed_over] if step.guard is not None else []
+        heatmap_png(step.scores, out / f"sahara_step{step.step}.png", title, label, [step.chosen], skipped)
 
 
 def sahara_record(result: SaharaResult) -> dict:
