@@ -200,6 +200,7 @@ def finalisation_events(monkeypatch, fail_at: int | None, failure) -> list[str]:
     """Count the writes of finalisation (every atomic file write, and each checkpoint's removal, the last step), and
     make the `fail_at`-th fail with `failure(path)`. A failing atomic write first leaves its temporary file behind,
     as a kill in the middle of it would."""
+    import safety_heads.figures as figures
     import safety_heads.report as report
     import safety_heads.results as results
 
@@ -225,6 +226,7 @@ def finalisation_events(monkeypatch, fail_at: int | None, failure) -> list[str]:
 
     monkeypatch.setattr(results, "atomic_write", atomic_write)
     monkeypatch.setattr(report, "atomic_write", atomic_write)
+    monkeypatch.setattr(figures, "atomic_write", atomic_write)
     monkeypatch.setattr(results.Checkpoint, "remove", remove_checkpoint)
     return events
 
