@@ -123,9 +123,10 @@ def ships_map_png(matrix: torch.Tensor, path: str | Path, model: str, label: str
             axes.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor=colour,
                                          linestyle=style, linewidth=1.8))
         if heads:
-            handles.append(matplotlib.patches.Patch(facecolor="#777", edgecolor=colour, linestyle=style, label=name))
-    if handles:
-        axes.legend(handles=handles, fontsize=7, loc="upper right", framealpha=0.8)
+            handles.append(matplotlib.patches.Patch(facecolor="#555", edgecolor=colour, linestyle=style, linewidth=1.8,
+                                                    label=name))
+    if handles:  # below the map, where it hides no head
+        axes.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     axes.set_xticks(range(0, n_heads, max(1, n_heads // 16)))
     axes.set_yticks(range(0, n_layers, max(1, n_layers // 16)))
     axes.set_xlabel("head")

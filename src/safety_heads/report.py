@@ -89,7 +89,7 @@ def _passed_over(step: dict) -> str:
 
 
 DEMO_NOTE = ("The demo model is a small model trained for this project: it refuses with one fixed sentence, and its "
-             "compliant answer only repeats the request (`Sure, here is my answer to \"...\"`); it never actually helps "
+             "compliant answer only repeats the request (Sure, here is my answer to \"...\"); it never actually helps "
              "(src/safety_heads/demo/README.md). Its answers below look broken by design.")
 
 
@@ -177,10 +177,7 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
         label = SCORE_LABELS[score]
         parts.append(f"<h2>Ships: per-query head importance</h2><p>Score <b>{score}</b>: mean {html.escape(label)} over "
                      f"{len(ships['queries'])} queries ({ships['config']['ablation']}, eps={ships['config']['epsilon']:g}, "
-                     f"{ships['config']['method']}).</p>")
-        image = folder / "ships" / "ships_heatmap.png"
-        if image.exists():
-            parts.append(_image_tag(image, "Ships heat map"))
+                     f"{ships['config']['method']}); the map is under Figures.</p>")
         rows = "".join(f"<tr><td>{l}:{h}</td><td class=num>{s:.4g}</td></tr>" for l, h, s in top)
         parts.append(f"<table><tr><th>head</th><th>mean {html.escape(label)}</th></tr>{rows}</table>")
         markdown += ["## Ships", "", f"Score: {score}.", "", f"| head | mean {label} |", "|---|---|"] + [f"| {l}:{h} | {s:.4g} |" for l, h, s in top] + [""]
