@@ -331,3 +331,30 @@ def test_every_flag_with_a_default_shows_it_in_help():
     assert not missing
     ships_help = " ".join(commands["ships"].format_help().split())
     assert "--seed SEED seed of the sampled estimator's draws (default 0)" in ships_help  # it said no default
+
+
+def test_flag_defaults_come_from_the_config_dataclasses(monkeypatch):
+    """The dataclass is where a default lives: change it there and the command line follows; and every flag that
+    sets a config field has that field's default."""
+    from dataclasses import MISSING, fields
+
+    from safety_heads.cli import _command_configs, build_parser
+    from safety_heads.ships import ShipsConfig
+
+    monkeypatch.setattr(ShipsConfig.__dataclass_fields__["top_k"], "default", 7)
+    assert build_parser().parse_args(["ships", "--prompt", "x", "--out", "o"]).top_k == 7
+    monkeypatch.undo()
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    checked = 0
+    for name, configs in _command_configs().items():
+        for action in commands[name]._actions:
+            field = next((f for cls in configs for f in fields(cls) if f.name == action.dest), None)
+            if field is None or action.required:
+                continue
+            expected = field.default if field.default is not MISSING else field.default_factory()
+            assert action.default == expected, f"{name} {action.option_strings}"
+            checked += 1
+    assert checked > 100
+    assert parser.parse_args(["ships", "--prompt", "x", "--out", "o"]).model == "demo"  # one default model everywhere
+    assert parser.parse_args(["heads"]).model == parser.parse_args(["run", "--out", "o"]).model == "demo"

@@ -72,7 +72,7 @@ def test_tiny_model_is_deterministic():
 def test_load_local_folder(tmp_path):
     save_tiny_llama(tmp_path / "tiny")
     loaded = load_model(ModelConfig(model=str(tmp_path / "tiny"), device="cpu"))
-    reference = load_model(ModelConfig())
+    reference = load_model(ModelConfig(model="tiny"))
     ids = torch.tensor([[256, 72, 105]])
     with torch.no_grad():
         assert torch.equal(loaded.module(ids).logits, reference.module(ids).logits)

@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 import threading
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Sequence
 
 from . import __version__
@@ -87,10 +87,10 @@ TEMPLATE_HELP = ("auto (default: the model's chat template when its tokenizer ha
                  "paper ('## Query: {q}\\n## Answer:') or chat")
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, default_model: str = "tiny") -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default=default_model,
-                       help=f"'demo' (the shipped demo chat model), 'tiny' (random weights), a local Hugging Face folder, a .gguf file (dequantised once, cached), or a hub id (default {default_model})")
+    group.add_argument("--model", help="'demo' (the shipped demo chat model; the default of every command), 'tiny' (random "
+                                       "weights), a local Hugging Face folder, a .gguf file (dequantised once, cached), or a hub id")
     group.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, or multi (all GPUs, device_map=auto)")
     group.add_argument("--attn-implementation", dest="attn_implementation", default="eager", help="eager (default) or sdpa")
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     sahara.set_defaults(run=command_sahara)
 
     run = commands.add_parser("run", help="the whole study: Ships, Sahara, evaluation, report (default model: the demo)")
-    _add_model_arguments(run, default_model="demo")
+    _add_model_arguments(run)
     group = run.add_argument_group("study")
     group.add_argument("--quick", action="store_true", help="small settings that run in minutes (default on CPU)")
     group.add_argument("--full", action="store_true", help="the paper's scale (default on GPU)")
@@ -543,7 +543,48 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--trust-remote-host", dest="trust_remote_host", action="store_true",
                         help="check the API key at a --host that is not nnsight's configured one (sends it there)")
     doctor.set_defaults(run=command_doctor)
+    _defaults_from_configs(commands.choices)
     return parser
+
+
+def _command_configs() -> dict[str, tuple]:
+    """The config dataclasses whose fields each command's flags set, first match wins (evaluate's --top-k is
+    EvaluateConfig's, not GenerationConfig's)."""
+    from .engine import EngineConfig
+    from .evaluate import EvaluateConfig
+    from .experiment import ExperimentConfig
+    from .generate import GenerationConfig
+    from .models import ModelConfig
+    from .sahara import SaharaConfig
+    from .ships import ShipsConfig
+    from .surgery import SurgeryConfig
+
+    return {"heads": (ModelConfig,), "ships": (ShipsConfig, EngineConfig, ModelConfig),
+            "sahara": (SaharaConfig, EngineConfig, ModelConfig), "run": (ExperimentConfig, EngineConfig, ModelConfig),
+            "evaluate": (EvaluateConfig, GenerationConfig, EngineConfig, ModelConfig), "surgery": (SurgeryConfig, ModelConfig)}
+
+
+def _field_default(cls, name: str):
+    field = next((f for f in fields(cls) if f.name == name), None)
+    if field is None:
+        return _NO_FIELD
+    return field.default_factory() if field.default is MISSING and field.default_factory is not MISSING else field.default
+
+
+_NO_FIELD = object()
+
+
+def _defaults_from_configs(commands: dict) -> None:
+    """Every flag that sets a config field takes that field's default: the dataclass is where a default lives, so the
+    command line and the Python API cannot drift apart (tests/test_cli.py checks every pair)."""
+    for name, configs in _command_configs().items():
+        for action in commands[name]._actions:
+            for cls in configs:
+                default = _field_default(cls, action.dest)
+                if default is not _NO_FIELD:
+                    if not action.required:
+                        action.default = default
+                    break
 
 
 def _compute_line(compute: dict, what: str) -> str:

@@ -236,7 +236,7 @@ class ModelConfig:
 
     # "tiny" (built in, random), "demo" (the trained demo chat model shipped with the package), a local Hugging Face
     # folder, a .gguf file (dequantised once and cached, gguf_cache.py), or a hub id such as meta-llama/Llama-2-7b-chat-hf
-    model: str = "tiny"
+    model: str = "demo"
     dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
     device: str = "auto"  # auto = one GPU if there is one, all GPUs (device_map="auto") if several, else cpu
     attn_implementation: str = "eager"
