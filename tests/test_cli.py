@@ -172,6 +172,8 @@ BAD = [
     (["evaluate", "--heads", "0:1", "--sample", "--top-p", "1.5", "--out", "{out}"], "--top-p"),
     (["evaluate", "--heads", "0:1", "--batch-size", "0", "--out", "{out}"], "--batch-size"),
     (["evaluate", "--heads", "0:1", "--judge", "", "--out", "{out}"], "no judge given"),
+    (["evaluate", "--heads", "0:1", "--judge", "paper,,gcg", "--out", "{out}"], "empty judge name"),
+    (["run", "--quick", "--judge", "seed,", "--out", "{out}"], "empty judge name"),
     (["evaluate", "--heads", "0:1", "--per-query", "--out", "{out}"], "--per-query needs --from"),
     (["run", "--model", "tiny", "--quick", "--full", "--out", "{out}"], "choose one of --quick and --full"),
     (["run", "--model", "tiny", "--quick", "--judge", "vibes", "--out", "{out}"], "unknown judge 'vibes'"),

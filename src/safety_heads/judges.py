@@ -204,7 +204,10 @@ JUDGE_HELP = "paper, gcg, refusal-direction, seed, harmbench:PATH or llamaguard:
 def make_judges(spec: str) -> list:
     """Judges from a comma-separated spec such as 'paper,gcg' or 'paper,harmbench:/models/cls'."""
     judges = []
-    for item in [part.strip() for part in spec.split(",") if part.strip()]:
+    parts = [part.strip() for part in spec.split(",")]
+    if any(parts) and not all(parts):  # "paper,,gcg": a typo, not a request for two judges
+        raise UserError(f"empty judge name in '{spec}'; give names separated by single commas, e.g. paper,gcg")
+    for item in [part for part in parts if part]:
         if item in KEYWORD_JUDGES:
             judges.append(KEYWORD_JUDGES[item])
         elif ":" in item:
