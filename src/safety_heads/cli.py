@@ -152,10 +152,9 @@ def _load(args):
     config = _config(ModelConfig, args)
     remote = getattr(args, "remote", False)
     if remote and remote != "local":  # NDIF holds the weights: load the architecture only (meta device)
-        from .remote import check_remote_setting, require_key
+        from .remote import require_key
 
         check_remote_model(config)
-        check_remote_setting(remote, args.trust_remote_host)
         require_key(remote)
         return load_remote_model(config)
     return load_model(config)
@@ -363,6 +362,7 @@ def command_get_model(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .ablation import DEFAULT_EPSILON
+    from .engine import HIDDEN_READOUTS
 
     parser = _Parser(prog="safety-heads", description="Find and ablate the attention heads aligned chat models use to refuse harmful requests.")
     parser.add_argument("--version", action="version", version=f"safety-heads {__version__}")
@@ -417,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--steps", type=int, default=3, help="heads in the group (default 3, where the paper's ASR peaks)")
     group.add_argument("--rank", type=int, default=1, help="singular vectors compared (default 1, as the original code)")
     group.add_argument("--score", default="svd", help="svd (default) or paper-era (column 0 of the raw matrix, see docs)")
-    group.add_argument("--readout", default="final-norm", choices=("final-norm", "last-layer"),
+    group.add_argument("--readout", default="final-norm", choices=HIDDEN_READOUTS,
                        help="the representation compared: the final norm's output at the last token (the paper's "
                             "code), or the last layer's output before the norm (the cookbook notebook's)")
     group.add_argument("--heads", default=None, help="restrict the candidates, e.g. '0-7:*' (default: every head)")
@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ships-heads", dest="ships_heads", default=None,
                        help="the heads Ships scores, e.g. '*/10:*/8' (every 10th layer, every 8th head; default: all)")
     group.add_argument("--sahara-heads", dest="sahara_heads", default=None, help="Sahara's candidate heads (default: all)")
-    group.add_argument("--readout", default="final-norm", choices=("final-norm", "last-layer"),
+    group.add_argument("--readout", default="final-norm", choices=HIDDEN_READOUTS,
                        help="Sahara's representation: the final norm's output (the paper's code) or the last layer's (the notebook's)")
     for stage in ("ships", "sahara", "eval"):
         group.add_argument(f"--{stage}-epsilon", dest=f"{stage}_epsilon", type=float, default=None,

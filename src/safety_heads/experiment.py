@@ -167,10 +167,9 @@ def run_experiment(
     # Read every data set first: a bad name fails before anything is written.
     ships_queries = load_prompts(config.ships_dataset, limit=config.ships_limit)
     sahara_queries = load_prompts(config.sahara_dataset, limit=config.sahara_limit)
-    for name in [*config.eval_datasets.split(","), config.guard]:
-        if name is not None:
-            load_prompts(name.strip(), limit=1)
-    _check_answers_fit(model, config)
+    if config.guard is not None:
+        load_prompts(config.guard, limit=1)
+    _check_answers_fit(model, config)  # reads the evaluation's data sets too
     # The run's own settings, checked on resume: finished stages must not be mixed with stages under other settings.
     # Batching and retry settings change no result (beyond float rounding), so they may differ on resume; where the
     # traces run (here or on NDIF, in another dtype) does.
