@@ -31,7 +31,7 @@ COMMANDS = {
     "ships-exact": "ships --dataset maliciousinstruct --limit 6 --out {out}",
     "ships-refusal": "ships --dataset maliciousinstruct --limit 3 --score refusal-direction --out {out}",
     "ships-verify": "ships --dataset maliciousinstruct --limit 2 --method estimate+verify --top-k 5 --out {out}",
-    "ships-mean": "ships --dataset jailbreakbench --limit 2 --ablation mean --mean-reference-limit 8 --heads 0-1:* --out {out}",
+    "ships-mean": "ships --dataset jailbreakbench --limit 2 --ablation mean --heads 0-1:* --out {out}",
     "sahara": "sahara --dataset maliciousinstruct --limit 8 --steps 2 --out {out}",
     "sahara-guard": "sahara --dataset maliciousinstruct --limit 8 --steps 2 --guard harmless-val --guard-limit 4 "
                     "--guard-tokens 8 --out {out}",
