@@ -45,25 +45,29 @@ COMMANDS = {
 }
 
 
-def canonical(value, key: str | None = None):
-    """`value` with volatile keys dropped, recursively; floats kept as JSON writes them (repr)."""
+def canonical(value, runs: str):
+    """`value` with volatile keys dropped, recursively, and the runs folder written as {runs} in every string (a
+    path recorded in a result, such as --from or --rank-by); floats kept as JSON writes them (repr)."""
     if isinstance(value, dict):
-        return {k: canonical(v, k) for k, v in sorted(value.items()) if k not in VOLATILE}
+        return {k: canonical(v, runs) for k, v in sorted(value.items()) if k not in VOLATILE}
     if isinstance(value, list):
-        return [canonical(item) for item in value]
+        return [canonical(item, runs) for item in value]
+    if isinstance(value, str):
+        return value.replace(runs, "{runs}")
     return value
 
 
-def fingerprint(runs: Path) -> dict:
+def fingerprint(runs: Path, reuse: bool = False) -> dict:
     record = {}
     for name, template in COMMANDS.items():
         out = runs / name
         command = [sys.executable, "-m", "safety_heads.cli", *template.format(out=out, runs=runs).split()]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-        if done.returncode != 0:
-            raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        if not reuse:
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+            if done.returncode != 0:
+                raise SystemExit(f"{name} failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         files = sorted(path for path in out.rglob("*.json"))
-        record[name] = {str(path.relative_to(out)): canonical(json.loads(path.read_text())) for path in files}
+        record[name] = {str(path.relative_to(out)): canonical(json.loads(path.read_text()), str(runs)) for path in files}
         print(f"{name}: {len(files)} JSON files", file=sys.stderr)
     return record
 
@@ -95,9 +99,12 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="where to write the fingerprint (JSON)")
     parser.add_argument("--compare", help="a fingerprint made before: report the first difference, exit 1 if any")
     parser.add_argument("--runs", help="folder for the runs (default: a temporary folder)")
+    parser.add_argument("--reuse", action="store_true", help="read the runs already in --runs instead of running them")
     args = parser.parse_args()
+    if args.reuse and not args.runs:
+        parser.error("--reuse needs --runs")
     with tempfile.TemporaryDirectory() as temporary:
-        record = fingerprint(Path(args.runs or temporary))
+        record = fingerprint(Path(args.runs or temporary), args.reuse)
     text = json.dumps(record, indent=1, sort_keys=True) + "\n"
     Path(args.out).write_text(text)
     if args.compare:
