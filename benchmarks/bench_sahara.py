@@ -25,7 +25,8 @@ import torch
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.models import ModelConfig, load_model
-from safety_heads.sahara import SaharaConfig, run_sahara
+from safety_heads.runs import run_sahara
+from safety_heads.sahara import SaharaConfig
 
 EPSILON = 1e-4
 TARGET = 10.0

@@ -46,9 +46,12 @@ from safety_heads.demo.measure import generate  # noqa: E402
 from safety_heads.errors import UserError  # noqa: E402
 from safety_heads.judges import KEYWORD_JUDGES  # noqa: E402
 from safety_heads.models import ModelConfig, load_model  # noqa: E402
-from safety_heads.results import Checkpoint, read_json, write_json  # noqa: E402
-from safety_heads.sahara import SaharaConfig, run_sahara  # noqa: E402
-from safety_heads.ships import ShipsConfig, run_ships  # noqa: E402
+from safety_heads.runs.files import read_json, write_json
+from safety_heads.runs.folder import Checkpoint  # noqa: E402
+from safety_heads.runs import run_sahara  # noqa: E402
+from safety_heads.sahara import SaharaConfig  # noqa: E402
+from safety_heads.runs import run_ships  # noqa: E402
+from safety_heads.ships import ShipsConfig  # noqa: E402
 
 SEED = 0
 

@@ -31,9 +31,11 @@ from ground_truth import harmless_sample, outcome, rates, spearman  # noqa: E402
 from safety_heads.ablation import format_heads  # noqa: E402
 from safety_heads.data import format_prompts, load_prompts  # noqa: E402
 from safety_heads.models import ModelConfig, load_model  # noqa: E402
-from safety_heads.results import write_json  # noqa: E402
-from safety_heads.sahara import SaharaConfig, run_sahara  # noqa: E402
-from safety_heads.ships import ShipsConfig, run_ships  # noqa: E402
+from safety_heads.runs.files import write_json  # noqa: E402
+from safety_heads.runs import run_sahara  # noqa: E402
+from safety_heads.sahara import SaharaConfig  # noqa: E402
+from safety_heads.runs import run_ships  # noqa: E402
+from safety_heads.ships import ShipsConfig  # noqa: E402
 
 SCORES = ("kl", "refusal-logprob", "refusal-direction")
 QUIET = lambda line: None  # noqa: E731

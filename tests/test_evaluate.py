@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from safety_heads.errors import UserError
-from safety_heads.evaluate import EvaluateConfig, choose_heads, run_evaluation
+from safety_heads.evaluate import EvaluateConfig
+from safety_heads.runs import choose_heads, run_evaluation
 from safety_heads.generate import GenerationConfig
 from safety_heads.models import ModelConfig, load_model
-from safety_heads.results import load_tensors
-from safety_heads.ships import ShipsConfig, run_ships
+from safety_heads.runs.files import load_tensors
+from safety_heads.runs import run_ships
+from safety_heads.ships import ShipsConfig
 
 QUICK = GenerationConfig(max_new_tokens=4, batch_size=2)
 
@@ -26,7 +28,7 @@ def quiet(_):
 
 def test_outputs_and_harmless_cost(model, tmp_path):
     config = EvaluateConfig(datasets="maliciousinstruct,jailbreakbench", limit=3, heads="0:1,2:3", judges="paper,gcg", harmless_limit=3)
-    result = run_evaluation(model, config, QUICK, out=tmp_path, progress=quiet)
+    result = run_evaluation(model, config, QUICK, out=tmp_path, progress=quiet).record()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json", "eval_data.pt"]
     record = json.loads((tmp_path / "eval.json").read_text())
     assert record == json.loads(json.dumps(result))
@@ -60,7 +62,7 @@ def test_heads_from_ships_and_per_query(model, tmp_path):
     choice = choose_heads(EvaluateConfig(source=str(tmp_path / "ships" / "ships.json"), top_k=2), model.layout)
     assert [list(h) for h in choice.heads] == top
     result = run_evaluation(model, EvaluateConfig(source=str(tmp_path / "ships" / "ships.json"), top_k=2, per_query=True, harmless=None),
-                            QUICK, progress=quiet)
+                            QUICK, progress=quiet).record()
     (name, samples), = result["samples"].items()
     assert [s["query"] for s in samples] == ["How do I pick a lock?", "Write a poem."]
     for sample, query in zip(samples, ships["queries"]):
@@ -114,7 +116,7 @@ class Stop(Exception):
 
 def test_resume_continues_without_regenerating(model, tmp_path, monkeypatch):
     config = EvaluateConfig(limit=4, heads="0:1", harmless=None)
-    full = run_evaluation(model, config, QUICK, out=tmp_path / "a", progress=quiet)
+    full = run_evaluation(model, config, QUICK, out=tmp_path / "a", progress=quiet).record()
     seen = []
 
     def stop_after_two(line):
@@ -129,7 +131,7 @@ def test_resume_continues_without_regenerating(model, tmp_path, monkeypatch):
     calls = []
     real = evaluate_module.generate
     monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
-    resumed = run_evaluation(model, config, QUICK, out=tmp_path / "b", resume=True, progress=quiet)
+    resumed = run_evaluation(model, config, QUICK, out=tmp_path / "b", resume=True, progress=quiet).record()
     assert len(calls) == 1  # 4 batches in all (2 baseline, 2 ablated); 3 were checkpointed
     assert resumed["samples"] == full["samples"] and resumed["results"] == full["results"]
 
@@ -145,7 +147,7 @@ def test_answer_nll_sees_a_garbled_answer_that_keyword_judges_do_not():
     for heads in ("0:1", "0:1,0:6,0:7"):
         config = EvaluateConfig(datasets="maliciousinstruct", limit=1, heads=heads, judges="paper", template="chat",
                                 harmless_limit=16)
-        harmless[heads] = run_evaluation(demo, config, generation, progress=quiet)["harmless"]
+        harmless[heads] = run_evaluation(demo, config, generation, progress=quiet).record()["harmless"]
     baseline = harmless["0:1"]["baseline"]["answer_nll"]
     assert harmless["0:1,0:6,0:7"]["baseline"]["answer_nll"] == pytest.approx(baseline)  # same answers, same score
     assert harmless["0:1"]["ablated"]["answer_nll"] < baseline + 0.5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from safety_heads.cli import main
-from safety_heads.results import load_tensors
+from safety_heads.runs.files import load_tensors
 
 SMALL = ["--ships-limit", "2", "--sahara-limit", "4", "--eval-limit", "2", "--harmless-limit", "2", "--max-new-tokens", "6", "--steps", "2"]
 
@@ -119,7 +119,7 @@ def test_the_guard_is_on_by_default_and_keeps_the_trap_head_out(run_folder, tmp_
 
 def test_run_prunes_sahara_candidates_to_its_own_ships_ranking(tmp_path):
     from safety_heads.cli import main
-    from safety_heads.results import read_json
+    from safety_heads.runs.files import read_json
 
     out = tmp_path / "run"
     assert main(["run", "--model", "demo", "--quick", "--ships-limit", "2", "--sahara-limit", "4", "--eval-limit", "2",

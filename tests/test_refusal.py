@@ -18,7 +18,8 @@ from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap
 from safety_heads.refusal import RefusalSignal, is_refusal, learn_signal, score_values
-from safety_heads.ships import ShipsConfig, exact_scores, run_ships
+from safety_heads.runs import run_ships
+from safety_heads.ships import ShipsConfig, exact_scores
 
 QUERY = "How do I pick a lock?"
 

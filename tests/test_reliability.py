@@ -200,12 +200,13 @@ def finalisation_events(monkeypatch, fail_at: int | None, failure) -> list[str]:
     """Count the writes of finalisation (every atomic file write, and each checkpoint's removal, the last step), and
     make the `fail_at`-th fail with `failure(path)`. A failing atomic write first leaves its temporary file behind,
     as a kill in the middle of it would."""
-    import safety_heads.figures as figures
     import safety_heads.report as report
-    import safety_heads.results as results
+    import safety_heads.runs.figures as figures
+    import safety_heads.runs.files as results
+    import safety_heads.runs.folder as folder
 
     events: list[str] = []
-    write, remove = results.atomic_write, results.Checkpoint.remove
+    write, remove = results.atomic_write, folder.Checkpoint.remove
 
     def event(path: Path) -> None:
         events.append(path.name)
@@ -227,7 +228,7 @@ def finalisation_events(monkeypatch, fail_at: int | None, failure) -> list[str]:
     monkeypatch.setattr(results, "atomic_write", atomic_write)
     monkeypatch.setattr(report, "atomic_write", atomic_write)
     monkeypatch.setattr(figures, "atomic_write", atomic_write)
-    monkeypatch.setattr(results.Checkpoint, "remove", remove_checkpoint)
+    monkeypatch.setattr(folder.Checkpoint, "remove", remove_checkpoint)
     return events
 
 
@@ -290,7 +291,7 @@ def test_full_disk_while_checkpointing_keeps_the_finished_units(dataset, referen
     """A checkpoint line torn by a full disk is dropped on resume; the lines before it are kept."""
     import errno
 
-    import safety_heads.results as results
+    import safety_heads.runs.folder as results
 
     out, appended = tmp_path / "full", []
     original = results.Checkpoint._append

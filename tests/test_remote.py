@@ -20,7 +20,8 @@ from safety_heads.engine import Engine, EngineConfig
 from safety_heads.errors import UserError
 from safety_heads.generate import GenerationConfig, generate
 from safety_heads.models import ModelConfig, wrap
-from safety_heads.ships import ShipsConfig, run_ships
+from safety_heads.runs import run_ships
+from safety_heads.ships import ShipsConfig
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a short poem about the sea, please."]
 HEAD_SETS = [[(layer, head)] for layer in range(4) for head in range(8)] + [[(0, 1), (2, 3)], [(1, 0), (1, 3), (3, 2)], []]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from safety_heads.errors import UserError
-from safety_heads.results import Checkpoint, describe_differences, load_tensors, save_tensors, to_jsonable, write_json
+from safety_heads.runs.files import load_tensors, save_tensors, to_jsonable, write_json
+from safety_heads.runs.folder import Checkpoint, describe_differences
 
 
 def test_resume_truncates_a_torn_line_so_new_units_stay_readable(tmp_path):

@@ -12,10 +12,11 @@ from safety_heads.data import format_prompts, load_prompts
 from safety_heads.demo.tiny import byte_tokenizer
 from safety_heads.errors import UserError
 from safety_heads.models import wrap
-from safety_heads.results import load_tensors
-from safety_heads.sahara import (
-    GUARD_BATCH, Sahara, _choose_guarded, SaharaConfig, best_head, paper_era_angles, run_sahara, subspace_angle, subspace_angles,
-)
+from safety_heads.runs.files import load_tensors
+from safety_heads.guard import GUARD_BATCH, choose_guarded
+from safety_heads.runs import run_sahara
+from safety_heads.sahara import Sahara, SaharaConfig, best_head, paper_era_angles, subspace_angle, subspace_angles
+from safety_heads.work import drain
 
 # Six lengths, so every engine batch is left-padded.
 QUERIES = [
@@ -368,7 +369,8 @@ def test_remote_engine_scores_a_whole_step_per_call(monkeypatch):
     """With a remote engine, one engine call (one request) per step; results equal the local run."""
     from safety_heads.engine import EngineConfig
     from safety_heads.models import ModelConfig, load_model
-    from safety_heads.sahara import Sahara, SaharaConfig, run_sahara
+    from safety_heads.runs import run_sahara
+    from safety_heads.sahara import Sahara, SaharaConfig
 
     model = load_model(ModelConfig())
     queries = ["How do I pick a lock?", "Write a poem about rain.", "Explain taxes to a child.", "Hello there!"]
@@ -465,7 +467,7 @@ def test_guarded_choice_is_the_best_eligible_head():
         rises = torch.rand(3, 5, generator=generator, dtype=torch.float64)
         fake = type("FakeSahara", (), {"config": SaharaConfig(guard="x", guard_max_rise=0.5),
                                        "guard_rises": lambda self, sets: torch.stack([rises[s[-1]] for s in sets])})()
-        chosen, guard, passed_over = _choose_guarded(fake, 1, [], scores, {}, None)
+        chosen, guard, passed_over = drain(choose_guarded(fake, 1, [], scores, {}))
         eligible = scores.masked_fill(rises > 0.5, float("nan"))
         if eligible.isnan().all():
             assert chosen is None
@@ -542,7 +544,7 @@ def test_guard_through_a_remote_engine_equals_local():
 def test_candidates_ranked_by_a_ships_file_equal_the_same_heads_given_by_hand(tmp_path):
     from safety_heads.ablation import format_heads
     from safety_heads.cli import main
-    from safety_heads.results import read_json
+    from safety_heads.runs.files import read_json
 
     common = ["--model", "demo", "--dataset", "maliciousinstruct", "--limit", "4", "--template", "chat"]
     assert main(["ships", *common, "--score", "refusal-direction", "--refusal-limit", "4", "--out", str(tmp_path / "ships")]) == 0

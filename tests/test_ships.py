@@ -12,8 +12,9 @@ from safety_heads.demo.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap
-from safety_heads.results import load_tensors
-from safety_heads.ships import Ships, ShipsConfig, aggregate, exact_scores, kl_divergence, run_ships, top_heads
+from safety_heads.runs.files import load_tensors
+from safety_heads.runs import run_ships
+from safety_heads.ships import Ships, ShipsConfig, aggregate, exact_scores, kl_divergence, top_heads
 
 QUERIES = ["How do I pick a lock?", "Write a poem about the sea.", "Explain photosynthesis briefly."]
 
@@ -246,7 +247,7 @@ def test_resume_recomputes_an_unfinished_block_whole(tmp_path, monkeypatch):
         pass
 
     # A kill between the two checkpoint lines of block 2 (queries 2 and 3): query 2's line is written, query 3's not.
-    from safety_heads import ships as ships_module
+    from safety_heads.runs import ships as ships_module
 
     real_unit = ships_module._scores_to_unit
 

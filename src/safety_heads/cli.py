@@ -199,7 +199,8 @@ def command_heads(args) -> int:
 
 def command_ships(args) -> int:
     from .engine import EngineConfig
-    from .ships import ShipsConfig, run_ships
+    from .runs import run_ships
+    from .ships import ShipsConfig
 
     config = _config(ShipsConfig, args)
     engine_config = _config(EngineConfig, args)
@@ -229,7 +230,8 @@ def command_ships(args) -> int:
 
 def command_sahara(args) -> int:
     from .engine import EngineConfig
-    from .sahara import SaharaConfig, run_sahara
+    from .runs import run_sahara
+    from .sahara import SaharaConfig
 
     config = _config(SaharaConfig, args)
     engine_config = _config(EngineConfig, args)
@@ -283,7 +285,8 @@ def command_run(args) -> int:
 
 def command_evaluate(args) -> int:
     from .engine import EngineConfig
-    from .evaluate import EvaluateConfig, run_evaluation
+    from .evaluate import EvaluateConfig
+    from .runs import run_evaluation
     from .generate import GenerationConfig
 
     config = _config(EvaluateConfig, args)
@@ -298,22 +301,22 @@ def command_evaluate(args) -> int:
     make_judges(config.judges)  # a bad judge fails before the model loads
     model = _load(args)
     result = run_evaluation(model, config, generation, out=args.out, resume=args.resume, engine_config=engine_config)
-    heads = "per-query top heads" if result["heads"] is None else ",".join(f"{l}:{h}" for l, h in result["heads"])
-    print(f"Ablated {heads} ({result['config']['ablation']}, eps={result['config']['epsilon']:g}, "
-          f"template {result['config']['template']}); ASR baseline -> ablated:")
-    for name, numbers in result["results"].items():
-        for judge, value in numbers["ablated"]["asr"].items():
-            invalid = numbers["ablated"]["invalid"][judge] + numbers["baseline"]["invalid"][judge]
-            print(f"  {name:24s} {judge:20s} {numbers['baseline']['asr'][judge]:6.1%} -> {value:6.1%}"
+    heads = "per-query top heads" if result.heads is None else ",".join(f"{l}:{h}" for l, h in result.heads)
+    print(f"Ablated {heads} ({result.config['ablation']}, eps={result.config['epsilon']:g}, "
+          f"template {result.config['template']}); ASR baseline -> ablated:")
+    for name, numbers in result.results.items():
+        for judge, value in numbers.ablated.asr.items():
+            invalid = numbers.ablated.invalid[judge] + numbers.baseline.invalid[judge]
+            print(f"  {name:24s} {judge:20s} {numbers.baseline.asr[judge]:6.1%} -> {value:6.1%}"
                   + (f"  ({invalid} invalid judge outputs)" if invalid else ""))
-    harmless = result["harmless"]
-    if harmless and "mean_kl" in harmless:
-        for judge, value in harmless["ablated"]["refusal_rate"].items():
-            print(f"  harmless {harmless['dataset']}: refusal ({judge}) {harmless['baseline']['refusal_rate'][judge]:.1%} -> {value:.1%}")
-        print(f"  harmless mean next-token KL (clean || ablated): {harmless['mean_kl']:.4g}")
-        if _nll_text(harmless):
-            print(f"  harmless answers, NLL per token under the clean model: {harmless['baseline']['answer_nll']:.3f} -> "
-                  f"{harmless['ablated']['answer_nll']:.3f} (a jump means garbled answers)")
+    harmless = result.harmless
+    if harmless and harmless.mean_kl is not None:
+        for judge, value in harmless.ablated.refusal_rate.items():
+            print(f"  harmless {harmless.dataset}: refusal ({judge}) {harmless.baseline.refusal_rate[judge]:.1%} -> {value:.1%}")
+        print(f"  harmless mean next-token KL (clean || ablated): {harmless.mean_kl:.4g}")
+        if harmless.baseline.answer_nll is not None and harmless.ablated.answer_nll is not None:
+            print(f"  harmless answers, NLL per token under the clean model: {harmless.baseline.answer_nll:.3f} -> "
+                  f"{harmless.ablated.answer_nll:.3f} (a jump means garbled answers)")
     print(f"wrote {args.out}/eval.json, eval_data.pt")
     return 0
 

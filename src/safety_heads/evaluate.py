@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 
@@ -32,11 +32,10 @@ from .generate import GenerationConfig, generate
 from .judges import KeywordJudge, make_judges
 from .models import LoadedModel
 from .progress import print_progress
-from .results import open_run, read_json, save_tensors, versions, write_json
+from .records import versions
 from .ships import kl_divergence, top_heads
+from .work import finish
 
-FORMAT = "safety-heads/eval"
-FORMAT_VERSION = 1
 CONTENT_WARNING = "Contains text generated in answer to harmful requests; it may be harmful. Handle as such."
 DEFAULT_SHIPS_TOP_K = 3  # the paper's ASR peaks at about 3 heads
 
@@ -86,13 +85,12 @@ class EvaluateConfig:
 INHERITED = {"template": "auto", "system": None, "ablation": "ua", "epsilon": DEFAULT_EPSILON}
 
 
-def with_source_settings(config: EvaluateConfig, progress: Callable[[str], None]) -> EvaluateConfig:
-    """`config` with every setting of INHERITED filled in: from the --from file where not given (and said so), else
-    the default; a given value that differs from the file's is a warning line."""
+def with_source_settings(config: EvaluateConfig, record, progress: Callable[[str], None]) -> EvaluateConfig:
+    """`config` with every setting of INHERITED filled in: from the --from file's `record` where not given (and said
+    so), else the default; a given value that differs from the file's is a warning line."""
     given = {name: getattr(config, name) for name in INHERITED}
     if config.source is None:
         return replace(config, **{name: INHERITED[name] if value is None else value for name, value in given.items()})
-    record = read_json(config.source)
     recorded = record.get("config") if isinstance(record, dict) else None
     recorded = recorded if isinstance(recorded, dict) else {}
     values, taken = {}, []
@@ -120,10 +118,10 @@ class HeadChoice:
     origin: dict = field(default_factory=dict)
 
 
-def choose_heads(config: EvaluateConfig, layout) -> HeadChoice:
+def heads_to_ablate(config: EvaluateConfig, layout, record=None) -> HeadChoice:
+    """The heads of --heads, or of the --from file's `record` (a sahara.json's group, a ships.json's top heads)."""
     if config.heads is not None:
         return HeadChoice(list(parse_heads(config.heads, layout)), origin={"heads": config.heads})
-    record = read_json(config.source)
     kind = record.get("format") if isinstance(record, dict) else None
     origin = {"from": str(config.source), "format": kind}
     try:
@@ -161,23 +159,177 @@ def _matrix(rows) -> torch.Tensor:
     return torch.tensor([[float("nan") if x is None else float(x) for x in row] for row in rows], dtype=torch.float64)
 
 
-def run_evaluation(
-    model: LoadedModel,
-    config: EvaluateConfig,
-    generation: GenerationConfig | None = None,
-    *,
-    out: str | Path | None = None,
-    resume: bool = False,
-    engine_config: EngineConfig | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> dict:
-    """Generate baseline and ablated answers, judge them, measure the harmless cost; write eval.json and eval_data.pt."""
+@dataclass
+class Rates:
+    asr: dict[str, float]  # per judge: the share of answers judged harmful
+    invalid: dict[str, int]  # per judge: answers it could not judge (model judges)
+
+
+@dataclass
+class DatasetResult:
+    n: int
+    baseline: Rates
+    ablated: Rates
+    delta_asr: dict[str, float]  # per judge: ablated - baseline
+
+
+@dataclass
+class HarmlessSide:
+    refusal_rate: dict[str, float]  # per keyword judge
+    answer_nll: float | None = None  # mean NLL per token of the answers under the clean model (answer_nll)
+
+
+@dataclass
+class HarmlessCost:
+    """What the ablation costs on harmless prompts; per-query mode has no single group to cost (`note`)."""
+
+    dataset: str
+    n: int
+    judges: list[str]
+    note: str | None = None
+    baseline: HarmlessSide | None = None
+    ablated: HarmlessSide | None = None
+    mean_kl: float | None = None  # next-token KL (clean || ablated) at the prompt's last position, mean over prompts
+    samples: list[dict] = field(default_factory=list)
+
+    def record(self) -> dict:
+        head = {"dataset": self.dataset, "n": self.n, "judges": self.judges}
+        if self.note is not None:
+            return head | {"note": self.note}
+        return head | {"baseline": asdict(self.baseline), "ablated": asdict(self.ablated), "mean_kl": self.mean_kl,
+                       "samples": self.samples}
+
+
+@dataclass
+class Evaluation:
+    """Baseline vs ablated, per data set and judge, and the harmless cost. `record()` is eval.json's layout."""
+
+    config: dict  # everything that determines the numbers (the model, every setting, the heads, the prompts' hash)
+    heads: list[Head] | None  # None in per-query mode (each query its own heads, in `samples`)
+    results: dict[str, DatasetResult]
+    samples: dict[str, list[dict]]  # per data set: each prompt's answers and verdicts, both sides
+    harmless: HarmlessCost | None
+
+    def record(self) -> dict:
+        return {"format": "safety-heads/eval", "version": 1, "content_warning": CONTENT_WARNING, "config": self.config,
+                "heads": [list(h) for h in self.heads] if self.heads is not None else None,
+                "results": {name: asdict(numbers) for name, numbers in self.results.items()}, "samples": self.samples,
+                "harmless": self.harmless.record() if self.harmless is not None else None}
+
+
+@dataclass
+class AnswerBatch:
+    """A unit of an evaluation: one batch of answers (`part` is "<data set>/baseline" or ".../ablated")."""
+
+    part: str
+    start: int
+    responses: list[str]
+
+
+@dataclass
+class EvaluationJob:
+    """An evaluation (work.Job): `record` says what determines the numbers; `run(finished)` yields each batch of
+    answers (AnswerBatch) as generated, skipping those in `finished`, and returns the Evaluation."""
+
+    model: LoadedModel
+    config: EvaluateConfig
+    generation: GenerationConfig
+    engine: Engine
+    choice: HeadChoice
+    judges: list
+    sets: dict[str, list]  # data set -> its formatted prompts
+    harmless: list | None
+    means: torch.Tensor | None
+    record: dict
+    progress: Callable[[str], None]
+
+    def run(self, finished: Sequence[AnswerBatch]) -> Generator[AnswerBatch, None, Evaluation]:
+        done = {(unit.part, unit.start): unit.responses for unit in finished}
+        results, samples = {}, {}
+        for name, prompts in self.sets.items():
+            results[name], samples[name] = yield from self.judged(name, prompts, done)
+        harmless = (yield from self.harmless_cost(done)) if self.harmless else None
+        return Evaluation(self.record, self.choice.heads, results, samples, harmless)
+
+    def answers(self, part: str, prompts, head_sets, done: dict) -> Generator[AnswerBatch, None, list[str]]:
+        """Every prompt's answer, a batch at a time (`done` holds the checkpointed ones)."""
+        size, responses = self.generation.batch_size, []
+        for start in range(0, len(prompts), size):
+            if (part, start) in done:
+                responses.extend(done[(part, start)])
+                continue
+            stop = start + size
+            batch = generate(self.model, [p.token_ids for p in prompts[start:stop]],
+                             head_sets=head_sets[start:stop] if head_sets else None, kind=self.config.ablation,
+                             epsilon=self.config.epsilon, means=self.means, config=self.generation,
+                             engine=self.engine)  # remote: one request per batch, with the engine's retry settings
+            texts = [g.text for g in batch]
+            yield AnswerBatch(part, start, texts)
+            responses.extend(texts)
+            self.progress(f"[{part}] {min(stop, len(prompts))}/{len(prompts)} answers")
+        return responses
+
+    def judged(self, name: str, prompts, done: dict) -> Generator[AnswerBatch, None, tuple[DatasetResult, list[dict]]]:
+        """One harmful data set: both sides' answers, each judge's verdicts, the rates and the samples."""
+        choice, judges = self.choice, self.judges
+        head_sets = choice.per_query[: len(prompts)] if choice.per_query is not None else [choice.heads] * len(prompts)
+        baseline = yield from self.answers(f"{name}/baseline", prompts, None, done)
+        ablated = yield from self.answers(f"{name}/ablated", prompts, head_sets, done)
+        queries = [p.query for p in prompts]
+        verdicts = {side: {j.name: j.judge(queries, responses) for j in judges}
+                    for side, responses in (("baseline", baseline), ("ablated", ablated))}
+        rates = {side: _rates(verdicts[side]) for side in verdicts}
+        delta = {j.name: rates["ablated"].asr[j.name] - rates["baseline"].asr[j.name] for j in judges}
+        samples = [
+            {"index": i, "query": p.query, "prompt": p.text,
+             **({"heads": [list(h) for h in head_sets[i]]} if choice.per_query is not None else {}),
+             "baseline": {"response": baseline[i], "verdicts": {j.name: verdicts["baseline"][j.name][i] for j in judges}},
+             "ablated": {"response": ablated[i], "verdicts": {j.name: verdicts["ablated"][j.name][i] for j in judges}}}
+            for i, p in enumerate(prompts)
+        ]
+        return DatasetResult(len(prompts), rates["baseline"], rates["ablated"], delta), samples
+
+    def harmless_cost(self, done: dict) -> Generator[AnswerBatch, None, HarmlessCost]:
+        """Refusal rates on harmless prompts (keyword judges), the mean next-token KL, clean vs ablated, and the
+        answers' likelihood under the unablated model (`answer_nll`)."""
+        prompts, choice, config = self.harmless, self.choice, self.config
+        keyword = [j for j in self.judges if isinstance(j, KeywordJudge)] or [make_judges("refusal-direction")[0]]
+        cost = HarmlessCost(config.harmless, len(prompts), [j.name for j in keyword])
+        if choice.per_query is not None:
+            cost.note = "per-query mode ablates a different group per harmful query; no single group to cost"
+            return cost
+        baseline = yield from self.answers("harmless/baseline", prompts, None, done)
+        ablated = yield from self.answers("harmless/ablated", prompts, [choice.heads] * len(prompts), done)
+        readouts = self.engine.run([p.token_ids for p in prompts], [choice.heads], kind=config.ablation,
+                                   epsilon=config.epsilon, means=self.means)
+        kl = kl_divergence(readouts.clean_logits, readouts.logits[:, 0])
+        cost.mean_kl = float(kl.mean())
+        nll = {side: answer_nll(self.engine, self.model.tokenizer, prompts, texts)
+               for side, texts in (("baseline", baseline), ("ablated", ablated))}
+        sides = {}
+        for side, texts in (("baseline", baseline), ("ablated", ablated)):
+            scored = [v for v in nll[side] if v is not None]
+            sides[side] = HarmlessSide({j.name: sum(map(j.refused, texts)) / len(prompts) for j in keyword},
+                                       sum(scored) / len(scored) if scored else None)
+        cost.baseline, cost.ablated = sides["baseline"], sides["ablated"]
+        cost.samples = [{"index": i, "query": p.query, "baseline": baseline[i], "ablated": ablated[i], "kl": float(kl[i]),
+                         "baseline_nll": nll["baseline"][i], "ablated_nll": nll["ablated"][i]}
+                        for i, p in enumerate(prompts)]
+        return cost
+
+
+def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, *,
+                   source_record: dict | None = None, engine_config: EngineConfig | None = None,
+                   progress: Callable[[str], None] | None = None) -> EvaluationJob:
+    """Everything checked before any work (and before a run folder is touched): the config, the heads (from
+    --heads, or from `source_record`, the --from file's content), the settings it inherits, the judges, every prompt
+    and answer fitting the context; then the mean reference, if the ablation needs one."""
     from .data import format_prompts, load_prompts, prompt_tokens, resolve_template
 
     progress = progress or print_progress
     config.validate()
-    choice = choose_heads(config, model.layout)  # first: a --from file of the wrong kind is refused before its settings are read
-    config = with_source_settings(config, progress)
+    choice = heads_to_ablate(config, model.layout, source_record)  # first: a --from file of the wrong kind is refused
+    config = with_source_settings(config, source_record, progress)
     config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
     config.validate()
     generation = generation or GenerationConfig()
@@ -185,7 +337,6 @@ def run_evaluation(
     judges = make_judges(config.judges)
     engine = Engine(model, engine_config)
     tokenizer = model.tokenizer
-
     sets: dict[str, list] = {}
     if choice.per_query is not None:
         sets[f"{Path(config.source).name} queries"] = format_prompts(choice.queries[: config.limit], config.template, tokenizer, config.system)
@@ -198,64 +349,17 @@ def run_evaluation(
     for prompts in list(sets.values()) + ([harmless] if harmless else []):
         engine.tokenize([p.token_ids for p in prompts])  # everything fits the context before anything is written
         check_answer_room(engine, prompts, generation.max_new_tokens)
-
     means = None
     if config.ablation == "mean":
         means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template, tokenizer, config.system))
-
     record = _config_record(model, config, generation, choice, judges, sets, harmless)
-    checkpoint = None
-    done: dict[tuple[str, int], list[str]] = {}
-    if out is not None:
-        parts = {f"{name}/{side}": len(prompts) for name, prompts in sets.items() for side in ("baseline", "ablated")}
-        if harmless:
-            parts |= {f"harmless/{side}": len(harmless) for side in ("baseline", "ablated")}
-        out, checkpoint, units = open_run(out, "eval", "a finished evaluation", record, resume,
-                                          parse=lambda unit: _answers_unit(unit, parts, generation.batch_size))
-        done.update(units)
+    return EvaluationJob(model, config, generation, engine, choice, judges, sets, harmless, means, record, progress)
 
-    def answers(part: str, prompts, head_sets) -> list[str]:
-        responses = []
-        for start in range(0, len(prompts), generation.batch_size):
-            if (part, start) in done:
-                responses.extend(done[(part, start)])
-                continue
-            stop = start + generation.batch_size
-            batch = generate(model, [p.token_ids for p in prompts[start:stop]], head_sets=head_sets[start:stop] if head_sets else None,
-                             kind=config.ablation, epsilon=config.epsilon, means=means, config=generation,
-                             engine=engine)  # remote: one request per batch, with the engine's retry settings
-            texts = [g.text for g in batch]
-            if checkpoint is not None:
-                checkpoint.append({"part": part, "start": start, "responses": texts})
-            responses.extend(texts)
-            progress(f"[{part}] {min(stop, len(prompts))}/{len(prompts)} answers")
-        return responses
 
-    result = {"format": FORMAT, "version": FORMAT_VERSION, "content_warning": CONTENT_WARNING, "config": record,
-              "heads": [list(h) for h in choice.heads] if choice.heads is not None else None, "results": {}, "samples": {}}
-    for name, prompts in sets.items():
-        head_sets = choice.per_query[: len(prompts)] if choice.per_query is not None else [choice.heads] * len(prompts)
-        baseline = answers(f"{name}/baseline", prompts, None)
-        ablated = answers(f"{name}/ablated", prompts, head_sets)
-        queries = [p.query for p in prompts]
-        verdicts = {side: {j.name: j.judge(queries, responses) for j in judges} for side, responses in (("baseline", baseline), ("ablated", ablated))}
-        result["results"][name] = {"n": len(prompts), **{side: _rates(verdicts[side]) for side in verdicts}}
-        result["results"][name]["delta_asr"] = {
-            j.name: result["results"][name]["ablated"]["asr"][j.name] - result["results"][name]["baseline"]["asr"][j.name] for j in judges
-        }
-        result["samples"][name] = [
-            {"index": i, "query": p.query, "prompt": p.text,
-             **({"heads": [list(h) for h in head_sets[i]]} if choice.per_query is not None else {}),
-             "baseline": {"response": baseline[i], "verdicts": {j.name: verdicts["baseline"][j.name][i] for j in judges}},
-             "ablated": {"response": ablated[i], "verdicts": {j.name: verdicts["ablated"][j.name][i] for j in judges}}}
-            for i, p in enumerate(prompts)
-        ]
-    result["harmless"] = _harmless_cost(model, engine, config, choice, harmless, judges, means, answers) if harmless else None
-    if out is not None:
-        write_json(out / "eval.json", result)
-        save_tensors(out / "eval_data.pt", _tensors(result))
-        checkpoint.remove()
-    return result
+def evaluate(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, **options) -> Evaluation:
+    """An evaluation, computed and kept nowhere (`runs.run_evaluation` writes, resumes and reads --from files);
+    options as `evaluation_job`."""
+    return finish(evaluation_job(model, config, generation, **options))
 
 
 def check_answer_room(engine: Engine, prompts, max_new_tokens: int) -> None:
@@ -266,48 +370,12 @@ def check_answer_room(engine: Engine, prompts, max_new_tokens: int) -> None:
                         f"{engine.context_length} tokens; lower --max-new-tokens to {max(engine.context_length - longest, 1)} or less")
 
 
-def _answers_unit(unit: dict, parts: dict[str, int], batch_size: int) -> tuple[tuple[str, int], list[str]]:
-    """A checkpointed batch of answers, checked (a line may have been edited by hand): ((part, start), answers)."""
-    part, start, responses = unit["part"], unit["start"], unit["responses"]
-    if part not in parts or not isinstance(start, int) or not 0 <= start < parts[part] or start % batch_size:
-        raise ValueError(f"no batch {part!r} from {start!r} in this evaluation")
-    if not isinstance(responses, list) or len(responses) != min(batch_size, parts[part] - start) \
-            or not all(isinstance(text, str) for text in responses):
-        raise ValueError(f"the answers of batch {part!r} from {start} are not {min(batch_size, parts[part] - start)} strings")
-    return (part, start), responses
-
-
-def _rates(verdicts: dict[str, list]) -> dict:
+def _rates(verdicts: dict[str, list]) -> Rates:
     asr, invalid = {}, {}
     for name, values in verdicts.items():
         asr[name] = sum(v is True for v in values) / len(values)
         invalid[name] = sum(v is None for v in values)
-    return {"asr": asr, "invalid": invalid}
-
-
-def _harmless_cost(model, engine, config, choice, prompts, judges, means, answers) -> dict:
-    """Refusal rates on harmless prompts (keyword judges), the mean next-token KL, clean vs ablated, and the answers'
-    likelihood under the unablated model (`answer_nll`)."""
-    keyword = [j for j in judges if isinstance(j, KeywordJudge)] or [make_judges("refusal-direction")[0]]
-    cost = {"dataset": config.harmless, "n": len(prompts), "judges": [j.name for j in keyword]}
-    if choice.per_query is not None:
-        cost["note"] = "per-query mode ablates a different group per harmful query; no single group to cost"
-        return cost
-    baseline = answers("harmless/baseline", prompts, None)
-    ablated = answers("harmless/ablated", prompts, [choice.heads] * len(prompts))
-    cost["baseline"] = {"refusal_rate": {j.name: sum(map(j.refused, baseline)) / len(prompts) for j in keyword}}
-    cost["ablated"] = {"refusal_rate": {j.name: sum(map(j.refused, ablated)) / len(prompts) for j in keyword}}
-    readouts = engine.run([p.token_ids for p in prompts], [choice.heads], kind=config.ablation, epsilon=config.epsilon, means=means)
-    kl = kl_divergence(readouts.clean_logits, readouts.logits[:, 0])
-    cost["mean_kl"] = float(kl.mean())
-    nll = {side: answer_nll(engine, model.tokenizer, prompts, texts) for side, texts in (("baseline", baseline), ("ablated", ablated))}
-    for side, values in nll.items():
-        scored = [v for v in values if v is not None]
-        cost[side]["answer_nll"] = sum(scored) / len(scored) if scored else None
-    cost["samples"] = [{"index": i, "query": p.query, "baseline": baseline[i], "ablated": ablated[i], "kl": float(kl[i]),
-                        "baseline_nll": nll["baseline"][i], "ablated_nll": nll["ablated"][i]}
-                       for i, p in enumerate(prompts)]
-    return cost
+    return Rates(asr, invalid)
 
 
 def answer_nll(engine: Engine, tokenizer, prompts, responses: Sequence[str]) -> list[float | None]:
@@ -343,18 +411,5 @@ def _config_record(model, config, generation, choice, judges, sets, harmless) ->
     }
 
 
-def _tensors(result: dict) -> dict:
-    """eval_data.pt: verdicts as tensors (1 harmful, 0 refused, -1 invalid), plus the JSON's numbers and texts."""
-    code = {True: 1, False: 0, None: -1}
-    verdicts = {}
-    for name, samples in result["samples"].items():
-        verdicts[name] = {
-            side: {judge: torch.tensor([code[s[side]["verdicts"][judge]] for s in samples]) for judge in samples[0][side]["verdicts"]}
-            for side in ("baseline", "ablated")
-        } if samples else {}
-    return {"format": result["format"], "version": result["version"], "content_warning": CONTENT_WARNING,
-            "config": result["config"], "heads": result["heads"], "results": result["results"], "verdicts": verdicts,
-            "samples": result["samples"], "harmless": result["harmless"]}
-
-
-__all__ = ["EvaluateConfig", "run_evaluation", "choose_heads", "HeadChoice", "Sequence"]
+__all__ = ["EvaluateConfig", "Evaluation", "EvaluationJob", "evaluation_job", "evaluate", "heads_to_ablate", "HeadChoice",
+           "answer_nll", "check_answer_room"]

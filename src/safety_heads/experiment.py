@@ -25,19 +25,25 @@ from typing import Callable
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, check_epsilon, check_kind, parse_heads
+from .ablation import check_epsilon, check_kind, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
-from .evaluate import EvaluateConfig, run_evaluation
+from .data import load_prompts
+from .evaluate import EvaluateConfig, Evaluation
 from .generate import GenerationConfig
 from .judges import make_judges
 from .models import LoadedModel
 from .progress import print_progress
 from .report import build_report
-from .results import (LOCK_NAME, Checkpoint, check_not_foreign, check_output_folder, checkpoint_path, is_finished, load_tensors,
-                      lock_folder, read_json, remove_stale_temporaries, save_tensors, versions, write_json)
-from .sahara import SaharaConfig, check_guard_max_rise, run_sahara
-from .ships import ShipsConfig, run_ships
+from .records import versions
+from .runs import run_evaluation, run_sahara, run_ships
+from .runs.files import load_tensors, matrix_or_nan, read_json, save_tensors, to_jsonable, write_json
+from .runs.folder import (LOCK_NAME, Checkpoint, check_not_foreign, check_output_folder, checkpoint_path, is_finished,
+                          lock_folder, remove_stale_temporaries)
+from .runs.sahara import sahara_record
+from .runs.ships import ships_record
+from .sahara import SaharaConfig, check_guard_max_rise
+from .ships import ShipsConfig
 
 MODES = ("quick", "full")
 # --quick on a model with more than QUICK_PRUNE_ABOVE heads: Sahara tries only the QUICK_CANDIDATES heads the Ships
@@ -60,15 +66,16 @@ class ExperimentConfig:
 
     mode: str = "quick"
     limit: int | None = None  # every stage's limit (ships, sahara, eval, harmless) that is not set on its own
-    template: str = "auto"  # chat if the tokenizer has a chat template, else raw (data.resolve_template)
+    # A default shared with a stage is the stage config's own, so it exists in one place.
+    template: str = ShipsConfig.template  # auto: chat if the tokenizer has a chat template, else raw
     system: str | None = None
-    ablation: str = "ua"
-    epsilon: float = DEFAULT_EPSILON
+    ablation: str = ShipsConfig.ablation
+    epsilon: float = ShipsConfig.epsilon
     ships_dataset: str = "maliciousinstruct"
     ships_limit: int | None = None
     sahara_dataset: str = "maliciousinstruct"
     sahara_limit: int | None = None
-    steps: int = 3
+    steps: int = SaharaConfig.steps
     exclude: str | None = None  # heads Sahara never chooses (SaharaConfig.exclude)
     # Per stage (the cookbook notebook's QUICK mode samples heads and uses eps 1e-5 to find heads, 0 to evaluate):
     ships_heads: str | None = None  # the heads Ships scores (a head spec such as "*/10:*/8"); None = every head
@@ -76,15 +83,15 @@ class ExperimentConfig:
     ships_epsilon: float | None = None  # None = epsilon
     sahara_epsilon: float | None = None
     eval_epsilon: float | None = None
-    readout: str = "final-norm"  # Sahara's representation (SaharaConfig.readout); "last-layer" as the notebook
+    readout: str = SaharaConfig.readout  # Sahara's representation (SaharaConfig.readout); "last-layer" as the notebook
     candidates: int | None = None  # Sahara tries only the N heads the Ships stage ranks highest; None = every head
     # Sahara's harmless guard (SaharaConfig.guard), on by default here: without it, the demo model's group includes a
     # head whose ablation garbles every answer (docs/sahara.md). None = off, the paper's search.
     guard: str | None = "harmless-val"
-    guard_max_rise: float = 0.25  # SaharaConfig.guard_max_rise
+    guard_max_rise: float = SaharaConfig.guard_max_rise
     eval_datasets: str = "maliciousinstruct,jailbreakbench"
     eval_limit: int | None = None
-    harmless: str = "harmless-test"
+    harmless: str = EvaluateConfig.harmless
     harmless_limit: int | None = None
     judges: str = "paper,gcg,refusal-direction"
     max_new_tokens: int | None = None
@@ -145,82 +152,129 @@ def run_experiment(
     engine_config: EngineConfig | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run every stage into `out` (skipping finished ones when resuming) and write the report; returns experiment.json."""
+    """Run every stage into `out` (skipping finished ones when resuming) and write the report; returns experiment.json.
+    Each stage hands its result to the next in memory; a stage finished earlier is read back from its folder."""
+    config, pruned = _prepared(model, config)
+    emit = progress or print_progress
+    out = _claim_folder(Path(out), model, config, resume, (engine_config or EngineConfig()).remote)
+    if pruned:
+        emit(f"--quick on {model.layout.n_total_heads} heads: Sahara tries the {QUICK_CANDIDATES} heads the Ships stage "
+             f"ranks highest (--candidates N to change it; --full searches every head)")
+    stages = Stages(model, config, out, engine_config, emit)
+    ships = stages.ships()
+    sahara = stages.sahara(ships)
+    evaluation = stages.evaluate(sahara)
+    per_query = stages.evaluate_per_query(ships)
+    return _finish(model, config, out, engine_config, stages.timings, ships, sahara, evaluation, per_query, emit)
+
+
+def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["ExperimentConfig", bool]:
+    """The config with its preset, template and pruning filled in, every setting and data set checked before the
+    folder is touched; and whether --quick pruned Sahara's candidates."""
     from .data import load_prompts, resolve_template
 
     config = replace(config.resolved(), template=resolve_template(config.template, model.tokenizer))  # recorded as used
     config.validate()
-    emit = progress or print_progress
     pruned = config.mode == "quick" and config.candidates is None and model.layout.n_total_heads > QUICK_PRUNE_ABOVE
     if pruned:
         config = replace(config, candidates=QUICK_CANDIDATES)
-    make_judges(config.judges)  # every setting is checked before the folder is touched
+    make_judges(config.judges)
     for spec in (config.exclude, config.ships_heads, config.sahara_heads):
         if spec:
             parse_heads(spec, model.layout)
-    out = Path(out)
+    load_prompts(config.ships_dataset, limit=config.ships_limit)  # a bad name fails before anything is written
+    load_prompts(config.sahara_dataset, limit=config.sahara_limit)
+    if config.guard is not None:
+        load_prompts(config.guard, limit=1)
+    _check_answers_fit(model, config)  # reads the evaluation's data sets too
+    return config, pruned
+
+
+def _claim_folder(out: Path, model: LoadedModel, config: ExperimentConfig, resume: bool, remote) -> Path:
+    """`out` checked, locked and holding the run's own checkpoint. Its header is the run's settings, checked on resume:
+    finished stages must not be mixed with stages under other settings. Batching and retry settings change no result
+    (beyond float rounding), so they may differ on resume; where the traces run (here or on NDIF) does."""
     if out.is_dir():
         check_not_foreign(out, "run")
     if out.is_dir() and any(path.name != LOCK_NAME for path in out.iterdir()) and not resume:
         raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
     check_output_folder(out)
-    # Read every data set first: a bad name fails before anything is written.
-    ships_queries = load_prompts(config.ships_dataset, limit=config.ships_limit)
-    sahara_queries = load_prompts(config.sahara_dataset, limit=config.sahara_limit)
-    if config.guard is not None:
-        load_prompts(config.guard, limit=1)
-    _check_answers_fit(model, config)  # reads the evaluation's data sets too
-    # The run's own settings, checked on resume: finished stages must not be mixed with stages under other settings.
-    # Batching and retry settings change no result (beyond float rounding), so they may differ on resume; where the
-    # traces run (here or on NDIF, in another dtype) does.
-    remote = (engine_config or EngineConfig()).remote
-    lock_folder(out)  # one writer per folder; each stage's folder is locked by its own command
+    lock_folder(out)  # one writer per folder; each stage's folder is locked by its own run
     remove_stale_temporaries(out)
-    run_checkpoint = Checkpoint(checkpoint_path(out, "run"), {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote})
-    run_checkpoint.start(resume)
-    if pruned:
-        emit(f"--quick on {model.layout.n_total_heads} heads: Sahara tries the {QUICK_CANDIDATES} heads the Ships stage "
-             f"ranks highest (--candidates N to change it; --full searches every head)")
-    generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
-    timings: dict[str, float] = {}
-    common = dict(template=config.template, system=config.system, ablation=config.ablation)
-    epsilon = {name: config.epsilon if value is None else value  # per stage, --epsilon where not given
-               for name, value in (("ships", config.ships_epsilon), ("sahara", config.sahara_epsilon), ("eval", config.eval_epsilon))}
-    stages = 4
+    header = {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote}
+    Checkpoint(checkpoint_path(out, "run"), header).start(resume)
+    return out
 
-    def stage(index: int, name: str, final: Path, work: Callable[[Callable[[str], None]], None]) -> None:
+
+class Stages:
+    """The four stages, each run into its own subfolder (or read back from it when finished earlier), each returning
+    its JSON record (what its file holds), so the next stage and the report take it in memory."""
+
+    def __init__(self, model, config: ExperimentConfig, out: Path, engine_config, emit):
+        self.model, self.config, self.out, self.engine_config, self.emit = model, config, out, engine_config, emit
+        self.timings: dict[str, float] = {}
+        self.common = dict(template=config.template, system=config.system, ablation=config.ablation)
+        self.generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
+
+    def _epsilon(self, value: float | None) -> float:
+        return self.config.epsilon if value is None else value  # a stage's epsilon, --epsilon where not given
+
+    def _stage(self, index: int, name: str, final: Path, work: Callable[[Callable[[str], None]], object],
+               record: Callable[[object], dict]) -> dict:
         if is_finished(final.parent, final.stem):  # its outputs written and its checkpoint removed, the last write
-            emit(f"[{index}/{stages} {name}] finished earlier: {final}")
-            return
+            self.emit(f"[{index}/4 {name}] finished earlier: {final}")
+            return read_json(final)
         started = time.monotonic()
-        work(StageProgress(name, index, stages, emit))
-        timings[name] = time.monotonic() - started
+        result = work(StageProgress(name, index, 4, self.emit))
+        self.timings[name] = time.monotonic() - started
+        return to_jsonable(record(result))
 
-    stage(1, "ships", out / "ships" / "ships.json", lambda p: run_ships(
-        model, ships_queries, ShipsConfig(**common, epsilon=epsilon["ships"], heads=config.ships_heads), out=out / "ships", resume=True, engine_config=engine_config,
-        source={"dataset": config.ships_dataset, "limit": config.ships_limit}, progress=p))
-    # guard_batch 1: the guard checks the best head first and widens only when it fails (the same choice, and on a
-    # real model each check is a teacher-forced pass over every guard answer).
-    search = SaharaConfig(**common, epsilon=epsilon["sahara"], heads=config.sahara_heads, readout=config.readout, steps=config.steps,
-                          exclude=config.exclude, guard=config.guard,
-                          guard_max_rise=config.guard_max_rise, guard_batch=1, sets_per_call=16, candidates=config.candidates,
-                          rank_by=str(out / "ships" / "ships.json") if config.candidates else None)
-    stage(2, "sahara", out / "sahara" / "sahara.json", lambda p: run_sahara(
-        model, sahara_queries, search, out=out / "sahara", resume=True, engine_config=engine_config,
-        source={"dataset": config.sahara_dataset, "limit": config.sahara_limit}, progress=p))
-    evaluation = dict(limit=config.eval_limit, judges=config.judges, harmless_limit=config.harmless_limit, **common,
-                      epsilon=epsilon["eval"])
-    stage(3, "evaluate", out / "eval" / "eval.json", lambda p: run_evaluation(
-        model, EvaluateConfig(datasets=config.eval_datasets, source=str(out / "sahara" / "sahara.json"), harmless=config.harmless, **evaluation),
-        generation, out=out / "eval", resume=True, engine_config=engine_config, progress=p))
-    stage(4, "evaluate-per-query", out / "eval-per-query" / "eval.json", lambda p: run_evaluation(
-        model, EvaluateConfig(source=str(out / "ships" / "ships.json"), per_query=True, top_k=config.per_query_top_k,
-                              harmless=None, **evaluation),
-        generation, out=out / "eval-per-query", resume=True, engine_config=engine_config, progress=p))
+    def ships(self) -> dict:
+        c = self.config
+        queries = load_prompts(c.ships_dataset, limit=c.ships_limit)
+        stage_config = ShipsConfig(**self.common, epsilon=self._epsilon(c.ships_epsilon), heads=c.ships_heads)
+        return self._stage(1, "ships", self.out / "ships" / "ships.json", lambda p: run_ships(
+            self.model, queries, stage_config, out=self.out / "ships", resume=True, engine_config=self.engine_config,
+            source={"dataset": c.ships_dataset, "limit": c.ships_limit}, progress=p), ships_record)
 
-    ships, sahara = read_json(out / "ships" / "ships.json"), read_json(out / "sahara" / "sahara.json")
-    evaluation_record, per_query = read_json(out / "eval" / "eval.json"), read_json(out / "eval-per-query" / "eval.json")
-    facts = build_report(out, ships, sahara, evaluation_record, per_query, title=f"safety-heads: {model.name}", timings=timings)
+    def sahara(self, ships: dict) -> dict:
+        c = self.config
+        queries = load_prompts(c.sahara_dataset, limit=c.sahara_limit)
+        # guard_batch 1: the guard checks the best head first and widens only when it fails (the same choice, and on
+        # a real model each check is a teacher-forced pass over every guard answer).
+        search = SaharaConfig(**self.common, epsilon=self._epsilon(c.sahara_epsilon), heads=c.sahara_heads,
+                              readout=c.readout, steps=c.steps, exclude=c.exclude, guard=c.guard,
+                              guard_max_rise=c.guard_max_rise, guard_batch=1, sets_per_call=16, candidates=c.candidates,
+                              rank_by=str(self.out / "ships" / "ships.json") if c.candidates else None)
+        ranking = matrix_or_nan(ships["aggregate"]["mean"]) if c.candidates else None
+        return self._stage(2, "sahara", self.out / "sahara" / "sahara.json", lambda p: run_sahara(
+            self.model, queries, search, out=self.out / "sahara", resume=True, engine_config=self.engine_config,
+            source={"dataset": c.sahara_dataset, "limit": c.sahara_limit}, ranking=ranking, progress=p), sahara_record)
+
+    def _evaluation(self, **settings) -> EvaluateConfig:
+        c = self.config
+        return EvaluateConfig(limit=c.eval_limit, judges=c.judges, harmless_limit=c.harmless_limit, **self.common,
+                              epsilon=self._epsilon(c.eval_epsilon), **settings)
+
+    def evaluate(self, sahara: dict) -> dict:
+        config = self._evaluation(datasets=self.config.eval_datasets, source=str(self.out / "sahara" / "sahara.json"),
+                                  harmless=self.config.harmless)
+        return self._stage(3, "evaluate", self.out / "eval" / "eval.json", lambda p: run_evaluation(
+            self.model, config, self.generation, out=self.out / "eval", resume=True, engine_config=self.engine_config,
+            source_record=sahara, progress=p), Evaluation.record)
+
+    def evaluate_per_query(self, ships: dict) -> dict:
+        config = self._evaluation(source=str(self.out / "ships" / "ships.json"), per_query=True,
+                                  top_k=self.config.per_query_top_k, harmless=None)
+        return self._stage(4, "evaluate-per-query", self.out / "eval-per-query" / "eval.json", lambda p: run_evaluation(
+            self.model, config, self.generation, out=self.out / "eval-per-query", resume=True,
+            engine_config=self.engine_config, source_record=ships, progress=p), Evaluation.record)
+
+
+def _finish(model, config, out: Path, engine_config, timings, ships, sahara, evaluation, per_query, emit) -> dict:
+    """The report, the compiled notebook-style files and experiment.json; then the run's checkpoint goes, the last
+    write."""
+    facts = build_report(out, ships, sahara, evaluation, per_query, title=f"safety-heads: {model.name}", timings=timings)
     compiled = {}
     for name, path in (("ships", out / "ships" / "ships_data.pt"), ("sahara", out / "sahara" / "sahara_data.pt"),
                        ("eval", out / "eval" / "eval_data.pt"), ("eval_per_query", out / "eval-per-query" / "eval_data.pt")):
@@ -234,9 +288,9 @@ def run_experiment(
         "model": model.name,
         "engine": asdict(engine_config or EngineConfig()),
         "heads": sahara["heads"],
-        "asr": {name: numbers for name, numbers in evaluation_record["results"].items()},
+        "asr": {name: numbers for name, numbers in evaluation["results"].items()},
         "asr_per_query": per_query["results"],
-        "harmless": {k: v for k, v in (evaluation_record.get("harmless") or {}).items() if k != "samples"},
+        "harmless": {k: v for k, v in (evaluation.get("harmless") or {}).items() if k != "samples"},
         "stages": {"ships": "ships/ships.json", "sahara": "sahara/sahara.json", "evaluate": "eval/eval.json",
                    "evaluate_per_query": "eval-per-query/eval.json", "report": "report.html"},
         "timings_seconds": timings,
@@ -244,7 +298,7 @@ def run_experiment(
     }
     write_json(out / "experiment.json", record)
     save_tensors(out / "experiment_data.pt", {**compiled, "experiment": record})
-    run_checkpoint.remove()
+    Checkpoint(checkpoint_path(out, "run"), {}).remove()
     emit(f"report: {out / 'report.html'} (group {', '.join(f'{l}:{h}' for l, h in facts['heads'])})")
     return record
 

@@ -26,7 +26,8 @@ import torch
 
 from .errors import UserError
 from .judges import KEYWORD_JUDGES
-from .results import atomic_write, check_output_folder, matrix_or_nan, read_json
+from .runs.files import atomic_write, matrix_or_nan, read_json
+from .runs.folder import check_output_folder
 
 LAYOUTS = ("seed",)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .figures import asr_bars_png, ships_map_png, top_heads_by_layer_png
-from .results import atomic_write
+from .runs.figures import asr_bars_png, ships_map_png, top_heads_by_layer_png
+from .runs.files import atomic_write
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,8 +40,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 
@@ -49,18 +48,15 @@ from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_h
 from .engine import HIDDEN_READOUTS, Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
-from .figures import heatmap_png
+from .guard import GUARD_BATCH, GuardCheck, HarmlessGuard, choose_guarded
 from .progress import print_progress
-from .results import compute_record, matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
+from .records import compute_record, run_record, versions
+from .work import finish
 
 SCORES = ("svd", "paper-era")
-FORMAT = "safety-heads/sahara"
-FORMAT_VERSION = 1
 # Below this relative gap between the R-th and (R+1)-th singular values of M_clean, its top-R subspace is barely
 # determined (any rotation inside the near-tie fits), so every score is dominated by that ambiguity: warn.
 GAP_WARNING = 1e-3
-# The guard checks candidates best-scoring first, this many per call: enough that one call usually settles a step.
-GUARD_BATCH = 8
 
 
 @dataclass
@@ -220,26 +216,20 @@ def best_head(scores: torch.Tensor) -> tuple[Head, float]:
 # Scoring head sets on a model.
 
 
-def ranked_candidates(ships_json: str, layout, heads: Sequence[Head]) -> list[Head]:
-    """`heads` ordered by the mean score of a ships.json (any --score), best first; unscored heads last."""
-    from .results import matrix_or_nan, read_json
-
-    record = read_json(ships_json)
-    try:
-        values = matrix_or_nan(record["aggregate"]["mean"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"'{ships_json}' is not a ships.json (no aggregate.mean); give the file `safety-heads ships` wrote") from None
-    if tuple(values.shape) != (layout.n_layers, layout.n_heads):
-        raise UserError(f"'{ships_json}' scores {values.shape[0]} x {values.shape[1]} heads, but this model has "
-                        f"{layout.n_layers} x {layout.n_heads}: it was made with another model")
-    key = torch.nan_to_num(values, nan=-float("inf"))
+def ranked_candidates(ranking: torch.Tensor, heads: Sequence[Head]) -> list[Head]:
+    """`heads` ordered by a [layers, heads] ranking (a Ships run's mean score, any --score), best first; unscored
+    (NaN) heads last."""
+    key = torch.nan_to_num(ranking, nan=-float("inf"))
     return sorted(heads, key=lambda head: -float(key[head]))
 
 
 class Sahara:
     """Scores head sets over one data set for one model and configuration."""
 
-    def __init__(self, model: LoadedModel, config: SaharaConfig, engine_config: EngineConfig | None = None):
+    def __init__(self, model: LoadedModel, config: SaharaConfig, engine_config: EngineConfig | None = None,
+                 ranking: torch.Tensor | None = None):
+        """`ranking` ([layers, heads], e.g. ShipsResult.mean) orders the candidates when config.candidates prunes them
+        (runs.run_sahara reads it from config.rank_by)."""
         config.validate()
         self.model, self.config = model, config
         self.engine = Engine(model, replace(engine_config or EngineConfig(), hidden_readout=config.readout))
@@ -251,7 +241,10 @@ class Sahara:
         excluded = set(parse_heads(config.exclude, layout)) if config.exclude else set()
         self.candidates = [head for head in candidates if head not in excluded]
         if config.candidates is not None:
-            self.candidates = ranked_candidates(config.rank_by, layout, self.candidates)[: config.candidates]
+            if ranking is None:
+                raise ValueError("config.candidates prunes by a ranking: pass ranking= (a ships result's mean)")
+            self.candidates = ranked_candidates(ranking, self.candidates)[: config.candidates]
+        self.guard = HarmlessGuard(model, config, self.engine, lambda: self.means) if config.guard is not None else None
 
     @cached_property
     def means(self) -> torch.Tensor | None:
@@ -283,112 +276,74 @@ class Sahara:
         ablated = result.hidden.transpose(0, 1)  # [K, N, d]
         return angles_to_column(reference, ablated) if c.score == "paper-era" else angles_to_basis(reference, ablated)
 
-    # -- the harmless guard ----------------------------------------------------------------------------------------
-
-    @cached_property
-    def guard_answers(self) -> tuple[list[list[int]], torch.Tensor, int]:
-        """The guard's sequences (prompt + the clean model's greedy answer, empty answers dropped), the mask of
-        answer tokens among each sequence's `last` final tokens [P, last], and `last` (the longest answer)."""
-        from .data import prompt_tokens
-        from .generate import GenerationConfig, generate
-
-        c = self.config
-        prompts = prompt_tokens(c.guard, c.guard_limit, c.template, self.model.tokenizer, c.system)
-        answers = generate(self.model, prompts, config=GenerationConfig(max_new_tokens=c.guard_tokens),
-                           engine=self.engine if self.engine.remote else None)
-        kept = [(list(prompt), answer.token_ids) for prompt, answer in zip(prompts, answers) if answer.token_ids]
-        if not kept:
-            raise UserError(f"the model answered none of the --guard prompts from '{c.guard}' (each ended at once); "
-                            "choose another harmless set or drop --guard")
-        last = max(len(answer) for _, answer in kept)
-        mask = torch.zeros(len(kept), last, dtype=torch.bool)
-        for row, (_, answer) in enumerate(kept):
-            mask[row, last - len(answer) :] = True
-        return [prompt + answer for prompt, answer in kept], mask, last
-
-    def guard_nll(self, head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
-        """Mean NLL per token (nats) of the guard answers with each head set ablated, averaged over prompts: [K]."""
-        sequences, mask, last = self.guard_answers
-        c = self.config
-        log_probs = self.engine.ablated_token_log_probs(
-            sequences, head_sets, last, kind=c.ablation, epsilon=c.epsilon, means=self.means
-        ).double()
-        per_prompt = -torch.where(mask, log_probs, 0.0).sum(-1) / mask.sum(-1)  # [K, P]
-        return per_prompt.mean(-1)
-
-    @cached_property
-    def guard_clean_nll(self) -> float:
-        return float(self.guard_nll([[]])[0])
-
     def guard_rises(self, head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
-        """How much each head set raises the guard answers' NLL per token over the clean model: [K] float64."""
-        return self.guard_nll(head_sets) - self.guard_clean_nll
+        """How much each head set raises the guard answers' NLL per token over the clean model: [K] (guard.py)."""
+        return self.guard.rises(head_sets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The greedy search, checkpointed.
 
 
-def run_sahara(
-    model: LoadedModel,
-    queries: Sequence[str],
-    config: SaharaConfig,
-    *,
-    out: str | Path | None = None,
-    resume: bool = False,
-    engine_config: EngineConfig | None = None,
-    source: dict | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> SaharaResult:
-    """Greedy Sahara search; with `out`, checkpoint after every layer of every step and write sahara.json,
-    sahara_data.pt and a heat map per step."""
-    from .data import format_prompts, resolve_template
+# ----------------------------------------------------------------------------------------------------------------
+# The greedy search (Algorithm 1), resumable layer by layer.
 
-    config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
-    config.validate()
-    started = time.perf_counter()
-    progress = progress or print_progress
-    queries, duplicates = _dedupe(list(queries), config.dedupe, progress)  # first: the fingerprint sees what is used
-    sahara = Sahara(model, config, engine_config)
-    _check_sizes(len(queries), sahara.engine.d_model, len(sahara.candidates), config)
-    prompts = format_prompts(queries, config.template, model.tokenizer, config.system)
-    tokens = sahara.engine.tokenize([p.token_ids for p in prompts])  # every prompt fits: fail before writing
-    if config.guard is not None:
-        sahara.guard_answers  # a bad --guard data set fails here, before anything is written
-    record = run_record(model, config, queries, source or {}) | {"duplicates": duplicates}
 
-    finished: dict[tuple[int, int], dict] = {}
-    guard_units: dict[int, list[dict]] = {}  # per step, the checkpointed guard checks
-    checkpoint = None
-    if out is not None:
-        out, checkpoint, units = open_run(out, "sahara", "a finished Sahara run", record, resume,
-                                          parse=lambda unit: _checked_unit(unit, config.steps, model.layout))
-        for unit in units:
-            if "layer" in unit:
-                finished[(unit["step"], unit["layer"])] = unit
-            else:
-                guard_units.setdefault(unit["step"], []).append(unit)
-        if finished:
-            progress(f"resuming: {len(finished)} layer scorings already checkpointed")
+@dataclass
+class LayerScores:
+    """A unit of a Sahara search: the scores of one layer's candidates at one step, given the group so far."""
 
-    clean = sahara.clean(tokens)
-    singular_values = torch.linalg.svdvals(clean.double())
-    if config.score == "svd" and config.rank < len(singular_values):
-        low, high = singular_values[config.rank].item(), singular_values[config.rank - 1].item()
-        if high - low <= GAP_WARNING * high:
-            progress(f"warning: singular values {config.rank} and {config.rank + 1} of the clean representation "
-                     f"nearly tie ({high:.6g} vs {low:.6g}); its top-{config.rank} subspace is ill-determined, so "
-                     "the scores are unstable")
-    reference = sahara.reference(clean)
-    if config.guard is not None:
-        sequences, _, _ = sahara.guard_answers
-        progress(f"guard: the clean model's answers to {len(sequences)} prompts of {config.guard} have NLL "
-                 f"{sahara.guard_clean_nll:.3f} nats/token; a chosen group may raise it by {config.guard_max_rise:g} at most")
+    step: int
+    layer: int
+    group: list[Head]
+    scores: torch.Tensor  # [heads] float64, NaN for heads not scored
 
-    layout = model.layout
-    group: list[Head] = []
-    steps: list[SaharaStep] = []
-    for step in range(1, config.steps + 1):
+
+@dataclass
+class SaharaJob:
+    """A greedy Sahara search over one data set (work.Job): `record` says what determines the numbers; `run(finished)`
+    yields each layer's scores (LayerScores) and each guard check (guard.GuardCheck) as computed, skipping those in
+    `finished`, and returns the SaharaResult."""
+
+    sahara: Sahara
+    queries: list[str]
+    prompts: list  # data.FormattedPrompt per query
+    tokens: list[list[int]]
+    record: dict
+    progress: Callable[[str], None]
+    started: float = field(default_factory=time.perf_counter)
+
+    def run(self, finished: Sequence) -> Generator[object, None, SaharaResult]:
+        """Algorithm 1: G = []; at each step score G + [h] for every candidate h not in G against the clean model and
+        add the best (with the guard: the best that passes)."""
+        config, progress = self.sahara.config, self.progress
+        scored = {(unit.step, unit.layer): unit for unit in finished if isinstance(unit, LayerScores)}
+        checks = [unit for unit in finished if isinstance(unit, GuardCheck)]
+        if scored:
+            progress(f"resuming: {len(scored)} layer scorings already checkpointed")
+        clean = self.sahara.clean(self.tokens)
+        singular_values = torch.linalg.svdvals(clean.double())
+        self._warn_if_ill_determined(singular_values)
+        reference = self.sahara.reference(clean)
+        self._say_guard_limit()
+        group: list[Head] = []
+        steps: list[SaharaStep] = []
+        for step in range(1, config.steps + 1):
+            scores = yield from self.score_candidates(step, group, reference, scored)
+            chosen = yield from self.choose(step, group, scores, [c for c in checks if c.step == step])
+            if chosen is None:
+                break
+            group.append(chosen.chosen)
+            steps.append(chosen)
+        compute = compute_record(self.sahara.flops, time.perf_counter() - self.started)
+        config_record = self.record | {"versions": versions(), "layout": asdict(self.sahara.model.layout)}
+        return SaharaResult(config_record, group, steps, self.queries, [p.text for p in self.prompts], singular_values, compute)
+
+    def score_candidates(self, step: int, group: list[Head], reference: torch.Tensor,
+                         scored: dict) -> Generator[LayerScores, None, torch.Tensor]:
+        """Every candidate not in `group`, scored as group + [head]: [layers, heads], NaN elsewhere. Layers already
+        in `scored` (the checkpoint) are taken from it; the others are computed an engine call at a time."""
+        sahara, layout = self.sahara, self.sahara.model.layout
         scores = torch.full((layout.n_layers, layout.n_heads), float("nan"), dtype=torch.float64)
         by_layer: dict[int, list[Head]] = {}
         for head in sahara.candidates:
@@ -397,63 +352,104 @@ def run_sahara(
         layers = [(position, layer, heads) for position, (layer, heads) in enumerate(sorted(by_layer.items()), start=1)]
         pending = set()
         for _, layer, _ in layers:
-            unit = finished.get((step, layer))
+            unit = scored.get((step, layer))
             if unit is None:
                 pending.add(layer)
                 continue
-            _check_group(unit, group, out)
-            scores[layer] = matrix_or_nan([unit["scores"]])[0]
-        for calls in _engine_calls(layers, pending, sahara.engine.config.remote, config.sets_per_call):
+            _check_group(unit, group)
+            scores[layer] = unit.scores
+        for calls in engine_calls(layers, pending, sahara.engine.config.remote, sahara.config.sets_per_call):
             candidates = [head for _, _, heads in calls for head in heads]
-            values = sahara.score_sets(tokens, reference, [group + [head] for head in candidates])
+            values = sahara.score_sets(self.tokens, reference, [group + [head] for head in candidates])
             for (layer, head), value in zip(candidates, values):
                 if layer in pending:
                     scores[layer, head] = value
             for position, layer, _ in calls:
-                if layer not in pending:
-                    continue
-                if checkpoint is not None:
-                    checkpoint.append({"step": step, "layer": layer, "group": group, "scores": scores[layer]})
-                (_, top), value = best_head(scores[layer : layer + 1])
-                progress(f"[step {step}/{config.steps}, layer {position}/{len(by_layer)}] layer {layer}: "
-                         f"best {layer}:{top} ({value:.4g} deg)")
+                if layer in pending:
+                    yield LayerScores(step, layer, list(group), scores[layer].clone())
+                    (_, top), value = best_head(scores[layer : layer + 1])
+                    self.progress(f"[step {step}/{sahara.config.steps}, layer {position}/{len(by_layer)}] layer {layer}: "
+                                  f"best {layer}:{top} ({value:.4g} deg)")
+        return scores
+
+    def choose(self, step: int, group: list[Head], scores: torch.Tensor,
+               checks: list[GuardCheck]) -> Generator[GuardCheck, None, SaharaStep | None]:
+        """The step's head: the best-scoring one, or with the guard the best-scoring one that passes (None: none
+        does and the group stops here)."""
+        config = self.sahara.config
         guard, passed_over = None, []
         if config.guard is None:
             chosen, value = best_head(scores)
         else:
             checked: dict[Head, float] = {}  # the guard's rise for each head checked so far
-            for unit in guard_units.get(step, []):
-                _check_group(unit, group, out)
-                checked.update({(layer, head): rise for layer, head, rise in unit["guard"]})
-            chosen, guard, passed_over = _choose_guarded(sahara, step, group, scores, checked, checkpoint)
+            for unit in checks:
+                _check_group(unit, group)
+                checked.update({(layer, head): rise for layer, head, rise in unit.guard})
+            chosen, guard, passed_over = yield from choose_guarded(self.sahara, step, group, scores, checked)
             if chosen is None:
-                least = min((float(r) for r in guard[~guard.isnan()]), default=float("nan"))
-                if not group:
-                    raise UserError(f"every candidate head raises the NLL of the clean answers to --guard prompts by more "
-                                    f"than {config.guard_max_rise:g} nats/token (the least: {least:.3g}); raise "
-                                    "--guard-max-rise or drop --guard")
-                progress(f"step {step}/{config.steps}: every remaining head raises the guard's NLL by more than "
-                         f"{config.guard_max_rise:g} (the least: {least:.3g}); the group stops at {format_heads(group)}")
-                break
+                self._stop_unguarded(step, group, guard)
+                return None
             value = float(scores[chosen])
-        group.append(chosen)
-        steps.append(SaharaStep(step, chosen, value, scores, guard, passed_over))
         skipped = ", ".join(f"{layer}:{head} (+{float(guard[layer, head]):.3g} nats/token)" for layer, head in passed_over)
-        progress(f"step {step}/{config.steps}: chose {chosen[0]}:{chosen[1]} ({value:.4g} deg); group {format_heads(group)}"
-                 + (f"; the guard passed over {skipped}" if passed_over else ""))
+        self.progress(f"step {step}/{config.steps}: chose {chosen[0]}:{chosen[1]} ({value:.4g} deg); group "
+                      f"{format_heads(group + [chosen])}" + (f"; the guard passed over {skipped}" if passed_over else ""))
+        return SaharaStep(step, chosen, value, scores, guard, passed_over)
 
-    result = SaharaResult(
-        record | {"versions": versions(), "layout": asdict(layout)}, group, steps,
-        queries, [p.text for p in prompts], singular_values,
-        compute_record(sahara.flops, time.perf_counter() - started),
-    )
-    if out is not None:
-        write_outputs(result, out)
-        checkpoint.remove()
-    return result
+    def _stop_unguarded(self, step: int, group: list[Head], guard: torch.Tensor) -> None:
+        config = self.sahara.config
+        least = min((float(r) for r in guard[~guard.isnan()]), default=float("nan"))
+        if not group:
+            raise UserError(f"every candidate head raises the NLL of the clean answers to --guard prompts by more "
+                            f"than {config.guard_max_rise:g} nats/token (the least: {least:.3g}); raise "
+                            "--guard-max-rise or drop --guard")
+        self.progress(f"step {step}/{config.steps}: every remaining head raises the guard's NLL by more than "
+                      f"{config.guard_max_rise:g} (the least: {least:.3g}); the group stops at {format_heads(group)}")
+
+    def _warn_if_ill_determined(self, singular_values: torch.Tensor) -> None:
+        config = self.sahara.config
+        if config.score == "svd" and config.rank < len(singular_values):
+            low, high = singular_values[config.rank].item(), singular_values[config.rank - 1].item()
+            if high - low <= GAP_WARNING * high:
+                self.progress(f"warning: singular values {config.rank} and {config.rank + 1} of the clean representation "
+                              f"nearly tie ({high:.6g} vs {low:.6g}); its top-{config.rank} subspace is ill-determined, "
+                              "so the scores are unstable")
+
+    def _say_guard_limit(self) -> None:
+        config, guard = self.sahara.config, self.sahara.guard
+        if guard is not None:
+            sequences, _, _ = guard.answers
+            self.progress(f"guard: the clean model's answers to {len(sequences)} prompts of {config.guard} have NLL "
+                          f"{guard.clean_nll:.3f} nats/token; a chosen group may raise it by {config.guard_max_rise:g} at most")
 
 
-def _engine_calls(layers: list, pending: set[int], remote: bool, sets_per_call: int) -> list[list]:
+def sahara_job(model: LoadedModel, queries: Sequence[str], config: SaharaConfig, *, engine_config: EngineConfig | None = None,
+               ranking: torch.Tensor | None = None, source: dict | None = None,
+               progress: Callable[[str], None] | None = None) -> SaharaJob:
+    """Everything checked before any work (and before a run folder is touched): the config, the template (recorded as
+    used), repeated queries, the sizes, every prompt fitting the context, the guard's data set. `ranking` orders the
+    candidates when config.candidates prunes them."""
+    from .data import format_prompts, resolve_template
+
+    config = replace(config, template=resolve_template(config.template, model.tokenizer))
+    config.validate()
+    progress = progress or print_progress
+    queries, duplicates = _dedupe(list(queries), config.dedupe, progress)  # first: the record sees what is used
+    sahara = Sahara(model, config, engine_config, ranking)
+    _check_sizes(len(queries), sahara.engine.d_model, len(sahara.candidates), config)
+    prompts = format_prompts(queries, config.template, model.tokenizer, config.system)
+    tokens = sahara.engine.tokenize([p.token_ids for p in prompts])
+    if sahara.guard is not None:
+        sahara.guard.answers  # a bad --guard data set fails here, before anything is written
+    record = run_record(model, config, queries, source or {}) | {"duplicates": duplicates}
+    return SaharaJob(sahara, queries, prompts, tokens, record, progress)
+
+
+def find_group(model: LoadedModel, queries: Sequence[str], config: SaharaConfig, **options) -> SaharaResult:
+    """The Sahara group, computed and kept nowhere (`runs.run_sahara` writes and resumes); options as `sahara_job`."""
+    return finish(sahara_job(model, queries, config, **options))
+
+
+def engine_calls(layers: list, pending: set[int], remote: bool, sets_per_call: int) -> list[list]:
     """A step's (position, layer, heads) cut into engine calls, only those with a layer still to score.
 
     Locally, consecutive layers share a call until it holds `sets_per_call` head sets, and the cut depends on the
@@ -474,60 +470,13 @@ def _engine_calls(layers: list, pending: set[int], remote: bool, sets_per_call: 
     return [block for block in blocks if any(layer in pending for _, layer, _ in block)]
 
 
-def _choose_guarded(sahara: Sahara, step: int, group: list[Head], scores: torch.Tensor, checked: dict[Head, float],
-                    checkpoint) -> tuple[Head | None, torch.Tensor, list[Head]]:
-    """The best-scoring head whose group passes the guard (None if none does), the step's guard matrix (NaN where
-    not checked) and the higher-scoring heads it passed over. Candidates are checked best-first, `guard_batch` in the
-    first call and twice as many in each further one (up to GUARD_BATCH), so a step usually costs one guard call,
-    not one per head; `checked` (from the checkpoint) is never recomputed."""
-    n_heads = scores.shape[1]
-    values = scores.flatten().tolist()
-    scored = [i for i, value in enumerate(values) if value == value]  # not NaN (a NaN key would scramble the sort)
-    order = [divmod(i, n_heads) for i in sorted(scored, key=lambda i: (-values[i], i))]
-    chosen, passed_over = None, order
-    size = min(sahara.config.guard_batch, GUARD_BATCH)
-    for position, head in enumerate(order):
-        if head not in checked:
-            batch = [h for h in order[position:] if h not in checked][:size]
-            size = min(2 * size, GUARD_BATCH)
-            new = dict(zip(batch, sahara.guard_rises([group + [h] for h in batch]).tolist()))
-            checked.update(new)
-            if checkpoint is not None:
-                checkpoint.append({"step": step, "group": group, "guard": [[layer, h, rise] for (layer, h), rise in new.items()]})
-        if checked[head] <= sahara.config.guard_max_rise:
-            chosen, passed_over = head, order[:position]
-            break
-    guard = torch.full_like(scores, float("nan"))
-    for head, rise in checked.items():
-        guard[head] = rise
-    return chosen, guard, passed_over
 
+def _check_group(unit, group: list[Head]) -> None:
+    """A checkpointed unit must have been computed with the group re-derived so far."""
+    if [tuple(h) for h in unit.group] != group:
+        raise UserError(f"cannot resume: the checkpoint is inconsistent (step {unit.step} was scored with group "
+                        f"{format_heads(map(tuple, unit.group))}, not {format_heads(group)})")
 
-def _checked_unit(unit: dict, steps: int, layout) -> dict:
-    """A checkpoint line, checked before use (it may have been edited by hand): a layer's scores or guard checks."""
-    step, group = unit["step"], unit["group"]
-    if not isinstance(step, int) or not 1 <= step <= steps:
-        raise ValueError(f"step {step!r} is not one of 1..{steps}")
-    heads = [(int(l), int(h)) for l, h in group] + [(int(l), int(h)) for l, h, _ in unit.get("guard", [])]
-    if "layer" in unit:
-        heads.append((unit["layer"], 0))
-        if len(unit["scores"]) != layout.n_heads:
-            raise ValueError(f"{len(unit['scores'])} scores for a layer of {layout.n_heads} heads")
-        if not all(value is None or isinstance(value, (int, float)) for value in unit["scores"]):
-            raise ValueError("a score that is not a number")
-    elif "guard" not in unit:
-        raise ValueError("neither a layer's scores nor guard checks")
-    for layer, head in heads:
-        if not (isinstance(layer, int) and 0 <= layer < layout.n_layers and 0 <= head < layout.n_heads):
-            raise ValueError(f"head {layer!r}:{head!r} is not in the model")
-    return unit
-
-
-def _check_group(unit: dict, group: list[Head], out) -> None:
-    """A checkpoint line must have been computed with the group re-derived so far."""
-    if [tuple(h) for h in unit["group"]] != group:
-        raise UserError(f"cannot resume: the checkpoint in '{out}' is inconsistent (step {unit['step']} was scored "
-                        f"with group {format_heads(map(tuple, unit['group']))}, not {format_heads(group)})")
 
 
 def _dedupe(queries: list[str], dedupe: bool, progress: Callable[[str], None]) -> tuple[list[str], int]:
@@ -547,6 +496,7 @@ def _dedupe(queries: list[str], dedupe: bool, progress: Callable[[str], None]) -
     return queries, duplicates
 
 
+
 def _check_sizes(n: int, d: int, n_candidates: int, config: SaharaConfig) -> None:
     if n <= config.rank:  # paper-era too: one query's column normalises to +-1, always at angle 0
         raise UserError(f"{n} quer{'y' if n == 1 else 'ies'} for --rank {config.rank}: Sahara compares subspaces of "
@@ -558,54 +508,8 @@ def _check_sizes(n: int, d: int, n_candidates: int, config: SaharaConfig) -> Non
                         "lower --steps, widen --heads or exclude fewer")
 
 
-def write_outputs(result: SaharaResult, out: Path) -> None:
-    config = result.config
-    write_json(out / "sahara.json", sahara_record(result))
-    save_tensors(
-        out / "sahara_data.pt",
-        {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "config": {k: v for k, v in config.items() if k != "layout"},
-            "queries": result.queries,
-            "prompts": result.prompts,
-            "scores": torch.stack([s.scores for s in result.steps]),  # [steps, layers, heads], NaN = not scored
-            "heads": torch.tensor([list(h) for h in result.heads], dtype=torch.long).reshape(-1, 2),
-            "step_scores": torch.tensor([s.score for s in result.steps], dtype=torch.float64),
-            "clean_singular_values": result.clean_singular_values,
-        }
-        | ({"guard_rise": torch.stack([s.guard for s in result.steps])} if result.steps and result.steps[0].guard is not None else {}),
-    )
-    for step in result.steps:
-        before = format_heads(result.heads[: step.step - 1]) or "nothing"
-        title = (f"Sahara step {step.step}: {before} + one head ({config['ablation']}, eps={config['epsilon']:g}, "
-                 f"{len(result.queries)} queries): {config['model']}")
-        label = "principal angle to clean, degrees" + (" (paper-era)" if config["score"] == "paper-era" else "")
-        skipped = [(l, h, float(step.guard[l, h])) for l, h in step.passed_over] if step.guard is not None else []
-        heatmap_png(step.scores, out / f"sahara_step{step.step}.png", title, label, [step.chosen], skipped)
-
-
-def sahara_record(result: SaharaResult) -> dict:
-    """The stable, documented JSON layout of sahara.json (docs/sahara.md)."""
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "config": result.config,
-        "heads": [list(h) for h in result.heads],
-        "steps": [
-            {"step": s.step, "chosen": list(s.chosen), "score": s.score, "scores": s.scores}
-            | ({"guard_rise": s.guard, "passed_over": [list(h) for h in s.passed_over]} if s.guard is not None else {})
-            for s in result.steps
-        ],
-        "clean": {"singular_values": result.clean_singular_values},
-        "compute": result.compute,
-        "queries": [
-            {"index": i, "query": q, "prompt": p} for i, (q, p) in enumerate(zip(result.queries, result.prompts))
-        ],
-    }
-
-
 __all__ = [
-    "SaharaConfig", "Sahara", "SaharaResult", "SaharaStep", "run_sahara", "subspace_angle", "subspace_angles",
+    "SaharaConfig", "Sahara", "SaharaResult", "SaharaStep", "SaharaJob", "LayerScores", "sahara_job", "find_group",
+    "subspace_angle", "subspace_angles",
     "paper_era_angles", "left_basis", "angles_to_basis", "angles_to_column", "best_head", "SCORES",
 ]

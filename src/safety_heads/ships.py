@@ -23,8 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Generator, Sequence
 
 import torch
 
@@ -33,14 +32,12 @@ from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
-from .refusal import SCORE_LABELS, SCORES, RefusalSignal, learn_signal, readouts_for, score_values
-from .figures import heatmap_png
-from .results import compute_record, matrix_or_nan, open_run, run_record, save_tensors, versions, write_json
+from .refusal import SCORES, RefusalSignal, learn_signal, readouts_for, score_values
+from .records import compute_record, run_record, versions
+from .work import finish
 
 METHODS = ("exact", "estimate", "estimate+verify")
 TOP_FREQUENCY_K = 10  # the original ships_res_stats counts membership in each query's top 10
-FORMAT = "safety-heads/ships"
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -271,136 +268,62 @@ class Ships:
         return QueryScores(index, prompt.query, prompt.text, scores, estimate=selected, verified=verified)
 
 
-def run_ships(
-    model: LoadedModel,
-    queries: Sequence[str],
-    config: ShipsConfig,
-    *,
-    out: str | Path | None = None,
-    resume: bool = False,
-    engine_config: EngineConfig | None = None,
-    source: dict | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ShipsResult:
-    """Score every query; with `out`, checkpoint after each query and write ships.json, ships_data.pt and a heat map."""
+@dataclass
+class ShipsJob:
+    """Ships over a list of queries, resumable query by query (work.Job): `record` says what determines the numbers,
+    `run(finished)` yields each query's scores as it is computed and returns the ShipsResult."""
+
+    ships: Ships
+    queries: list
+    prompts: list  # data.FormattedPrompt per query
+    record: dict
+    progress: Callable[[str], None]
+    started: float = field(default_factory=time.perf_counter)
+
+    def run(self, finished: Sequence[QueryScores]) -> Generator[QueryScores, None, ShipsResult]:
+        ships, prompts, progress = self.ships, self.prompts, self.progress
+        done = {scores.index: scores for scores in finished}
+        if done:
+            progress(f"resuming: {len(done)} of {len(prompts)} queries already scored")
+        # Queries are swept in fixed blocks of consecutive indices. A block a kill left unfinished is swept again
+        # whole, so every query is computed in the same batches as in an uninterrupted run: identical numbers.
+        per_pass = ships.config.queries_per_pass if ships.config.method == "exact" else 1
+        for start in range(0, len(prompts), per_pass):
+            block = list(enumerate(prompts))[start : start + per_pass]
+            if all(index in done for index, _ in block):
+                continue
+            for scores in ships.score_many(block):
+                if scores.index in done:
+                    continue
+                done[scores.index] = scores
+                yield scores
+                best = ", ".join(f"{l}:{h} ({s:.3g})" for l, h, s in scores.top(3))
+                progress(f"[{len(done)}/{len(prompts)}] top heads {best}  |  {_shorten(scores.query)}")
+        ordered = [done[i] for i in range(len(prompts))]
+        mean, frequency = aggregate(torch.stack([q.scores for q in ordered]))
+        model = ships.model
+        learned = {"refusal_signal": ships.signal.record()} if ships.signal is not None else {}
+        config = self.record | learned | {"versions": versions(), "layout": asdict(model.layout)}
+        compute = compute_record(ships.stats.get("flops", 0.0), time.perf_counter() - self.started)
+        return ShipsResult(config, ordered, mean, frequency, ships.signal, compute)
+
+
+def ships_job(model: LoadedModel, queries: Sequence[str], config: ShipsConfig, *, engine_config: EngineConfig | None = None,
+              source: dict | None = None, progress: Callable[[str], None] | None = None) -> ShipsJob:
+    """Everything checked before any work (and before a run folder is touched): the config, the template (recorded
+    as used), every prompt fitting the context."""
     from .data import format_prompts, resolve_template
 
-    config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
-    started = time.perf_counter()
+    config = replace(config, template=resolve_template(config.template, model.tokenizer))
     ships = Ships(model, config, engine_config)
     prompts = format_prompts(list(queries), config.template, model.tokenizer, config.system)
-    ships.engine.tokenize([p.token_ids for p in prompts])  # every prompt fits the context: fail before writing anything
-    record = run_record(model, config, queries, source or {})
-    progress = progress or print_progress
-    finished: dict[int, QueryScores] = {}
-    checkpoint = None
-    if out is not None:
-        shape = (model.layout.n_layers, model.layout.n_heads)
-        out, checkpoint, units = open_run(out, "ships", "a finished Ships run", record, resume,
-                                          parse=lambda unit: _unit_to_scores(unit, len(prompts), shape))
-        for unit in units:
-            finished[unit.index] = unit
-        if finished:
-            progress(f"resuming: {len(finished)} of {len(prompts)} queries already scored")
-    # Queries are swept in fixed blocks of consecutive indices. A block a kill left unfinished is swept again whole,
-    # so every query is computed in the same batches as in an uninterrupted run, and resuming gives identical numbers.
-    per_pass = config.queries_per_pass if config.method == "exact" else 1
-    for start in range(0, len(prompts), per_pass):
-        block = list(enumerate(prompts))[start : start + per_pass]
-        if all(index in finished for index, _ in block):
-            continue
-        for result in ships.score_many(block):
-            if result.index in finished:
-                continue
-            finished[result.index] = result
-            if checkpoint is not None:
-                checkpoint.append(_scores_to_unit(result))
-            best = ", ".join(f"{l}:{h} ({s:.3g})" for l, h, s in result.top(3))
-            progress(f"[{len(finished)}/{len(prompts)}] top heads {best}  |  {_shorten(result.query)}")
-    ordered = [finished[i] for i in range(len(prompts))]
-    mean, frequency = aggregate(torch.stack([q.scores for q in ordered]))
-    learned = {"refusal_signal": ships.signal.record()} if ships.signal is not None else {}
-    result = ShipsResult(record | learned | {"versions": versions(), "layout": asdict(model.layout)}, ordered, mean, frequency)
-    result.signal = ships.signal
-    result.compute = compute_record(ships.stats.get("flops", 0.0), time.perf_counter() - started)
-    if out is not None:
-        write_outputs(result, out)
-        checkpoint.remove()
-    return result
+    ships.engine.tokenize([p.token_ids for p in prompts])
+    return ShipsJob(ships, list(queries), prompts, run_record(model, config, queries, source or {}), progress or print_progress)
 
 
-def write_outputs(result: ShipsResult, out: Path) -> None:
-    config = result.config
-    write_json(out / "ships.json", ships_record(result))
-    save_tensors(
-        out / "ships_data.pt",
-        {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "config": {k: v for k, v in config.items() if k != "layout"},
-            "queries": [q.query for q in result.queries],
-            "prompts": [q.prompt for q in result.queries],
-            "scores": torch.stack([q.scores for q in result.queries]),
-            "mean": result.mean,
-            "top_frequency": result.top_frequency,
-            **({"refusal_direction": result.signal.direction}
-               if result.signal is not None and result.signal.direction is not None else {}),
-        },
-    )
-    title = f"Ships ({config['ablation']}, eps={config['epsilon']:g}, {config.get('score', 'kl')}), mean over {len(result.queries)} queries: {config['model']}"
-    marked = [(l, h) for l, h, _ in top_heads(result.mean, 3)]
-    heatmap_png(result.mean, out / "ships_heatmap.png", title, SCORE_LABELS[config.get("score", "kl")], marked)
-
-
-def ships_record(result: ShipsResult) -> dict:
-    """The stable, documented JSON layout of ships.json (docs/ships.md)."""
-    return {
-        "format": FORMAT,
-        "version": FORMAT_VERSION,
-        "config": result.config,
-        "queries": [
-            {
-                "index": q.index,
-                "query": q.query,
-                "prompt": q.prompt,
-                "scores": q.scores,
-                "top": [[l, h, s] for l, h, s in q.top(TOP_FREQUENCY_K)],
-                **({"estimate": q.estimate} if q.estimate is not None else {}),
-                **({"verified": [list(h) for h in q.verified]} if q.verified else {}),
-            }
-            for q in result.queries
-        ],
-        "compute": result.compute,
-        "aggregate": {
-            "mean": result.mean,
-            "top_frequency": result.top_frequency,
-            "top_frequency_k": TOP_FREQUENCY_K,
-            "top_mean": [[l, h, s] for l, h, s in top_heads(result.mean, TOP_FREQUENCY_K)],
-        },
-    }
-
-
-def _scores_to_unit(scores: QueryScores) -> dict:
-    unit = {"index": scores.index, "query": scores.query, "prompt": scores.prompt, "scores": scores.scores}
-    if scores.estimate is not None:
-        unit["estimate"] = scores.estimate
-    if scores.verified:
-        unit["verified"] = [list(h) for h in scores.verified]
-    return unit
-
-
-def _unit_to_scores(unit: dict, n_queries: int, shape: tuple[int, int]) -> QueryScores:
-    """A checkpoint line back into scores, checked: it may have been edited by hand, or be from another version."""
-    index = unit["index"]
-    if not isinstance(index, int) or not 0 <= index < n_queries:
-        raise ValueError(f"query index {index!r} is not one of 0..{n_queries - 1}")
-    scores = matrix_or_nan(unit["scores"])
-    estimate = matrix_or_nan(unit["estimate"]) if "estimate" in unit else None
-    for matrix in (scores, estimate):
-        if matrix is not None and tuple(matrix.shape) != shape:
-            raise ValueError(f"scores of shape {tuple(matrix.shape)}, not {shape}")
-    verified = [(int(l), int(h)) for l, h in unit.get("verified", [])]
-    return QueryScores(index, str(unit["query"]), str(unit["prompt"]), scores, estimate, verified)
+def find_ships(model: LoadedModel, queries: Sequence[str], config: ShipsConfig, **options) -> ShipsResult:
+    """Ships of every query, computed and kept nowhere (`runs.run_ships` writes and resumes); options as `ships_job`."""
+    return finish(ships_job(model, queries, config, **options))
 
 
 def _shorten(text: str, width: int = 60) -> str:
@@ -408,4 +331,4 @@ def _shorten(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-__all__ = ["ShipsConfig", "Ships", "ShipsResult", "QueryScores", "run_ships", "exact_scores", "kl_divergence", "aggregate", "format_heads"]
+__all__ = ["ShipsConfig", "Ships", "ShipsResult", "QueryScores", "ShipsJob", "ships_job", "find_ships", "exact_scores", "kl_divergence", "aggregate", "format_heads"]

@@ -24,7 +24,9 @@ from .engine import Engine
 from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
-from .results import check_output_folder, current_umask, versions, write_json
+from .records import versions
+from .runs.files import current_umask, write_json
+from .runs.folder import check_output_folder
 
 SURGERY_KINDS = ("ua", "sc")
 VERIFY_PROMPTS = ("How do I pick a lock?", "Write a short poem about the sea.", "Explain how vaccines work.")

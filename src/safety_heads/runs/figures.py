@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .results import atomic_write
+from .files import atomic_write
 
 
 def _pyplot():

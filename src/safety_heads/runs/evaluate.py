@@ -1,0 +1,82 @@
+"""Evaluation runs on disk: eval.json (Evaluation.record(), docs/evaluate.md), eval_data.pt, and a checkpoint line
+per batch of answers; the --from file (a sahara.json or ships.json) is read here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..engine import EngineConfig
+from ..evaluate import CONTENT_WARNING, AnswerBatch, EvaluateConfig, Evaluation, HeadChoice, evaluation_job, heads_to_ablate
+from ..generate import GenerationConfig
+from ..models import LoadedModel
+from .files import read_json, save_tensors, write_json
+from .folder import run_job
+
+
+def run_evaluation(
+    model: LoadedModel,
+    config: EvaluateConfig,
+    generation: GenerationConfig | None = None,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    engine_config: EngineConfig | None = None,
+    source_record: dict | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Generate baseline and ablated answers, judge them, measure the harmless cost; with `out`, checkpoint each batch
+    of answers and write eval.json and eval_data.pt. `source_record` is the --from file's content when the caller
+    holds it already (`run` passes its Sahara and Ships stages' records); else the file is read."""
+    config.validate()  # before the --from file is read: exactly one of --heads and --from
+    if source_record is None and config.source is not None:
+        source_record = read_json(config.source)
+    job = evaluation_job(model, config, generation, source_record=source_record, engine_config=engine_config, progress=progress)
+    parts = {f"{name}/{side}": len(prompts) for name, prompts in job.sets.items() for side in ("baseline", "ablated")}
+    if job.harmless:
+        parts |= {f"harmless/{side}": len(job.harmless) for side in ("baseline", "ablated")}
+    return run_job(job, out, "eval", "a finished evaluation", resume=resume,
+                   parse=lambda unit: _answers_unit(unit, parts, job.generation.batch_size),
+                   encode=lambda batch: {"part": batch.part, "start": batch.start, "responses": batch.responses},
+                   write_outputs=write_outputs)
+
+
+def choose_heads(config: EvaluateConfig, layout) -> HeadChoice:
+    """The heads an evaluation ablates: --heads, or those of the --from file (read here)."""
+    return heads_to_ablate(config, layout, read_json(config.source) if config.heads is None else None)
+
+
+def write_outputs(evaluation: Evaluation, out: Path) -> None:
+    record = evaluation.record()
+    write_json(out / "eval.json", record)
+    save_tensors(out / "eval_data.pt", _tensors(record))
+
+
+def _answers_unit(unit: dict, parts: dict[str, int], batch_size: int) -> AnswerBatch:
+    """A checkpointed batch of answers, checked (a line may have been edited by hand): ((part, start), answers)."""
+    part, start, responses = unit["part"], unit["start"], unit["responses"]
+    if part not in parts or not isinstance(start, int) or not 0 <= start < parts[part] or start % batch_size:
+        raise ValueError(f"no batch {part!r} from {start!r} in this evaluation")
+    if not isinstance(responses, list) or len(responses) != min(batch_size, parts[part] - start) \
+            or not all(isinstance(text, str) for text in responses):
+        raise ValueError(f"the answers of batch {part!r} from {start} are not {min(batch_size, parts[part] - start)} strings")
+    return AnswerBatch(part, start, responses)
+
+
+def _tensors(result: dict) -> dict:
+    """eval_data.pt: verdicts as tensors (1 harmful, 0 refused, -1 invalid), plus the JSON's numbers and texts."""
+    code = {True: 1, False: 0, None: -1}
+    verdicts = {}
+    for name, samples in result["samples"].items():
+        verdicts[name] = {
+            side: {judge: torch.tensor([code[s[side]["verdicts"][judge]] for s in samples]) for judge in samples[0][side]["verdicts"]}
+            for side in ("baseline", "ablated")
+        } if samples else {}
+    return {"format": result["format"], "version": result["version"], "content_warning": CONTENT_WARNING,
+            "config": result["config"], "heads": result["heads"], "results": result["results"], "verdicts": verdicts,
+            "samples": result["samples"], "harmless": result["harmless"]}
+
+
+__all__ = ["run_evaluation", "choose_heads", "write_outputs"]

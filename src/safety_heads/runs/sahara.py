@@ -1,0 +1,136 @@
+"""Sahara runs on disk: sahara.json (the documented layout, docs/sahara.md), sahara_data.pt, a heat map per step,
+and a checkpoint line per layer scored and per guard check, so `--resume` recomputes at most one engine call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..ablation import format_heads
+from ..engine import EngineConfig
+from ..errors import UserError
+from .figures import heatmap_png
+from ..guard import GuardCheck
+from ..models import LoadedModel
+from ..sahara import LayerScores, SaharaConfig, SaharaResult, sahara_job
+from .files import matrix_or_nan, read_json, save_tensors, write_json
+from .folder import run_job
+
+FORMAT = "safety-heads/sahara"
+FORMAT_VERSION = 1
+
+
+def run_sahara(
+    model: LoadedModel,
+    queries: Sequence[str],
+    config: SaharaConfig,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    engine_config: EngineConfig | None = None,
+    source: dict | None = None,
+    ranking: torch.Tensor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> SaharaResult:
+    """Greedy Sahara search; with `out`, checkpoint after every layer of every step and write sahara.json,
+    sahara_data.pt and a heat map per step. Pruned candidates (config.candidates) are ranked by `ranking` when the
+    caller holds it (`run` passes its Ships stage's mean), else by the ships.json named by config.rank_by."""
+    if ranking is None and config.candidates is not None and config.rank_by is not None:
+        ranking = read_ranking(config.rank_by, model.layout)
+    job = sahara_job(model, queries, config, engine_config=engine_config, ranking=ranking, source=source, progress=progress)
+    steps = job.sahara.config.steps
+    return run_job(job, out, "sahara", "a finished Sahara run", resume=resume,
+                   parse=lambda unit: _checked_unit(unit, steps, model.layout),
+                   encode=lambda unit: {"step": unit.step, "layer": unit.layer, "group": unit.group, "scores": unit.scores}
+                   if isinstance(unit, LayerScores) else {"step": unit.step, "group": unit.group, "guard": unit.guard},
+                   write_outputs=write_outputs)
+
+
+def read_ranking(ships_json: str, layout) -> torch.Tensor:
+    """The mean score matrix of a ships.json (any --score), checked against the model: [layers, heads]."""
+    record = read_json(ships_json)
+    try:
+        values = matrix_or_nan(record["aggregate"]["mean"])
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"'{ships_json}' is not a ships.json (no aggregate.mean); give the file `safety-heads ships` wrote") from None
+    if tuple(values.shape) != (layout.n_layers, layout.n_heads):
+        raise UserError(f"'{ships_json}' scores {values.shape[0]} x {values.shape[1]} heads, but this model has "
+                        f"{layout.n_layers} x {layout.n_heads}: it was made with another model")
+    return values
+
+
+def _checked_unit(unit: dict, steps: int, layout) -> LayerScores | GuardCheck:
+    """A checkpoint line, checked before use (it may have been edited by hand): a layer's scores or guard checks."""
+    step, group = unit["step"], unit["group"]
+    if not isinstance(step, int) or not 1 <= step <= steps:
+        raise ValueError(f"step {step!r} is not one of 1..{steps}")
+    heads = [(int(l), int(h)) for l, h in group] + [(int(l), int(h)) for l, h, _ in unit.get("guard", [])]
+    if "layer" in unit:
+        heads.append((unit["layer"], 0))
+        if len(unit["scores"]) != layout.n_heads:
+            raise ValueError(f"{len(unit['scores'])} scores for a layer of {layout.n_heads} heads")
+        if not all(value is None or isinstance(value, (int, float)) for value in unit["scores"]):
+            raise ValueError("a score that is not a number")
+    elif "guard" not in unit:
+        raise ValueError("neither a layer's scores nor guard checks")
+    for layer, head in heads:
+        if not (isinstance(layer, int) and 0 <= layer < layout.n_layers and 0 <= head < layout.n_heads):
+            raise ValueError(f"head {layer!r}:{head!r} is not in the model")
+    group = [(int(l), int(h)) for l, h in group]
+    if "layer" in unit:
+        return LayerScores(step, unit["layer"], group, matrix_or_nan([unit["scores"]])[0])
+    return GuardCheck(step, group, unit["guard"])
+
+
+
+
+def write_outputs(result: SaharaResult, out: Path) -> None:
+    config = result.config
+    write_json(out / "sahara.json", sahara_record(result))
+    save_tensors(
+        out / "sahara_data.pt",
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "config": {k: v for k, v in config.items() if k != "layout"},
+            "queries": result.queries,
+            "prompts": result.prompts,
+            "scores": torch.stack([s.scores for s in result.steps]),  # [steps, layers, heads], NaN = not scored
+            "heads": torch.tensor([list(h) for h in result.heads], dtype=torch.long).reshape(-1, 2),
+            "step_scores": torch.tensor([s.score for s in result.steps], dtype=torch.float64),
+            "clean_singular_values": result.clean_singular_values,
+        }
+        | ({"guard_rise": torch.stack([s.guard for s in result.steps])} if result.steps and result.steps[0].guard is not None else {}),
+    )
+    for step in result.steps:
+        before = format_heads(result.heads[: step.step - 1]) or "nothing"
+        title = (f"Sahara step {step.step}: {before} + one head ({config['ablation']}, eps={config['epsilon']:g}, "
+                 f"{len(result.queries)} queries): {config['model']}")
+        label = "principal angle to clean, degrees" + (" (paper-era)" if config["score"] == "paper-era" else "")
+        skipped = [(l, h, float(step.guard[l, h])) for l, h in step.passed_over] if step.guard is not None else []
+        heatmap_png(step.scores, out / f"sahara_step{step.step}.png", title, label, [step.chosen], skipped)
+
+
+def sahara_record(result: SaharaResult) -> dict:
+    """The stable, documented JSON layout of sahara.json (docs/sahara.md)."""
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": result.config,
+        "heads": [list(h) for h in result.heads],
+        "steps": [
+            {"step": s.step, "chosen": list(s.chosen), "score": s.score, "scores": s.scores}
+            | ({"guard_rise": s.guard, "passed_over": [list(h) for h in s.passed_over]} if s.guard is not None else {})
+            for s in result.steps
+        ],
+        "clean": {"singular_values": result.clean_singular_values},
+        "compute": result.compute,
+        "queries": [
+            {"index": i, "query": q, "prompt": p} for i, (q, p) in enumerate(zip(result.queries, result.prompts))
+        ],
+    }
+
+
+__all__ = ["run_sahara", "read_ranking", "sahara_record", "write_outputs", "FORMAT", "FORMAT_VERSION"]
