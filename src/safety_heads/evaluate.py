@@ -30,10 +30,10 @@ from .engine import Engine, EngineConfig
 from .errors import UserError
 from .generate import GenerationConfig, generate
 from .judges import KeywordJudge, make_judges
+from .measures import kl_divergence, top_heads
 from .models import LoadedModel
 from .progress import print_progress
 from .records import versions
-from .ships import kl_divergence, top_heads
 from .work import finish
 
 CONTENT_WARNING = "Contains text generated in answer to harmful requests; it may be harmful. Handle as such."

@@ -129,7 +129,8 @@ def summary(ships: dict | None, sahara: dict | None, evaluation: dict | None) ->
 
 def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, evaluation: dict | None,
                  per_query: dict | None = None, title: str = "safety-heads report", timings: dict | None = None) -> dict:
-    """Write report.html and report.md into `folder` from the run's JSON records; returns what it reported."""
+    """Write report.html and report.md into `folder` from the run's JSON records; returns what it reported. Each
+    section below adds its HTML parts and its Markdown lines."""
     folder = Path(folder)
     facts = {"heads": sahara["heads"] if sahara else None, "asr": {}, "harmless": None}
     parts, markdown = [f"<h1>{html.escape(title)}</h1>"], [f"# {title}", ""]
@@ -141,88 +142,20 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
     parts.append(f"<p>Every number below is read from the JSON files in this folder.</p>")
     markdown += ["## Summary", ""] + [f"- {line}" for line in lines] + ["", "Every number below is read from the JSON files in this folder.", ""]
     parts += _figures(folder, ships, sahara, evaluation, str(model))
-
     if sahara:
-        heads = ", ".join(f"{l}:{h}" for l, h in sahara["heads"])
-        parts.append(f"<h2>Sahara: the data set's safety-head group</h2><p>Group (in the order chosen): <b>{heads}</b>, "
-                     f"from {sahara['config']['n_queries']} queries of {html.escape(str(sahara['config'].get('dataset')))}, "
-                     f"{sahara['config']['ablation']} ablation, eps={sahara['config']['epsilon']:g}, rank {sahara['config']['rank']}.</p>")
-        guard = sahara["config"].get("guard")
-        skipped = {s["step"]: _passed_over(s) for s in sahara["steps"]}
-        guard_note = (f"Guarded by the clean model's answers to {guard}: a head is skipped when its group raises their "
-                      f"NLL by more than {sahara['config']['guard_max_rise']:g} nats/token." if guard else
-                      "No guard: the paper's search, which may pick a head whose ablation garbles every answer.")
-        parts.append(f"<p>{html.escape(guard_note)}</p>")
-        guard_header = "<th>skipped by the guard (NLL rise)</th>" if guard else ""
-        rows = "".join(f"<tr><td>{s['step']}</td><td>{s['chosen'][0]}:{s['chosen'][1]}</td><td class=num>{s['score']:.4g}</td>"
-                       + (f"<td>{skipped[s['step']] or '-'}</td>" if guard else "") + "</tr>" for s in sahara["steps"])
-        parts.append(f"<table><tr><th>step</th><th>head added</th><th>angle of the group (degrees)</th>{guard_header}</tr>{rows}</table>")
-        markdown += ["## Sahara", "", f"Group: **{heads}** ({sahara['config']['n_queries']} queries, {sahara['config']['ablation']}, "
-                     f"eps={sahara['config']['epsilon']:g}). {guard_note}", "",
-                     "| step | head added | angle (degrees) |" + (" skipped by the guard (NLL rise) |" if guard else ""),
-                     "|---|---|---|" + ("---|" if guard else "")]
-        markdown += [f"| {s['step']} | {s['chosen'][0]}:{s['chosen'][1]} | {s['score']:.4g} |"
-                     + (f" {skipped[s['step']] or '-'} |" if guard else "") for s in sahara["steps"]] + [""]
-        for step in sahara["steps"]:
-            image = folder / "sahara" / f"sahara_step{step['step']}.png"
-            if image.exists():
-                tag = _image_tag(image, f"Sahara step {step['step']}")
-                parts.append(f"<details><summary>Step {step['step']} scores</summary>{tag}</details>")
-
+        _sahara_section(folder, sahara, parts, markdown)
     if ships:
-        top = ships["aggregate"]["top_mean"][:10]
-        from .refusal import SCORE_LABELS
-
-        score = ships["config"].get("score", "kl")  # files written before --score existed are KL
-        label = SCORE_LABELS[score]
-        parts.append(f"<h2>Ships: per-query head importance</h2><p>Score <b>{score}</b>: mean {html.escape(label)} over "
-                     f"{len(ships['queries'])} queries ({ships['config']['ablation']}, eps={ships['config']['epsilon']:g}, "
-                     f"{ships['config']['method']}); the map is under Figures.</p>")
-        rows = "".join(f"<tr><td>{l}:{h}</td><td class=num>{s:.4g}</td></tr>" for l, h, s in top)
-        parts.append(f"<table><tr><th>head</th><th>mean {html.escape(label)}</th></tr>{rows}</table>")
-        markdown += ["## Ships", "", f"Score: {score}.", "", f"| head | mean {label} |", "|---|---|"] + [f"| {l}:{h} | {s:.4g} |" for l, h, s in top] + [""]
-
+        _ships_section(ships, parts, markdown)
     for label, record in (("the Sahara group", evaluation), ("each query's own top Ships heads", per_query)):
-        if not record:
-            continue
-        facts["asr"][label] = {name: numbers for name, numbers in record["results"].items()}
-        parts.append(f"<h2>Attack success rate: baseline vs ablating {html.escape(label)}</h2>")
-        markdown += [f"## ASR: baseline vs ablating {label}", "", "| data set | judge | n | baseline | ablated | change |", "|---|---|---|---|---|---|"]
-        rows = ""
-        for name, numbers in record["results"].items():
-            for judge, ablated in numbers["ablated"]["asr"].items():
-                base, delta = numbers["baseline"]["asr"][judge], numbers["delta_asr"][judge]
-                invalid = numbers["baseline"]["invalid"][judge] + numbers["ablated"]["invalid"][judge]
-                note = f" ({invalid} invalid)" if invalid else ""
-                rows += (f"<tr><td>{html.escape(name)}</td><td>{html.escape(judge)}</td><td class=num>{numbers['n']}</td><td class=num>{_pct(base)}</td>"
-                         f"<td class=num>{_pct(ablated)}</td><td class='num{' up' if delta > 0 else ''}'>{delta:+.1%}{note}</td></tr>")
-                markdown.append(f"| {name} | {judge} | {numbers['n']} | {_pct(base)} | {_pct(ablated)} | {delta:+.1%}{note} |")
-        parts.append(f"<table><tr><th>data set</th><th>judge</th><th>n</th><th>baseline ASR</th><th>ablated ASR</th><th>change</th></tr>{rows}</table>")
-        harmless = record.get("harmless")
-        if harmless and "mean_kl" in harmless:
-            facts["harmless"] = harmless
-            cells = "".join(f"<tr><td>refusal rate ({html.escape(j)})</td><td class=num>{_pct(harmless['baseline']['refusal_rate'][j])}</td>"
-                            f"<td class=num>{_pct(harmless['ablated']['refusal_rate'][j])}</td></tr>" for j in harmless["judges"])
-            parts.append(f"<h3>What it costs on {harmless['n']} harmless prompts ({html.escape(harmless['dataset'])})</h3>"
-                         f"<table><tr><th>measure</th><th>baseline</th><th>ablated</th></tr>{cells}"
-                         f"<tr><td>mean next-token KL(clean || ablated)</td><td class=num>0</td><td class=num>{harmless['mean_kl']:.4g}</td></tr>"
-                         f"{_nll_row(harmless)}</table>")
-            markdown += ["", f"Harmless cost ({harmless['n']} prompts of {harmless['dataset']}): mean next-token KL {harmless['mean_kl']:.4g}; "
-                         + "; ".join(f"refusal ({j}) {_pct(harmless['baseline']['refusal_rate'][j])} -> {_pct(harmless['ablated']['refusal_rate'][j])}" for j in harmless["judges"])
-                         + (f"; answer NLL under the clean model {_nats(harmless['baseline'].get('answer_nll'))} -> "
-                            f"{_nats(harmless['ablated'].get('answer_nll'))} nats/token" if "answer_nll" in harmless["baseline"] else "")]
-        markdown.append("")
-        examples = [s for samples in record["samples"].values() for s in samples][:4]
-        if examples:
-            parts.append('<div class=warn><b>Content warning.</b> The answers below were generated in reply to harmful '
-                         'requests and may be harmful.</div>')
-            judge = next(iter(examples[0]["ablated"]["verdicts"]))
-            rows = "".join(
-                f"<tr><td class=answer>{html.escape(s['query'])}</td><td class=answer>{html.escape(s['baseline']['response'])}</td>"
-                f"<td class=answer>{html.escape(s['ablated']['response'])}</td></tr>" for s in examples)
-            parts.append(f"<details><summary>Example answers before and after (judge {html.escape(judge)})</summary><table>"
-                         f"<tr><th>query</th><th>baseline</th><th>ablated</th></tr>{rows}</table></details>")
-
+        if record:
+            facts["asr"][label] = {name: numbers for name, numbers in record["results"].items()}
+            _asr_section(label, record, parts, markdown)
+            harmless = record.get("harmless")
+            if harmless and "mean_kl" in harmless:
+                facts["harmless"] = harmless
+                _harmless_section(harmless, parts, markdown)
+            markdown.append("")
+            _examples_section(record, parts)
     configuration = {name: record["config"] for name, record in (("ships", ships), ("sahara", sahara), ("evaluate", evaluation), ("evaluate per query", per_query)) if record}
     parts.append("<h2>Configuration and versions</h2><details><summary>every setting of every stage (JSON)</summary><pre>"
                  + html.escape(json.dumps(configuration, indent=1, default=str)) + "</pre></details>")
@@ -234,3 +167,87 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
     text = "\n".join(markdown) + "\n"
     atomic_write(folder / "report.md", lambda stream: stream.write(text.encode()))
     return facts
+
+
+def _sahara_section(folder: Path, sahara: dict, parts: list[str], markdown: list[str]) -> None:
+    heads = ", ".join(f"{l}:{h}" for l, h in sahara["heads"])
+    parts.append(f"<h2>Sahara: the data set's safety-head group</h2><p>Group (in the order chosen): <b>{heads}</b>, "
+                 f"from {sahara['config']['n_queries']} queries of {html.escape(str(sahara['config'].get('dataset')))}, "
+                 f"{sahara['config']['ablation']} ablation, eps={sahara['config']['epsilon']:g}, rank {sahara['config']['rank']}.</p>")
+    guard = sahara["config"].get("guard")
+    skipped = {s["step"]: _passed_over(s) for s in sahara["steps"]}
+    guard_note = (f"Guarded by the clean model's answers to {guard}: a head is skipped when its group raises their "
+                  f"NLL by more than {sahara['config']['guard_max_rise']:g} nats/token." if guard else
+                  "No guard: the paper's search, which may pick a head whose ablation garbles every answer.")
+    parts.append(f"<p>{html.escape(guard_note)}</p>")
+    guard_header = "<th>skipped by the guard (NLL rise)</th>" if guard else ""
+    rows = "".join(f"<tr><td>{s['step']}</td><td>{s['chosen'][0]}:{s['chosen'][1]}</td><td class=num>{s['score']:.4g}</td>"
+                   + (f"<td>{skipped[s['step']] or '-'}</td>" if guard else "") + "</tr>" for s in sahara["steps"])
+    parts.append(f"<table><tr><th>step</th><th>head added</th><th>angle of the group (degrees)</th>{guard_header}</tr>{rows}</table>")
+    markdown += ["## Sahara", "", f"Group: **{heads}** ({sahara['config']['n_queries']} queries, {sahara['config']['ablation']}, "
+                 f"eps={sahara['config']['epsilon']:g}). {guard_note}", "",
+                 "| step | head added | angle (degrees) |" + (" skipped by the guard (NLL rise) |" if guard else ""),
+                 "|---|---|---|" + ("---|" if guard else "")]
+    markdown += [f"| {s['step']} | {s['chosen'][0]}:{s['chosen'][1]} | {s['score']:.4g} |"
+                 + (f" {skipped[s['step']] or '-'} |" if guard else "") for s in sahara["steps"]] + [""]
+    for step in sahara["steps"]:
+        image = folder / "sahara" / f"sahara_step{step['step']}.png"
+        if image.exists():
+            tag = _image_tag(image, f"Sahara step {step['step']}")
+            parts.append(f"<details><summary>Step {step['step']} scores</summary>{tag}</details>")
+
+
+def _ships_section(ships: dict, parts: list[str], markdown: list[str]) -> None:
+    from .refusal import SCORE_LABELS
+
+    top = ships["aggregate"]["top_mean"][:10]
+    score = ships["config"].get("score", "kl")  # files written before --score existed are KL
+    label = SCORE_LABELS[score]
+    parts.append(f"<h2>Ships: per-query head importance</h2><p>Score <b>{score}</b>: mean {html.escape(label)} over "
+                 f"{len(ships['queries'])} queries ({ships['config']['ablation']}, eps={ships['config']['epsilon']:g}, "
+                 f"{ships['config']['method']}); the map is under Figures.</p>")
+    rows = "".join(f"<tr><td>{l}:{h}</td><td class=num>{s:.4g}</td></tr>" for l, h, s in top)
+    parts.append(f"<table><tr><th>head</th><th>mean {html.escape(label)}</th></tr>{rows}</table>")
+    markdown += ["## Ships", "", f"Score: {score}.", "", f"| head | mean {label} |", "|---|---|"] + [f"| {l}:{h} | {s:.4g} |" for l, h, s in top] + [""]
+
+
+def _asr_section(label: str, record: dict, parts: list[str], markdown: list[str]) -> None:
+    parts.append(f"<h2>Attack success rate: baseline vs ablating {html.escape(label)}</h2>")
+    markdown += [f"## ASR: baseline vs ablating {label}", "", "| data set | judge | n | baseline | ablated | change |", "|---|---|---|---|---|---|"]
+    rows = ""
+    for name, numbers in record["results"].items():
+        for judge, ablated in numbers["ablated"]["asr"].items():
+            base, delta = numbers["baseline"]["asr"][judge], numbers["delta_asr"][judge]
+            invalid = numbers["baseline"]["invalid"][judge] + numbers["ablated"]["invalid"][judge]
+            note = f" ({invalid} invalid)" if invalid else ""
+            rows += (f"<tr><td>{html.escape(name)}</td><td>{html.escape(judge)}</td><td class=num>{numbers['n']}</td><td class=num>{_pct(base)}</td>"
+                     f"<td class=num>{_pct(ablated)}</td><td class='num{' up' if delta > 0 else ''}'>{delta:+.1%}{note}</td></tr>")
+            markdown.append(f"| {name} | {judge} | {numbers['n']} | {_pct(base)} | {_pct(ablated)} | {delta:+.1%}{note} |")
+    parts.append(f"<table><tr><th>data set</th><th>judge</th><th>n</th><th>baseline ASR</th><th>ablated ASR</th><th>change</th></tr>{rows}</table>")
+
+
+def _harmless_section(harmless: dict, parts: list[str], markdown: list[str]) -> None:
+    cells = "".join(f"<tr><td>refusal rate ({html.escape(j)})</td><td class=num>{_pct(harmless['baseline']['refusal_rate'][j])}</td>"
+                    f"<td class=num>{_pct(harmless['ablated']['refusal_rate'][j])}</td></tr>" for j in harmless["judges"])
+    parts.append(f"<h3>What it costs on {harmless['n']} harmless prompts ({html.escape(harmless['dataset'])})</h3>"
+                 f"<table><tr><th>measure</th><th>baseline</th><th>ablated</th></tr>{cells}"
+                 f"<tr><td>mean next-token KL(clean || ablated)</td><td class=num>0</td><td class=num>{harmless['mean_kl']:.4g}</td></tr>"
+                 f"{_nll_row(harmless)}</table>")
+    markdown += ["", f"Harmless cost ({harmless['n']} prompts of {harmless['dataset']}): mean next-token KL {harmless['mean_kl']:.4g}; "
+                 + "; ".join(f"refusal ({j}) {_pct(harmless['baseline']['refusal_rate'][j])} -> {_pct(harmless['ablated']['refusal_rate'][j])}" for j in harmless["judges"])
+                 + (f"; answer NLL under the clean model {_nats(harmless['baseline'].get('answer_nll'))} -> "
+                    f"{_nats(harmless['ablated'].get('answer_nll'))} nats/token" if "answer_nll" in harmless["baseline"] else "")]
+
+
+def _examples_section(record: dict, parts: list[str]) -> None:
+    examples = [s for samples in record["samples"].values() for s in samples][:4]
+    if not examples:
+        return
+    parts.append('<div class=warn><b>Content warning.</b> The answers below were generated in reply to harmful '
+                 'requests and may be harmful.</div>')
+    judge = next(iter(examples[0]["ablated"]["verdicts"]))
+    rows = "".join(
+        f"<tr><td class=answer>{html.escape(s['query'])}</td><td class=answer>{html.escape(s['baseline']['response'])}</td>"
+        f"<td class=answer>{html.escape(s['ablated']['response'])}</td></tr>" for s in examples)
+    parts.append(f"<details><summary>Example answers before and after (judge {html.escape(judge)})</summary><table>"
+                 f"<tr><th>query</th><th>baseline</th><th>ablated</th></tr>{rows}</table></details>")

@@ -1,22 +1,6 @@
 """Sahara: the heads a whole data set's refusals rely on, and the greedy search for a group of them (paper §4).
 
-Representation (§4.1): M = the final-norm hidden state at each query's last prompt token, one row per query (N x d),
-not mean-centred, as the authors' code does (`readout="last-layer"` takes the state before the final norm instead,
-as the nnsight cookbook notebook does). Score of a head set T (Eq. 11, the code at HEAD, 6203a04): the sum of
-the principal angles, in degrees, between the top-R left singular vectors of M_clean and of M_T (T ablated together):
-
-    U1 = U_clean[:, :R],  U2 = U_T[:, :R],  sigma = svdvals(U1^T U2) clamped to [0, 1],
-    score = sum(degrees(arccos(sigma)))
-
-R = 1 by default (the authors' code; the paper gives no number), where the score is arccos(|u1 . u2|) and the SVD's
-sign ambiguity cancels. The SVD always runs in float64 from the float32 readouts, whatever the model's dtype. The
-left singular vectors live in query space (one weight per query), so N must exceed R: at N = R both subspaces are
-all of R^N and every angle is 0.
-
-Paper-era variant (reference/paper.md §2.2, §6.1): the code at the time of the paper (86fb3cb) called a function that
-does no SVD: it normalises each *column* of the raw M and returns the angle between column 0 of M_clean and of M_T,
-i.e. it measures hidden dimension 0 alone. The authors replaced it after publication; it is offered as
-``score="paper-era"`` to reproduce old numbers, never by default.
+The score of a head set (the subspace angle between the clean and the ablated representation) is in subspace.py.
 
 Greedy search (§4.2, Algorithm 1): G = []; at each of S steps score every candidate head h not in G as G + [h]
 ablated together against the *clean* model (whose M is computed once) and add the best (ties: the lowest
@@ -25,12 +9,8 @@ consecutive layers: `sets_per_call`), sharing batches, the unablated prefix of l
 the base pass) and the template's common prefix; a checkpoint line is written for each layer, so `--resume`
 recomputes at most one call and re-derives the chosen heads from the checkpointed scores.
 
-The harmless guard (an extension, off by default; `safety-heads run` turns it on): the score rewards any ablation
-that moves the representation, including one that garbles every answer. With `guard`, the clean model first answers
-a few harmless prompts; a head is then chosen only if its group raises the NLL of those answers (teacher-forced,
-Engine.ablated_token_log_probs) by at most `guard_max_rise` nats/token. Candidates are checked best score first,
-`guard_batch` in a step's first call (GUARD_BATCH by default, 1 in `run`) and twice as many in each further one (up
-to GUARD_BATCH), so the step's choice is the best-scoring head that passes, at the cost of about one call.
+The harmless guard (guard.py, off by default; `safety-heads run` turns it on) keeps the search off heads whose
+ablation garbles every answer. Reading and writing runs, checkpoints and resume: runs/sahara.py.
 
     safety-heads sahara --model tiny --dataset maliciousinstruct --limit 16 --steps 3 --out runs/sahara
 """
@@ -51,6 +31,8 @@ from .models import LoadedModel
 from .guard import GUARD_BATCH, GuardCheck, HarmlessGuard, choose_guarded
 from .progress import print_progress
 from .records import compute_record, run_record, versions
+from .subspace import (angles_to_basis, angles_to_column, left_basis, paper_era_angles, subspace_angle,  # noqa: F401
+                       subspace_angles, unit_column)
 from .work import finish
 
 SCORES = ("svd", "paper-era")
@@ -150,58 +132,6 @@ class SaharaResult:
     compute: dict = field(default_factory=dict)  # this process's engine sweeps: FLOPs (flops.py) and seconds
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The score: pure functions of the representation matrices.
-
-
-def left_basis(matrix: torch.Tensor, rank: int) -> torch.Tensor:
-    """The top-`rank` left singular vectors of [..., N, d], in float64: [..., N, rank]."""
-    return torch.linalg.svd(matrix.double(), full_matrices=False).U[..., :rank]
-
-
-def angles_to_basis(basis: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
-    """Sum of principal angles (degrees) between `basis` [N, R] and each [K, N, d] matrix's top-R left subspace: [K]."""
-    other = left_basis(ablated, basis.shape[-1])
-    sigma = torch.linalg.svdvals(basis.T @ other).clamp(0.0, 1.0)  # cosines of the principal angles, sign-free
-    return torch.rad2deg(torch.arccos(sigma)).sum(-1)
-
-
-def subspace_angles(clean: torch.Tensor, ablated: torch.Tensor, rank: int = 1) -> torch.Tensor:
-    """`subspace_angle` of `clean` [N, d] against each of `ablated` [K, N, d]: [K] float64."""
-    _check_shapes(clean, ablated.shape[1:], rank)
-    return angles_to_basis(left_basis(clean, rank), ablated)
-
-
-def subspace_angle(clean: torch.Tensor, ablated: torch.Tensor, rank: int = 1) -> float:
-    """Sum of the principal angles, in degrees, between the top-`rank` left singular subspaces of two N x d matrices."""
-    return float(subspace_angles(clean, ablated[None], rank)[0])
-
-
-def paper_era_angles(clean: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
-    """The paper-era score (86fb3cb): angle between column 0 of the column-normalised `clean` [N, d] and of each
-    `ablated` [K, N, d], in degrees, sign-free. It sees hidden dimension 0 only."""
-    _check_shapes(clean, ablated.shape[1:], 1)
-    return angles_to_column(_unit_column(clean), ablated)
-
-
-def angles_to_column(column: torch.Tensor, ablated: torch.Tensor) -> torch.Tensor:
-    """Angle (degrees, sign-free) between a unit vector [N] and column 0 of each [K, N, d] matrix, normalised: [K]."""
-    return torch.rad2deg(torch.arccos((_unit_column(ablated) @ column).abs().clamp(0.0, 1.0)))
-
-
-def _unit_column(matrix: torch.Tensor) -> torch.Tensor:
-    """Column 0 of [..., N, d] in float64, scaled to unit length: [..., N]."""
-    first = matrix.double()[..., 0]
-    return first / first.norm(dim=-1, keepdim=True)
-
-
-def _check_shapes(clean: torch.Tensor, ablated_shape, rank: int) -> None:
-    if clean.dim() != 2 or tuple(ablated_shape) != tuple(clean.shape):
-        raise ValueError(f"need matrices of the same N x d shape, not {tuple(clean.shape)} and {tuple(ablated_shape)}")
-    if not 1 <= rank <= min(clean.shape):
-        raise ValueError(f"rank must be from 1 to min(N, d) = {min(clean.shape)}, not {rank}")
-
-
 def best_head(scores: torch.Tensor) -> tuple[Head, float]:
     """The highest-scoring head of a [layers, heads] matrix (NaN = not scored); ties go to the lowest (layer, head)."""
     flat = torch.nan_to_num(scores.flatten(), nan=-float("inf"))
@@ -262,7 +192,7 @@ class Sahara:
 
     def reference(self, clean: torch.Tensor) -> torch.Tensor:
         """What every ablated matrix is compared with: U_clean[:, :R], or column 0 (normalised) for paper-era."""
-        return _unit_column(clean) if self.config.score == "paper-era" else left_basis(clean, self.config.rank)
+        return unit_column(clean) if self.config.score == "paper-era" else left_basis(clean, self.config.rank)
 
     def score_sets(
         self, tokens: Sequence[Sequence[int]], reference: torch.Tensor, head_sets: Sequence[Sequence[Head]]

@@ -33,6 +33,7 @@ from .errors import UserError
 from .models import LoadedModel
 from .progress import print_progress
 from .refusal import SCORES, RefusalSignal, learn_signal, readouts_for, score_values
+from .measures import kl_divergence, top_heads  # noqa: F401 (part of the Ships API)
 from .records import compute_record, run_record, versions
 from .work import finish
 
@@ -114,22 +115,6 @@ class ShipsResult:
     top_frequency: torch.Tensor  # [layers, heads], share of queries with the head in their top 10
     signal: RefusalSignal | None = None  # what a refusal-aware score learned (None for kl)
     compute: dict = field(default_factory=dict)  # this process's exact sweeps: FLOPs (flops.py) and seconds
-
-
-def kl_divergence(clean_logits: torch.Tensor, ablated_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p_clean || p_ablated) over the last axis, in float64."""
-    clean = torch.log_softmax(clean_logits.double(), dim=-1)
-    ablated = torch.log_softmax(ablated_logits.double(), dim=-1)
-    return (clean.exp() * (clean - ablated)).sum(-1).clamp(min=0.0)
-
-
-def top_heads(scores: torch.Tensor, k: int) -> list[tuple[int, int, float]]:
-    """The k highest-scoring (layer, head, score), ignoring unscored heads."""
-    flat = torch.nan_to_num(scores.flatten(), nan=-float("inf"))
-    n_scored = int(torch.isfinite(flat).sum())
-    values, indices = flat.topk(min(k, n_scored))
-    n_heads = scores.shape[1]
-    return [(int(i) // n_heads, int(i) % n_heads, float(v)) for v, i in zip(values, indices)]
 
 
 def exact_scores(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, kind: str, epsilon: float, means=None,

@@ -1,4 +1,5 @@
-"""Atomic writes, checkpoints (torn lines, resume without a file, mismatches) and weights_only .pt files."""
+"""The runs layer: atomic writes, checkpoints (torn lines, resume without a file, mismatches), weights_only .pt files,
+and the one resume loop (run_job) every command shares."""
 
 import json
 
@@ -80,3 +81,51 @@ def test_to_jsonable_handles_dataclasses():
     from safety_heads.engine import EngineConfig
 
     assert to_jsonable(EngineConfig())["prefix_reuse"] is True
+
+
+class CountingJob:
+    """A job of `n` units (work.Job) that counts what it computes and can stop, as a kill would, after `stop` units."""
+
+    def __init__(self, n: int, stop: int | None = None):
+        self.record, self.n, self.stop, self.computed = {"n": n}, n, stop, []
+
+    def run(self, finished):
+        done = {unit["i"]: unit["value"] for unit in finished}
+        for i in range(self.n):
+            if i in done:
+                continue
+            if self.stop is not None and len(self.computed) == self.stop:
+                raise KeyboardInterrupt
+            self.computed.append(i)
+            done[i] = i * i
+            yield {"i": i, "value": i * i}
+        return sum(done.values())
+
+
+def test_run_job_checkpoints_each_unit_and_a_resume_computes_only_the_rest(tmp_path):
+    from safety_heads.runs.folder import run_job
+
+    written = []
+    options = dict(parse=dict, encode=dict, write_outputs=lambda result, folder: written.append((result, folder)))
+    with pytest.raises(KeyboardInterrupt):
+        run_job(CountingJob(5, stop=2), tmp_path / "run", "ships", "a finished Ships run", resume=False, **options)
+    lines = (tmp_path / "run" / "ships.checkpoint.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"config": {"n": 5}}, {"i": 0, "value": 0}, {"i": 1, "value": 1}]
+    assert written == []
+    job = CountingJob(5)
+    assert run_job(job, tmp_path / "run", "ships", "a finished Ships run", resume=True, **options) == 30
+    assert job.computed == [2, 3, 4]
+    assert written == [(30, tmp_path / "run")]
+    assert not (tmp_path / "run" / "ships.checkpoint.jsonl").exists()  # finished: the checkpoint's removal is last
+
+
+def test_run_job_without_a_folder_keeps_nothing(tmp_path, monkeypatch):
+    from safety_heads.runs.folder import run_job
+    from safety_heads.work import drain, finish
+
+    monkeypatch.chdir(tmp_path)
+    assert run_job(CountingJob(3), None, "ships", "x", resume=False, parse=dict, encode=dict, write_outputs=None) == 5
+    assert list(tmp_path.iterdir()) == []
+    assert finish(CountingJob(4)) == 14
+    seen = []
+    assert drain(CountingJob(2).run([]), seen.append) == 1 and seen == [{"i": 0, "value": 0}, {"i": 1, "value": 1}]

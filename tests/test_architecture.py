@@ -1,0 +1,58 @@
+"""The layering docs/architecture.md describes, checked on the source: methods compute and import neither the report
+nor the runs layer; nothing below the command line imports it or `run`; modules and functions stay small."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "src" / "safety_heads"
+METHODS = ("ships", "sahara", "guard", "evaluate", "estimate", "refusal", "measures", "subspace")
+TOP = ("cli", "experiment")  # the command line and `safety-heads run`, which chains every stage
+
+
+def imported(path: Path) -> set[str]:
+    """The safety_heads modules `path` imports, as dotted names relative to the package ("runs.files", "cli")."""
+    module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+    package = module.rsplit(".", 1)[0] if "." in module else ""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - (node.level - 1)] if package else []
+            target = ".".join([*[part for part in base if part], *([node.module] if node.module else [])])
+            names |= {f"{target}.{alias.name}".strip(".") for alias in node.names} | {target}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safety_heads"):
+            names.add(node.module.removeprefix("safety_heads").strip("."))
+    return {name for name in names if name}
+
+
+def sources():
+    return sorted(path for path in PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_methods_import_neither_the_report_nor_the_runs_layer(name):
+    for target in imported(PACKAGE / f"{name}.py"):
+        assert not target.startswith(("runs", "report", *TOP)), f"{name}.py imports {target}"
+
+
+def test_nothing_below_the_command_line_imports_it():
+    for path in sources():
+        if path.stem in TOP and path.parent == PACKAGE:
+            continue
+        for target in imported(path):
+            assert target.split(".")[0] not in TOP, f"{path.relative_to(PACKAGE)} imports {target}"
+
+
+def test_modules_and_functions_are_small():
+    """450 lines a module and 60 a function, except the demo model's training and measuring scripts (their own
+    programs, docs/architecture.md says why)."""
+    for path in sources():
+        if path.parent.name == "demo":
+            continue
+        text = path.read_text()
+        assert text.count("\n") <= 450, f"{path.relative_to(PACKAGE)} has {text.count(chr(10))} lines"
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 60, f"{path.relative_to(PACKAGE)}: {node.name} has {length} lines"
