@@ -4,11 +4,9 @@ per batch of answers; the --from file (a sahara.json or ships.json) is read here
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from ..engine import EngineConfig
 from ..evaluate import CONTENT_WARNING, AnswerBatch, EvaluateConfig, Evaluation, HeadChoice, evaluation_job, heads_to_ablate
 from ..generate import GenerationConfig
 from ..models import LoadedModel
@@ -16,24 +14,17 @@ from .files import read_json, save_tensors, write_json
 from .folder import run_job
 
 
-def run_evaluation(
-    model: LoadedModel,
-    config: EvaluateConfig,
-    generation: GenerationConfig | None = None,
-    *,
-    out: str | Path | None = None,
-    resume: bool = False,
-    engine_config: EngineConfig | None = None,
-    source_record: dict | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> Evaluation:
+def run_evaluation(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, *,
+                   out: str | Path | None = None, resume: bool = False, source_record: dict | None = None,
+                   **options) -> Evaluation:
     """Generate baseline and ablated answers, judge them, measure the harmless cost; with `out`, checkpoint each batch
     of answers and write eval.json and eval_data.pt. `source_record` is the --from file's content when the caller
-    holds it already (`run` passes its Sahara and Ships stages' records); else the file is read."""
+    holds it already (`run` passes its Sahara and Ships stages' records); else the file is read. `options` as
+    evaluate.evaluation_job: engine_config, progress."""
     config.validate()  # before the --from file is read: exactly one of --heads and --from
     if source_record is None and config.source is not None:
         source_record = read_json(config.source)
-    job = evaluation_job(model, config, generation, source_record=source_record, engine_config=engine_config, progress=progress)
+    job = evaluation_job(model, config, generation, source_record=source_record, **options)
     parts = {f"{name}/{side}": len(prompts) for name, prompts in job.sets.items() for side in ("baseline", "ablated")}
     if job.harmless:
         parts |= {f"harmless/{side}": len(job.harmless) for side in ("baseline", "ablated")}

@@ -84,3 +84,9 @@ def to_jsonable(value: Any, keep_tensors: bool = False) -> Any:
 def matrix_or_nan(rows: list[list[float | None]]) -> torch.Tensor:
     """A layers x heads list of lists with nulls back into a float64 tensor with NaN."""
     return torch.tensor([[float("nan") if x is None else x for x in row] for row in rows], dtype=torch.float64)
+
+
+def notebook_header(format_name: str, version: int, config: dict) -> dict:
+    """The first keys of a notebook-style .pt file: its format, version and the run's configuration (without the
+    head layout, which the notebooks do not read)."""
+    return {"format": format_name, "version": version, "config": {k: v for k, v in config.items() if k != "layout"}}

@@ -4,48 +4,40 @@ and a checkpoint line per layer scored and per guard check, so `--resume` recomp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from ..ablation import format_heads
-from ..engine import EngineConfig
 from ..errors import UserError
 from .figures import heatmap_png
 from ..guard import GuardCheck
 from ..models import LoadedModel
 from ..sahara import LayerScores, SaharaConfig, SaharaResult, sahara_job
-from .files import matrix_or_nan, read_json, save_tensors, write_json
+from .files import matrix_or_nan, notebook_header, read_json, save_tensors, write_json
 from .folder import run_job
 
-FORMAT = "safety-heads/sahara"
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = "safety-heads/sahara", 1
 
 
-def run_sahara(
-    model: LoadedModel,
-    queries: Sequence[str],
-    config: SaharaConfig,
-    *,
-    out: str | Path | None = None,
-    resume: bool = False,
-    engine_config: EngineConfig | None = None,
-    source: dict | None = None,
-    ranking: torch.Tensor | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> SaharaResult:
+def run_sahara(model: LoadedModel, queries: Sequence[str], config: SaharaConfig, *, out: str | Path | None = None,
+               resume: bool = False, ranking: torch.Tensor | None = None, **options) -> SaharaResult:
     """Greedy Sahara search; with `out`, checkpoint after every layer of every step and write sahara.json,
     sahara_data.pt and a heat map per step. Pruned candidates (config.candidates) are ranked by `ranking` when the
-    caller holds it (`run` passes its Ships stage's mean), else by the ships.json named by config.rank_by."""
+    caller holds it (`run` passes its Ships stage's mean), else by the ships.json named by config.rank_by. `options`
+    as sahara.sahara_job: engine_config, source (where the queries came from, recorded), progress."""
     if ranking is None and config.candidates is not None and config.rank_by is not None:
         ranking = read_ranking(config.rank_by, model.layout)
-    job = sahara_job(model, queries, config, engine_config=engine_config, ranking=ranking, source=source, progress=progress)
+    job = sahara_job(model, queries, config, ranking=ranking, **options)
     steps = job.sahara.config.steps
     return run_job(job, out, "sahara", "a finished Sahara run", resume=resume,
-                   parse=lambda unit: _checked_unit(unit, steps, model.layout),
-                   encode=lambda unit: {"step": unit.step, "layer": unit.layer, "group": unit.group, "scores": unit.scores}
-                   if isinstance(unit, LayerScores) else {"step": unit.step, "group": unit.group, "guard": unit.guard},
-                   write_outputs=write_outputs)
+                   parse=lambda unit: _checked_unit(unit, steps, model.layout), encode=_unit_line, write_outputs=write_outputs)
+
+
+def _unit_line(unit: LayerScores | GuardCheck) -> dict:
+    if isinstance(unit, LayerScores):
+        return {"step": unit.step, "layer": unit.layer, "group": unit.group, "scores": unit.scores}
+    return {"step": unit.step, "group": unit.group, "guard": unit.guard}
 
 
 def read_ranking(ships_json: str, layout) -> torch.Tensor:
@@ -92,9 +84,7 @@ def write_outputs(result: SaharaResult, out: Path) -> None:
     save_tensors(
         out / "sahara_data.pt",
         {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "config": {k: v for k, v in config.items() if k != "layout"},
+            **notebook_header(FORMAT, FORMAT_VERSION, config),
             "queries": result.queries,
             "prompts": result.prompts,
             "scores": torch.stack([s.scores for s in result.steps]),  # [steps, layers, heads], NaN = not scored

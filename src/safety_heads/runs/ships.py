@@ -4,35 +4,25 @@ checkpoint line per query, so `--resume` continues a killed run with identical n
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from ..engine import EngineConfig
 from .figures import heatmap_png
 from ..models import LoadedModel
 from ..refusal import SCORE_LABELS
 from ..ships import TOP_FREQUENCY_K, QueryScores, ShipsConfig, ShipsResult, ships_job, top_heads
-from .files import matrix_or_nan, save_tensors, write_json
+from .files import matrix_or_nan, notebook_header, save_tensors, write_json
 from .folder import run_job
 
-FORMAT = "safety-heads/ships"
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = "safety-heads/ships", 1
 
 
-def run_ships(
-    model: LoadedModel,
-    queries: Sequence[str],
-    config: ShipsConfig,
-    *,
-    out: str | Path | None = None,
-    resume: bool = False,
-    engine_config: EngineConfig | None = None,
-    source: dict | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> ShipsResult:
-    """Score every query; with `out`, checkpoint after each query and write ships.json, ships_data.pt and a heat map."""
-    job = ships_job(model, queries, config, engine_config=engine_config, source=source, progress=progress)
+def run_ships(model: LoadedModel, queries: Sequence[str], config: ShipsConfig, *, out: str | Path | None = None,
+              resume: bool = False, **options) -> ShipsResult:
+    """Score every query; with `out`, checkpoint after each query and write ships.json, ships_data.pt and a heat map.
+    `options` as ships.ships_job: engine_config, source (where the queries came from, recorded), progress."""
+    job = ships_job(model, queries, config, **options)
     shape = (model.layout.n_layers, model.layout.n_heads)
     return run_job(job, out, "ships", "a finished Ships run", resume=resume,
                    parse=lambda unit: _unit_to_scores(unit, len(job.prompts), shape),
@@ -45,9 +35,7 @@ def write_outputs(result: ShipsResult, out: Path) -> None:
     save_tensors(
         out / "ships_data.pt",
         {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "config": {k: v for k, v in config.items() if k != "layout"},
+            **notebook_header(FORMAT, FORMAT_VERSION, config),
             "queries": [q.query for q in result.queries],
             "prompts": [q.prompt for q in result.queries],
             "scores": torch.stack([q.scores for q in result.queries]),
