@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from safety_heads.ablation import Ablation
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.estimate import EstimateConfig, estimate_scores
@@ -86,8 +87,8 @@ def top_recall(estimate, exact, k):
 def planned_flops(loaded, token_lists, heads, **settings):
     """FLOPs per query the engine would run for a full sweep under `settings` (from its plan; nothing runs)."""
     engine = Engine(loaded, EngineConfig(**settings))
-    plans = engine._group_plans(token_lists, engine._normalise_sets([[head] for head in heads]))
-    total = sum(engine._pass_flops(batch, None) + sum(engine._pass_flops(batch, chunk) for chunk in chunks)
+    plans = engine.group_schedules(token_lists, engine.normalise_sets([[head] for head in heads]))
+    total = sum(engine.pass_flops(batch, None) + sum(engine.pass_flops(batch, chunk) for chunk in chunks)
                 for batch, chunks in plans)
     return total / len(token_lists)
 
@@ -193,7 +194,7 @@ def main():
     for label in [e for e in args.estimators.split(",") if e]:
         estimator, _, top = label.partition(":")
         config = EstimateConfig(estimator=estimator, top_tokens=int(top or args.top_tokens), samples=args.samples)
-        estimates, estimate_time = timed(lambda: [estimate_scores(engine, t, kind="ua", epsilon=EPSILON, config=config)
+        estimates, estimate_time = timed(lambda: [estimate_scores(engine, t, ablation=Ablation(kind="ua", epsilon=EPSILON), config=config)
                                                   for t in token_lists])
         rows = (config.top_tokens + 1) if estimator == "fisher" else args.samples
         # The weights are frozen, so the backward pass computes activation gradients only: about one more forward.

@@ -32,6 +32,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_ships, beside this file
 
 from bench_ships import naive_scores, spread_heads  # noqa: E402
+from safety_heads.ablation import Ablation  # noqa: E402
 from safety_heads.demo.tiny import byte_tokenizer  # noqa: E402
 from safety_heads.engine import Engine, EngineConfig  # noqa: E402
 from safety_heads.flops import matmul_throughput  # noqa: E402
@@ -108,7 +109,7 @@ def correctness(device, shape):
     worst = 0.0
     for kind in ("ua", "sc"):
         for mode in ("never", "always"):
-            result = Engine(loaded, EngineConfig(shared_prefix=mode)).run(prompts, sets, kind=kind, epsilon=EPSILON)
+            result = Engine(loaded, EngineConfig(shared_prefix=mode)).run(prompts, sets, ablation=Ablation(kind=kind, epsilon=EPSILON))
             for index, tokens in enumerate(prompts[:2]):
                 reference = hook_logits(loaded.module, layout, tokens, kind)
                 error = (result.logits[index].double() - reference).abs().max() / reference.abs().max()

@@ -222,7 +222,7 @@ def test_queries_swept_together_match_reference(family_name):
     engine = Engine(wrap(module, tokenizer, family_name), EngineConfig(shared_prefix="always"))
     prompts = [list(p.token_ids) for p in format_prompts(QUERIES, "chat", tokenizer)]
     heads = [(layer, head) for layer in range(3) for head in range(family.n_heads)]
-    plans = engine._group_plans(prompts, [[head] for head in heads])
+    plans = engine.group_schedules(prompts, [[head] for head in heads])
     assert all(batch.shared is not None for batch, _ in plans)
     maps = exact_score_maps_of(prompts, heads, engine=engine, kind="ua", epsilon=1e-4)
     for tokens, scores in zip(prompts, maps):

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, parse_heads
+from .ablation import DEFAULT_EPSILON, Ablation, Head, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .generate import GenerationConfig, generate
@@ -64,10 +64,8 @@ class EvaluateConfig:
     mean_reference_limit: int = 64
 
     def validate(self) -> None:
-        if self.ablation is not None:
-            check_kind(self.ablation)
-        if self.epsilon is not None:
-            check_epsilon(self.epsilon)
+        # None: the source's own setting (--from); anything given is checked as an Ablation checks it.
+        Ablation(kind="ua" if self.ablation is None else self.ablation, epsilon=DEFAULT_EPSILON if self.epsilon is None else self.epsilon)
         if (self.heads is None) == (self.source is None):
             raise UserError("give the heads to ablate with exactly one of --heads or --from")
         if self.per_query and self.source is None:
@@ -222,7 +220,7 @@ def run_evaluation(
                 continue
             stop = start + generation.batch_size
             batch = generate(model, [p.token_ids for p in prompts[start:stop]], head_sets=head_sets[start:stop] if head_sets else None,
-                             kind=config.ablation, epsilon=config.epsilon, means=means, config=generation,
+                             ablation=Ablation(kind=config.ablation, epsilon=config.epsilon, means=means), config=generation,
                              engine=engine)  # remote: one request per batch, with the engine's retry settings
             texts = [g.text for g in batch]
             if checkpoint is not None:
@@ -297,7 +295,7 @@ def _harmless_cost(model, engine, config, choice, prompts, judges, means, answer
     ablated = answers("harmless/ablated", prompts, [choice.heads] * len(prompts))
     cost["baseline"] = {"refusal_rate": {j.name: sum(map(j.refused, baseline)) / len(prompts) for j in keyword}}
     cost["ablated"] = {"refusal_rate": {j.name: sum(map(j.refused, ablated)) / len(prompts) for j in keyword}}
-    readouts = engine.run([p.token_ids for p in prompts], [choice.heads], kind=config.ablation, epsilon=config.epsilon, means=means)
+    readouts = engine.run([p.token_ids for p in prompts], [choice.heads], ablation=Ablation(kind=config.ablation, epsilon=config.epsilon, means=means))
     kl = kl_divergence(readouts.clean_logits, readouts.logits[:, 0])
     cost["mean_kl"] = float(kl.mean())
     nll = {side: answer_nll(engine, model.tokenizer, prompts, texts) for side, texts in (("baseline", baseline), ("ablated", ablated))}

@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_heads, parse_heads
+from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
 from .engine import HIDDEN_READOUTS, Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
@@ -104,8 +104,7 @@ class SaharaConfig:
     rank_by: str | None = None
 
     def validate(self) -> None:
-        check_kind(self.ablation)
-        check_epsilon(self.epsilon)
+        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
         if not isinstance(self.steps, int) or self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -277,7 +276,7 @@ class Sahara:
         """The score of each head set (all heads of a set ablated together) over all queries: [K] float64."""
         c = self.config
         result = self.engine.run(
-            tokens, head_sets, kind=c.ablation, epsilon=c.epsilon, means=self.means, readouts=("hidden",)
+            tokens, head_sets, ablation=Ablation(kind=c.ablation, epsilon=c.epsilon, means=self.means), readouts=("hidden",)
         )
         self.flops += result.stats.get("flops", 0.0)
         ablated = result.hidden.transpose(0, 1)  # [K, N, d]
@@ -311,7 +310,7 @@ class Sahara:
         sequences, mask, last = self.guard_answers
         c = self.config
         log_probs = self.engine.ablated_token_log_probs(
-            sequences, head_sets, last, kind=c.ablation, epsilon=c.epsilon, means=self.means
+            sequences, head_sets, last, ablation=Ablation(kind=c.ablation, epsilon=c.epsilon, means=self.means)
         ).double()
         per_prompt = -torch.where(mask, log_probs, 0.0).sum(-1) / mask.sum(-1)  # [K, P]
         return per_prompt.mean(-1)

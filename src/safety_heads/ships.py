@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_heads, parse_heads
+from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
@@ -73,8 +73,7 @@ class ShipsConfig:
     refusal_limit: int = 32
 
     def validate(self) -> None:
-        check_kind(self.ablation)
-        check_epsilon(self.epsilon)
+        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.score not in SCORES:
@@ -162,8 +161,8 @@ def exact_score_maps_of(prompts: Sequence[Sequence[int]], heads: Sequence[Head],
             for _ in prompts]
     readouts = tuple(sorted({r for name in scores for r in readouts_for(name)}))
     clean: dict[int, tuple] = {}  # prompt index -> its clean (logits, hidden)
-    for what, part in engine.stream([list(ids) for ids in prompts], [[head] for head in heads], kind=kind,
-                                    epsilon=epsilon, means=means, readouts=readouts, stats=stats):
+    for what, part in engine.stream([list(ids) for ids in prompts], [[head] for head in heads],
+                                    ablation=Ablation(kind=kind, epsilon=epsilon, means=means), readouts=readouts, stats=stats):
         for column, prompt in enumerate(part.prompt_indices):
             if what == "clean":
                 clean[prompt] = (_row(part.logits, column), _row(part.hidden, column))
@@ -256,7 +255,7 @@ class Ships:
         from .estimate import EstimateConfig, estimate_scores
 
         estimate = estimate_scores(
-            self.engine, tokens, kind=kind, epsilon=epsilon, means=self.means,
+            self.engine, tokens, ablation=Ablation(kind=kind, epsilon=epsilon, means=self.means),
             config=EstimateConfig(estimator=config.estimator, top_tokens=config.top_tokens, samples=config.samples,
                                   seed=config.seed, samples_per_pass=config.samples_per_pass),
         )
