@@ -49,7 +49,7 @@ class Ablation:
     def __post_init__(self) -> None:
         check_kind(self.kind)
         check_epsilon(self.epsilon)
-        object.__setattr__(self, "heads", tuple(self.heads))
+        object.__setattr__(self, "heads", tuple(self.heads))  # callers pass lists too; frozen, so set it this way
 
     def with_heads(self, heads) -> "Ablation":
         """The same kind, epsilon and means on other heads."""

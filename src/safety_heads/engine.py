@@ -44,6 +44,8 @@ from .schedule import GroupSchedule, base_pairs, chunk_pairs, residual_layers_of
 
 
 READOUTS = ("logits", "hidden")
+Prompts = Sequence[str | Sequence[int]]  # strings (tokenised with the tokenizer's defaults) or token id lists
+HeadSets = Sequence[Sequence[Head]]
 
 # The fixed cost of one trace, in floating-point operations of model compute it is worth (measured roughly: ~2 ms of
 # Python and nnsight bookkeeping per trace, against a CPU doing ~5e10 flop/s and a GPU ~1e13 on these shapes). It only
@@ -263,15 +265,8 @@ class Engine:
 
     # -- public ------------------------------------------------------------------------------------------------
 
-    def stream(
-        self,
-        prompts: Sequence[str | Sequence[int]],
-        head_sets: Sequence[Sequence[Head]],
-        *,
-        ablation: Ablation = Ablation(),
-        readouts: Sequence[str] = ("logits",),
-        stats: dict | None = None,
-    ) -> Iterator[tuple[str, ChunkResult]]:
+    def stream(self, prompts: Prompts, head_sets: HeadSets, *, ablation: Ablation = Ablation(),
+               readouts: Sequence[str] = ("logits",), stats: dict | None = None) -> Iterator[tuple[str, ChunkResult]]:
         """Yield ("clean", ...) once per prompt group, then ("ablated", ...) per chunk, as they finish. Set i
         ablates head_sets[i] plus `ablation.heads`."""
         require_means(ablation)
@@ -326,14 +321,8 @@ class Engine:
             count_pass(stats, len(chunk.set_indices) * batch.size, n_layers - chunk.start_layer, self.pass_flops(batch, chunk))
             yield "ablated", ChunkResult(group, chunk.set_indices, logits, hidden)
 
-    def run(
-        self,
-        prompts: Sequence[str | Sequence[int]],
-        head_sets: Sequence[Sequence[Head]],
-        *,
-        ablation: Ablation = Ablation(),
-        readouts: Sequence[str] = ("logits",),
-    ) -> EngineResult:
+    def run(self, prompts: Prompts, head_sets: HeadSets, *, ablation: Ablation = Ablation(),
+            readouts: Sequence[str] = ("logits",)) -> EngineResult:
         """Readouts for every (prompt, head set) pair, set i ablating head_sets[i] plus `ablation.heads`; see the
         module docstring for how they are batched."""
         readouts = tuple(readouts)
@@ -367,14 +356,8 @@ class Engine:
         values = self.ablated_token_log_probs(tokens, [[]], last)[0]
         return [values[index, last - (len(ids) - 1) :] for index, ids in enumerate(tokens)]
 
-    def ablated_token_log_probs(
-        self,
-        sequences: Sequence[Sequence[int]],
-        head_sets: Sequence[Sequence[Head]],
-        last: int,
-        *,
-        ablation: Ablation = Ablation(),
-    ) -> torch.Tensor:
+    def ablated_token_log_probs(self, sequences: Sequence[Sequence[int]], head_sets: HeadSets, last: int, *,
+                                ablation: Ablation = Ablation()) -> torch.Tensor:
         """log p of each sequence's `last` final tokens (teacher-forced) with each head set (plus `ablation.heads`)
         ablated: [sets, sequences, last] float32, NaN where a sequence has fewer than `last` + 1 tokens (its first
         token has no prediction). An empty set (and no `ablation.heads`) is the clean model. Used by Sahara's harmless
