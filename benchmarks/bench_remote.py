@@ -2,7 +2,7 @@
 
 Counted on a Llama-2-7b-shaped model built on the meta device (32 layers x 32 heads, hidden 4096, vocab 32000; no
 weights, nothing runs): the requests are planned by the engine and serialised exactly as they would be sent
-(`Engine.request_payloads`, a capture backend), so the byte counts are the real payloads. Nothing is sent anywhere.
+(`remote_requests.request_payloads`, a capture backend), so the byte counts are the real payloads. Nothing is sent anywhere.
 
 - Ships, one query: every one of the 1024 heads ablated on its own, last-token logits back.
 - Sahara, one greedy step: every head added to the current group (1022 head sets) over 32 queries, last-token
@@ -32,6 +32,7 @@ from safety_heads.demo.tiny import byte_tokenizer
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.models import LoadedModel, head_layout, prepare_tokenizer
 from safety_heads.remote import CaptureBackend
+from safety_heads.remote_requests import plan_requests, request_payloads
 
 EPSILON = 1e-4
 TARGET = 100.0  # fewer requests than the naive method, at least
@@ -70,8 +71,8 @@ def naive_request_bytes(model, ids: list[list[int]], readout: str) -> int:
 
 
 def report(name, engine, ids, sets, readouts, naive_count):
-    requests = engine.plan_requests(ids, sets, readouts)
-    payloads = engine.request_payloads(ids, sets, readouts=readouts)
+    requests = plan_requests(engine, ids, sets, readouts)
+    payloads = request_payloads(engine, ids, sets, readouts=readouts)
     ours = len(payloads)
     ours_bytes = sum(len(p) for p in payloads)
     width = sum(32000 if r == "logits" else 4096 for r in readouts)
@@ -110,7 +111,7 @@ def main() -> None:
                     ids, sets, ("hidden",), len(sets) + 1)
     # Locally sahara.py calls the engine once per layer (a kill loses at most a layer); with a remote engine it
     # scores every layer of a step in one call, as counted above. For comparison, the per-layer count:
-    per_layer = sum(len(engine.plan_requests(ids, [s for s in sets if s[-1][0] == layer], ("hidden",))) for layer in range(32))
+    per_layer = sum(len(plan_requests(engine, ids, [s for s in sets if s[-1][0] == layer], ("hidden",))) for layer in range(32))
     print(f"  (were it called once per layer, as sahara.py does locally: {per_layer} requests, "
           f"{(len(sets) + 1) / per_layer:.0f}x fewer than naive)")
     print(f"\nrequest ratios: Ships {ships:.0f}x, Sahara step {sahara:.0f}x (target >= {TARGET:.0f}x)")

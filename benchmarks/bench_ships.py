@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from safety_heads.ablation import Ablation
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.estimate import EstimateConfig, estimate_scores
@@ -86,8 +87,8 @@ def top_recall(estimate, exact, k):
 def planned_flops(loaded, token_lists, heads, **settings):
     """FLOPs per query the engine would run for a full sweep under `settings` (from its plan; nothing runs)."""
     engine = Engine(loaded, EngineConfig(**settings))
-    plans = engine._group_plans(token_lists, engine._normalise_sets([[head] for head in heads]))
-    total = sum(engine._pass_flops(batch, None) + sum(engine._pass_flops(batch, chunk) for chunk in chunks)
+    plans = engine.group_schedules(token_lists, engine.normalise_sets([[head] for head in heads]))
+    total = sum(engine.pass_flops(batch, None) + sum(engine.pass_flops(batch, chunk) for chunk in chunks)
                 for batch, chunks in plans)
     return total / len(token_lists)
 
@@ -149,13 +150,13 @@ def main():
 
     # exact, all queries in one sweep (the shared prefix on, as `auto` decides)
     stats = {}
-    maps, exact_time = timed(lambda: exact_score_maps_of(token_lists, heads, engine=engine, kind="ua", epsilon=EPSILON,
+    maps, exact_time = timed(lambda: exact_score_maps_of(token_lists, heads, engine=engine, ablation=Ablation(kind="ua", epsilon=EPSILON),
                                                          stats=stats))
     exact = [m["kl"] for m in maps]
     line("exact (all queries)", exact_time, stats["flops"])
     if not args.skip_single:
         single_stats = {}
-        singles, single_time = timed(lambda: [exact_score_maps_of([t], heads, engine=engine, kind="ua", epsilon=EPSILON,
+        singles, single_time = timed(lambda: [exact_score_maps_of([t], heads, engine=engine, ablation=Ablation(kind="ua", epsilon=EPSILON),
                                                                   stats=single_stats)[0]["kl"] for t in token_lists])
         error = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(exact, singles))
         line("exact (one at a time)", single_time, single_stats["flops"], f"max rel. diff to all-at-once {error:.1e}")
@@ -193,7 +194,7 @@ def main():
     for label in [e for e in args.estimators.split(",") if e]:
         estimator, _, top = label.partition(":")
         config = EstimateConfig(estimator=estimator, top_tokens=int(top or args.top_tokens), samples=args.samples)
-        estimates, estimate_time = timed(lambda: [estimate_scores(engine, t, kind="ua", epsilon=EPSILON, config=config)
+        estimates, estimate_time = timed(lambda: [estimate_scores(engine, t, ablation=Ablation(kind="ua", epsilon=EPSILON), config=config)
                                                   for t in token_lists])
         rows = (config.top_tokens + 1) if estimator == "fisher" else args.samples
         # The weights are frozen, so the backward pass computes activation gradients only: about one more forward.
@@ -213,7 +214,7 @@ def main():
             for estimate, tokens in zip(estimates, token_lists):
                 flat = estimate.flatten().topk(args.verify).indices.tolist()
                 chosen = [(i // layout.n_heads, i % layout.n_heads) for i in flat]
-                checked = exact_score_maps_of([tokens], chosen, engine=engine, kind="ua", epsilon=EPSILON,
+                checked = exact_score_maps_of([tokens], chosen, engine=engine, ablation=Ablation(kind="ua", epsilon=EPSILON),
                                               stats=verify_stats)[0]["kl"]
                 out.append(torch.where(torch.isnan(checked), estimate, checked))  # as `--method estimate+verify` does
             return out

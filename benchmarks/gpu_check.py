@@ -32,6 +32,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_ships, beside this file
 
 from bench_ships import naive_scores, spread_heads  # noqa: E402
+from safety_heads.ablation import Ablation  # noqa: E402
 from safety_heads.demo.tiny import byte_tokenizer  # noqa: E402
 from safety_heads.engine import Engine, EngineConfig  # noqa: E402
 from safety_heads.flops import matmul_throughput  # noqa: E402
@@ -108,7 +109,7 @@ def correctness(device, shape):
     worst = 0.0
     for kind in ("ua", "sc"):
         for mode in ("never", "always"):
-            result = Engine(loaded, EngineConfig(shared_prefix=mode)).run(prompts, sets, kind=kind, epsilon=EPSILON)
+            result = Engine(loaded, EngineConfig(shared_prefix=mode)).run(prompts, sets, ablation=Ablation(kind=kind, epsilon=EPSILON))
             for index, tokens in enumerate(prompts[:2]):
                 reference = hook_logits(loaded.module, layout, tokens, kind)
                 error = (result.logits[index].double() - reference).abs().max() / reference.abs().max()
@@ -122,9 +123,9 @@ def ships_ratio(loaded, name, naive_heads, peak):
     layout, engine = loaded.layout, Engine(loaded)
     heads = [(l, h) for l in range(layout.n_layers) for h in range(layout.n_heads)]
     tokens = list(loaded.tokenizer(SYSTEM + QUERIES[0]).input_ids)
-    exact_scores = lambda: exact_score_maps_of([tokens], heads, engine=engine, kind="ua", epsilon=EPSILON, stats=stats)  # noqa: E731
+    exact_scores = lambda: exact_score_maps_of([tokens], heads, engine=engine, ablation=Ablation(kind="ua", epsilon=EPSILON), stats=stats)  # noqa: E731
     stats = {}
-    exact_score_maps_of([tokens], heads[:4], engine=engine, kind="ua", epsilon=EPSILON)  # warm-up
+    exact_score_maps_of([tokens], heads[:4], engine=engine, ablation=Ablation(kind="ua", epsilon=EPSILON))  # warm-up
     maps, exact_time = synced(exact_scores)
     timed = spread_heads(layout, naive_heads)
     naive_scores(loaded, engine.sites, tokens, timed[:2])  # warm-up
@@ -179,8 +180,8 @@ def qwen_stage(device, shape, dtype):
     heads = [(l, h) for l in range(layout.n_layers) for h in range(layout.n_heads)]
     tokens = [list(loaded.tokenizer(SYSTEM + q).input_ids) for q in QUERIES]
     engine = Engine(loaded)
-    exact_score_maps_of(tokens[:2], heads[:4], engine=engine, kind="ua", epsilon=EPSILON)  # warm-up
-    _, seconds = synced(lambda: exact_score_maps_of(tokens, heads, engine=engine, kind="ua", epsilon=EPSILON))
+    exact_score_maps_of(tokens[:2], heads[:4], engine=engine, ablation=Ablation(kind="ua", epsilon=EPSILON))  # warm-up
+    _, seconds = synced(lambda: exact_score_maps_of(tokens, heads, engine=engine, ablation=Ablation(kind="ua", epsilon=EPSILON)))
     print(f"Qwen2-0.5B-shaped Ships stage ({len(tokens)} queries x {len(heads)} heads, {str(dtype).removeprefix('torch.')}, "
           f"random weights): {seconds:.2f} s, {seconds / len(tokens):.3f} s per query")
     return {"seconds": seconds, "per_query": seconds / len(tokens)}

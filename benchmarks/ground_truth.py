@@ -50,7 +50,7 @@ import torch
 
 from safety_heads.ablation import format_heads, parse_heads
 from safety_heads.data import format_prompts, load_prompts
-from safety_heads.engine import left_padded
+from safety_heads.batching import left_padded
 from safety_heads.demo.measure import complied, generate, harmless_sample
 from safety_heads.errors import UserError
 from safety_heads.judges import KEYWORD_JUDGES

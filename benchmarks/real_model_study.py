@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ground_truth import clean_answer_nll, hooked, spearman  # noqa: E402  (the independent plain-hook reference)
 
-from safety_heads.ablation import DEFAULT_EPSILON, format_heads  # noqa: E402
+from safety_heads.ablation import DEFAULT_EPSILON, Ablation, format_heads  # noqa: E402
 from safety_heads.data import format_prompts, load_prompts  # noqa: E402
 from safety_heads.demo.measure import generate  # noqa: E402
 from safety_heads.errors import UserError  # noqa: E402
@@ -269,7 +269,7 @@ class Study:
             if index in done:
                 continue
             t = time.perf_counter()
-            maps = exact_score_maps(engine, tokens, self.all_heads, kind="ua", epsilon=DEFAULT_EPSILON, scores=names,
+            maps = exact_score_maps(engine, tokens, self.all_heads, ablation=Ablation(kind="ua", epsilon=DEFAULT_EPSILON), scores=names,
                                     signals=signals)
             done[index] = {"index": index, "seconds": round(time.perf_counter() - t, 1),
                            **{name: maps[name].tolist() for name in names}}

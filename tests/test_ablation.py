@@ -96,7 +96,7 @@ def test_surgery_equals_traced_ablation(family_name, kind):
     module = FAMILIES[family_name].build()
     engine = Engine(wrap(module, byte_tokenizer(), family_name))
     means = engine.head_means(PROMPTS) if kind == "mean" else None
-    traced = engine.run(PROMPTS, [HEADS], kind=kind, epsilon=1e-4, means=means)
+    traced = engine.run(PROMPTS, [HEADS], ablation=Ablation(kind=kind, epsilon=1e-4, means=means))
     edited = copy.deepcopy(module)
     bake_into_weights(edited, engine.layout, Ablation(HEADS, kind, 1e-4, means))
     baked = Engine(wrap(edited, byte_tokenizer(), family_name)).run(PROMPTS, [[]])

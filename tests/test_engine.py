@@ -7,8 +7,10 @@ import torch
 
 from families import FAMILIES
 from reference import reference_means, reference_readouts, reference_token_log_probs
+from safety_heads.ablation import Ablation
 from safety_heads.demo.tiny import byte_tokenizer
-from safety_heads.engine import Engine, EngineConfig, plan_chunks
+from safety_heads.batching import plan_chunks
+from safety_heads.engine import Engine, EngineConfig
 from safety_heads.errors import UserError
 from safety_heads.models import wrap
 
@@ -39,7 +41,7 @@ def test_engine_matches_reference(family_name, kind):
     tokens = engine.tokenize(PROMPTS)
     means = reference_means(module, family, tokens) if kind == "mean" else None
     head_sets = head_sets_for(family)
-    result = engine.run(PROMPTS, head_sets, kind=kind, epsilon=1e-4, means=means, readouts=("logits", "hidden"))
+    result = engine.run(PROMPTS, head_sets, ablation=Ablation(kind=kind, epsilon=1e-4, means=means), readouts=("logits", "hidden"))
     assert result.logits.shape == (len(PROMPTS), len(head_sets), module.config.vocab_size)
     worst, smallest_effect = 0.0, math.inf
     for p, prompt_tokens in enumerate(tokens):
@@ -124,7 +126,7 @@ def test_ablated_token_log_probs_match_reference(family_name, kind):
     means = reference_means(module, family, tokens) if kind == "mean" else None
     head_sets = [[], [(0, 1)], [(0, 1), (2, 3)], [(1, 0), (1, 2)]]
     last = 5
-    result = engine.ablated_token_log_probs(tokens, head_sets, last, kind=kind, epsilon=1e-4, means=means)
+    result = engine.ablated_token_log_probs(tokens, head_sets, last, ablation=Ablation(kind=kind, epsilon=1e-4, means=means))
     assert result.shape == (len(head_sets), len(tokens), last)
     worst, smallest_effect = 0.0, math.inf
     for s, heads in enumerate(head_sets):
@@ -166,10 +168,10 @@ def test_token_id_prompts_equal_string_prompts():
         (lambda e: e.run(["x" * 500], [[(0, 0)]]), "beyond the model's context"),
         (lambda e: e.run(["hi"], [[(3, 0)]]), "layer 3 is out of range"),
         (lambda e: e.run(["hi"], [[(0, 4)]]), "head 4 is out of range"),
-        (lambda e: e.run(["hi"], [[(0, 0)]], epsilon=-1.0), "epsilon"),
-        (lambda e: e.run(["hi"], [[(0, 0)]], epsilon=float("nan")), "epsilon"),
-        (lambda e: e.run(["hi"], [[(0, 0)]], kind="zero"), "unknown ablation kind"),
-        (lambda e: e.run(["hi"], [[(0, 0)]], kind="mean"), "reference means"),
+        (lambda e: e.run(["hi"], [[(0, 0)]], ablation=Ablation(epsilon=-1.0)), "epsilon"),
+        (lambda e: e.run(["hi"], [[(0, 0)]], ablation=Ablation(epsilon=float("nan"))), "epsilon"),
+        (lambda e: e.run(["hi"], [[(0, 0)]], ablation=Ablation(kind="zero")), "unknown ablation kind"),
+        (lambda e: e.run(["hi"], [[(0, 0)]], ablation=Ablation(kind="mean")), "reference means"),
     ],
 )
 def test_bad_input_is_a_user_error(call, message):
@@ -199,7 +201,7 @@ def test_non_finite_only_after_ablation_is_reported_for_the_ablated_model():
     family, module, engine = wrapped("llama")
     means = torch.full((3, 64), float("inf"))
     with pytest.raises(UserError, match="an ablated model produced non-finite values from layer 2 on"):
-        engine.run(["hello"], [[(2, 1)]], kind="mean", means=means)
+        engine.run(["hello"], [[(2, 1)]], ablation=Ablation(kind="mean", means=means))
 
 
 class TestPlanChunks:
@@ -250,7 +252,7 @@ TEMPLATED = [f"<system> You are a careful assistant. <user> {q} <assistant>" for
 
 def shared_lengths(engine, prompts, head_sets):
     """The shared-prefix length of each prompt group the engine plans (None: that group runs whole)."""
-    plans = engine._group_plans(engine.tokenize(prompts), engine._normalise_sets(head_sets))
+    plans = engine.group_schedules(engine.tokenize(prompts), engine.normalise_sets(head_sets))
     return [batch.shared.length if batch.shared is not None else None for batch, _ in plans]
 
 
@@ -264,7 +266,7 @@ def test_shared_prefix_matches_reference(family_name, kind):
     head_sets = head_sets_for(family)
     lengths = shared_lengths(engine, TEMPLATED, head_sets)
     assert lengths and all(length is not None and length >= 30 for length in lengths)  # the path under test is taken
-    result = engine.run(TEMPLATED, head_sets, kind=kind, epsilon=1e-4, means=means, readouts=("logits", "hidden"))
+    result = engine.run(TEMPLATED, head_sets, ablation=Ablation(kind=kind, epsilon=1e-4, means=means), readouts=("logits", "hidden"))
     worst = 0.0
     for p, prompt_tokens in enumerate(tokens):
         clean_logits, clean_hidden = reference_readouts(module, family, prompt_tokens, [], kind)
@@ -296,7 +298,7 @@ def test_shared_prefix_needs_two_prompts_and_a_common_start():
 
 
 def test_common_prefix_leaves_every_prompt_a_token():
-    from safety_heads.engine import common_prefix_length
+    from safety_heads.batching import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3], [1, 2, 4]]) == 2
     assert common_prefix_length([[1, 2], [1, 2, 3]]) == 1  # the shorter prompt keeps its last token
@@ -340,10 +342,10 @@ def test_sets_with_common_heads_match_reference(family_name, kind, shared):
     tokens = engine.tokenize(prompts)
     means = reference_means(module, family, tokens) if kind == "mean" else None
     head_sets = grouped_sets(family)
-    plans = engine._group_plans(tokens, engine._normalise_sets(head_sets))
+    plans = engine.group_schedules(tokens, engine.normalise_sets(head_sets))
     assert all(batch.base == ((0, 1),) for batch, _ in plans)
     assert any(chunk.start_layer > 0 for _, chunks in plans for chunk in chunks)  # reuse above the group's layer
-    result = engine.run(prompts, head_sets, kind=kind, epsilon=1e-4, means=means, readouts=("logits", "hidden"))
+    result = engine.run(prompts, head_sets, ablation=Ablation(kind=kind, epsilon=1e-4, means=means), readouts=("logits", "hidden"))
     worst = 0.0
     for p, prompt_tokens in enumerate(tokens):
         clean_logits, _ = reference_readouts(module, family, prompt_tokens, [], kind)

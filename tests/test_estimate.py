@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from families import FAMILIES
+from safety_heads.ablation import Ablation
 from safety_heads.demo.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
@@ -52,7 +53,7 @@ def engine_for(module: torch.nn.Module, name: str) -> Engine:
 def exact_scores(engine: Engine, tokens, kind: str, epsilon: float = 1e-4, means=None) -> torch.Tensor:
     layout = engine.layout
     head_sets = [[(layer, head)] for layer in range(layout.n_layers) for head in range(layout.n_heads)]
-    result = engine.run([tokens], head_sets, kind=kind, epsilon=epsilon, means=means)
+    result = engine.run([tokens], head_sets, ablation=Ablation(kind=kind, epsilon=epsilon, means=means))
     clean = result.clean_logits[0].double().log_softmax(-1)
     ablated = result.logits[0].double().log_softmax(-1)
     return (clean.exp() * (clean - ablated)).sum(-1).view(layout.n_layers, layout.n_heads)
@@ -90,7 +91,7 @@ GENTLE_FLOOR = 0.8
 def test_estimate_ranks_heads_like_exact(name, kind):
     engine = engine_for(gentle(name), name)
     tokens = engine.tokenize([PROMPT])[0]
-    estimate = estimate_scores(engine, tokens, kind=kind, config=SAMPLED)
+    estimate = estimate_scores(engine, tokens, ablation=Ablation(kind=kind), config=SAMPLED)
     check_shape_and_sign(estimate, engine)
     rho = spearman(estimate, exact_scores(engine, tokens, kind))
     assert rho >= GENTLE_FLOOR, f"{name} {kind}: Spearman {rho:.3f}"
@@ -100,7 +101,7 @@ def test_mean_ablation_estimate_ranks_heads_like_exact():
     engine = engine_for(gentle("llama"), "llama")
     tokens = engine.tokenize([PROMPT])[0]
     means = engine.head_means(REFERENCE)
-    estimate = estimate_scores(engine, tokens, kind="mean", means=means, config=SAMPLED)
+    estimate = estimate_scores(engine, tokens, ablation=Ablation(kind="mean", means=means), config=SAMPLED)
     check_shape_and_sign(estimate, engine)
     rho = spearman(estimate, exact_scores(engine, tokens, "mean", means=means))
     assert rho >= GENTLE_FLOOR, f"Spearman {rho:.3f}"
@@ -120,7 +121,7 @@ STRONG_FLOOR = {"sc": 0.7, "ua": 0.4}
 def test_strong_init_models(name, kind):
     engine = engine_for(FAMILIES[name].build(), name)
     tokens = engine.tokenize([PROMPT])[0]
-    estimate = estimate_scores(engine, tokens, kind=kind, config=SAMPLED)
+    estimate = estimate_scores(engine, tokens, ablation=Ablation(kind=kind), config=SAMPLED)
     check_shape_and_sign(estimate, engine)
     rho = spearman(estimate, exact_scores(engine, tokens, kind))
     assert rho >= STRONG_FLOOR[kind], f"{name} {kind}: Spearman {rho:.3f}"
@@ -131,7 +132,7 @@ def test_small_ablations_match_exact_kl_in_size(kind):
     """At epsilon = 0.9 (a 10% change) the quadratic expansion is accurate: this pins the 1/2 and the delta's scale."""
     engine = engine_for(gentle("llama"), "llama")
     tokens = engine.tokenize([PROMPT])[0]
-    estimate = estimate_scores(engine, tokens, kind=kind, epsilon=0.9, config=EstimateConfig(estimator="sampled", samples=256))
+    estimate = estimate_scores(engine, tokens, ablation=Ablation(kind=kind, epsilon=0.9), config=EstimateConfig(estimator="sampled", samples=256))
     ratio = (estimate / exact_scores(engine, tokens, kind, epsilon=0.9)).flatten()
     # Measured (K=256, model seeds 0-1, llama and gpt2 and qwen3): per-head ratio 0.77-1.15, median 0.91-1.03.
     assert 0.9 <= ratio.median() <= 1.1, ratio
@@ -141,10 +142,10 @@ def test_small_ablations_match_exact_kl_in_size(kind):
 def test_same_seed_same_result_and_other_seeds_agree():
     engine = engine_for(gentle("qwen3"), "qwen3")
     tokens = engine.tokenize([PROMPT])[0]
-    first = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(estimator="sampled", seed=3))
-    again = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(estimator="sampled", seed=3))
+    first = estimate_scores(engine, tokens, ablation=Ablation(kind="sc"), config=EstimateConfig(estimator="sampled", seed=3))
+    again = estimate_scores(engine, tokens, ablation=Ablation(kind="sc"), config=EstimateConfig(estimator="sampled", seed=3))
     assert torch.equal(first, again)
-    other = estimate_scores(engine, tokens, kind="sc", config=EstimateConfig(estimator="sampled", seed=4))
+    other = estimate_scores(engine, tokens, ablation=Ablation(kind="sc"), config=EstimateConfig(estimator="sampled", seed=4))
     assert not torch.equal(first, other)
     # Two independent K=64 estimates: each score has ~18% relative noise.
     assert (other / first).log().abs().median() < math.log(1.5)
@@ -155,8 +156,8 @@ def test_chunked_passes_equal_one_pass():
     """samples_per_pass splits the rows; each row keeps its draw, so only float rounding may differ."""
     engine = engine_for(gentle("gpt2"), "gpt2")
     tokens = engine.tokenize([PROMPT])[0]
-    whole = estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=24))
-    chunked = estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=24, samples_per_pass=10))
+    whole = estimate_scores(engine, tokens, ablation=Ablation(kind="ua"), config=EstimateConfig(estimator="sampled", samples=24))
+    chunked = estimate_scores(engine, tokens, ablation=Ablation(kind="ua"), config=EstimateConfig(estimator="sampled", samples=24, samples_per_pass=10))
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=0)
 
 
@@ -180,7 +181,7 @@ def test_one_forward_and_one_backward_pass():
     ]
     lm.trace = counting_trace
     try:
-        estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=16))
+        estimate_scores(engine, tokens, ablation=Ablation(kind="ua"), config=EstimateConfig(estimator="sampled", samples=16))
     finally:
         del lm.trace
         for hook in hooks:
@@ -195,10 +196,10 @@ def test_weights_are_left_as_they_were():
     engine = engine_for(module, "gemma3_text")
     tokens = engine.tokenize([PROMPT])[0]
     module.requires_grad_(True)
-    trainable = estimate_scores(engine, tokens, kind="sc", config=SAMPLED)
+    trainable = estimate_scores(engine, tokens, ablation=Ablation(kind="sc"), config=SAMPLED)
     assert all(p.requires_grad and p.grad is None for p in module.parameters())
     module.requires_grad_(False)  # as NDIF serves models
-    frozen = estimate_scores(engine, tokens, kind="sc", config=SAMPLED)
+    frozen = estimate_scores(engine, tokens, ablation=Ablation(kind="sc"), config=SAMPLED)
     assert not any(p.requires_grad for p in module.parameters())
     torch.testing.assert_close(frozen, trainable)
     gc.collect()
@@ -214,11 +215,11 @@ def test_no_tensors_are_left_behind():
             warnings.simplefilter("ignore", FutureWarning)
             return sum(1 for thing in gc.get_objects() if isinstance(thing, torch.Tensor))
 
-    estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=8))  # warm caches
+    estimate_scores(engine, tokens, ablation=Ablation(kind="ua"), config=EstimateConfig(estimator="sampled", samples=8))  # warm caches
     gc.collect()
     before = live_tensors()
     for _ in range(3):
-        estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(estimator="sampled", samples=8))
+        estimate_scores(engine, tokens, ablation=Ablation(kind="ua"), config=EstimateConfig(estimator="sampled", samples=8))
     assert live_tensors() == before
 
 
@@ -236,7 +237,8 @@ def test_no_tensors_are_left_behind():
 def test_bad_input_is_a_user_error(settings, message):
     engine = engine_for(gentle("llama"), "llama")
     with pytest.raises(UserError, match=message):
-        estimate_scores(engine, engine.tokenize([PROMPT])[0], **settings)
+        ablation = Ablation(**{name: value for name, value in settings.items() if name != "config"})
+        estimate_scores(engine, engine.tokenize([PROMPT])[0], ablation=ablation, config=settings.get("config"))
 
 
 def test_empty_prompt_is_a_user_error():
@@ -263,7 +265,7 @@ def test_fisher_estimate_ranks_heads_like_exact(name, kind, strong):
     module = FAMILIES[name].build() if strong else gentle(name)
     engine = engine_for(module, name)
     tokens = engine.tokenize([PROMPT])[0]
-    estimate = estimate_scores(engine, tokens, kind=kind)  # the default estimator
+    estimate = estimate_scores(engine, tokens, ablation=Ablation(kind=kind))  # the default estimator
     check_shape_and_sign(estimate, engine)
     rho = spearman(estimate, exact_scores(engine, tokens, kind))
     assert rho >= FISHER_FLOOR[kind], f"{name} {kind}: Spearman {rho:.3f}"
@@ -279,7 +281,7 @@ def test_fisher_estimate_is_the_exact_quadratic_form_for_small_ablations(kind):
     means = engine.head_means(REFERENCE) if kind == "mean" else None
     epsilon = 0.9 if kind != "mean" else 1e-4
     vocabulary = engine.model.module.config.vocab_size
-    estimate = estimate_scores(engine, tokens, kind=kind, epsilon=epsilon, means=means,
+    estimate = estimate_scores(engine, tokens, ablation=Ablation(kind=kind, epsilon=epsilon, means=means),
                                config=EstimateConfig(top_tokens=vocabulary - 1))
     ratio = (estimate / exact_scores(engine, tokens, kind, epsilon=epsilon, means=means)).flatten()
     if kind == "mean":  # a full replacement is not small: the ranking is what is promised
@@ -329,11 +331,11 @@ def test_layer_deltas_are_the_exact_change_of_each_head():
 def test_fisher_estimate_is_deterministic_and_travels():
     engine = engine_for(gentle("qwen3"), "qwen3")
     tokens = engine.tokenize([PROMPT])[0]
-    first = estimate_scores(engine, tokens, kind="ua")
-    assert torch.equal(first, estimate_scores(engine, tokens, kind="ua"))
+    first = estimate_scores(engine, tokens, ablation=Ablation(kind="ua"))
+    assert torch.equal(first, estimate_scores(engine, tokens, ablation=Ablation(kind="ua")))
     from safety_heads.engine import EngineConfig
 
-    simulated = estimate_scores(Engine(engine.model, EngineConfig(remote="local")), tokens, kind="ua")
+    simulated = estimate_scores(Engine(engine.model, EngineConfig(remote="local")), tokens, ablation=Ablation(kind="ua"))
     torch.testing.assert_close(simulated, first, rtol=1e-6, atol=0)
 
 
@@ -350,7 +352,7 @@ def test_fisher_estimate_costs_two_traces_of_few_rows():
 
     lm.trace = counting_trace
     try:
-        estimate_scores(engine, tokens, kind="ua", config=EstimateConfig(top_tokens=5))
+        estimate_scores(engine, tokens, ablation=Ablation(kind="ua"), config=EstimateConfig(top_tokens=5))
     finally:
         del lm.trace
     assert shapes == [(2, len(tokens)), (6, len(tokens))]  # the per-layer changes, then 5 tokens + the rest
@@ -363,4 +365,5 @@ def test_fisher_estimate_costs_two_traces_of_few_rows():
 def test_bad_fisher_settings_are_user_errors(settings, message):
     engine = engine_for(gentle("llama"), "llama")
     with pytest.raises(UserError, match=message):
-        estimate_scores(engine, engine.tokenize([PROMPT])[0], **settings)
+        ablation = Ablation(**{name: value for name, value in settings.items() if name != "config"})
+        estimate_scores(engine, engine.tokenize([PROMPT])[0], ablation=ablation, config=settings.get("config"))

@@ -27,7 +27,7 @@ def test_ablated_generation_equals_surgery(family_name, kind):
     tokenizer = byte_tokenizer()
     model = wrap(module, tokenizer, family_name)
     config = GenerationConfig(max_new_tokens=6, batch_size=3)
-    ablated = generate(model, tokens(tokenizer), head_sets=[HEADS] * 3, kind=kind, config=config, keep_logits=True)
+    ablated = generate(model, tokens(tokenizer), head_sets=[HEADS] * 3, ablation=Ablation(kind=kind), config=config, keep_logits=True)
     edited = copy.deepcopy(module)
     bake_into_weights(edited, model.layout, Ablation(tuple(HEADS), kind, 1e-4))
     baked = generate(wrap(edited, byte_tokenizer(), "edited"), tokens(tokenizer), config=config, keep_logits=True)

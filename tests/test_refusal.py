@@ -11,6 +11,7 @@ import torch
 from families import FAMILIES
 from reference import reference_means, reference_readouts
 
+from safety_heads.ablation import Ablation
 from safety_heads.cli import main
 from safety_heads.data import format_prompts, prompt_tokens
 from safety_heads.demo.tiny import byte_tokenizer
@@ -51,7 +52,7 @@ def test_refusal_scores_match_plain_hooks(family_name, kind, score):
     means = reference_means(module, family, [tokens]) if kind == "mean" else None
     signal = random_signal(engine.d_model, module.config.vocab_size)
     heads = [(layer, head) for layer in range(3) for head in range(family.n_heads)]
-    scores = exact_scores(engine, tokens, heads, kind=kind, epsilon=1e-4, means=means, score=score, signal=signal)
+    scores = exact_scores(engine, tokens, heads, ablation=Ablation(kind=kind, epsilon=1e-4, means=means), score=score, signal=signal)
     clean = reference_readouts(module, family, tokens, [], kind)
     expected = torch.tensor([[reference_score(score, clean, reference_readouts(module, family, tokens, [(l, h)], kind, 1e-4, means), signal)
                               for h in range(family.n_heads)] for l in range(3)], dtype=torch.float64)

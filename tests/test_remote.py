@@ -14,6 +14,7 @@ import torch
 
 from ndif_mock import MockNdif, SandboxUnpickler, execute, tiny_pair
 from safety_heads import intrace
+from safety_heads.ablation import Ablation
 from safety_heads.cli import main
 from safety_heads.demo.tiny import byte_tokenizer, tiny_llama, tiny_llama_config
 from safety_heads.engine import Engine, EngineConfig
@@ -22,6 +23,7 @@ from safety_heads.generate import GenerationConfig, generate
 from safety_heads.models import ModelConfig, wrap
 from safety_heads.runs import run_ships
 from safety_heads.ships import ShipsConfig
+from safety_heads.remote_requests import plan_requests, request_payloads
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a short poem about the sea, please."]
 HEAD_SETS = [[(layer, head)] for layer in range(4) for head in range(8)] + [[(0, 1), (2, 3)], [(1, 0), (1, 3), (3, 2)], []]
@@ -70,14 +72,14 @@ def test_sessions_in_local_simulation_equal_local(pair, local_result, kind):
     client, _ = pair
     engine = Engine(client)
     means = engine.head_means(PROMPTS) if kind == "mean" else None
-    local = local_result if kind == "ua" else engine.run(PROMPTS, HEAD_SETS, kind=kind, means=means, readouts=("logits", "hidden"))
+    local = local_result if kind == "ua" else engine.run(PROMPTS, HEAD_SETS, ablation=Ablation(kind=kind, means=means), readouts=("logits", "hidden"))
     # Two chunks per request: several requests, each a session with its own clean pass.
     simulated_engine = Engine(client, EngineConfig(remote="local", remote_chunks_per_request=2, max_batch_rows=12))
     if kind == "mean":
         assert torch.equal(simulated_engine.head_means(PROMPTS), means)
-    simulated = simulated_engine.run(PROMPTS, HEAD_SETS, kind=kind, means=means, readouts=("logits", "hidden"))
+    simulated = simulated_engine.run(PROMPTS, HEAD_SETS, ablation=Ablation(kind=kind, means=means), readouts=("logits", "hidden"))
     assert simulated.stats["requests"] > 1
-    ordinary = Engine(client, EngineConfig(max_batch_rows=12)).run(PROMPTS, HEAD_SETS, kind=kind, means=means, readouts=("logits", "hidden"))
+    ordinary = Engine(client, EngineConfig(max_batch_rows=12)).run(PROMPTS, HEAD_SETS, ablation=Ablation(kind=kind, means=means), readouts=("logits", "hidden"))
     assert torch.equal(simulated.logits, ordinary.logits) and torch.equal(simulated.hidden, ordinary.hidden)
     close(simulated.logits, local.logits)
 
@@ -122,8 +124,8 @@ def test_full_ships_sweep_is_one_small_request_that_replays_exactly():
     heads = [[(layer, head)] for layer in range(32) for head in range(32)]
     prompt = [client.tokenizer("How do I pick a lock?").input_ids]
     engine = Engine(client, EngineConfig(remote=True))  # planned for NDIF's GPUs; nothing is sent
-    requests = engine.plan_requests(prompt, heads)
-    payloads = engine.request_payloads(prompt, heads)
+    requests = plan_requests(engine, prompt, heads)
+    payloads = request_payloads(engine, prompt, heads)
     assert len(requests) == len(payloads) == 1, "every head of one prompt fits one request"
     assert len(payloads[0]) < 100_000, f"payload {len(payloads[0])} bytes"
     SandboxUnpickler.seen = set()
@@ -153,7 +155,7 @@ def test_mock_ndif_with_failures_loses_and_duplicates_nothing(pair, local_result
             seen += [(p, s) for p in part.prompt_indices for s in part.set_indices]
         result = engine.run(PROMPTS, HEAD_SETS, readouts=("logits", "hidden"))
         # One request per chunk here; "accept-drop" made the server run one of them twice, unseen by the client.
-        assert stats["requests"] == len(engine.plan_requests(PROMPTS, HEAD_SETS, ("logits", "hidden")))
+        assert stats["requests"] == len(plan_requests(engine, PROMPTS, HEAD_SETS, ("logits", "hidden")))
         assert mock.executed == 2 * stats["requests"] + 1
         assert all(action is None for route, action in mock.log[-3:])  # every injected failure was used up
     active = [s for s, heads in enumerate(HEAD_SETS) if heads]
@@ -305,7 +307,7 @@ def test_load_remote_model_builds_a_weightless_client(monkeypatch):
     assert model.device.type == "meta" and model.dtype == torch.bfloat16
     assert model.remote_key.startswith("nnsight.modeling.transformers.TransformersModel:") and "org/tiny-remote" in model.remote_key
     assert model.layout.n_heads == 8 and model.layout.n_layers == 4
-    payloads = Engine(model, EngineConfig(remote=True)).request_payloads(PROMPTS[:1], HEAD_SETS)
+    payloads = request_payloads(Engine(model, EngineConfig(remote=True)), PROMPTS[:1], HEAD_SETS)
     assert len(payloads) == 1  # a request can be built from the client alone
 
 

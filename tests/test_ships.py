@@ -7,6 +7,7 @@ import torch
 
 from families import FAMILIES
 from reference import reference_means, reference_readouts
+from safety_heads.ablation import Ablation
 from safety_heads.data import format_prompts
 from safety_heads.demo.tiny import byte_tokenizer
 from safety_heads.engine import Engine
@@ -36,7 +37,7 @@ def test_exact_scores_match_reference(family_name, kind, template):
     tokens = list(prompt.token_ids)
     means = reference_means(module, family, [tokens]) if kind == "mean" else None
     heads = [(layer, head) for layer in range(3) for head in range(family.n_heads)]
-    scores = exact_scores(engine, tokens, heads, kind=kind, epsilon=1e-4, means=means)
+    scores = exact_scores(engine, tokens, heads, ablation=Ablation(kind=kind, epsilon=1e-4, means=means))
     clean, _ = reference_readouts(module, family, tokens, [], kind)
     expected = torch.tensor([[reference_kl(clean, reference_readouts(module, family, tokens, [(l, h)], kind, 1e-4, means)[0])
                               for h in range(family.n_heads)] for l in range(3)], dtype=torch.float64)
@@ -223,9 +224,9 @@ def test_queries_swept_together_match_reference(family_name):
     engine = Engine(wrap(module, tokenizer, family_name), EngineConfig(shared_prefix="always"))
     prompts = [list(p.token_ids) for p in format_prompts(QUERIES, "chat", tokenizer)]
     heads = [(layer, head) for layer in range(3) for head in range(family.n_heads)]
-    plans = engine._group_plans(prompts, [[head] for head in heads])
+    plans = engine.group_schedules(prompts, [[head] for head in heads])
     assert all(batch.shared is not None for batch, _ in plans)
-    maps = exact_score_maps_of(prompts, heads, engine=engine, kind="ua", epsilon=1e-4)
+    maps = exact_score_maps_of(prompts, heads, engine=engine, ablation=Ablation(kind="ua", epsilon=1e-4))
     for tokens, scores in zip(prompts, maps):
         clean, _ = reference_readouts(module, family, tokens, [], "ua")
         expected = torch.tensor([[reference_kl(clean, reference_readouts(module, family, tokens, [(l, h)], "ua", 1e-4)[0])

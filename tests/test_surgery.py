@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from families import FAMILIES
+from safety_heads.ablation import Ablation
 from safety_heads.demo.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
@@ -22,7 +23,7 @@ def test_saved_checkpoint_reproduces_traced_ablation(family_name, kind, tmp_path
     model = wrap(module, byte_tokenizer(), family_name)
     heads = [(0, 1), (2, 3)]
     tokens = [model.tokenizer(p).input_ids for p in PROMPTS]
-    traced = Engine(model).run(tokens, [heads], kind=kind, epsilon=1e-4)
+    traced = Engine(model).run(tokens, [heads], ablation=Ablation(kind=kind, epsilon=1e-4))
     record = run_surgery(model, SurgeryConfig(heads="0:1,2:3", ablation=kind), tmp_path / "out", progress=lambda _: None)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     with torch.no_grad():

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import intrace
 from .errors import UserError
 from .models import HeadLayout, layer_part
 
@@ -36,19 +35,25 @@ Head = tuple[int, int]
 
 @dataclass(frozen=True, eq=False)
 class Ablation:
-    """A set of (layer, head) pairs ablated together, the kind of ablation and its epsilon."""
+    """How to ablate: which heads, the kind and its epsilon (and, for ``mean``, the reference means), checked once,
+    here. The engine's multi-set calls (`Engine.run`, ...) ablate each head set plus `heads` (usually empty there);
+    `generate` adds `heads` to every row; `bake_into_weights` edits exactly `heads`."""
 
-    heads: tuple[Head, ...]
+    heads: tuple[Head, ...] = ()
     kind: str = "ua"
     epsilon: float = DEFAULT_EPSILON
-    # For kind "mean": the mean of each layer's output-projection input, [n_layers, n_heads * head_dim].
+    # For kind "mean": the mean of each layer's output-projection input, [n_layers, n_heads * head_dim]. Whoever
+    # runs a mean ablation checks it is there (the engine, with a message that says where means come from).
     means: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         check_kind(self.kind)
         check_epsilon(self.epsilon)
-        if self.kind == "mean" and self.means is None:
-            raise ValueError("a mean ablation needs `means` (from Engine.head_means)")
+        object.__setattr__(self, "heads", tuple(self.heads))  # callers pass lists too; frozen, so set it this way
+
+    def with_heads(self, heads) -> "Ablation":
+        """The same kind, epsilon and means on other heads."""
+        return replace(self, heads=tuple(heads))
 
     def check(self, layout: HeadLayout) -> None:
         for layer, head in self.heads:
@@ -57,6 +62,12 @@ class Ablation:
     @property
     def spec(self) -> str:
         return format_heads(self.heads)
+
+
+def require_means(ablation: Ablation) -> None:
+    """Where a mean ablation is run: it needs the reference means, which only the caller can compute."""
+    if ablation.kind == "mean" and ablation.means is None:
+        raise UserError("a mean ablation needs reference means: call Engine.head_means(reference_prompts) first")
 
 
 def check_kind(kind: str) -> None:
@@ -122,54 +133,19 @@ def format_heads(heads) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Inside a trace. The edits live in intrace.py, which remote requests ship to NDIF by value and which therefore takes
-# plain data (`HeadLayout.trace_sites()`) rather than a HeadLayout; these wrappers accept either. `keep` is
-# [rows, n_heads]: 1 for a head left alone, 0 for an ablated one; each row of the batch has its own ablation.
+# Inside a trace (intrace.py): a batch whose row i ablates head_sets[i] receives, per layer, the (row, head) pairs
+# to ablate there, small int lists it expands into masks itself, so a remote request carries integers, not masks.
 
 
-def _sites(layout: HeadLayout | dict) -> dict:
-    return layout if isinstance(layout, dict) else layout.trace_sites()
-
-
-def _per_column(per_head: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """[rows, n_heads] -> [rows, 1, n_heads * head_dim], broadcasting over positions."""
-    return intrace.per_column(per_head, head_dim)
-
-
-def scale_queries(query_site_output: torch.Tensor, layout: HeadLayout | dict, keep: torch.Tensor, epsilon: float) -> None:
-    """`ua`: multiply the queries of the ablated heads by epsilon."""
-    intrace.scale_queries(query_site_output, _sites(layout), keep, epsilon)
-
-
-def scale_outputs(output_site_input: torch.Tensor, layout: HeadLayout | dict, keep: torch.Tensor, epsilon: float) -> None:
-    """`sc`: multiply the outputs of the ablated heads by epsilon."""
-    intrace.scale_outputs(output_site_input, _sites(layout), keep, epsilon)
-
-
-def replace_outputs(output_site_input: torch.Tensor, layout: HeadLayout | dict, keep: torch.Tensor, mean: torch.Tensor) -> None:
-    """`mean`: replace the outputs of the ablated heads by their reference mean (`mean` is [n_heads * head_dim])."""
-    intrace.replace_outputs(output_site_input, _sites(layout), keep, mean)
-
-
-def ablation_plan(head_sets) -> dict[int, tuple[list[int], list[int]]]:
-    """Per layer, the (row, head) pairs to ablate when row i carries head_sets[i]: small int lists that a trace
-    expands into masks itself, so a remote request carries integers rather than mask tensors."""
-    plan: dict[int, tuple[list[int], list[int]]] = {}
+def ablation_pairs(head_sets) -> dict[int, tuple[list[int], list[int]]]:
+    """Per layer, the (rows, heads) pairs to ablate when row i carries head_sets[i] (intrace.py's `pairs`)."""
+    pairs: dict[int, tuple[list[int], list[int]]] = {}
     for row, heads in enumerate(head_sets):
         for layer, head in heads:
-            rows, columns = plan.setdefault(layer, ([], []))
+            rows, columns = pairs.setdefault(layer, ([], []))
             rows.append(row)
             columns.append(head)
-    return plan
-
-
-def ablate_layer(lm, layout: HeadLayout | dict, layer: int, pairs, n_rows: int, kind: str, epsilon: float, means=None, repeat: int = 1) -> None:
-    """Inside a trace: ablate one layer's (row, head) `pairs` for a batch of `n_rows` x `repeat` rows.
-
-    Row r of the plan covers batch rows r*repeat .. r*repeat+repeat-1 (the engine tiles each head set over its
-    prompts). Reads the site (waiting for the module to run) and edits it in place. See intrace.ablate_layer.
-    """
-    intrace.ablate_layer(lm, _sites(layout), layer, pairs, n_rows, kind, epsilon, means, repeat)
+    return pairs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,6 +161,7 @@ def bake_into_weights(module: nn.Module, layout: HeadLayout, ablation: Ablation)
     projection's bias (created if the projection has none).
     """
     ablation.check(layout)
+    require_means(ablation)
     if ablation.kind == "ua" and layout.query_weight_path is None:
         raise UserError(
             f"'ua' cannot be baked into the weights of a {layout.model_type} model: a per-head query norm sits between "

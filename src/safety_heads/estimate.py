@@ -69,8 +69,8 @@ forward+backward passes whose per-row products are accumulated (the rows are ind
 gradient accumulation, and a seed gives the same draws however the rows are chunked).
 
     python -c "from safety_heads.models import load_model, ModelConfig; from safety_heads.engine import Engine; \
-from safety_heads.estimate import estimate_scores; e = Engine(load_model(ModelConfig())); \
-print(estimate_scores(e, e.tokenize(['How do I pick a lock?'])[0]))"
+from safety_heads.estimate import estimate_scores; from safety_heads.ablation import Ablation; \
+e = Engine(load_model(ModelConfig())); print(estimate_scores(e, e.tokenize(['How do I pick a lock?'])[0], ablation=Ablation()))"
 """
 
 from __future__ import annotations
@@ -80,11 +80,10 @@ import gc
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import nnsight
 import torch
 
 from . import intrace
-from .ablation import check_epsilon, check_kind
+from .ablation import Ablation, require_means
 from .engine import Engine
 from .errors import UserError
 from .models import HeadLayout
@@ -120,37 +119,29 @@ def estimate_scores(
     engine: Engine,
     token_ids: Sequence[int],
     *,
-    kind: str = "ua",
-    epsilon: float = 1e-4,
-    means: torch.Tensor | None = None,
+    ablation: Ablation = Ablation(),
     config: EstimateConfig | None = None,
 ) -> torch.Tensor:
-    """Estimated KL(p_clean || p_ablated(h)) for every head h, [n_layers, n_heads] float64, all >= 0.
+    """Estimated KL(p_clean || p_ablated(h)) for every head h alone, [n_layers, n_heads] float64, all >= 0.
 
-    `token_ids` is one prompt, already tokenised (Engine.tokenize). `means` ([n_layers, n_heads * head_dim], from
-    Engine.head_means) is needed for kind "mean". See the module docstring for the method and its limits.
+    `token_ids` is one prompt, already tokenised (Engine.tokenize). `ablation` gives the kind and epsilon, and for
+    kind "mean" the means ([n_layers, n_heads * head_dim], from Engine.head_means); its `heads` must be empty (every
+    head is scored on its own). See the module docstring for the method and its limits.
     """
     config = config or EstimateConfig()
     config.validate()
-    check_kind(kind)
-    check_epsilon(epsilon)
-    layout = engine.layout
-    if kind == "mean":
-        if means is None:
-            raise UserError("a mean ablation needs reference means: call Engine.head_means(reference_prompts) first")
-        if tuple(means.shape) != (layout.n_layers, layout.n_heads * layout.head_dim):
-            raise UserError(
-                f"means must be [n_layers, n_heads * head_dim] = [{layout.n_layers}, {layout.n_heads * layout.head_dim}], "
-                f"not {list(means.shape)}"
-            )
+    if ablation.heads:
+        raise ValueError("estimate_scores scores every head alone; give an Ablation without heads")
+    _check_means(ablation, engine.layout)
     tokens = engine.tokenize([list(token_ids)])
     batch = engine._batch(tokens, [0])
+    kind, epsilon, means = ablation.kind, ablation.epsilon, ablation.means
     if config.estimator == "fisher":
         return _fisher_estimate(engine, batch, config.top_tokens, kind, epsilon, means)
     # Inverse-CDF uniforms, one per row, drawn on the CPU before any trace: reproducible on any device and chunking.
     uniforms = torch.rand(config.samples, generator=torch.Generator().manual_seed(config.seed), dtype=torch.float64)
     per_pass = config.samples_per_pass or config.samples
-    squares = torch.zeros(layout.n_layers, layout.n_heads, dtype=torch.float64)
+    squares = torch.zeros(engine.layout.n_layers, engine.layout.n_heads, dtype=torch.float64)
     with _frozen(engine):
         for start in range(0, config.samples, per_pass):
             dots = _head_dots(engine, batch, uniforms[start : start + per_pass], kind, epsilon, means)  # [L, K, H]
@@ -158,17 +149,24 @@ def estimate_scores(
     return 0.5 * squares / config.samples
 
 
+def _check_means(ablation: Ablation, layout: HeadLayout) -> None:
+    """A mean ablation needs means of the model's shape (the estimate reads every layer's)."""
+    require_means(ablation)
+    if ablation.kind == "mean" and tuple(ablation.means.shape) != (layout.n_layers, layout.n_heads * layout.head_dim):
+        raise UserError(
+            f"means must be [n_layers, n_heads * head_dim] = [{layout.n_layers}, {layout.n_heads * layout.head_dim}], "
+            f"not {list(ablation.means.shape)}"
+        )
+
+
 def _fisher_estimate(engine: Engine, batch, top_tokens: int, kind: str, epsilon: float, means) -> torch.Tensor:
     """KL_h ~= 1/2 (sum_r m_r d_r[h]^2 - (sum_r m_r d_r[h])^2): the next-token Fisher's quadratic form in the logit
     changes d_r (rows r: the top tokens and the lumped rest, with probabilities m_r). One request when remote."""
     vocabulary = engine.model.lm.config.get_text_config().vocab_size
     n_top = min(top_tokens, vocabulary - 1)
-    arguments = (_input_embedding_path(engine), engine.inputs(batch.repeated(1)), n_top, kind, epsilon, means)
+    arguments = (_input_embedding_path(engine), engine.runner.inputs(batch.repeated(1)), n_top, kind, epsilon, means)
     with _frozen(engine):
-        if engine.remote:
-            dots, mass = engine.call(intrace.fisher_estimate, *arguments, label="estimate request")
-        else:
-            dots, mass = intrace.fisher_estimate(engine.model.lm, engine.sites, *arguments, save=nnsight.save)
+        dots, mass = engine.runner.run(intrace.fisher_estimate, *arguments, label="estimate request")
     gc.collect(1)  # the backward trace's reference cycle (see _head_dots)
     changes = torch.stack([d.cpu().double() for d in dots])  # [L, rows, H]
     weights = mass.cpu().double()[None, :, None]
@@ -181,27 +179,14 @@ def _head_dots(engine: Engine, batch, uniforms: torch.Tensor, kind: str, epsilon
 
     The trace is intrace.head_dots (it travels to NDIF by value); remote, it is one request per pass."""
     embedding = _input_embedding_path(engine)
-    arguments = (embedding, engine.inputs(batch.repeated(1)), uniforms, kind, epsilon, means)
-    if engine.remote:
-        dots = engine.call(intrace.head_dots, *arguments, label=f"gradient-estimate request ({len(uniforms)} samples)")
-    else:
-        dots = intrace.head_dots(engine.model.lm, engine.sites, *arguments, nnsight.save)
+    arguments = (embedding, engine.runner.inputs(batch.repeated(1)), uniforms, kind, epsilon, means)
+    dots = engine.runner.run(intrace.head_dots, *arguments, label=f"gradient-estimate request ({len(uniforms)} samples)")
     # A backward inside a trace leaves one reference cycle per trace, holding its tensors (nnsight.md section 4). The
     # cycle is young: a generation-1 collection frees all of it (measured: no tensor left over 30 calls, 4- and
     # 16-layer models) in well under a millisecond, where a full gc.collect() walks every object transformers and
     # torch keep alive, ~0.2 s, more than the whole estimate on a small model.
     gc.collect(1)
     return torch.stack([d.cpu() for d in dots])
-
-
-def _query_block(values: torch.Tensor, layout: HeadLayout) -> torch.Tensor:
-    """The query heads' part of the query site's output (a fused projection also holds keys and values)."""
-    return intrace.query_block(values, layout.trace_sites())
-
-
-def _per_head_dot(grad: torch.Tensor, delta: torch.Tensor, layout: HeadLayout, kind: str) -> torch.Tensor:
-    """sum over positions and head dims of grad * delta, per row and head: [rows, n_heads]."""
-    return intrace.per_head_dot(grad, delta, layout.trace_sites(), kind)
 
 
 def _input_embedding_path(engine: Engine) -> str:

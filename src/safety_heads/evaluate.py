@@ -25,7 +25,7 @@ from typing import Callable, Generator, Sequence
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, parse_heads
+from .ablation import DEFAULT_EPSILON, Ablation, Head, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .generate import GenerationConfig, generate
@@ -63,10 +63,8 @@ class EvaluateConfig:
     mean_reference_limit: int = 64
 
     def validate(self) -> None:
-        if self.ablation is not None:
-            check_kind(self.ablation)
-        if self.epsilon is not None:
-            check_epsilon(self.epsilon)
+        # None: the source's own setting (--from); anything given is checked as an Ablation checks it.
+        Ablation(kind="ua" if self.ablation is None else self.ablation, epsilon=DEFAULT_EPSILON if self.epsilon is None else self.epsilon)
         if (self.heads is None) == (self.source is None):
             raise UserError("give the heads to ablate with exactly one of --heads or --from")
         if self.per_query and self.source is None:
@@ -239,7 +237,7 @@ class EvaluationJob:
     judges: list
     sets: dict[str, list]  # data set -> its formatted prompts
     harmless: list | None
-    means: torch.Tensor | None
+    ablation: Ablation  # how the heads are ablated (kind, epsilon, the mean reference); the heads are in `choice`
     record: dict
     progress: Callable[[str], None]
 
@@ -260,8 +258,8 @@ class EvaluationJob:
                 continue
             stop = start + size
             batch = generate(self.model, [p.token_ids for p in prompts[start:stop]],
-                             head_sets=head_sets[start:stop] if head_sets else None, kind=self.config.ablation,
-                             epsilon=self.config.epsilon, means=self.means, config=self.generation,
+                             head_sets=head_sets[start:stop] if head_sets else None, ablation=self.ablation,
+                             config=self.generation,
                              engine=self.engine)  # remote: one request per batch, with the engine's retry settings
             texts = [g.text for g in batch]
             yield AnswerBatch(part, start, texts)
@@ -300,8 +298,7 @@ class EvaluationJob:
             return cost
         baseline = yield from self.answers("harmless/baseline", prompts, None, done)
         ablated = yield from self.answers("harmless/ablated", prompts, [choice.heads] * len(prompts), done)
-        readouts = self.engine.run([p.token_ids for p in prompts], [choice.heads], kind=config.ablation,
-                                   epsilon=config.epsilon, means=self.means)
+        readouts = self.engine.run([p.token_ids for p in prompts], [choice.heads], ablation=self.ablation)
         kl = kl_divergence(readouts.clean_logits, readouts.logits[:, 0])
         cost.mean_kl = float(kl.mean())
         nll = {side: answer_nll(self.engine, self.model.tokenizer, prompts, texts)
@@ -353,7 +350,8 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
     if config.ablation == "mean":
         means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template, tokenizer, config.system))
     record = _config_record(model, config, generation, choice, judges, sets, harmless)
-    return EvaluationJob(model, config, generation, engine, choice, judges, sets, harmless, means, record, progress)
+    ablation = Ablation(kind=config.ablation, epsilon=config.epsilon, means=means)
+    return EvaluationJob(model, config, generation, engine, choice, judges, sets, harmless, ablation, record, progress)
 
 
 def evaluate(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, **options) -> Evaluation:

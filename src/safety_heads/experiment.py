@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .ablation import check_epsilon, check_kind, parse_heads
+from .ablation import Ablation, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .data import load_prompts
@@ -112,12 +112,11 @@ class ExperimentConfig:
         return ExperimentConfig(**values)
 
     def validate(self) -> None:
-        check_kind(self.ablation)
-        check_epsilon(self.epsilon)
+        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
         check_guard_max_rise(self.guard_max_rise)  # checked here, not when the Sahara stage starts
         for value in (self.ships_epsilon, self.sahara_epsilon, self.eval_epsilon):
             if value is not None:
-                check_epsilon(value)
+                Ablation(epsilon=value)
         for field in fields(self):
             value = getattr(self, field.name)
             if (field.name == "limit" or field.name.endswith(("_limit", "top_k", "tokens", "candidates"))) and value is not None and value < 1:

@@ -6,7 +6,8 @@ prompt's pass; the prompt's edited KV cache then leaks part of the effect into l
 even agree while the logits do not (nnsight.md §5) -- tests compare logits at every step against a surgically
 edited model instead.
 
-Each row may carry its own head set (the per-query mode of evaluation ablates each query's own top Ships heads).
+Each row may carry its own head set (the per-query mode of evaluation ablates each query's own top Ships heads);
+`ablation.heads` are ablated in every row. execution.TraceRunner runs each batch here or as one remote request.
 
     safety-heads evaluate --model tiny --dataset maliciousinstruct --limit 4 --heads 0:1,1:3 --out runs/eval
 """
@@ -18,13 +19,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-import nnsight
 import torch
 
 from . import intrace
-from .ablation import Head, ablation_plan, check_epsilon, check_kind
-from .engine import left_padded
+from .ablation import Ablation, Head, ablation_pairs, require_means
+from .batching import left_padded
 from .errors import UserError
+from .execution import TraceRunner
 from .models import LoadedModel
 
 
@@ -65,15 +66,14 @@ def generate(
     token_lists: Sequence[Sequence[int]],
     *,
     head_sets: Sequence[Sequence[Head]] | None = None,
-    kind: str = "ua",
-    epsilon: float = 1e-4,
-    means: torch.Tensor | None = None,
+    ablation: Ablation = Ablation(),
     config: GenerationConfig | None = None,
     keep_logits: bool = False,
     remote: bool | str = False,
     engine=None,
 ) -> list[Generation]:
-    """Generate an answer for each prompt; row i ablates `head_sets[i]` (None or [] = clean) at every step.
+    """Generate an answer for each prompt; row i ablates `head_sets[i]` (None or [] = nothing) plus `ablation.heads`
+    at every step, as `ablation` says (kind, epsilon, means).
 
     Remote (`remote`, or an `engine` whose EngineConfig says remote, which also carries the retry settings): one
     request per batch of `config.batch_size` prompts, all steps on the server; only the token ids (and the logits,
@@ -81,62 +81,63 @@ def generate(
     """
     config = config or GenerationConfig()
     config.validate()
-    check_kind(kind)
-    check_epsilon(epsilon)
     if head_sets is not None and len(head_sets) != len(token_lists):
         raise ValueError("one head set per prompt")
-    if kind == "mean" and means is None and head_sets and any(head_sets):
-        raise UserError("a mean ablation needs reference means (Engine.head_means)")
+    sets = [list(head_sets[i]) if head_sets is not None else [] for i in range(len(token_lists))]
+    sets = [heads + [head for head in ablation.heads if head not in heads] for heads in sets]
+    if any(sets):
+        require_means(ablation)
+    for heads in sets:
+        for layer, head in heads:
+            model.layout.check_head(layer, head)
     if engine is None and remote:
         from .engine import Engine, EngineConfig
 
         engine = Engine(model, EngineConfig(remote=remote))
-    remote_engine = engine if engine is not None and engine.remote else None
+    # Remote through the engine's runner (its sites and retry settings); here, on the model alone.
+    runner = engine.runner if engine is not None and engine.remote else TraceRunner(model, model.layout.trace_sites())
     results: list[Generation] = []
     for start in range(0, len(token_lists), config.batch_size):
-        rows = list(range(start, min(start + config.batch_size, len(token_lists))))
-        sets = [list(head_sets[i]) if head_sets is not None else [] for i in rows]
-        for set_ in sets:
-            for layer, head in set_:
-                model.layout.check_head(layer, head)
-        results.extend(_generate_batch(model, [token_lists[i] for i in rows], sets, kind, epsilon, means, config, start, keep_logits,
-                                       remote_engine))
+        rows = range(start, min(start + config.batch_size, len(token_lists)))
+        results.extend(_generate_batch(model, runner, [token_lists[i] for i in rows], [sets[i] for i in rows], ablation,
+                                       config, start, keep_logits))
     return results
 
 
-def _generate_batch(model, token_lists, sets, kind, epsilon, means, config, batch_start, keep_logits, engine):
-    tokenizer = model.tokenizer
-    batch = left_padded(token_lists, tokenizer.pad_token_id)
-    plan = ablation_plan(sets)
-    n_rows = len(token_lists)
+def _settings(config: GenerationConfig, pad_token_id, keep_logits: bool, batch_start: int) -> tuple[dict, int | None]:
+    """transformers' generate settings for one batch, and the seed its sampling draws from (None: greedy)."""
     settings = dict(
         max_new_tokens=config.max_new_tokens,
         do_sample=config.do_sample,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad_token_id,
         return_dict_in_generate=True,
         output_logits=keep_logits,
     )
-    seed = None
-    if config.do_sample:
-        settings.update(top_k=config.top_k, top_p=config.top_p, temperature=config.temperature)
-        seed = config.seed + batch_start  # the same batch draws the same tokens on a rerun (seeded where it runs)
-    else:
+    if not config.do_sample:
         settings.update(top_k=None, top_p=None, temperature=None)  # silence sampling defaults from generation_config
-    if means is not None and plan:  # only the layers this batch ablates travel (remote), in the model's dtype
-        means = {layer: means[layer].to(model.dtype) for layer in plan}
-    tokens = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    tokens = tokens if engine is not None else model.on_device(tokens)  # remote requests carry CPU tensors
-    arguments = (settings, tokens["input_ids"], tokens["attention_mask"], plan, n_rows, kind, epsilon, means, seed)
+        return settings, None
+    settings.update(top_k=config.top_k, top_p=config.top_p, temperature=config.temperature)
+    return settings, config.seed + batch_start  # the same batch draws the same tokens on a rerun (seeded where it runs)
+
+
+def _generate_batch(model, runner, token_lists, sets, ablation: Ablation, config, batch_start, keep_logits):
+    tokenizer = model.tokenizer
+    batch = left_padded(token_lists, tokenizer.pad_token_id)
+    pairs = ablation_pairs(sets)
+    n_rows = len(token_lists)
+    settings, seed = _settings(config, tokenizer.pad_token_id, keep_logits, batch_start)
+    means = ablation.means
+    if means is not None and pairs:  # only the layers this batch ablates travel (remote), in the model's dtype
+        means = {layer: means[layer].to(model.dtype) for layer in pairs}
+    tokens = runner.inputs(dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask))
     with warnings.catch_warnings():
         # An open `tracer.all()` loop ends when generation stops (EOS or max_new_tokens); nnsight warns about the step
         # it waited for in vain. That is the intended way to cover every step whatever the length.
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        if engine is None:
-            output = intrace.generate_batch(model.lm, model.layout.trace_sites(), *arguments, nnsight.save)
-        else:  # one request for the whole batch, every step on the server (intrace.generate_batch is its body)
-            last = batch_start + n_rows - 1
-            output = engine.call(intrace.generate_batch, *arguments, label=f"generation request for prompts {batch_start}-{last}")
-    sequences, step_logits = output
+        # Remote: one request for the whole batch, every step on the server (intrace.generate_batch is its body).
+        sequences, step_logits = runner.run(
+            intrace.generate_batch, settings, tokens["input_ids"], tokens["attention_mask"], pairs, n_rows, ablation.kind,
+            ablation.epsilon, means, seed, label=f"generation request for prompts {batch_start}-{batch_start + n_rows - 1}")
     prompt_length = batch.input_ids.shape[1]
     generations = []
     eos = _eos_ids(model)

@@ -16,7 +16,7 @@ from typing import Callable, Generator, Sequence
 
 import torch
 
-from .ablation import Head
+from .ablation import Ablation, Head
 from .errors import UserError
 
 # The guard checks candidates best-scoring first, this many per call: enough that one call usually settles a step.
@@ -35,8 +35,9 @@ class GuardCheck:
 class HarmlessGuard:
     """The guard's answers and their NLL under an ablated model, for one Sahara search (its config and engine)."""
 
-    def __init__(self, model, config, engine, means: Callable[[], torch.Tensor | None]):
-        self.model, self.config, self.engine, self._means = model, config, engine, means
+    def __init__(self, model, config, engine, ablation: Callable[[], Ablation]):
+        """`ablation` gives the search's Ablation when first needed (its means are computed on first use)."""
+        self.model, self.config, self.engine, self._ablation = model, config, engine, ablation
 
     @cached_property
     def answers(self) -> tuple[list[list[int]], torch.Tensor, int]:
@@ -62,10 +63,7 @@ class HarmlessGuard:
     def nll(self, head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
         """Mean NLL per token (nats) of the guard answers with each head set ablated, averaged over prompts: [K]."""
         sequences, mask, last = self.answers
-        c = self.config
-        log_probs = self.engine.ablated_token_log_probs(
-            sequences, head_sets, last, kind=c.ablation, epsilon=c.epsilon, means=self._means()
-        ).double()
+        log_probs = self.engine.ablated_token_log_probs(sequences, head_sets, last, ablation=self._ablation()).double()
         per_prompt = -torch.where(mask, log_probs, 0.0).sum(-1) / mask.sum(-1)  # [K, P]
         return per_prompt.mean(-1)
 

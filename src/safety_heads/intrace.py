@@ -1,25 +1,24 @@
 """Everything that runs inside an nnsight trace, locally and inside NDIF requests.
 
-A remote request ships the source of these functions (`nnsight.register` makes cloudpickle send this module by
-value), and NDIF rebuilds them inside a sandbox whose import hook admits only torch, math, collections, typing,
-builtins and a few more (reference/nnsight.md section 6). So this module imports torch and nothing else --
-no `re`, no `dataclasses`, nothing from safety_heads -- and every argument is plain data: attribute paths as strings,
-sizes as ints, index lists, tensors, and the `sites` dict (`HeadLayout.trace_sites()`). tests/test_remote.py parses
-this file and fails on any other import.
+A remote request ships these functions by value (`nnsight.register`; remote.register_intrace), and NDIF rebuilds
+them in a sandbox whose import hook admits only torch, math, collections, typing, builtins and a few more
+(reference/nnsight.md section 6). So this module imports torch and nothing else, nothing from safety_heads, and
+every argument is plain data: attribute paths, sizes, index lists, tensors, and the `sites` dict
+(`HeadLayout.trace_sites()`). tests/test_remote.py parses this file and fails on any other import.
 
 Conventions:
 - `sites` names where heads live: layers_path, final_norm_path, query_path, output_path (relative to a layer),
   query_axes ("flat" | "bshd" | "bhsd"), query_offset, n_layers, n_heads, head_dim.
 - `keep` is [rows, n_heads]: 1 for a head left alone, 0 for an ablated one; each batch row has its own ablation.
   Edits are in place on the real activations.
-- `plan` maps a layer to (rows, heads): the (row, head) pairs ablated there, expanded into a mask in-trace, so a
-  request carries a few integers rather than mask tensors.
+- `pairs` (ablation.ablation_pairs) maps a layer to (rows, heads): the (row, head) pairs ablated there, expanded
+  into a mask in-trace, so a request carries a few integers rather than mask tensors; row r of `pairs` is copy r of
+  the batch (the engine tiles each head set over its prompts).
 - `save` is `nnsight.save` when a function opens the outermost trace (values must be saved to outlive it), and None
   inside a session, where inner traces hand their values to the enclosing code without saving.
 
-The functions that open traces (`clean_pass`, `ablated_pass`, `run_request`, `head_sums`, `generate_batch`,
-`token_log_probs`, `head_dots`) are the bodies of the engine's requests: `remote.call` runs one of them as a single
-NDIF request (an nnsight session), the engine calls them directly when it runs locally.
+The functions that open traces (`clean_pass`, `ablated_pass`, `run_request`, `head_sums`, `generate_batch`, ...)
+run through execution.TraceRunner: here with `save=nnsight.save`, or as the body of one request (`remote.call`).
 """
 
 from __future__ import annotations
@@ -39,6 +38,11 @@ def resolve(root, path):
     return node
 
 
+def tiled(inputs, times):
+    """Model inputs with the whole batch repeated `times` times (row = copy * batch + prompt)."""
+    return {name: value.repeat(times, 1) for name, value in inputs.items()}
+
+
 def layer_site(lm, sites, layer, path):
     """`lm.<layers_path>[layer].<path>`."""
     return resolve(resolve(lm, sites["layers_path"])[layer], path)
@@ -56,9 +60,7 @@ def scale_queries(query_site_output, sites, keep, epsilon):
     """`ua`: multiply the queries of the ablated heads by epsilon."""
     factor = keep + (1 - keep) * epsilon
     if sites["query_axes"] == "flat":
-        start = sites["query_offset"]
-        block = query_site_output[..., start : start + sites["n_heads"] * sites["head_dim"]]
-        block.mul_(per_column(factor, sites["head_dim"]))
+        query_block(query_site_output, sites).mul_(per_column(factor, sites["head_dim"]))
     elif sites["query_axes"] == "bshd":
         query_site_output.mul_(factor[:, None, :, None])
     else:  # bhsd
@@ -76,14 +78,13 @@ def replace_outputs(output_site_input, sites, keep, mean):
     output_site_input.mul_(keep_columns).add_((1 - keep_columns) * mean)
 
 
-def ablate_layer(lm, sites, layer, pairs, n_rows, kind, epsilon, means=None, repeat=1):
-    """Inside a trace: ablate one layer's (row, head) `pairs` for a batch of `n_rows` x `repeat` rows.
+def ablate_layer(lm, sites, layer, rows_heads, n_rows, kind, epsilon, means=None, repeat=1):
+    """Inside a trace: ablate one layer's (rows, heads) pairs for a batch of `n_rows` x `repeat` rows.
 
-    Row r of the plan covers batch rows r*repeat .. r*repeat+repeat-1 (the engine tiles each head set over its
-    prompts). Reads the site (waiting for the module to run) and edits it in place. `means[layer]` (a tensor or a
-    dict keyed by layer) is the reference for kind "mean".
+    Row r covers batch rows r*repeat .. r*repeat+repeat-1. Reads the site (waiting for the module to run) and edits
+    it in place. `means[layer]` (a tensor or a dict keyed by layer) is the reference for kind "mean".
     """
-    rows, heads = pairs
+    rows, heads = rows_heads
     if kind == "ua":
         site = layer_site(lm, sites, layer, sites["query_path"]).output
     else:
@@ -102,25 +103,21 @@ def ablate_layer(lm, sites, layer, pairs, n_rows, kind, epsilon, means=None, rep
 
 def skip_below(layers, start_layer, residual, n_sets):
     """Inside a trace: skip layers 0 .. start_layer-1, feeding `residual` (one copy per head set) into start_layer."""
-    if start_layer > 0:
-        skipped_output = residual.repeat(n_sets, 1, 1)
-        for layer in range(start_layer):
-            layers[layer].skip(skipped_output)
+    skipped_output = residual.repeat(n_sets, 1, 1) if start_layer > 0 else None
+    for layer in range(start_layer):
+        layers[layer].skip(skipped_output)
 
 
-def ablate_plan(lm, sites, plan, n_rows, kind, epsilon, means, repeat=1):
-    """Inside a trace: every layer of `plan`, in forward order (`ablate_layer`)."""
-    for layer in sorted(plan):
-        ablate_layer(lm, sites, layer, plan[layer], n_rows, kind, epsilon, means, repeat=repeat)
+def ablate_pairs(lm, sites, pairs, n_rows, kind, epsilon, means, repeat=1):
+    """Inside a trace: every layer of `pairs`, in forward order (`ablate_layer`)."""
+    for layer in sorted(pairs):
+        ablate_layer(lm, sites, layer, pairs[layer], n_rows, kind, epsilon, means, repeat=repeat)
 
 
 def read_last(lm, sites, readouts, into):
-    """Inside a trace: the hidden state and the logits at the last position (the norm runs first). The hidden state
-    is the final norm's output, or with sites["hidden_readout"] "last-layer" its input (the last layer's output).
-
-    Copies (`clone`), so a result holds [rows, width] and not the whole [rows, positions, width] activation it was
-    sliced from: a view would keep that alive on the server and travel whole in the response.
-    """
+    """Inside a trace: the hidden state (the final norm's output, or with sites["hidden_readout"] "last-layer" its
+    input) and the logits at the last position. Copies (`clone`): a view of the [rows, positions, width] activation
+    would keep all of it alive on the server and travel whole in the response."""
     if "hidden" in readouts:
         norm = resolve(lm, sites["final_norm_path"])
         state = norm.input if sites.get("hidden_readout") == "last-layer" else norm.output
@@ -134,13 +131,12 @@ def read_last(lm, sites, readouts, into):
 
 def clean_pass(lm, sites, inputs, residual_layers, readouts, save=None, base=None):
     """One unablated pass: the residual stream after `residual_layers` and the last-position readouts. With `base`
-    (plan, kind, epsilon, means: the heads every head set of a call ablates), every row ablates those heads, and
+    (pairs, kind, epsilon, means: the heads every head set of a call ablates), every row ablates those heads, and
     the residuals are the common starting point of the call's head sets (the engine's base reuse)."""
     save = save or _identity
     layers = resolve(lm, sites["layers_path"])
     with torch.no_grad(), lm.trace(**inputs, logits_to_keep=1, use_cache=False):
-        residuals = save({})
-        readout = save({})
+        residuals, readout = save({}), save({})
         _base_and_residuals(lm, sites, layers, residual_layers, base, 1, inputs["input_ids"].shape[0], residuals)
         read_last(lm, sites, readouts, readout)
     return residuals, readout
@@ -149,17 +145,17 @@ def clean_pass(lm, sites, inputs, residual_layers, readouts, save=None, base=Non
 def _base_and_residuals(lm, sites, layers, residual_layers, base, n_rows, repeat, residuals):
     """Inside a trace, in forward order: ablate `base`'s heads (if any) and read the residual after each of
     `residual_layers`."""
-    plan = base["plan"] if base else {}
-    for layer in sorted(set(residual_layers) | set(plan)):
-        if layer in plan:
-            ablate_layer(lm, sites, layer, plan[layer], n_rows, base["kind"], base["epsilon"], base["means"], repeat=repeat)
+    pairs = base["pairs"] if base else {}
+    for layer in sorted(set(residual_layers) | set(pairs)):
+        if layer in pairs:
+            ablate_layer(lm, sites, layer, pairs[layer], n_rows, base["kind"], base["epsilon"], base["means"], repeat=repeat)
         if layer in residual_layers:
             residuals[layer] = layers[layer].output
 
 
-def ablated_pass(lm, sites, inputs, n_sets, start_layer, plan, residual, kind, epsilon, means, readouts, save=None,
+def ablated_pass(lm, sites, inputs, n_sets, start_layer, pairs, residual, kind, epsilon, means, readouts, save=None,
                  check_layers=False):
-    """One pass over `n_sets` copies of the batch `inputs`, copy i ablating plan row i.
+    """One pass over `n_sets` copies of the batch `inputs`, copy i ablating row i of `pairs`.
 
     With `start_layer` > 0, layers below it are skipped and `residual` (the clean stream after layer start_layer-1)
     is fed in. `check_layers` (diagnosis) also returns, per layer from `start_layer` on, whether its output is finite.
@@ -167,13 +163,12 @@ def ablated_pass(lm, sites, inputs, n_sets, start_layer, plan, residual, kind, e
     save = save or _identity
     layers = resolve(lm, sites["layers_path"])
     repeat = inputs["input_ids"].shape[0]
-    tiled = {name: value.repeat(n_sets, 1) for name, value in inputs.items()}
-    with torch.no_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
+    with torch.no_grad(), lm.trace(**tiled(inputs, n_sets), logits_to_keep=1, use_cache=False):
         skip_below(layers, start_layer, residual, n_sets)
         finite = save([])
-        for layer in range(start_layer, sites["n_layers"]) if check_layers else sorted(plan):
-            if layer in plan:
-                ablate_layer(lm, sites, layer, plan[layer], n_sets, kind, epsilon, means, repeat=repeat)
+        for layer in range(start_layer, sites["n_layers"]) if check_layers else sorted(pairs):
+            if layer in pairs:
+                ablate_layer(lm, sites, layer, pairs[layer], n_sets, kind, epsilon, means, repeat=repeat)
             if check_layers:  # diagnosis only: which layer's output first stops being finite
                 finite.append(bool(torch.isfinite(layers[layer].output).all()))
         readout = save({})
@@ -183,16 +178,10 @@ def ablated_pass(lm, sites, inputs, n_sets, start_layer, plan, residual, kind, e
 
 # -- a shared token prefix, computed once (the engine's `shared_prefix`) ---------------------------------------------
 #
-# Prompts made from one template share its first tokens (a chat template's system prompt and role markers). Under
-# causal attention the states of those tokens depend only on them and on the ablation, not on what follows, so a
-# group's prefix runs once per head set (one row each) and every prompt's remaining tokens (its "rest") run on that
-# prefix's KV cache. The rests are left-padded after the prefix: [prefix][padding][rest], the attention mask marks the
-# padding, and position ids continue from the prefix's length, so each row computes exactly what it would alone.
-
-
-def _cache_of(lm, sites):
-    """Inside a trace: the KV cache the model returns (its output field is `sites["cache_name"]`)."""
-    return getattr(lm.output, sites["cache_name"])
+# Prompts of one template share its first tokens. Under causal attention their states depend only on them and on
+# the ablation, so a group's prefix runs once per head set (one row each) and every prompt's rest runs on that
+# prefix's KV cache, left-padded after it ([prefix][padding][rest], the mask marks the padding, positions continue
+# from the prefix), so each row computes exactly what it would alone.
 
 
 def shared_clean_pass(lm, sites, prefix_inputs, rest_inputs, residual_layers, readouts, save=None, base=None):
@@ -205,7 +194,7 @@ def shared_clean_pass(lm, sites, prefix_inputs, rest_inputs, residual_layers, re
     with torch.no_grad(), lm.trace(**prefix_inputs, logits_to_keep=1, use_cache=True):
         prefix_residuals = save({})
         _base_and_residuals(lm, sites, layers, residual_layers, base, 1, 1, prefix_residuals)
-        cache = save(_cache_of(lm, sites))
+        cache = save(getattr(lm.output, sites["cache_name"]))  # the KV cache the model returns
     # The cache's own tensors: later updates replace them (torch.cat, repeat_interleave) and never write into them.
     prefix_kv = [(cache.layers[layer].keys, cache.layers[layer].values) for layer in range(sites["n_layers"])]
     cache.batch_repeat_interleave(rest_inputs["input_ids"].shape[0])
@@ -217,27 +206,25 @@ def shared_clean_pass(lm, sites, prefix_inputs, rest_inputs, residual_layers, re
     return prefix_kv, prefix_residuals, rest_residuals, readout
 
 
-def shared_ablated_pass(lm, sites, prefix_inputs, rest_inputs, prefix_kv, n_sets, start_layer, plan, prefix_residual,
+def shared_ablated_pass(lm, sites, prefix_inputs, rest_inputs, prefix_kv, n_sets, start_layer, pairs, prefix_residual,
                         rest_residual, kind, epsilon, means, readouts, save=None):
     """`ablated_pass` for a group that shares a prefix: the prefix once per head set (`n_sets` rows, copy i ablating
-    plan row i), then every (set, prompt) rest on that set's prefix cache. Layers below `start_layer` are skipped in
+    row i of `pairs`), then every (set, prompt) rest on that set's prefix cache. Layers below `start_layer` are skipped in
     both, fed the clean (or base) residuals; their cache entries are the clean (or base) prefix's (`prefix_kv`)."""
     save = save or _identity
     layers = resolve(lm, sites["layers_path"])
     n_prompts = rest_inputs["input_ids"].shape[0]
-    tiled_prefix = {name: value.repeat(n_sets, 1) for name, value in prefix_inputs.items()}
-    with torch.no_grad(), lm.trace(**tiled_prefix, logits_to_keep=1, use_cache=True):
+    with torch.no_grad(), lm.trace(**tiled(prefix_inputs, n_sets), logits_to_keep=1, use_cache=True):
         skip_below(layers, start_layer, prefix_residual, n_sets)
-        ablate_plan(lm, sites, plan, n_sets, kind, epsilon, means, repeat=1)
-        cache = save(_cache_of(lm, sites))
+        ablate_pairs(lm, sites, pairs, n_sets, kind, epsilon, means, repeat=1)
+        cache = save(getattr(lm.output, sites["cache_name"]))  # the KV cache the model returns
     for layer in range(start_layer):  # skipped layers wrote nothing: their keys and values are the clean prefix's
         keys, values = prefix_kv[layer]
         cache.update(keys.expand(n_sets, -1, -1, -1), values.expand(n_sets, -1, -1, -1), layer)
     cache.batch_repeat_interleave(n_prompts)  # row set * n_prompts + prompt, as the rests are tiled below
-    tiled = {name: value.repeat(n_sets, 1) for name, value in rest_inputs.items()}
-    with torch.no_grad(), lm.trace(**tiled, **{sites["cache_name"]: cache}, logits_to_keep=1, use_cache=True):
+    with torch.no_grad(), lm.trace(**tiled(rest_inputs, n_sets), **{sites["cache_name"]: cache}, logits_to_keep=1, use_cache=True):
         skip_below(layers, start_layer, rest_residual, n_sets)
-        ablate_plan(lm, sites, plan, n_sets, kind, epsilon, means, repeat=n_prompts)
+        ablate_pairs(lm, sites, pairs, n_sets, kind, epsilon, means, repeat=n_prompts)
         readout = save({})
         read_last(lm, sites, readouts, readout)
     return readout
@@ -247,16 +234,16 @@ def run_request(lm, sites, request):
     """The body of one engine request, inside one session: per prompt group, a clean pass when the request returns
     the group's clean readouts or its chunks need residuals, then one ablated pass per chunk.
 
-    `request` (engine.Engine._payload) holds kind, epsilon, means, readouts, check_layers and `groups`, each with
-    inputs, prefix (a shared prefix's inputs, or None; inputs are then the rests), clean, residual_layers and chunks
-    [(start_layer, n_sets, plan)]. Returns the readout dicts in that
-    order (a group's clean readouts first, when asked for); with check_layers, each chunk's per-layer finite flags.
+    `request` (remote_requests.request_payload) holds kind, epsilon, means, readouts, check_layers and `groups`, each
+    with inputs, prefix (a shared prefix's inputs, or None; inputs are then the rests), base, clean, residual_layers
+    and chunks [(start_layer, n_sets, pairs)]. Returns the readout dicts in that order (a group's clean readouts
+    first, when asked for); with check_layers, each chunk's per-layer finite flags.
     """
     kind, epsilon, means, readouts = request["kind"], request["epsilon"], request["means"], request["readouts"]
     results = []
     for group in request["groups"]:
         prefix, base = group.get("prefix"), group.get("base")
-        base = dict(plan=base, kind=kind, epsilon=epsilon, means=means) if base else None
+        base = dict(pairs=base, kind=kind, epsilon=epsilon, means=means) if base else None
         if prefix is not None:  # a shared prefix: its clean (or base) pass is always needed, for its keys and values
             prefix_kv, prefix_residuals, rest_residuals, clean = shared_clean_pass(
                 lm, sites, prefix, group["inputs"], group["residual_layers"], readouts, base=base)
@@ -264,9 +251,9 @@ def run_request(lm, sites, request):
                 if base is not None:
                     clean = shared_clean_pass(lm, sites, prefix, group["inputs"], [], readouts)[3]
                 results.append(clean)
-            for start_layer, n_sets, plan in group["chunks"]:
+            for start_layer, n_sets, pairs in group["chunks"]:
                 results.append(shared_ablated_pass(
-                    lm, sites, prefix, group["inputs"], prefix_kv, n_sets, start_layer, plan,
+                    lm, sites, prefix, group["inputs"], prefix_kv, n_sets, start_layer, pairs,
                     prefix_residuals.get(start_layer - 1), rest_residuals.get(start_layer - 1), kind, epsilon, means, readouts))
             continue
         residuals = {}
@@ -279,8 +266,8 @@ def run_request(lm, sites, request):
             residuals, clean = clean_pass(lm, sites, group["inputs"], group["residual_layers"], readouts)
             if group["clean"]:
                 results.append(clean)
-        for start_layer, n_sets, plan in group["chunks"]:
-            readout, flags = ablated_pass(lm, sites, group["inputs"], n_sets, start_layer, plan, residuals.get(start_layer - 1),
+        for start_layer, n_sets, pairs in group["chunks"]:
+            readout, flags = ablated_pass(lm, sites, group["inputs"], n_sets, start_layer, pairs, residuals.get(start_layer - 1),
                                           kind, epsilon, means, readouts, check_layers=request["check_layers"])
             results.append(flags if request["check_layers"] else readout)
     return results
@@ -300,8 +287,8 @@ def head_sums(lm, sites, inputs, save=None):
     return total
 
 
-def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows, kind, epsilon, means, seed=None, save=None):
-    """Generate for a left-padded batch with row i ablating plan row i at every step (`tracer.all()`); returns
+def generate_batch(lm, sites, settings, input_ids, attention_mask, pairs, n_rows, kind, epsilon, means, seed=None, save=None):
+    """Generate for a left-padded batch with row i ablating row i of `pairs` at every step (`tracer.all()`); returns
     (sequences, per-step logits or None when `settings` does not ask for them): plain tensors, which a remote
     result may hold (remote.py loads results with weights_only=True), not transformers' output object. `seed` seeds
     sampling where the generation runs (on the server for a remote request)."""
@@ -310,27 +297,27 @@ def generate_batch(lm, sites, settings, input_ids, attention_mask, plan, n_rows,
         torch.manual_seed(seed)
     with torch.no_grad(), lm.generate(**settings) as tracer:
         with tracer.invoke(input_ids=input_ids, attention_mask=attention_mask):
-            if plan:
+            if pairs:
                 for _ in tracer.all():
-                    ablate_plan(lm, sites, plan, n_rows, kind, epsilon, means)
+                    ablate_pairs(lm, sites, pairs, n_rows, kind, epsilon, means)
         with tracer.invoke():
             result = tracer.result
             output = save((result.sequences, tuple(result.logits) if result.logits is not None else None))
     return output
 
 
-def token_log_probs(lm, sites, inputs, plan, n_sets, kind, epsilon, means, last, save=None):
+def token_log_probs(lm, sites, inputs, pairs, n_sets, kind, epsilon, means, last, save=None):
     """log p of the `last` final tokens of a left-padded batch, teacher-forced, [n_sets * rows, last] float32: the
-    batch is tiled `n_sets` times and copy i ablates plan row i (as in `ablated_pass`; an empty plan is the clean
+    batch is tiled `n_sets` times and copy i ablates row i of `pairs` (as in `ablated_pass`; empty `pairs` are the clean
     model). The model computes logits for the last `last` + 1 positions only, and only the picked values travel back,
     never the [rows, positions, vocab] logits."""
     save = save or _identity
     repeat = inputs["input_ids"].shape[0]
-    tiled = {name: value.repeat(n_sets, 1) for name, value in inputs.items()}
-    with torch.no_grad(), lm.trace(**tiled, logits_to_keep=last + 1, use_cache=False):
-        ablate_plan(lm, sites, plan, n_sets, kind, epsilon, means, repeat=repeat)
+    copies = tiled(inputs, n_sets)
+    with torch.no_grad(), lm.trace(**copies, logits_to_keep=last + 1, use_cache=False):
+        ablate_pairs(lm, sites, pairs, n_sets, kind, epsilon, means, repeat=repeat)
         logits = lm.output.logits[:, :-1].float()
-        targets = tiled["input_ids"][:, -last:].to(logits.device)
+        targets = copies["input_ids"][:, -last:].to(logits.device)
         picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         result = save(picked.cpu())
     return result
@@ -347,6 +334,13 @@ def query_block(values, sites):
     return values
 
 
+def output_change(clean, layer, kind, epsilon, means):
+    """The exact change an `sc` or `mean` ablation makes to `clean` output-site values (an additive change)."""
+    if kind == "sc":
+        return (epsilon - 1.0) * clean
+    return means[layer].to(device=clean.device, dtype=clean.dtype) - clean
+
+
 def per_head_dot(grad, delta, sites, kind):
     """sum over positions and head dims of grad * delta, per row and head: [rows, n_heads]."""
     product = grad * delta  # delta has one row and broadcasts over the K rows
@@ -361,9 +355,7 @@ def head_dots(lm, sites, embedding_path, inputs, uniforms, kind, epsilon, means,
     """One forward+backward pass over len(uniforms) copies of one prompt: g_k[h] . delta_h per layer, row and head
     (a list of [rows, n_heads] float64 tensors, one per layer)."""
     save = save or _identity
-    rows = len(uniforms)
-    tiled = {name: value.repeat(rows, 1) for name, value in inputs.items()}
-    with torch.enable_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
+    with torch.enable_grad(), lm.trace(**tiled(inputs, len(uniforms)), logits_to_keep=1, use_cache=False):
         # The weights may be frozen (ours are, during the estimate; NDIF's always are): make the graph start at the
         # embeddings so every site downstream has a gradient, while no parameter gradient is ever computed.
         resolve(lm, embedding_path).output.requires_grad_(True)
@@ -374,11 +366,7 @@ def head_dots(lm, sites, embedding_path, inputs, uniforms, kind, epsilon, means,
                 delta = (epsilon - 1.0) * query_block(site[:1].detach(), sites)
             else:
                 site = layer_site(lm, sites, layer, sites["output_path"]).input
-                clean = site[:1].detach()  # every row is the same prompt: one copy of delta serves all rows
-                if kind == "sc":
-                    delta = (epsilon - 1.0) * clean
-                else:
-                    delta = means[layer].to(device=clean.device, dtype=clean.dtype) - clean
+                delta = output_change(site[:1].detach(), layer, kind, epsilon, means)  # rows are one prompt: one delta
             site_values.append(site)
             deltas.append(delta)
         log_probs = lm.output.logits[:, -1].float().log_softmax(dim=-1)  # [rows, vocab]
@@ -410,8 +398,7 @@ def layer_deltas(lm, sites, inputs, kind, epsilon, means, save=None):
     save = save or _identity
     n_heads = sites["n_heads"]
     all_heads = ([1] * n_heads, list(range(n_heads)))
-    tiled = {name: value.repeat(2, 1) for name, value in inputs.items()}
-    with torch.no_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
+    with torch.no_grad(), lm.trace(**tiled(inputs, 2), logits_to_keep=1, use_cache=False):
         deltas = save([])
         for layer in range(sites["n_layers"]):
             if kind == "ua":
@@ -423,24 +410,17 @@ def layer_deltas(lm, sites, inputs, kind, epsilon, means, save=None):
                 deltas.append((site[1] - site[0]).clone())
                 site[1] = site[0]
             else:
-                site = layer_site(lm, sites, layer, sites["output_path"]).input
-                clean = site[0]
-                if kind == "sc":
-                    deltas.append((epsilon - 1.0) * clean)
-                else:
-                    deltas.append(means[layer].to(device=clean.device, dtype=clean.dtype) - clean)
+                deltas.append(output_change(layer_site(lm, sites, layer, sites["output_path"]).input[0], layer, kind, epsilon, means))
     return deltas
 
 
 def fisher_dots(lm, sites, embedding_path, inputs, n_top, deltas, save=None):
     """One forward+backward pass over n_top + 1 rows of one prompt. Row r < n_top backpropagates the logit of the
     clean model's r-th most likely next token; the last row the probability-weighted mean logit of all other tokens.
-    Returns, per layer, [n_top + 1, n_heads]: each row's gradient at the output site dotted with each head's
-    `deltas` change (a first-order change of that logit), and the probabilities [n_top + 1] the rows stand for."""
+    Returns, per layer, [n_top + 1, n_heads]: each row's output-site gradient dotted with each head's `deltas` change
+    (a first-order change of that logit), and the probabilities [n_top + 1] the rows stand for."""
     save = save or _identity
-    rows = n_top + 1
-    tiled = {name: value.repeat(rows, 1) for name, value in inputs.items()}
-    with torch.enable_grad(), lm.trace(**tiled, logits_to_keep=1, use_cache=False):
+    with torch.enable_grad(), lm.trace(**tiled(inputs, n_top + 1), logits_to_keep=1, use_cache=False):
         resolve(lm, embedding_path).output.requires_grad_(True)  # frozen weights: start the graph here
         site_values = [layer_site(lm, sites, layer, sites["output_path"]).input for layer in range(sites["n_layers"])]
         logits = lm.output.logits[:, -1].float()  # [rows, vocab]

@@ -334,18 +334,8 @@ def doctor(model: str | None = DEFAULT_REMOTE_MODEL, host: str | None = None, ti
     if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
         raise UserError(f"--timeout must be a positive number of seconds, not {timeout!r}")
     host = check_host(host, "--host") if host is not None else check_host(host_for(True), "NDIF_HOST")
-    lines: list[str] = []
-    ok = True
     key = api_key()
-    if os.environ.get("NDIF_API_KEY"):
-        lines.append("NDIF_API_KEY   set (hidden)")
-    elif key:
-        lines.append("NDIF_API_KEY   not set; nnsight's config holds a key (hidden), which will be used")
-    else:
-        ok = False
-        lines.append(f"NDIF_API_KEY   not set: {KEY_HELP}")
-    lines.append("HF_TOKEN       " + ("set (hidden)" if os.environ.get("HF_TOKEN") else
-                                      "not set (only needed for gated models such as meta-llama/*)"))
+    lines, ok = _secrets_lines(key)
 
     def get(path: str, **headers) -> dict:
         response = httpx.get(f"{host}{path}", headers=headers or None, timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)))
@@ -360,48 +350,72 @@ def doctor(model: str | None = DEFAULT_REMOTE_MODEL, host: str | None = None, ti
         lines.append("model          unknown (host unreachable)" if model else "model          not checked (no --model)")
         lines.append("versions       local " + _local_versions() + "; server unknown (host unreachable)")
         return lines, False
+    checks = [_key_line(get, host, key, trust_host), _model_line(status, model)]
+    lines.extend(line for line, _ in checks if line)
+    version_lines, versions_ok = _version_lines(get)
+    return lines + version_lines, ok and all(fine for _, fine in checks) and versions_ok
 
-    if key and host != configured_host() and not trust_host:
-        lines.append(f"API key        not sent: {host} is not nnsight's configured host (--trust-remote-host sends it there)")
+
+def _secrets_lines(key: str | None) -> tuple[list[str], bool]:
+    """Whether the NDIF key and the hub token are set (never their values)."""
+    ok = True
+    if os.environ.get("NDIF_API_KEY"):
+        lines = ["NDIF_API_KEY   set (hidden)"]
     elif key:
-        try:
-            email = get("/whoami", **{"ndif-api-key": key}).get("email")
-            if email:
-                lines.append("API key        recognised by the host")
-            else:
-                ok = False
-                lines.append("API key        not recognised by the host: check NDIF_API_KEY")
-        except Exception as error:  # noqa: BLE001
-            lines.append(f"API key        not checked ({describe(error)})")
-
-    if model:
-        deployments = status.get("deployments", {}) if isinstance(status, dict) else {}
-        states = sorted({str(d.get("application_state")) for d in deployments.values()
-                         if isinstance(d, dict) and str(d.get("repo_id", "")).lower() == model.lower()})
-        if "RUNNING" in states:
-            lines.append(f"model          {model} served (RUNNING)")
-        elif states:
-            ok = False
-            lines.append(f"model          {model} deployed but not running ({', '.join(states)}); try again later")
-        else:
-            ok = False
-            chat = sorted({str(d.get("repo_id")) for d in deployments.values() if isinstance(d, dict)
-                           and str(d.get("application_state")) == "RUNNING"
-                           and re.search(r"instruct|chat", str(d.get("repo_id", "")), re.IGNORECASE)})
-            lines.append(f"model          {model} not served by this host ({len(deployments)} deployments"
-                         + (f"; chat models served: {', '.join(chat)}" if chat else "; no chat model is running") + ")")
+        lines = ["NDIF_API_KEY   not set; nnsight's config holds a key (hidden), which will be used"]
     else:
-        lines.append("model          not checked (give --model HUB_ID)")
+        ok = False
+        lines = [f"NDIF_API_KEY   not set: {KEY_HELP}"]
+    lines.append("HF_TOKEN       " + ("set (hidden)" if os.environ.get("HF_TOKEN") else
+                                      "not set (only needed for gated models such as meta-llama/*)"))
+    return lines, ok
 
+
+def _key_line(get: Callable, host: str, key: str | None, trust_host: bool) -> tuple[str | None, bool]:
+    """Whether the host recognises the key: asked only of a host the key may go to."""
+    if not key:
+        return None, True
+    if host != configured_host() and not trust_host:
+        return f"API key        not sent: {host} is not nnsight's configured host (--trust-remote-host sends it there)", True
+    try:
+        email = get("/whoami", **{"ndif-api-key": key}).get("email")
+    except Exception as error:  # noqa: BLE001
+        return f"API key        not checked ({describe(error)})", True
+    if email:
+        return "API key        recognised by the host", True
+    return "API key        not recognised by the host: check NDIF_API_KEY", False
+
+
+def _model_line(status, model: str | None) -> tuple[str, bool]:
+    """Whether the host serves `model` (its /status deployments), and which chat models it runs if not."""
+    if not model:
+        return "model          not checked (give --model HUB_ID)", True
+    deployments = status.get("deployments", {}) if isinstance(status, dict) else {}
+    states = sorted({str(d.get("application_state")) for d in deployments.values()
+                     if isinstance(d, dict) and str(d.get("repo_id", "")).lower() == model.lower()})
+    if "RUNNING" in states:
+        return f"model          {model} served (RUNNING)", True
+    if states:
+        return f"model          {model} deployed but not running ({', '.join(states)}); try again later", False
+    chat = sorted({str(d.get("repo_id")) for d in deployments.values() if isinstance(d, dict)
+                   and str(d.get("application_state")) == "RUNNING"
+                   and re.search(r"instruct|chat", str(d.get("repo_id", "")), re.IGNORECASE)})
+    return (f"model          {model} not served by this host ({len(deployments)} deployments"
+            + (f"; chat models served: {', '.join(chat)}" if chat else "; no chat model is running") + ")"), False
+
+
+def _version_lines(get: Callable) -> tuple[list[str], bool]:
+    """Local against server versions of Python and the critical packages; only an nnsight mismatch is fatal."""
     try:
         env = get("/env")
         server = env.get("packages", {})
         python = str(env.get("python_version", "?")).split()[0]
     except Exception as error:  # noqa: BLE001
-        lines.append(f"versions       local {_local_versions()}; server unknown ({describe(error)})")
-        return lines, False
+        return [f"versions       local {_local_versions()}; server unknown ({describe(error)})"], False
     local_python = sys.version.split()[0]
-    lines.append(f"python         local {local_python}, server {python}" + ("" if local_python == python else " (differs; nnsight 0.8 does not need them equal)"))
+    lines = [f"python         local {local_python}, server {python}"
+             + ("" if local_python == python else " (differs; nnsight 0.8 does not need them equal)")]
+    ok = True
     for name in CRITICAL:
         mine, theirs = _version(name), server.get(name, "-")
         if name == "nnsight":

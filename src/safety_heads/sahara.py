@@ -24,7 +24,7 @@ from typing import Callable, Generator, Sequence
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_heads, parse_heads
+from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
 from .engine import HIDDEN_READOUTS, Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
@@ -82,8 +82,7 @@ class SaharaConfig:
     rank_by: str | None = None
 
     def validate(self) -> None:
-        check_kind(self.ablation)
-        check_epsilon(self.epsilon)
+        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
         if not isinstance(self.steps, int) or self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -174,7 +173,7 @@ class Sahara:
             if ranking is None:
                 raise ValueError("config.candidates prunes by a ranking: pass ranking= (a ships result's mean)")
             self.candidates = ranked_candidates(ranking, self.candidates)[: config.candidates]
-        self.guard = HarmlessGuard(model, config, self.engine, lambda: self.means) if config.guard is not None else None
+        self.guard = HarmlessGuard(model, config, self.engine, lambda: self.ablation) if config.guard is not None else None
 
     @cached_property
     def means(self) -> torch.Tensor | None:
@@ -185,6 +184,11 @@ class Sahara:
 
         c = self.config
         return self.engine.head_means(prompt_tokens(c.mean_reference, c.mean_reference_limit, c.template, self.model.tokenizer, c.system))
+
+    @cached_property
+    def ablation(self) -> Ablation:
+        """How every head set is ablated (kind, epsilon and, for `mean`, the reference means)."""
+        return Ablation(kind=self.config.ablation, epsilon=self.config.epsilon, means=self.means)
 
     def clean(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """M_clean: [N, d] float32, the final-norm hidden state at each query's last token."""
@@ -200,7 +204,7 @@ class Sahara:
         """The score of each head set (all heads of a set ablated together) over all queries: [K] float64."""
         c = self.config
         result = self.engine.run(
-            tokens, head_sets, kind=c.ablation, epsilon=c.epsilon, means=self.means, readouts=("hidden",)
+            tokens, head_sets, ablation=self.ablation, readouts=("hidden",)
         )
         self.flops += result.stats.get("flops", 0.0)
         ablated = result.hidden.transpose(0, 1)  # [K, N, d]

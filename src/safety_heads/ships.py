@@ -27,7 +27,7 @@ from typing import Callable, Generator, Sequence
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Head, check_epsilon, check_kind, format_heads, parse_heads
+from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
@@ -71,8 +71,7 @@ class ShipsConfig:
     refusal_limit: int = 32
 
     def validate(self) -> None:
-        check_kind(self.ablation)
-        check_epsilon(self.epsilon)
+        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.score not in SCORES:
@@ -117,23 +116,22 @@ class ShipsResult:
     compute: dict = field(default_factory=dict)  # this process's exact sweeps: FLOPs (flops.py) and seconds
 
 
-def exact_scores(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, kind: str, epsilon: float, means=None,
+def exact_scores(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, ablation: Ablation = Ablation(),
                  score: str = "kl", signal: RefusalSignal | None = None) -> torch.Tensor:
-    """Ships of each head in `heads` for one prompt: [layers, heads], NaN for heads not in `heads`. `score` is the
-    paper's ``kl`` or a refusal-aware score (refusal.py), which needs the model's learned `signal`."""
-    return exact_score_maps(engine, token_ids, heads, kind=kind, epsilon=epsilon, means=means, scores=(score,),
-                            signals={score: signal})[score]
+    """Ships of each head in `heads` for one prompt, each ablated on its own the way `ablation` says (its kind,
+    epsilon and means; its own heads, if any, stay ablated throughout): [layers, heads], NaN for heads not in
+    `heads`. `score` is the paper's ``kl`` or a refusal-aware score (refusal.py), which needs the model's `signal`."""
+    return exact_score_maps(engine, token_ids, heads, ablation=ablation, scores=(score,), signals={score: signal})[score]
 
 
-def exact_score_maps(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, kind: str, epsilon: float,
-                     means=None, scores: Sequence[str] = ("kl",), signals: dict | None = None) -> dict[str, torch.Tensor]:
+def exact_score_maps(engine: Engine, token_ids: Sequence[int], heads: Sequence[Head], *, ablation: Ablation = Ablation(),
+                     scores: Sequence[str] = ("kl",), signals: dict | None = None) -> dict[str, torch.Tensor]:
     """Several scores of each head from one sweep (the readouts they need, together): {score: [layers, heads]}."""
-    return exact_score_maps_of([token_ids], heads, engine=engine, kind=kind, epsilon=epsilon, means=means, scores=scores,
-                               signals=signals)[0]
+    return exact_score_maps_of([token_ids], heads, engine=engine, ablation=ablation, scores=scores, signals=signals)[0]
 
 
-def exact_score_maps_of(prompts: Sequence[Sequence[int]], heads: Sequence[Head], *, engine: Engine, kind: str,
-                        epsilon: float, means=None, scores: Sequence[str] = ("kl",), signals: dict | None = None,
+def exact_score_maps_of(prompts: Sequence[Sequence[int]], heads: Sequence[Head], *, engine: Engine,
+                        ablation: Ablation = Ablation(), scores: Sequence[str] = ("kl",), signals: dict | None = None,
                         stats: dict | None = None) -> list[dict[str, torch.Tensor]]:
     """`exact_score_maps` of several prompts from one engine sweep, one dict per prompt. Prompts swept together share
     batches, and a template's common first tokens are computed once per head set (EngineConfig.shared_prefix).
@@ -144,8 +142,8 @@ def exact_score_maps_of(prompts: Sequence[Sequence[int]], heads: Sequence[Head],
             for _ in prompts]
     readouts = tuple(sorted({r for name in scores for r in readouts_for(name)}))
     clean: dict[int, tuple] = {}  # prompt index -> its clean (logits, hidden)
-    for what, part in engine.stream([list(ids) for ids in prompts], [[head] for head in heads], kind=kind,
-                                    epsilon=epsilon, means=means, readouts=readouts, stats=stats):
+    for what, part in engine.stream([list(ids) for ids in prompts], [[head] for head in heads],
+                                    ablation=ablation, readouts=readouts, stats=stats):
         for column, prompt in enumerate(part.prompt_indices):
             if what == "clean":
                 clean[prompt] = (_row(part.logits, column), _row(part.hidden, column))
@@ -194,6 +192,7 @@ class Ships:
             (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
         ]
         self.means = self._reference_means() if config.ablation == "mean" else None
+        self.ablation = Ablation(kind=config.ablation, epsilon=config.epsilon, means=self.means)  # how every head is ablated
         self.stats: dict = {}  # the engine's counts over every exact sweep (traces, rows, FLOPs)
 
     @cached_property
@@ -224,7 +223,7 @@ class Ships:
     def _exact(self, items: Sequence[tuple[int, object]]) -> list[QueryScores]:
         config = self.config
         maps = exact_score_maps_of([list(prompt.token_ids) for _, prompt in items], self.heads, engine=self.engine,
-                                   kind=config.ablation, epsilon=config.epsilon, means=self.means, scores=(config.score,),
+                                   ablation=self.ablation, scores=(config.score,),
                                    signals={config.score: self.signal}, stats=self.stats)
         return [QueryScores(index, prompt.query, prompt.text, scores[config.score])
                 for (index, prompt), scores in zip(items, maps)]
@@ -232,13 +231,12 @@ class Ships:
     def score(self, index: int, prompt) -> QueryScores:
         """Ships of every selected head for one formatted prompt (data.FormattedPrompt)."""
         config, tokens = self.config, list(prompt.token_ids)
-        kind, epsilon = config.ablation, config.epsilon
         if config.method == "exact":
             return self._exact([(index, prompt)])[0]
         from .estimate import EstimateConfig, estimate_scores
 
         estimate = estimate_scores(
-            self.engine, tokens, kind=kind, epsilon=epsilon, means=self.means,
+            self.engine, tokens, ablation=self.ablation,
             config=EstimateConfig(estimator=config.estimator, top_tokens=config.top_tokens, samples=config.samples,
                                   seed=config.seed, samples_per_pass=config.samples_per_pass),
         )
@@ -248,7 +246,7 @@ class Ships:
         if config.method == "estimate":
             return QueryScores(index, prompt.query, prompt.text, selected, estimate=selected)
         verified = [(layer, head) for layer, head, _ in top_heads(selected, config.top_k)]
-        exact = exact_scores(self.engine, tokens, verified, kind=kind, epsilon=epsilon, means=self.means)
+        exact = exact_scores(self.engine, tokens, verified, ablation=self.ablation)
         scores = torch.where(torch.isnan(exact), selected, exact)
         return QueryScores(index, prompt.query, prompt.text, scores, estimate=selected, verified=verified)
 

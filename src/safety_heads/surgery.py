@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Ablation, bake_into_weights, check_epsilon, format_heads, parse_heads
+from .ablation import DEFAULT_EPSILON, Ablation, bake_into_weights, format_heads, parse_heads
 from .engine import Engine
 from .errors import UserError
 from .models import LoadedModel
@@ -43,7 +43,7 @@ class SurgeryConfig:
     def validate(self) -> None:
         if self.ablation not in SURGERY_KINDS:
             raise UserError(f"surgery supports --ablation {' or '.join(SURGERY_KINDS)}, not '{self.ablation}'")
-        check_epsilon(self.epsilon)
+        Ablation(epsilon=self.epsilon)  # checks it
 
 
 def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
@@ -61,7 +61,7 @@ def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, prog
         bake_into_weights(model.module, model.layout, ablation)  # raises the explanatory error, edits nothing
     check_output_folder(out)
     engine = Engine(model)
-    traced = engine.run(list(VERIFY_PROMPTS), [heads], kind=config.ablation, epsilon=config.epsilon)
+    traced = engine.run(list(VERIFY_PROMPTS), [()], ablation=ablation)
     bake_into_weights(model.module, model.layout, ablation)
     baked = engine.run(list(VERIFY_PROMPTS), [[]])
     scale = traced.logits.abs().max().item()

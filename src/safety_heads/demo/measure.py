@@ -175,7 +175,7 @@ def measure(path: Path, log=print, generation_sweep: bool = True) -> dict:
     for kind in ("ua", "sc"):
         first[kind] = {}
         for name, ids in tokens.items():
-            run = engine.run(ids, [()] + [[h] for h in heads], kind=kind, epsilon=EPSILON)
+            run = engine.run(ids, [()] + [[h] for h in heads], ablation=Ablation(kind=kind, epsilon=EPSILON))
             shares = first_token_refusals(run.logits, refuse_id)
             first[kind][name] = {"clean": float(shares[0]), "heads": [float(x) for x in shares[1:]]}
             if name == "maliciousinstruct":
