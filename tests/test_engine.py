@@ -7,7 +7,7 @@ import torch
 
 from families import FAMILIES
 from reference import reference_means, reference_readouts, reference_token_log_probs
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine, EngineConfig, plan_chunks
 from safety_heads.errors import UserError
 from safety_heads.models import wrap

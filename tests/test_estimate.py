@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from families import FAMILIES
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.estimate import EstimateConfig, estimate_scores

@@ -5,7 +5,7 @@ import torch
 import transformers
 
 from families import FAMILIES
-from safety_heads.demo.tiny import save_tiny_llama
+from safety_heads.tiny import save_tiny_llama
 import safety_heads.models as models
 from safety_heads.errors import UserError
 from safety_heads.models import FAMILIES as REGISTRY
@@ -98,7 +98,7 @@ def test_folder_without_config(tmp_path):
 
 
 def test_folder_without_tokenizer(tmp_path):
-    from safety_heads.demo.tiny import tiny_llama
+    from safety_heads.tiny import tiny_llama
 
     tiny_llama().save_pretrained(tmp_path)
     with pytest.raises(UserError, match="could not load a tokenizer"):

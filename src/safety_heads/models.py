@@ -342,7 +342,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     """Load `config.model` (built-in "tiny", a local folder, or a hub id) in the chosen dtype and device."""
     config.validate()
     if config.model == "tiny":
-        from .demo.tiny import TINY_MODEL_NAME, byte_tokenizer, tiny_llama
+        from .tiny import TINY_MODEL_NAME, byte_tokenizer, tiny_llama
 
         _resolve_device(config.device)  # a bad --device, or cuda without a GPU, is refused for it too
         module = tiny_llama()
@@ -500,7 +500,7 @@ def _require_hub(name: str) -> None:
 def read_layout(config: ModelConfig) -> HeadLayout:
     """The HeadLayout from config.json alone: describing heads needs no weights."""
     if config.model == "tiny":
-        from .demo.tiny import tiny_llama_config
+        from .tiny import tiny_llama_config
 
         return head_layout(tiny_llama_config())
     return head_layout(read_config(config)[1])

@@ -50,7 +50,7 @@ from tokenizers.processors import TemplateProcessing  # noqa: E402
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from ..data import load_prompts  # noqa: E402
-from .tiny import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from ..tiny import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "model"
 

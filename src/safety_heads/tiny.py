@@ -1,11 +1,13 @@
-"""A tiny model the project builds itself, so every command runs with no download.
+"""The built-in tiny model (`--model tiny`), built from a seed in memory, so every command and test runs with no
+download and no file.
 
 `tiny_llama()` is a randomly initialised (seeded, so deterministic) Llama with grouped-query attention and
 `byte_tokenizer()` a byte-level BPE tokenizer with no merges: every UTF-8 byte is a token, so any text encodes and
 nothing has to be trained. The model is untrained: it exercises the machinery (shapes, GQA, RoPE, padding), it does
-not refuse anything. The trained demo chat model replaces it as the default once it exists.
+not refuse anything (the trained demo chat model, `--model demo`, does; see safety_heads/demo). It sits beside
+models.py, which builds it for `--model tiny`; the demo package reuses its chat template and special tokens.
 
-    python -c "from safety_heads.demo.tiny import save_tiny_llama; save_tiny_llama('tiny-llama')"
+    python -c "from safety_heads.tiny import save_tiny_llama; save_tiny_llama('tiny-llama')"
 """
 
 from __future__ import annotations
