@@ -87,7 +87,7 @@ from . import intrace
 from .ablation import check_epsilon, check_kind
 from .engine import Engine
 from .errors import UserError
-from .models import HeadLayout
+from .layout import HeadLayout
 
 
 ESTIMATORS = ("fisher", "sampled")
