@@ -16,10 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # before tokenizers is
 
 import torch  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-from tokenizers.processors import TemplateProcessing  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from ..tiny import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from ..tiny import SPECIAL_TOKENS, chat_tokenizer  # noqa: E402
 from .corpus import ExampleSampler  # noqa: E402
 
 if TYPE_CHECKING:
@@ -44,13 +43,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
-    bos = backend.token_to_id("<s>")
-    backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return chat_tokenizer(backend)
 
 
 def fit_tokenizer(harmful: list[str], harmless: list[str], config: TrainConfig) -> PreTrainedTokenizerFast:
