@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.models import wrap
 

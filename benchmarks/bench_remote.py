@@ -28,7 +28,7 @@ import torch
 from transformers import LlamaConfig
 
 from safety_heads.data import format_prompts, load_prompts
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.models import LoadedModel, head_layout, prepare_tokenizer
 from safety_heads.remote import CaptureBackend

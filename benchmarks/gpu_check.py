@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_ships, beside 
 
 from bench_ships import naive_scores, spread_heads  # noqa: E402
 from safety_heads.ablation import Ablation  # noqa: E402
-from safety_heads.demo.tiny import byte_tokenizer  # noqa: E402
+from safety_heads.tiny import byte_tokenizer  # noqa: E402
 from safety_heads.engine import Engine, EngineConfig  # noqa: E402
 from safety_heads.flops import matmul_throughput  # noqa: E402
 from safety_heads.models import wrap  # noqa: E402

@@ -11,6 +11,6 @@ torch.set_num_threads(1)  # results compared bit-for-bit-ish; one thread also ke
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from safety_heads.demo.tiny import byte_tokenizer
+    from safety_heads.tiny import byte_tokenizer
 
     return byte_tokenizer()

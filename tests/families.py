@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 
 VOCAB = len(byte_tokenizer())
 # Large initial weights so that ablating one head moves the logits far more than float32 rounding does: with the

@@ -290,7 +290,7 @@ MODEL_KEY = 'nnsight.modeling.transformers.TransformersModel:{"repo_id": "org/ti
 def tiny_pair(name: str = "org/tiny", **overrides):
     """(client, server): the built-in tiny model twice, same weights, separate instances; the client carries a model
     key as `load_remote_model` would give it (nothing here touches the hub)."""
-    from safety_heads.demo.tiny import byte_tokenizer, tiny_llama
+    from safety_heads.tiny import byte_tokenizer, tiny_llama
     from safety_heads.models import ModelConfig, wrap
 
     client = wrap(tiny_llama(**overrides), byte_tokenizer(), name, ModelConfig(model=name))

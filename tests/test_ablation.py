@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from families import FAMILIES
 from safety_heads.ablation import Ablation, bake_into_weights, format_heads, parse_heads
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import head_layout, wrap

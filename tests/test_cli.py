@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from safety_heads.cli import main
-from safety_heads.demo.tiny import byte_tokenizer, tiny_llama
+from safety_heads.tiny import byte_tokenizer, tiny_llama
 
 
 def run(argv, capsys):

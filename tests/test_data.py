@@ -322,7 +322,7 @@ def test_fuzz_jsonl_text(tmp_path, text):
 
 def test_auto_template_is_the_chat_template_when_the_tokenizer_has_one():
     from safety_heads.data import resolve_template
-    from safety_heads.demo.tiny import byte_tokenizer
+    from safety_heads.tiny import byte_tokenizer
 
     chat = byte_tokenizer()
     plain = byte_tokenizer()

@@ -8,7 +8,7 @@ import torch
 from families import FAMILIES
 from reference import reference_means, reference_readouts, reference_token_log_probs
 from safety_heads.ablation import Ablation
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.batching import plan_chunks
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.errors import UserError

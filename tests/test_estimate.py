@@ -22,7 +22,7 @@ import torch
 
 from families import FAMILIES
 from safety_heads.ablation import Ablation
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.estimate import EstimateConfig, estimate_scores

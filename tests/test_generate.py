@@ -7,7 +7,7 @@ import torch
 
 from families import FAMILIES
 from safety_heads.ablation import Ablation, bake_into_weights
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.errors import UserError
 from safety_heads.generate import GenerationConfig, generate
 from safety_heads.models import wrap

@@ -2,7 +2,7 @@
 
 import pytest
 
-from safety_heads.demo.tiny import byte_tokenizer, tiny_llama
+from safety_heads.tiny import byte_tokenizer, tiny_llama
 from safety_heads.errors import UserError
 from safety_heads.judges import GCG_KEYWORDS, KEYWORD_JUDGES, PAPER_KEYWORDS, REFUSAL_DIRECTION_KEYWORDS, ModelJudge, make_judges
 

@@ -1,64 +1,13 @@
-"""Head layouts for every family, and loading from folders, hub ids and the built-in tiny model (all offline)."""
+"""Loading from folders, hub ids and the built-in tiny model (all offline); head layouts are test_layout.py."""
 
 import pytest
 import torch
 import transformers
 
-from families import FAMILIES
-from safety_heads.demo.tiny import save_tiny_llama
 import safety_heads.models as models
 from safety_heads.errors import UserError
-from safety_heads.models import FAMILIES as REGISTRY
-from safety_heads.models import ModelConfig, head_layout, layer_part, load_model, resolve
-
-
-@pytest.mark.parametrize("family_name", sorted(FAMILIES))
-def test_layout_matches_the_model(family_name):
-    family = FAMILIES[family_name]
-    module = family.build()
-    layout = head_layout(module.config)
-    assert (layout.n_heads, layout.head_dim) == (family.n_heads, family.head_dim)
-    assert layout.n_layers == 3
-    assert len(resolve(module, layout.layers_path)) == layout.n_layers
-    # The sites exist and have the sizes the layout claims.
-    seen = {}
-    query = layer_part(module, layout, 1, layout.query_path)
-    output = layer_part(module, layout, 1, layout.output_path)
-    hooks = [
-        query.register_forward_hook(lambda m, a, o: seen.__setitem__("query", o.shape)),
-        output.register_forward_pre_hook(lambda m, a: seen.__setitem__("output", a[0].shape)),
-    ]
-    with torch.no_grad():
-        module(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))
-    for hook in hooks:
-        hook.remove()
-    assert seen["output"][-1] == layout.n_heads * layout.head_dim
-    if layout.query_axes == "flat":
-        assert seen["query"][-1] >= layout.query_offset + layout.n_heads * layout.head_dim
-    elif layout.query_axes == "bshd":
-        assert seen["query"] == (1, 5, layout.n_heads, layout.head_dim)
-    else:
-        assert seen["query"] == (1, layout.n_heads, 5, layout.head_dim)
-
-
-def test_head_dim_comes_from_the_config():
-    layout = head_layout(FAMILIES["qwen3"].build().config)
-    assert layout.head_dim == 24 != 64 // 4
-
-
-def test_gqa_counts():
-    layout = head_layout(FAMILIES["mistral"].build().config)
-    assert (layout.n_heads, layout.n_kv_heads, layout.n_rep) == (4, 2, 2)
-
-
-def test_every_registered_family_is_tested():
-    assert set(REGISTRY) - {"gemma"} <= {f.build().config.model_type for f in FAMILIES.values()}
-
-
-def test_unsupported_family_names_the_supported_ones():
-    config = transformers.GPTNeoXConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64)
-    with pytest.raises(UserError, match=r"unsupported model family 'gpt_neox'; supported: .*llama.*phi3"):
-        head_layout(config)
+from safety_heads.models import ModelConfig, load_model
+from safety_heads.tiny import save_tiny_llama
 
 
 def test_tiny_model_is_deterministic():
@@ -98,7 +47,7 @@ def test_folder_without_config(tmp_path):
 
 
 def test_folder_without_tokenizer(tmp_path):
-    from safety_heads.demo.tiny import tiny_llama
+    from safety_heads.tiny import tiny_llama
 
     tiny_llama().save_pretrained(tmp_path)
     with pytest.raises(UserError, match="could not load a tokenizer"):

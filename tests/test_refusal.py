@@ -14,7 +14,7 @@ from reference import reference_means, reference_readouts
 from safety_heads.ablation import Ablation
 from safety_heads.cli import main
 from safety_heads.data import format_prompts, prompt_tokens
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap

@@ -16,7 +16,7 @@ from ndif_mock import MockNdif, SandboxUnpickler, execute, tiny_pair
 from safety_heads import intrace
 from safety_heads.ablation import Ablation
 from safety_heads.cli import main
-from safety_heads.demo.tiny import byte_tokenizer, tiny_llama, tiny_llama_config
+from safety_heads.tiny import byte_tokenizer, tiny_llama, tiny_llama_config
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.errors import UserError
 from safety_heads.generate import GenerationConfig, generate

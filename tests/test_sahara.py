@@ -9,7 +9,7 @@ import torch
 from families import FAMILIES
 from reference import reference_means, reference_readouts, reference_token_log_probs
 from safety_heads.data import format_prompts, load_prompts
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.errors import UserError
 from safety_heads.models import wrap
 from safety_heads.runs.files import load_tensors

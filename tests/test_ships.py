@@ -9,7 +9,7 @@ from families import FAMILIES
 from reference import reference_means, reference_readouts
 from safety_heads.ablation import Ablation
 from safety_heads.data import format_prompts
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from families import FAMILIES
 from safety_heads.ablation import Ablation
-from safety_heads.demo.tiny import byte_tokenizer
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap

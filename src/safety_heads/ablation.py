@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .models import HeadLayout, layer_part
+from .layout import HeadLayout, layer_part
 
 KINDS = ("ua", "sc", "mean")
 DEFAULT_EPSILON = 1e-4  # get_ships.py's value; the paper's Sahara code used 1e-5, its surgery 1e-10

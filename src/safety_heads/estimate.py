@@ -86,7 +86,7 @@ from . import intrace
 from .ablation import Ablation, require_means
 from .engine import Engine
 from .errors import UserError
-from .models import HeadLayout
+from .layout import HeadLayout
 
 
 ESTIMATORS = ("fisher", "sampled")

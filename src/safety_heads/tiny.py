@@ -1,11 +1,13 @@
-"""A tiny model the project builds itself, so every command runs with no download.
+"""The built-in tiny model (`--model tiny`), built from a seed in memory, so every command and test runs with no
+download and no file.
 
 `tiny_llama()` is a randomly initialised (seeded, so deterministic) Llama with grouped-query attention and
 `byte_tokenizer()` a byte-level BPE tokenizer with no merges: every UTF-8 byte is a token, so any text encodes and
 nothing has to be trained. The model is untrained: it exercises the machinery (shapes, GQA, RoPE, padding), it does
-not refuse anything. The trained demo chat model replaces it as the default once it exists.
+not refuse anything (the trained demo chat model, `--model demo`, does; see safety_heads/demo). It sits beside
+models.py, which builds it for `--model tiny`; the demo package reuses its chat template and special tokens.
 
-    python -c "from safety_heads.demo.tiny import save_tiny_llama; save_tiny_llama('tiny-llama')"
+    python -c "from safety_heads.tiny import save_tiny_llama; save_tiny_llama('tiny-llama')"
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    return chat_tokenizer(backend)
+
+
+def chat_tokenizer(backend: Tokenizer) -> PreTrainedTokenizerFast:
+    """A `tokenizers` backend holding SPECIAL_TOKENS, finished the way Llama's is: <s> prepended to every text, left
+    padding with <pad>, and CHAT_TEMPLATE. The demo model's trained tokenizer (demo/batches.py) is finished the same
+    way, so both answer `--template chat` alike."""
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left"
     )
