@@ -396,3 +396,20 @@ def test_flags_are_generated_from_the_field(monkeypatch):
     sahara_help = " ".join(next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
                            .choices["sahara"].format_help().split())
     assert "timeouts and HTTP 5xx (default 9)" in sahara_help
+
+
+def test_a_value_the_help_marks_as_the_default_is_the_default():
+    """'svd (default) or paper-era', 'fisher (...; default) or sampled': the marked value is the flag's real default."""
+    import re
+
+    from safety_heads.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    checked = 0
+    for name, command in commands.items():
+        for action in command._actions:
+            for marked in re.findall(r"([\w.-]+) \((?:[^()]*; )?default\)", action.help or ""):
+                assert marked == action.default, f"{name} {action.option_strings[0]}: help says {marked}, default {action.default}"
+                checked += 1
+    assert checked >= 8

@@ -73,6 +73,19 @@ def _value_type(annotation):
     raise TypeError(f"no command-line type for the annotation {annotation!r}")
 
 
+def config_default(parser: _Parser, name: str, config: type | None = None):
+    """The default of field `name` of `config` (else of the first of the parser's configs that has the field)."""
+    cls = _config_of(parser, name, config)
+    return field_default(cls.__dataclass_fields__[name])
+
+
+def _config_of(parser: _Parser, name: str, config: type | None) -> type:
+    cls = config or next((c for c in parser.configs if name in c.__dataclass_fields__), None)
+    if cls is None:
+        raise KeyError(f"{parser.prog}: no config of this command has a field '{name}'")
+    return cls
+
+
 class Flags:
     """One argument group of a command's parser (the parser itself with no title), adding flags from its configs."""
 
@@ -82,9 +95,7 @@ class Flags:
 
     def add(self, name: str, help: str, *, config: type | None = None, flag: str | None = None, **kwargs):
         """The flag that sets field `name` of `config` (default: the first of the parser's configs that has one)."""
-        cls = config or next((c for c in self.parser.configs if name in c.__dataclass_fields__), None)
-        if cls is None:
-            raise KeyError(f"{self.parser.prog}: no config of this command has a field '{name}'")
+        cls = _config_of(self.parser, name, config)
         default = field_default(cls.__dataclass_fields__[name])
         kind = _value_type(typing.get_type_hints(cls)[name])
         kwargs.setdefault("dest", name)

@@ -11,7 +11,7 @@ import argparse
 import inspect
 
 from .. import __version__
-from .flags import Flags, _Parser, field_default, folder, none_word
+from .flags import Flags, _Parser, config_default, folder, none_word
 
 TEMPLATE_HELP = ("auto (default: the model's chat template when its tokenizer has one, else raw), raw, "
                  "paper ('## Query: {q}\\n## Answer:') or chat")
@@ -46,7 +46,8 @@ def _command_configs() -> dict[str, tuple]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="safety-heads", description="Find and ablate the attention heads aligned chat models use to refuse harmful requests.")
+    parser = _Parser(prog="safety-heads",
+                     description="Find and ablate the attention heads aligned chat models use to refuse harmful requests.")
     parser.add_argument("--version", action="version", version=f"safety-heads {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     configs = _command_configs()
@@ -56,12 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- the groups several commands share ------------------------------------------------------------------------------
-
-
-def _default(parser: _Parser, name: str, config: type | None = None):
-    """The default of the field a flag of `parser` sets (for help texts that name a default in a sentence)."""
-    cls = config or next(c for c in parser.configs if name in c.__dataclass_fields__)
-    return field_default(cls.__dataclass_fields__[name])
 
 
 def _either(values, default) -> str:
@@ -78,7 +73,7 @@ def _model_arguments(parser: _Parser) -> None:
                        "local Hugging Face folder, a .gguf file (dequantised once, cached), or a hub id", config=ModelConfig)
     flags.add("dtype", "auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16", config=ModelConfig)
     flags.add("device", "auto, cpu, cuda, cuda:N, or multi (all GPUs, device_map=auto)", config=ModelConfig)
-    flags.add("attn_implementation", _either(ATTN_IMPLEMENTATIONS, _default(parser, "attn_implementation", ModelConfig)),
+    flags.add("attn_implementation", _either(ATTN_IMPLEMENTATIONS, config_default(parser, "attn_implementation", ModelConfig)),
               config=ModelConfig)
     flags.add("revision", "hub revision (branch, tag or commit)", config=ModelConfig)
     flags.add("trust_remote_code", "run a hub repo's own modelling code (off by default)", config=ModelConfig)
@@ -118,10 +113,10 @@ def _ablation_arguments(parser: _Parser) -> None:
 
     flags = Flags(parser, "ablation")
     ablation, epsilon = "%(default)s", "%(default)g"
-    if _default(parser, "ablation") is None:
+    if config_default(parser, "ablation") is None:
         from ..evaluate import INHERITED
 
-        ablation, epsilon = (f"the --from file's, else {INHERITED['ablation']}", f"the --from file's, else {INHERITED['epsilon']:g}")
+        ablation, epsilon = f"the --from file's, else {INHERITED['ablation']}", f"the --from file's, else {INHERITED['epsilon']:g}"
     flags.add("ablation", f"{', '.join(KINDS)} (default {ablation}: scale the head's query by epsilon)")
     flags.add("epsilon", f"scale factor, 0 to 1 (default {epsilon})")
 
@@ -141,7 +136,7 @@ def _output_arguments(flags: Flags, resume: str = "continue an interrupted run i
 
 def _guard_arguments(flags: Flags, details: bool) -> None:
     """`sahara` (details) keeps the paper's search by default; `run` guards it with harmless-val by default."""
-    paper = _default(flags.parser, "guard") is None
+    paper = config_default(flags.parser, "guard") is None
     flags.add("guard", "a harmless data set or file: Sahara skips head sets whose ablation makes the model's own answers "
                        "to its prompts unlikely; 'none' turns it off (default: "
                        + ("none, as in the paper)" if paper else "%(default)s)"), type=none_word)
@@ -194,8 +189,8 @@ def _ships(commands, configs) -> None:
     flags.add("mean_reference", MEAN_REFERENCE_HELP)
     flags.add("score", "kl (the paper's: KL of the next token), refusal-logprob (drop in log P of the model's own refusal "
                        "openings) or refusal-direction (drop along its refusal direction); docs/scores.md (default %(default)s)")
-    flags.add("refusal_limit", f"{_default(ships, 'refusal_harmful')} and {_default(ships, 'refusal_harmless')} prompts the "
-                               "refusal signal is learned from (default %(default)s)")
+    sets = f"{config_default(ships, 'refusal_harmful')} and {config_default(ships, 'refusal_harmless')}"
+    flags.add("refusal_limit", f"{sets} prompts the refusal signal is learned from (default %(default)s)")
     flags.plain("--show", type=int, default=10, help="how many top heads to print")
     _output_arguments(flags)
     _engine_arguments(ships)
@@ -325,7 +320,7 @@ def _surgery(commands, configs) -> None:
     surgery = _command(commands, configs, "surgery", "bake an ablation into the weights and save a Hugging Face checkpoint")
     flags = Flags(surgery)
     flags.add("heads", "heads to ablate, e.g. '2:26,3:8'", required=True)
-    flags.add("ablation", _either(SURGERY_KINDS, _default(surgery, "ablation")))
+    flags.add("ablation", _either(SURGERY_KINDS, config_default(surgery, "ablation")))
     flags.add("epsilon", "scale factor, 0 to 1")
     flags.plain("--out", required=True, type=folder, help="a new or empty folder for the checkpoint")
 
@@ -333,7 +328,8 @@ def _surgery(commands, configs) -> None:
 def _export(commands, configs) -> None:
     from ..export import LAYOUTS
 
-    export = _command(commands, configs, "export", "write a finished run in another layout (seed: the cookbook notebook's .pt files)")
+    export = _command(commands, configs, "export",
+                      "write a finished run in another layout (seed: the cookbook notebook's .pt files)")
     export.add_argument("run_dir", help="the --out folder of a finished ships, sahara, evaluate or run")
     export.add_argument("--layout", default=LAYOUTS[0], choices=LAYOUTS,
                         help="seed: ships_data.pt, sahara_data.pt, eval_data.pt, experiment_data.pt with the notebook's keys")
@@ -355,9 +351,11 @@ def _doctor(commands, configs) -> None:
     from ..remote import doctor
 
     default = inspect.signature(doctor).parameters
-    doctor_parser = _command(commands, configs, "doctor", "check the NDIF setup: key, host, model served, versions (never prints secrets)")
+    doctor_parser = _command(commands, configs, "doctor",
+                             "check the NDIF setup: key, host, model served, versions (never prints secrets)")
     doctor_parser.add_argument("--model", default=default["model"].default,
-                               help="the hub id to check is served (a chat model NDIF serves; the paper's Llama-2-7b-chat is not)")
+                               help="the hub id to check is served (a chat model NDIF serves; the paper's Llama-2-7b-chat "
+                                    "is not)")
     doctor_parser.add_argument("--host", default=None, help="NDIF host URL (default: NDIF_HOST or nnsight's configured host)")
     doctor_parser.add_argument("--timeout", type=float, default=default["timeout"].default,
                                help="seconds to wait for each answer (default %(default)g)")
