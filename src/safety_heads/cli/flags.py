@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import types
 import typing
 from dataclasses import MISSING, Field
@@ -73,6 +74,19 @@ def _value_type(annotation):
     raise TypeError(f"no command-line type for the annotation {annotation!r}")
 
 
+def _annotation(cls: type, name: str):
+    """A field's annotation, evaluated; one that names a type only imported for type checkers is read as text."""
+    annotation = cls.__dataclass_fields__[name].type
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return eval(annotation, vars(sys.modules[cls.__module__]))  # noqa: S307 - the config's own source
+    except NameError:
+        names = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}
+        members = [names.get(part.strip(), object) for part in annotation.split("|")]
+        return members[0] if len(members) == 1 else typing.Union[tuple(members)]
+
+
 def config_default(parser: _Parser, name: str, config: type | None = None):
     """The default of field `name` of `config` (else of the first of the parser's configs that has the field)."""
     cls = _config_of(parser, name, config)
@@ -97,7 +111,7 @@ class Flags:
         """The flag that sets field `name` of `config` (default: the first of the parser's configs that has one)."""
         cls = _config_of(self.parser, name, config)
         default = field_default(cls.__dataclass_fields__[name])
-        kind = _value_type(typing.get_type_hints(cls)[name])
+        kind = _value_type(_annotation(cls, name))
         kwargs.setdefault("dest", name)
         dashed = name.replace("_", "-")
         if kind is bool:
