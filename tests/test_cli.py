@@ -360,3 +360,56 @@ def test_flag_defaults_come_from_the_config_dataclasses(monkeypatch):
     assert checked > 100
     assert parser.parse_args(["ships", "--prompt", "x", "--out", "o"]).model == "demo"  # one default model everywhere
     assert parser.parse_args(["heads"]).model == parser.parse_args(["run", "--out", "o"]).model == "demo"
+
+
+def test_every_config_field_has_a_flag_or_is_left_out_on_purpose():
+    """A field added to a config gets a flag (cli/parser.py), or a line in NOT_FLAGS saying it has none."""
+    from dataclasses import fields
+
+    from safety_heads.cli import NOT_FLAGS, _command_configs, build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    missing, needless = [], []
+    for name, configs in _command_configs().items():
+        for cls in configs:
+            for field in fields(cls):
+                flagged = (cls.__name__, field.name) in commands[name].config_fields
+                excluded = field.name in NOT_FLAGS.get(cls.__name__, ())
+                if flagged == excluded:
+                    (needless if flagged else missing).append(f"{name} {cls.__name__}.{field.name}")
+    assert missing == [] and needless == []
+
+
+def test_flags_are_generated_from_the_field(monkeypatch):
+    """Name, type, switch direction and the default in the help all come from the dataclass field."""
+    from safety_heads.cli import build_parser
+    from safety_heads.engine import EngineConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["ships", "--prompt", "x", "--out", "o", "--no-prefix-reuse", "--max-batch-rows", "3",
+                              "--memory-budget", "64", "--remote-backoff", "0.5"])
+    assert (args.prefix_reuse, args.max_batch_rows, args.memory_budget_mb, args.remote_backoff_s) == (False, 3, 64.0, 0.5)
+    args = parser.parse_args(["evaluate", "--heads", "0:1", "--out", "o", "--sample", "--top-k-sampling", "5", "--top-k", "2"])
+    assert (args.sample, args.top_k_sampling, args.top_k) == (True, 5, 2)
+    monkeypatch.setattr(EngineConfig.__dataclass_fields__["remote_attempts"], "default", 9)
+    sahara_help = " ".join(next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+                           .choices["sahara"].format_help().split())
+    assert "timeouts and HTTP 5xx (default 9)" in sahara_help
+
+
+def test_a_value_the_help_marks_as_the_default_is_the_default():
+    """'svd (default) or paper-era', 'fisher (...; default) or sampled': the marked value is the flag's real default."""
+    import re
+
+    from safety_heads.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    checked = 0
+    for name, command in commands.items():
+        for action in command._actions:
+            for marked in re.findall(r"([\w.-]+) \((?:[^()]*; )?default\)", action.help or ""):
+                assert marked == action.default, f"{name} {action.option_strings[0]}: help says {marked}, default {action.default}"
+                checked += 1
+    assert checked >= 8
