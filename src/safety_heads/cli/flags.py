@@ -125,6 +125,11 @@ class Flags:
         self.parser.config_fields.add((cls.__name__, name))
         return self.group.add_argument(flag, help=help, **kwargs)
 
+    def add_all(self, helps: dict[str, str]) -> None:
+        """`add` for each (field name, help) of a table, in its order (the order of --help)."""
+        for name, text in helps.items():
+            self.add(name, text)
+
     def plain(self, *names: str, **kwargs):
         """A flag that sets no config field: argparse's add_argument as it is."""
         return self.group.add_argument(*names, **kwargs)

@@ -165,6 +165,24 @@ def _heads(commands, configs) -> None:
     heads.add_argument("--load", action="store_true", help="load the weights too (otherwise only config.json is read)")
 
 
+SHIPS_HELP = {
+    "heads": "restrict the sweep, e.g. '0-7:*' or '*/4:*' (default: every head)",
+    "method": "exact, estimate (gradients, ~1 forward+backward) or estimate+verify",
+    "top_k": "heads recomputed exactly by estimate+verify (default %(default)s)",
+    "estimator": "fisher (exact per-layer changes and the Fisher over the top next tokens; default) or sampled "
+                 "(sampled Fisher)",
+    "top_tokens": "fisher: next tokens backpropagated one by one (default %(default)s)",
+    "samples": "sampled: Fisher samples for the estimate (default %(default)s)",
+    "queries_per_pass": "exact method: queries swept together, sharing their template's prefix; also the checkpoint "
+                        "unit (default %(default)s)",
+    "samples_per_pass": "estimate rows per forward+backward pass, to bound memory (default: all at once)",
+    "seed": "seed of the sampled estimator's draws",
+    "mean_reference": MEAN_REFERENCE_HELP,
+    "score": "kl (the paper's: KL of the next token), refusal-logprob (drop in log P of the model's own refusal "
+             "openings) or refusal-direction (drop along its refusal direction); docs/scores.md (default %(default)s)",
+}
+
+
 def _ships(commands, configs) -> None:
     ships = _command(commands, configs, "ships", "per-query head importance: KL(clean || head ablated) of the next token")
     flags = Flags(ships, "prompts")
@@ -175,20 +193,7 @@ def _ships(commands, configs) -> None:
     _dataset_arguments(flags)
     _ablation_arguments(ships)
     flags = Flags(ships, "ships")
-    flags.add("heads", "restrict the sweep, e.g. '0-7:*' or '*/4:*' (default: every head)")
-    flags.add("method", "exact, estimate (gradients, ~1 forward+backward) or estimate+verify")
-    flags.add("top_k", "heads recomputed exactly by estimate+verify (default %(default)s)")
-    flags.add("estimator", "fisher (exact per-layer changes and the Fisher over the top next tokens; default) or sampled "
-                           "(sampled Fisher)")
-    flags.add("top_tokens", "fisher: next tokens backpropagated one by one (default %(default)s)")
-    flags.add("samples", "sampled: Fisher samples for the estimate (default %(default)s)")
-    flags.add("queries_per_pass", "exact method: queries swept together, sharing their template's prefix; also the "
-                                  "checkpoint unit (default %(default)s)")
-    flags.add("samples_per_pass", "estimate rows per forward+backward pass, to bound memory (default: all at once)")
-    flags.add("seed", "seed of the sampled estimator's draws")
-    flags.add("mean_reference", MEAN_REFERENCE_HELP)
-    flags.add("score", "kl (the paper's: KL of the next token), refusal-logprob (drop in log P of the model's own refusal "
-                       "openings) or refusal-direction (drop along its refusal direction); docs/scores.md (default %(default)s)")
+    flags.add_all(SHIPS_HELP)
     sets = f"{config_default(ships, 'refusal_harmful')} and {config_default(ships, 'refusal_harmless')}"
     flags.add("refusal_limit", f"{sets} prompts the refusal signal is learned from (default %(default)s)")
     flags.plain("--show", type=int, default=10, help="how many top heads to print")
@@ -206,13 +211,13 @@ def _sahara(commands, configs) -> None:
     flags.add("dedupe", "drop repeated queries (default: warn and keep them)")
     _ablation_arguments(sahara)
     flags = Flags(sahara, "sahara")
-    flags.add("steps", "heads in the group (default %(default)s, where the paper's ASR peaks)")
-    flags.add("rank", "singular vectors compared (default %(default)s, as the original code)")
-    flags.add("score", "svd (default) or paper-era (column 0 of the raw matrix, see docs)")
+    flags.add_all({"steps": "heads in the group (default %(default)s, where the paper's ASR peaks)",
+                   "rank": "singular vectors compared (default %(default)s, as the original code)",
+                   "score": "svd (default) or paper-era (column 0 of the raw matrix, see docs)"})
     flags.add("readout", "the representation compared: the final norm's output at the last token (the paper's code), or "
                          "the last layer's output before the norm (the cookbook notebook's)", choices=HIDDEN_READOUTS)
-    flags.add("heads", "restrict the candidates, e.g. '0-7:*' (default: every head)")
-    flags.add("exclude", "never choose these heads, e.g. '0:6' (one whose ablation breaks the model)")
+    flags.add_all({"heads": "restrict the candidates, e.g. '0-7:*' (default: every head)",
+                   "exclude": "never choose these heads, e.g. '0:6' (one whose ablation breaks the model)"})
     flags.add("candidates", "try only the N heads ranked highest by --rank-by at each step (default: every head, the "
                             "paper's search)", metavar="N")
     flags.add("rank_by", "a ships.json whose mean score (any --score) ranks the candidates", metavar="SHIPS_JSON")
