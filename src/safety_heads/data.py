@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def _parse(data: bytes, suffix: str, where: str) -> tuple[list[Record], list[str
             at = f"line {error.lineno} column {error.colno}"
             raise UserError(f"{where} is not valid JSON: {error.msg} at {at}") from None
         except (ValueError, RecursionError) as error:  # e.g. an integer with more digits than Python allows
-            raise UserError(f"{where} is not valid JSON: {_first_line(error)}") from None
+            raise UserError(f"{where} is not valid JSON: {first_line(error)}") from None
         if isinstance(items, dict):  # {"prompts": [...]}: the one list-valued key holds them
             lists = [key for key, value in items.items() if isinstance(value, list)]
             if len(lists) != 1:
@@ -274,7 +274,7 @@ def format_prompt(query: str, template: str, tokenizer, system: str | None = Non
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as error:  # noqa: BLE001 - a template may reject a system role (Gemma); the user can fix that
-            raise UserError(f"the chat template of {_name(tokenizer)} failed: {_first_line(error)}") from None
+            raise UserError(f"the chat template of {_name(tokenizer)} failed: {first_line(error)}") from None
         # The chat template already writes BOS; encoding with special tokens would add a second one, which changes
         # what the model sees (and its refusals).
         ids = tokenizer(text, add_special_tokens=False).input_ids
@@ -303,11 +303,6 @@ def _check_template(template: str, tokenizer, system: str | None) -> None:
 
 def _name(tokenizer) -> str:
     return f"'{tokenizer.name_or_path}'" if getattr(tokenizer, "name_or_path", "") else "this model"
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def prompt_tokens(source: str, limit: int | None, template: str, tokenizer, system: str | None = None) -> list[list[int]]:

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .progress import print_progress
 
 GGUF_MAGIC = b"GGUF"
@@ -92,9 +92,7 @@ def _dequantise(path: Path, folder: Path, trust_remote_code: bool) -> None:
         except ImportError as error:
             raise UserError(f"reading GGUF files needs the 'gguf' package ({error}); pip install gguf") from None
         except Exception as error:  # noqa: BLE001 - transformers raises many types; the user needs one line
-            from .models import _first_line  # models imports this module at its top: import here, not there
-
-            raise UserError(f"could not read GGUF file '{path}': {_first_line(error)}") from None
+            raise UserError(f"could not read GGUF file '{path}': {first_line(error)}") from None
         # The weights are plain float32 tensors now; only the loader's bookkeeping still calls the model "quantized",
         # which makes save_pretrained refuse it and would make the saved config ask for the GGUF file again.
         module.hf_quantizer = None

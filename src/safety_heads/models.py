@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .gguf_cache import dequantised_folder, is_gguf
 from .layout import FAMILIES, HeadLayout, head_layout, layer_part, register_family, resolve  # noqa: F401 - re-exported
 
@@ -170,7 +170,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
             source, dtype=dtype, attn_implementation=config.attn_implementation, **placement, **common
         )
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"could not load the weights of '{config.model}': {_first_line(error)}") from None
+        raise UserError(f"could not load the weights of '{config.model}': {first_line(error)}") from None
     return wrap(module, tokenizer, config.model, config)
 
 
@@ -207,11 +207,11 @@ def load_remote_model(config: ModelConfig) -> LoadedModel:
             attn_implementation=config.attn_implementation, trust_remote_code=config.trust_remote_code,
         )
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"could not build the architecture of '{config.model}' (no weights): {_first_line(error)}") from None
+        raise UserError(f"could not build the architecture of '{config.model}' (no weights): {first_line(error)}") from None
     try:
         key = lm.to_model_key()  # canonicalises the repo id through the hub, once
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"could not look up '{config.model}' on the Hugging Face hub: {_first_line(error)}") from None
+        raise UserError(f"could not look up '{config.model}' on the Hugging Face hub: {first_line(error)}") from None
     layout = head_layout(lm._module.config)
     # NDIF runs every model in bfloat16 (reference/nnsight.md section 6): recorded in results, and used for sizes.
     return LoadedModel(lm=lm, tokenizer=tokenizer, layout=layout, name=config.model, dtype=torch.bfloat16, config=config, remote_key=key)
@@ -251,7 +251,7 @@ def read_config(config: ModelConfig):
         raise UserError(f"the config of '{config.model}' has a size of zero (num_attention_heads, num_key_value_heads or "
                         "hidden_size); a model needs at least one: fix its config.json") from None
     except Exception as error:  # noqa: BLE001
-        raise UserError(f"could not load the config of '{config.model}' {where}: {_first_line(error)}") from None
+        raise UserError(f"could not load the config of '{config.model}' {where}: {first_line(error)}") from None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -313,8 +313,3 @@ def read_layout(config: ModelConfig) -> HeadLayout:
 def _common_arguments(config: ModelConfig) -> dict:
     token = os.environ.get("HF_TOKEN") or None  # read from the environment only; never logged or written anywhere
     return dict(revision=config.revision, trust_remote_code=config.trust_remote_code, token=token)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
