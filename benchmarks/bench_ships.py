@@ -164,8 +164,9 @@ def main():
     if args.unshared:
         unshared_stats = {}
         plain = Engine(loaded, EngineConfig(shared_prefix="never"))
-        unshared, unshared_time = timed(lambda: exact_score_maps_of(token_lists, heads, engine=plain, kind="ua",
-                                                                    epsilon=EPSILON, stats=unshared_stats))
+        unshared, unshared_time = timed(lambda: exact_score_maps_of(token_lists, heads, engine=plain,
+                                                                    ablation=Ablation(kind="ua", epsilon=EPSILON),
+                                                                    stats=unshared_stats))
         error = max(((a["kl"] - b).abs().max() / b.abs().max()).item() for a, b in zip(unshared, exact))
         line("exact (no shared prefix)", unshared_time, unshared_stats["flops"],
              f"max rel. diff {error:.1e}; the shared prefix saves {unshared_time / exact_time:.2f}x")
