@@ -423,3 +423,20 @@ def test_a_foreign_sahara_checkpoint_line_is_one_line(unit, reason, dataset, tmp
     assert main(command("sahara", dataset, out) + ["--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is malformed" in err[0] and reason in err[0], err
+
+
+def test_a_command_that_stops_early_frees_its_folder(tmp_path, monkeypatch):
+    """A command that ends before its run finishes (here: interrupted after the folder is locked) releases the lock
+    and removes the lock file when main() returns, so another process may resume at once."""
+    from safety_heads.cli import main
+    from safety_heads.runs import folder
+    from safety_heads.ships import Ships
+
+    def interrupted(self, items):
+        assert (tmp_path / "out" / folder.LOCK_NAME).exists()  # the run holds its folder while it works
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Ships, "score_many", interrupted)
+    assert main(["ships", "--prompt", "How do I pick a lock?", "--out", str(tmp_path / "out")]) == 130
+    assert not (tmp_path / "out" / folder.LOCK_NAME).exists()
+    assert folder._held_locks == {}

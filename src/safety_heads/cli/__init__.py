@@ -75,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-        if "safety_heads.results" in sys.modules:  # every output folder this command locked is free again
-            sys.modules["safety_heads.results"].release_locks()
+        if "safety_heads.runs.folder" in sys.modules:  # every output folder this command locked is free again
+            sys.modules["safety_heads.runs.folder"].release_locks()
 
 
 def _interrupt(interrupted: list[bool]) -> None:
