@@ -153,13 +153,13 @@ def run_experiment(
 ) -> dict:
     """Run every stage into `out` (skipping finished ones when resuming) and write the report; returns experiment.json.
     Each stage hands its result to the next in memory; a stage finished earlier is read back from its folder."""
-    config, pruned = _prepared(model, config)
+    config, pruned, queries = _prepared(model, config)
     emit = progress or print_progress
     out = _claim_folder(Path(out), model, config, resume, (engine_config or EngineConfig()).remote)
     if pruned:
         emit(f"--quick on {model.layout.n_total_heads} heads: Sahara tries the {QUICK_CANDIDATES} heads the Ships stage "
              f"ranks highest (--candidates N to change it; --full searches every head)")
-    stages = Stages(model, config, out, engine_config, emit)
+    stages = Stages(model, config, queries, out, engine_config, emit)
     ships = stages.ships()
     sahara = stages.sahara(ships)
     evaluation = stages.evaluate(sahara)
@@ -167,10 +167,10 @@ def run_experiment(
     return _finish(model, config, out, engine_config, stages.timings, ships, sahara, evaluation, per_query, emit)
 
 
-def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["ExperimentConfig", bool]:
+def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["ExperimentConfig", bool, dict[str, list[str]]]:
     """The config with its preset, template and pruning filled in, every setting and data set checked before the
-    folder is touched; and whether --quick pruned Sahara's candidates."""
-    from .data import load_prompts, resolve_template
+    folder is touched; whether --quick pruned Sahara's candidates; and the Ships and Sahara stages' queries."""
+    from .data import resolve_template
 
     config = replace(config.resolved(), template=resolve_template(config.template, model.tokenizer))  # recorded as used
     config.validate()
@@ -181,12 +181,12 @@ def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["Experiment
     for spec in (config.exclude, config.ships_heads, config.sahara_heads):
         if spec:
             parse_heads(spec, model.layout)
-    load_prompts(config.ships_dataset, limit=config.ships_limit)  # a bad name fails before anything is written
-    load_prompts(config.sahara_dataset, limit=config.sahara_limit)
+    queries = {"ships": load_prompts(config.ships_dataset, limit=config.ships_limit),  # a bad name fails now,
+               "sahara": load_prompts(config.sahara_dataset, limit=config.sahara_limit)}  # before anything is written
     if config.guard is not None:
         load_prompts(config.guard, limit=1)
     _check_answers_fit(model, config)  # reads the evaluation's data sets too
-    return config, pruned
+    return config, pruned, queries
 
 
 def _claim_folder(out: Path, model: LoadedModel, config: ExperimentConfig, resume: bool, remote) -> Path:
@@ -209,8 +209,9 @@ class Stages:
     """The four stages, each run into its own subfolder (or read back from it when finished earlier), each returning
     its JSON record (what its file holds), so the next stage and the report take it in memory."""
 
-    def __init__(self, model, config: ExperimentConfig, out: Path, engine_config, emit):
+    def __init__(self, model, config: ExperimentConfig, queries: dict[str, list[str]], out: Path, engine_config, emit):
         self.model, self.config, self.out, self.engine_config, self.emit = model, config, out, engine_config, emit
+        self.queries = queries  # the Ships and Sahara stages' queries, read (and checked) before the folder was touched
         self.timings: dict[str, float] = {}
         self.common = dict(template=config.template, system=config.system, ablation=config.ablation)
         self.generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
@@ -230,7 +231,7 @@ class Stages:
 
     def ships(self) -> dict:
         c = self.config
-        queries = load_prompts(c.ships_dataset, limit=c.ships_limit)
+        queries = self.queries["ships"]
         stage_config = ShipsConfig(**self.common, epsilon=self._epsilon(c.ships_epsilon), heads=c.ships_heads)
         return self._stage(1, "ships", self.out / "ships" / "ships.json", lambda p: run_ships(
             self.model, queries, stage_config, out=self.out / "ships", resume=True, engine_config=self.engine_config,
@@ -238,7 +239,7 @@ class Stages:
 
     def sahara(self, ships: dict) -> dict:
         c = self.config
-        queries = load_prompts(c.sahara_dataset, limit=c.sahara_limit)
+        queries = self.queries["sahara"]
         # guard_batch 1: the guard checks the best head first and widens only when it fails (the same choice, and on
         # a real model each check is a teacher-forced pass over every guard answer).
         search = SaharaConfig(**self.common, epsilon=self._epsilon(c.sahara_epsilon), heads=c.sahara_heads,
@@ -304,7 +305,7 @@ def _finish(model, config, out: Path, engine_config, timings, ships, sahara, eva
 
 def _check_answers_fit(model: LoadedModel, config: ExperimentConfig) -> None:
     """The evaluation stages' prompts and answers fit the context: found now, not after Ships and Sahara have run."""
-    from .data import format_prompts, load_prompts
+    from .data import format_prompts
     from .evaluate import check_answer_room
 
     engine = Engine(model)
