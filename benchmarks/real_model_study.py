@@ -166,8 +166,10 @@ class Study:
     def run(self) -> None:
         stages = self.args.stages.split(",")
         ships = self.timed("ships", self.ships) if "ships" in stages else None
+        if ships is None and "scores" in stages:  # the scores sweep computes the same KL (one sweep, three scores)
+            ships = {"mean": self.timed("scores", self.scores)["mean"]["kl"]}
         if ships is None:
-            raise UserError("every other stage needs the ships stage")
+            raise UserError("every other stage needs the ships or the scores stage")
         if "truth" in stages:
             self.timed("truth", lambda: self.truth(ships))
         sahara = self.timed("sahara", lambda: self.sahara(ships, guard=False)) if "sahara" in stages else None

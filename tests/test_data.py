@@ -90,6 +90,16 @@ def test_limit_dedupe_and_duplicates():
     assert find_duplicates(["a", "b", "a", "a"]) == 2 and find_duplicates([]) == 0
 
 
+def test_offset_takes_a_slice_and_refuses_one_past_the_end():
+    everything = load_prompts("maliciousinstruct")
+    assert load_prompts("maliciousinstruct", limit=10, offset=50) == everything[50:60]
+    assert load_prompts("maliciousinstruct", offset=95) == everything[95:]
+    with pytest.raises(UserError, match="none is left after skipping the first 100"):
+        load_prompts("maliciousinstruct", offset=100)
+    with pytest.raises(UserError, match="at least 0"):
+        load_prompts("maliciousinstruct", offset=-1)
+
+
 def test_dedupe_keeps_first_copy_and_applies_before_limit(tmp_path):
     path = write(tmp_path, "d.json", json.dumps(["b", "a", " b ", "c"]))
     assert load_prompts(path) == ["b", "a", "b", "c"]

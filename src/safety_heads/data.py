@@ -79,10 +79,14 @@ _JSON_TYPES = {
 }
 
 
-def load_prompts(source: str, column: str | None = None, limit: int | None = None, dedupe: bool = False) -> list[str]:
-    """The prompts of a bundled set or a .csv/.json/.jsonl file, stripped, in file order; first `limit` if given."""
+def load_prompts(source: str, column: str | None = None, limit: int | None = None, dedupe: bool = False,
+                 offset: int = 0) -> list[str]:
+    """The prompts of a bundled set or a .csv/.json/.jsonl file, stripped, in file order; `limit` of them from the
+    0-based position `offset` (the first if not given)."""
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
+    if offset < 0:
+        raise UserError(f"a data set's offset must be at least 0, got {offset}")
     source = str(source)  # a pathlib.Path works too
     if source in BUNDLED:
         bundled = BUNDLED[source]
@@ -118,7 +122,9 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
         prompts = _prompts(records, columns, column, where)
     if dedupe:
         prompts = list(dict.fromkeys(prompts))  # keeps the first copy, in order
-    return prompts[:limit]
+    if offset and offset >= len(prompts):
+        raise UserError(f"{source} has {len(prompts)} prompts; none is left after skipping the first {offset}")
+    return prompts[offset:][:limit]
 
 
 def find_duplicates(prompts: Iterable[str]) -> int:
