@@ -100,6 +100,23 @@ def test_offset_takes_a_slice_and_refuses_one_past_the_end():
         load_prompts("maliciousinstruct", offset=-1)
 
 
+def test_a_slice_suffix_names_prompts_first_to_last_anywhere_a_data_set_is_named(tmp_path):
+    everything = load_prompts("maliciousinstruct")
+    assert load_prompts("maliciousinstruct:51-100") == everything[50:]
+    assert load_prompts("maliciousinstruct:17-", limit=16) == everything[16:32]
+    assert load_prompts("maliciousinstruct:3-3") == [everything[2]]
+    for bad, fragment in (("maliciousinstruct:0-5", "1 <= FIRST <= LAST"), ("maliciousinstruct:5-3", "1 <= FIRST"),
+                          ("maliciousinstruct:90-120", "has 100 prompts")):
+        with pytest.raises(UserError, match=fragment):
+            load_prompts(bad)
+    odd = tmp_path / "a:1-2.csv"  # a file whose name looks like a slice is read as the file
+    odd.write_text("prompt\nx\ny\nz\n")
+    assert load_prompts(str(odd)) == ["x", "y", "z"]
+    plain = tmp_path / "mine.csv"
+    plain.write_text("prompt\nx\ny\nz\n")
+    assert load_prompts(f"{plain}:2-3") == ["y", "z"]
+
+
 def test_dedupe_keeps_first_copy_and_applies_before_limit(tmp_path):
     path = write(tmp_path, "d.json", json.dumps(["b", "a", " b ", "c"]))
     assert load_prompts(path) == ["b", "a", "b", "c"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -70,6 +71,10 @@ BUNDLED: dict[str, BundledDataset] = {
     "harmless-test": BundledDataset("harmless_test.json", "instruction", f"{_HARMLESS}, test (6266)", _ALPACA),
 }
 
+# A slice of a data set, 1-based and inclusive as the docs write them: "maliciousinstruct:51-100" (prompts 51 to 100),
+# "maliciousinstruct:17-" (17 to the end). It works wherever a data set is named, lists included.
+SLICE = re.compile(r"^(?P<name>.+):(?P<first>\d+)-(?P<last>\d*)$")
+
 # Tried in this order (case-insensitively) when no column is given; an earlier name wins.
 DEFAULT_COLUMNS = ("prompt", "query", "input", "instruction", "goal", "Behavior")
 SUFFIXES = (".csv", ".json", ".jsonl")
@@ -88,6 +93,10 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     if offset < 0:
         raise UserError(f"a data set's offset must be at least 0, got {offset}")
     source = str(source)  # a pathlib.Path works too
+    sliced = SLICE.match(source) if source not in BUNDLED and not Path(source).expanduser().exists() else None
+    if sliced:
+        prompts = _slice(load_prompts(sliced["name"], column, dedupe=dedupe), source, int(sliced["first"]), sliced["last"])
+        return _offset(prompts, source, offset)[:limit]
     if source in BUNDLED:
         bundled = BUNDLED[source]
         data = resources.files("safety_heads").joinpath("datasets", bundled.file).read_bytes()
@@ -122,9 +131,28 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
         prompts = _prompts(records, columns, column, where)
     if dedupe:
         prompts = list(dict.fromkeys(prompts))  # keeps the first copy, in order
+    return _offset(prompts, source, offset)[:limit]
+
+
+def _offset(prompts: list[str], source: str, offset: int) -> list[str]:
     if offset and offset >= len(prompts):
         raise UserError(f"{source} has {len(prompts)} prompts; none is left after skipping the first {offset}")
-    return prompts[offset:][:limit]
+    return prompts[offset:]
+
+
+def _slice(prompts: list[str], source: str, first: int, last: str) -> list[str]:
+    """Prompts first..last (1-based, inclusive; to the end when last is empty) of a data set, checked."""
+    stop = int(last) if last else len(prompts)
+    if first < 1 or stop < first:
+        raise UserError(f"'{source}': a slice is FIRST-LAST with 1 <= FIRST <= LAST (1-based, inclusive), e.g. :51-100")
+    if stop > len(prompts):
+        raise UserError(f"'{source}': the data set has {len(prompts)} prompts, so the slice cannot end at {stop}")
+    return prompts[first - 1 : stop]
+
+
+def slice_name(name: str, first: int, last: int | None = None) -> str:
+    """The name of prompts first..last (1-based, inclusive; None: to the end) of a data set, as load_prompts reads it."""
+    return f"{name}:{first}-{'' if last is None else last}"
 
 
 def find_duplicates(prompts: Iterable[str]) -> int:

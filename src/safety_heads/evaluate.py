@@ -216,6 +216,15 @@ class Evaluation:
 
 
 @dataclass
+class GivenBaseline:
+    """Unablated answers the caller already holds for the same prompts, model and decoding (`run` evaluates a second
+    group on the first one's prompts): taken instead of generated again, and recorded as taken from `origin`."""
+
+    origin: str
+    answers: dict[str, list[str]]  # part ("<data set>/baseline", "harmless/baseline") -> every prompt's answer
+
+
+@dataclass
 class AnswerBatch:
     """A unit of an evaluation: one batch of answers (`part` is "<data set>/baseline" or ".../ablated")."""
 
@@ -240,9 +249,10 @@ class EvaluationJob:
     ablation: Ablation  # how the heads are ablated (kind, epsilon, the mean reference); the heads are in `choice`
     record: dict
     progress: Callable[[str], None]
+    given: dict = field(default_factory=dict)  # (part, start) -> answers taken from a GivenBaseline
 
     def run(self, finished: Sequence[AnswerBatch]) -> Generator[AnswerBatch, None, Evaluation]:
-        done = {(unit.part, unit.start): unit.responses for unit in finished}
+        done = self.given | {(unit.part, unit.start): unit.responses for unit in finished}
         results, samples = {}, {}
         for name, prompts in self.sets.items():
             results[name], samples[name] = yield from self.judged(name, prompts, done)
@@ -317,7 +327,7 @@ class EvaluationJob:
 
 def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, *,
                    source_record: dict | None = None, engine_config: EngineConfig | None = None,
-                   progress: Callable[[str], None] | None = None) -> EvaluationJob:
+                   progress: Callable[[str], None] | None = None, baseline: GivenBaseline | None = None) -> EvaluationJob:
     """Everything checked before any work (and before a run folder is touched): the config, the heads (from
     --heads, or from `source_record`, the --from file's content), the settings it inherits, the judges, every prompt
     and answer fitting the context; then the mean reference, if the ablation needs one."""
@@ -351,7 +361,24 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
         means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template, tokenizer, config.system))
     record = _config_record(model, config, generation, choice, judges, sets, harmless)
     ablation = Ablation(kind=config.ablation, epsilon=config.epsilon, means=means)
-    return EvaluationJob(model, config, generation, engine, choice, judges, sets, harmless, ablation, record, progress)
+    given = _given_batches(baseline, sets, harmless, generation.batch_size) if baseline else {}
+    if baseline:
+        record["baseline_answers_from"] = baseline.origin
+    return EvaluationJob(model, config, generation, engine, choice, judges, sets, harmless, ablation, record, progress, given)
+
+
+def _given_batches(baseline: GivenBaseline, sets: dict, harmless, batch_size: int) -> dict:
+    """A GivenBaseline cut into the batches the job would generate; every baseline part must be given whole."""
+    parts = {f"{name}/baseline": len(prompts) for name, prompts in sets.items()}
+    if harmless:
+        parts["harmless/baseline"] = len(harmless)
+    given = {}
+    for part, count in parts.items():
+        answers = baseline.answers.get(part)
+        if answers is None or len(answers) != count:
+            raise ValueError(f"the given baseline has no {count} answers for {part}")
+        given |= {(part, start): answers[start : start + batch_size] for start in range(0, count, batch_size)}
+    return given
 
 
 def evaluate(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, **options) -> Evaluation:
@@ -409,5 +436,5 @@ def _config_record(model, config, generation, choice, judges, sets, harmless) ->
     }
 
 
-__all__ = ["EvaluateConfig", "Evaluation", "EvaluationJob", "evaluation_job", "evaluate", "heads_to_ablate", "HeadChoice",
+__all__ = ["EvaluateConfig", "Evaluation", "EvaluationJob", "GivenBaseline", "evaluation_job", "evaluate", "heads_to_ablate", "HeadChoice",
            "answer_nll", "check_answer_room"]
