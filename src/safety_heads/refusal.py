@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from .errors import UserError
+
 SCORES = ("kl", "refusal-logprob", "refusal-direction")
 SCORE_LABELS = {
     "kl": "KL(clean || ablated), nats",
@@ -33,6 +35,10 @@ SCORE_LABELS = {
     "refusal-direction": "drop along the refusal direction",
 }
 OPENING_TOKENS = 8  # long enough for "I'm sorry, but I can't" to show one of the phrases
+
+
+class NoRefusal(UserError):
+    """The clean model shows no refusal to learn from (it refuses none of the harmful prompts)."""
 
 
 @dataclass
@@ -65,7 +71,6 @@ def is_refusal(text: str) -> bool:
 
 def learn_signal(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], need: str) -> RefusalSignal:
     """The refusal direction (for ``refusal-direction``) or opening tokens (``refusal-logprob``) from clean runs."""
-    from .errors import UserError
     from .generate import GenerationConfig, generate
 
     direction = norm = None
@@ -79,14 +84,14 @@ def learn_signal(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequ
         difference = hidden[: len(harmful)].mean(0) - hidden[len(harmful):].mean(0)
         norm = float(difference.norm())
         if not norm > 0:
-            raise UserError("harmful and harmless prompts give the same mean residual: no refusal direction to learn")
+            raise NoRefusal("harmful and harmless prompts give the same mean residual: no refusal direction to learn")
         direction = difference / norm
     else:
         answers = generate(model, harmful, config=GenerationConfig(max_new_tokens=OPENING_TOKENS, batch_size=16), engine=engine)
         first = Counter(a.token_ids[0] for a in answers if a.token_ids and is_refusal(a.text))
         n_refusals = sum(first.values())
         if not first:
-            raise UserError(
+            raise NoRefusal(
                 f"the clean model refused none of {len(harmful)} harmful prompts (no refusal phrase in its first "
                 f"{OPENING_TOKENS} tokens), so there is no refusal opening to score; use --score kl or refusal-direction"
             )
