@@ -1,0 +1,229 @@
+"""Ground truth by generation, fast enough to run often: greedy answers of a model with head sets ablated by plain
+PyTorch hooks, the same answers `safety_heads.demo.measure.generate` gives under `ground_truth.hooked`, with less work.
+
+This is the study's reference side, so it stays independent of the library's ablation and engine code: the ablation
+is `ground_truth.hooked` (forward hooks on the Hugging Face module), the loop below is plain greedy decoding with the
+module's own forward and KV cache. Only the padding helper (`left_padded`) is shared, as in ground_truth.py.
+
+Two savings, both exact:
+
+1. **Early stop** (harmful sets, `stop_judges` given): a keyword judge calls an answer refused as soon as one of its
+   phrases occurs anywhere in it, and more tokens never remove a phrase, so a row's verdict is settled once every
+   listed judge sees one of its phrases in the answer so far. Such a row stops generating (`Answer.stopped`), keeping
+   the shortened answer, and leaves the batch (its KV cache rows are dropped), so later steps run on fewer rows.
+   The check uses each judge's own `refused` (its case handling, its apostrophe folding) on the decoded answer so
+   far, so phrases spanning tokens are seen exactly when the decoded text holds them. This relies on decoding being
+   prefix-consistent (the decoded text of a token prefix is a prefix of the full answer's, up to an incomplete
+   trailing character): true of byte-level BPE (Qwen, Llama 3, the test models) and SentencePiece tokenizers.
+   Harmless sets (the full answer is needed for its NLL) pass `stop_judges=None` and never stop early.
+2. **Shared lower layers**: an ablation at layers >= L leaves every layer below L clean, so the prompt (prefill)
+   pass through layers 0..L-1 is the clean model's whatever the head set. It is computed once per prompt batch
+   (`CleanPrefill`: each layer's output and KV cache); a head set whose lowest ablated layer is L replays those for
+   layers 0..L-1 (`Replay` stands in for the layer for one forward) and computes only layers L.. itself. The module's
+   own forward still runs (masks, rotary embeddings, norm, head), so the replayed values are bitwise the ones it would
+   compute: the answers are identical, not merely close.
+
+Batches are formed as `generate` forms them (prompts sorted by length, `batch_size` at a time, left-padded), so every
+prompt's prefill sees the same padding as in today's path.
+
+    from fast_truth import truth_answers
+    answers = truth_answers(module, tokenizer, [[], [(3, 1)], [(10, 4), (12, 0)]], tokens, 32, ("paper", "gcg"), 50)
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ground_truth import hooked  # noqa: E402  (the independent plain-hook ablation)
+
+from safety_heads.ablation import DEFAULT_EPSILON  # noqa: E402
+from safety_heads.batching import left_padded  # noqa: E402
+from safety_heads.errors import UserError  # noqa: E402
+from safety_heads.judges import KEYWORD_JUDGES  # noqa: E402
+
+HeadSet = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A greedy answer (decoded new tokens, special tokens skipped). `stopped`: generation ended early because every
+    stop judge had already seen one of its refusal phrases, so `text` may be shorter than the full answer, whose
+    verdict under those judges is the same."""
+
+    text: str
+    stopped: bool = False
+
+
+@torch.no_grad()
+def truth_answers(module, tokenizer, head_sets: list[HeadSet], tokens: list[list[int]], max_new_tokens: int,
+                  stop_judges: tuple[str, ...] | None = None, batch_size: int = 50, *, kind: str = "ua",
+                  epsilon: float = DEFAULT_EPSILON, share_lower_layers: bool = True) -> list[list[Answer]]:
+    """Greedy answers to every prompt in `tokens` (chat-formatted token ids) under every head set, each ablated by
+    `ground_truth.hooked(module, heads, kind, head_dim, epsilon)`; result[s][p] answers prompt p under head set s.
+
+    `stop_judges`: names of keyword judges (safety_heads.judges.KEYWORD_JUDGES); a row stops once every one of them
+    has seen a refusal phrase (its verdict can no longer change). None: every answer runs to `max_new_tokens` or the
+    end-of-sequence token, exactly as `generate` does. `share_lower_layers`: replay the clean prefill below each head
+    set's lowest ablated layer (exact; False computes every layer, for checking). `head_dim` comes from the config
+    and is checked against q_proj's width."""
+    judges = stop_judge_list(stop_judges)
+    check_plain_greedy(module)
+    head_dim = checked_head_dim(module)
+    n_layers = len(module.model.layers)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))  # generate's batching: by length
+    answers: list[list[Answer | None]] = [[None] * len(tokens) for _ in head_sets]
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = left_padded([tokens[i] for i in rows], tokenizer.pad_token_id)
+        clean = CleanPrefill.compute(module, batch) if share_lower_layers else None
+        for set_index, heads in enumerate(head_sets):
+            lowest = min((layer for layer, _ in heads), default=n_layers)
+            with hooked(module, heads, kind, head_dim, epsilon):
+                logits, cache = prefill(module, batch, clean, lowest if clean else 0)
+                found = decode(module, tokenizer, batch, logits, cache, max_new_tokens, judges)
+            for row, answer in zip(rows, found):
+                answers[set_index][row] = answer
+    return answers  # type: ignore[return-value]
+
+
+def stop_judge_list(names: tuple[str, ...] | None) -> list:
+    """The keyword judges named, or a clear error for a name that is not one (model judges cannot stop a row)."""
+    if names is None:
+        return []
+    unknown = [name for name in names if name not in KEYWORD_JUDGES]
+    if unknown or not names:
+        raise UserError(f"stop judges must be keyword judges ({', '.join(KEYWORD_JUDGES)}), not {list(unknown or names)}")
+    return [KEYWORD_JUDGES[name] for name in names]
+
+
+def checked_head_dim(module) -> int:
+    config = module.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    width = module.model.layers[0].self_attn.q_proj.out_features
+    if width != head_dim * config.num_attention_heads:
+        raise UserError(f"q_proj has {width} outputs, not {config.num_attention_heads} heads x {head_dim}")
+    return head_dim
+
+
+def check_plain_greedy(module) -> None:
+    """`generate` applies the module's generation config (repetition penalty, banned n-grams, ...) even when greedy;
+    the loop here does plain argmax, so it refuses a module whose config would make `generate` differ."""
+    config = module.generation_config
+    changed = {
+        "repetition_penalty": (config.repetition_penalty or 1.0) != 1.0,
+        "no_repeat_ngram_size": bool(config.no_repeat_ngram_size),
+        "bad_words_ids": bool(config.bad_words_ids),
+        "suppress_tokens": bool(config.suppress_tokens) or bool(config.begin_suppress_tokens),
+        "min_new_tokens": bool(config.min_new_tokens) or bool(config.min_length),
+        "forced tokens": config.forced_bos_token_id is not None or config.forced_eos_token_id is not None,
+        "sequence_bias": bool(getattr(config, "sequence_bias", None)),
+    }
+    if any(changed.values()):
+        names = ", ".join(name for name, is_set in changed.items() if is_set)
+        raise UserError(f"the module's generation config sets {names}; fast_truth's plain greedy loop would differ from generate")
+
+
+# -- the prefill: shared clean lower layers ----------------------------------------------------------------------------
+
+
+@dataclass
+class CleanPrefill:
+    """The clean model's prompt pass over one batch: every decoder layer's output and its KV cache entries."""
+
+    outputs: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def compute(cls, module, batch) -> "CleanPrefill":
+        outputs: list[torch.Tensor] = []
+        handles = [layer.register_forward_hook(lambda mod, args, output: outputs.append(output))
+                   for layer in module.model.layers]
+        try:
+            cache = DynamicCache(config=module.config)
+            module(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                   cache=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return cls(outputs, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+
+
+class Replay(torch.nn.Module):
+    """Stands in for decoder layer `index` during one prefill: writes the clean pass's KV entries into the cache and
+    returns the clean output, computing nothing."""
+
+    def __init__(self, clean: CleanPrefill, index: int):
+        super().__init__()
+        self.clean, self.index = clean, index
+
+    def forward(self, hidden_states, *args, cache=None, **kwargs):
+        cache.update(self.clean.keys[self.index], self.clean.values[self.index], self.index)
+        return self.clean.outputs[self.index]
+
+
+def prefill(module, batch, clean: CleanPrefill | None, lowest: int):
+    """The prompt pass under whatever hooks are registered: last-position logits and the filled KV cache. Layers
+    below `lowest` are replayed from `clean` (none when `clean` is None)."""
+    layers = module.model.layers
+    replaced = {index: layers[index] for index in range(lowest if clean is not None else 0)}
+    cache = DynamicCache(config=module.config)
+    try:
+        for index in replaced:
+            layers[index] = Replay(clean, index)
+        out = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                     cache=cache, use_cache=True, logits_to_keep=1)
+    finally:
+        for index, layer in replaced.items():
+            layers[index] = layer
+    return out.logits[:, -1], cache
+
+
+# -- the decode loop: early stop and a shrinking batch -----------------------------------------------------------------
+
+
+def decode(module, tokenizer, batch, logits: torch.Tensor, cache, max_new_tokens: int, judges: list) -> list[Answer]:
+    """Greedy steps after the prefill, as `generate` takes them (argmax, stop at the end-of-sequence token or after
+    `max_new_tokens`); a row leaves the batch when it ends or when every judge in `judges` calls its answer so far
+    refused. Answers in batch row order."""
+    size = batch.size
+    generated: list[list[int]] = [[] for _ in range(size)]
+    stopped = [False] * size
+    alive = list(range(size))  # batch rows still generating, in the order of the tensors' rows
+    mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
+    for step in range(max_new_tokens):
+        next_tokens = logits.argmax(-1)
+        keep = []
+        for slot, row in enumerate(alive):
+            token = int(next_tokens[slot])
+            generated[row].append(token)
+            if token == tokenizer.eos_token_id or step == max_new_tokens - 1:
+                continue
+            if judges and all(judge.refused(answer_text(tokenizer, generated[row])) for judge in judges):
+                stopped[row] = True
+                continue
+            keep.append(slot)
+        if not keep:
+            break
+        if len(keep) < len(alive):
+            index = torch.tensor(keep)
+            for layer in cache.layers:
+                layer.batch_select_indices(index)
+            mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
+            alive = [alive[slot] for slot in keep]
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        positions = positions + 1
+        logits = module(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                        use_cache=True, logits_to_keep=1).logits[:, -1]
+    return [Answer(answer_text(tokenizer, ids), stopped[row]) for row, ids in enumerate(generated)]
+
+
+def answer_text(tokenizer, ids: list[int]) -> str:
+    """Decoded as `generate`'s caller decodes (special tokens skipped, so the end-of-sequence token is dropped)."""
+    return tokenizer.decode(ids, skip_special_tokens=True)
