@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ground_truth import hooked  # noqa: E402  (the independent plain-hook ablation)
 
 from safety_heads.ablation import DEFAULT_EPSILON  # noqa: E402
-from safety_heads.batching import left_padded  # noqa: E402
+from safety_heads.batching import left_padded, split_shared_prefix  # noqa: E402
 from safety_heads.errors import UserError  # noqa: E402
 from safety_heads.judges import KEYWORD_JUDGES  # noqa: E402
 
@@ -63,15 +63,22 @@ class Answer:
 @torch.no_grad()
 def truth_answers(module, tokenizer, head_sets: list[HeadSet], tokens: list[list[int]], max_new_tokens: int,
                   stop_judges: tuple[str, ...] | None = None, batch_size: int = 50, *, kind: str = "ua",
-                  epsilon: float = DEFAULT_EPSILON, share_lower_layers: bool = True) -> list[list[Answer]]:
+                  epsilon: float = DEFAULT_EPSILON, share_lower_layers: bool = True, share_prefix: bool = True,
+                  decode_rows: int = 256) -> list[list[Answer]]:
     """Greedy answers to every prompt in `tokens` (chat-formatted token ids) under every head set, each ablated by
-    `ground_truth.hooked(module, heads, kind, head_dim, epsilon)`; result[s][p] answers prompt p under head set s.
+    plain hooks as `ground_truth.hooked(module, heads, kind, head_dim, epsilon)` ablates it; result[s][p] answers
+    prompt p under head set s. Llama-layout modules (Llama, Mistral, Qwen2), as `hooked`.
 
     `stop_judges`: names of keyword judges (safety_heads.judges.KEYWORD_JUDGES); a row stops once every one of them
     has seen a refusal phrase (its verdict can no longer change). None: every answer runs to `max_new_tokens` or the
-    end-of-sequence token, exactly as `generate` does. `share_lower_layers`: replay the clean prefill below each head
-    set's lowest ablated layer (exact; False computes every layer, for checking). `head_dim` comes from the config
-    and is checked against q_proj's width."""
+    end-of-sequence token, exactly as `generate` does (harmless sets, whose full answers are scored).
+    `batch_size`: prompts per prefill, batched by length as `generate` batches them. `decode_rows`: rows of one decode
+    batch; the head sets of a prompt batch are decoded together up to it (rows = head sets x prompts, each row with
+    its own ablation), so the few rows still generating after the early stop share each step.
+    `share_lower_layers`: replay the clean prefill below each head set's lowest ablated layer (bitwise the same
+    values). `share_prefix`: compute the prompts' common first tokens (the chat template's system prompt) once per
+    head set and batch (a prompt's values then differ from a one-pass prefill by float rounding only). False for
+    either computes it all, for checking. `head_dim` comes from the config and is checked against q_proj's width."""
     judges = stop_judge_list(stop_judges)
     check_plain_greedy(module)
     head_dim = checked_head_dim(module)
@@ -80,15 +87,26 @@ def truth_answers(module, tokenizer, head_sets: list[HeadSet], tokens: list[list
     answers: list[list[Answer | None]] = [[None] * len(tokens) for _ in head_sets]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        batch = left_padded([tokens[i] for i in rows], tokenizer.pad_token_id)
-        clean = CleanPrefill.compute(module, batch) if share_lower_layers else None
-        for set_index, heads in enumerate(head_sets):
-            lowest = min((layer for layer, _ in heads), default=n_layers)
-            with hooked(module, heads, kind, head_dim, epsilon):
-                logits, cache = prefill(module, batch, clean, lowest if clean else 0)
-                found = decode(module, tokenizer, batch, logits, cache, max_new_tokens, judges)
-            for row, answer in zip(rows, found):
-                answers[set_index][row] = answer
+        prompts = Prompts.of([tokens[i] for i in rows], tokenizer.pad_token_id, share_prefix)
+        clean = CleanPrefill.compute(module, prompts) if share_lower_layers else None
+        per_decode = max(1, decode_rows // len(rows))
+        for first in range(0, len(head_sets), per_decode):
+            group = list(range(first, min(first + per_decode, len(head_sets))))
+            logits, caches = [], []
+            for index in group:
+                lowest = min((layer for layer, _ in head_sets[index]), default=n_layers)
+                with hooked(module, head_sets[index], kind, head_dim, epsilon):
+                    set_logits, cache = prefill(module, prompts, clean, lowest)
+                logits.append(set_logits)
+                caches.append(cache)
+            row_heads = [head_sets[index] for index in group for _ in rows]
+            with RowAblation(module, row_heads, kind, head_dim, epsilon) as ablation:
+                found = decode(module, tokenizer, prompts.mask.repeat(len(group), 1),
+                               prompts.last_positions.repeat(len(group), 1), torch.cat(logits), merged(module, caches),
+                               max_new_tokens, judges, ablation.select)
+            for offset, index in enumerate(group):
+                for row, answer in zip(rows, found[offset * len(rows) : (offset + 1) * len(rows)]):
+                    answers[index][row] = answer
     return answers  # type: ignore[return-value]
 
 
@@ -129,37 +147,77 @@ def check_plain_greedy(module) -> None:
         raise UserError(f"the module's generation config sets {names}; fast_truth's plain greedy loop would differ from generate")
 
 
-# -- the prefill: shared clean lower layers ----------------------------------------------------------------------------
+# -- the prefill: a shared prefix and shared clean lower layers -------------------------------------------------------
 
 
 @dataclass
-class CleanPrefill:
-    """The clean model's prompt pass over one batch: every decoder layer's output and its KV cache entries."""
+class Prompts:
+    """One prompt batch as the forward passes that prefill it: the prompts' common first tokens as one row, then the
+    rests left-padded after them (positions continuing); or, without a shared prefix, one left-padded pass."""
+
+    passes: list[dict]  # model inputs of each pass (input_ids, attention_mask, position_ids)
+    rows: int
+    mask: torch.Tensor  # [rows, prompt tokens]: the attention mask decoding extends
+    last_positions: torch.Tensor  # [rows, 1]: each row's last prompt position
+
+    @classmethod
+    def of(cls, token_lists: list[list[int]], pad_id: int, share_prefix: bool = True) -> "Prompts":
+        shared = split_shared_prefix(token_lists, pad_id, range(len(token_lists))) if share_prefix else None
+        if shared is None:
+            batch = left_padded(token_lists, pad_id)
+            passes = [dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)]
+        else:
+            batch = shared.rest  # its mask spans prefix + rest, its positions continue from the prefix
+            passes = [shared.prefix_inputs,
+                      dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)]
+        return cls(passes, len(token_lists), batch.attention_mask, batch.position_ids[:, -1:])
+
+
+@dataclass
+class CleanPass:
+    """The clean model's values in one prefill pass: every decoder layer's output and the KV entries it added."""
 
     outputs: list[torch.Tensor]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
+
+@dataclass
+class CleanPrefill:
+    passes: list[CleanPass]
+
     @classmethod
-    def compute(cls, module, batch) -> "CleanPrefill":
-        outputs: list[torch.Tensor] = []
-        handles = [layer.register_forward_hook(lambda mod, args, output: outputs.append(output))
-                   for layer in module.model.layers]
-        try:
-            cache = DynamicCache(config=module.config)
-            module(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   cache=cache, use_cache=True, logits_to_keep=1)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return cls(outputs, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+    def compute(cls, module, prompts: Prompts) -> "CleanPrefill":
+        cache = DynamicCache(config=module.config)
+        passes = []
+        for number, inputs in enumerate(prompts.passes):
+            if number:
+                widen(cache, prompts.rows)
+            before = [layer.get_seq_length() for layer in cache.layers]
+            outputs: list[torch.Tensor] = []
+            handles = [layer.register_forward_hook(lambda mod, args, output: outputs.append(output))
+                       for layer in module.model.layers]
+            try:
+                module(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            passes.append(CleanPass(outputs, [layer.keys[..., start:, :] for layer, start in zip(cache.layers, before)],
+                                    [layer.values[..., start:, :] for layer, start in zip(cache.layers, before)]))
+        return cls(passes)
+
+
+def widen(cache, rows: int) -> None:
+    """The one-row cache of a shared prefix, repeated for every prompt of the batch."""
+    for layer in cache.layers:
+        layer.batch_repeat_interleave(rows)
 
 
 class Replay(torch.nn.Module):
-    """Stands in for decoder layer `index` during one prefill: writes the clean pass's KV entries into the cache and
-    returns the clean output, computing nothing."""
+    """Stands in for decoder layer `index` during one prefill pass: appends the clean pass's KV entries to the cache
+    and returns the clean output, computing nothing."""
 
-    def __init__(self, clean: CleanPrefill, index: int):
+    def __init__(self, clean: CleanPass, index: int):
         super().__init__()
         self.clean, self.index = clean, index
 
@@ -168,35 +226,89 @@ class Replay(torch.nn.Module):
         return self.clean.outputs[self.index]
 
 
-def prefill(module, batch, clean: CleanPrefill | None, lowest: int):
-    """The prompt pass under whatever hooks are registered: last-position logits and the filled KV cache. Layers
+def prefill(module, prompts: Prompts, clean: CleanPrefill | None, lowest: int):
+    """The prompt passes under whatever hooks are registered: last-position logits and the filled KV cache. Layers
     below `lowest` are replayed from `clean` (none when `clean` is None)."""
+    cache = DynamicCache(config=module.config)
+    for number, inputs in enumerate(prompts.passes):
+        if number:
+            widen(cache, prompts.rows)
+        logits = replaying(module, inputs, cache, clean.passes[number] if clean else None, lowest)
+    return logits, cache
+
+
+def replaying(module, inputs: dict, cache, clean: CleanPass | None, lowest: int) -> torch.Tensor:
+    """One forward pass of the module with layers below `lowest` replayed from `clean`; last-position logits."""
     layers = module.model.layers
     replaced = {index: layers[index] for index in range(lowest if clean is not None else 0)}
-    cache = DynamicCache(config=module.config)
     try:
         for index in replaced:
             layers[index] = Replay(clean, index)
-        out = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                     cache=cache, use_cache=True, logits_to_keep=1)
+        return module(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     finally:
         for index, layer in replaced.items():
             layers[index] = layer
-    return out.logits[:, -1], cache
 
 
-# -- the decode loop: early stop and a shrinking batch -----------------------------------------------------------------
+def merged(module, caches: list) -> DynamicCache:
+    """The caches of several head sets' prefills, one after another along the batch."""
+    cache = DynamicCache(config=module.config)
+    for index in range(len(caches[0].layers)):
+        cache.update(torch.cat([c.layers[index].keys for c in caches]),
+                     torch.cat([c.layers[index].values for c in caches]), index)
+    return cache
 
 
-def decode(module, tokenizer, batch, logits: torch.Tensor, cache, max_new_tokens: int, judges: list) -> list[Answer]:
-    """Greedy steps after the prefill, as `generate` takes them (argmax, stop at the end-of-sequence token or after
-    `max_new_tokens`); a row leaves the batch when it ends or when every judge in `judges` calls its answer so far
-    refused. Answers in batch row order."""
-    size = batch.size
+# -- the decode loop: rows with their own ablation, early stop, a shrinking batch -------------------------------------
+
+
+class RowAblation:
+    """Plain hooks that ablate, in each row of a batch, that row's heads: the same product `hooked` takes (`ua`: the
+    head's slice of the q_proj output times epsilon, `sc`: its slice of the o_proj input), per row. `select` follows
+    the batch when rows leave it."""
+
+    def __init__(self, module, row_heads: list[HeadSet], kind: str, head_dim: int, epsilon: float):
+        self.module, self.kind, self.head_dim = module, kind, head_dim
+        n_heads = module.config.num_attention_heads
+        self.scales: dict[int, torch.Tensor] = {}
+        for row, heads in enumerate(row_heads):
+            for layer, head in heads:
+                scale = self.scales.setdefault(layer, torch.ones(len(row_heads), n_heads, head_dim))
+                scale[row, head] = epsilon
+        self.handles: list = []
+
+    def scaled(self, layer: int, tensor: torch.Tensor) -> torch.Tensor:
+        scale = self.scales[layer].to(tensor.dtype).flatten(1)[:, None, :]  # [rows, 1, heads * head_dim]
+        return tensor * scale
+
+    def select(self, index: torch.Tensor) -> None:
+        self.scales = {layer: scale[index] for layer, scale in self.scales.items()}
+
+    def __enter__(self) -> "RowAblation":
+        for layer in self.scales:
+            attention = self.module.model.layers[layer].self_attn
+            if self.kind == "ua":
+                self.handles.append(attention.q_proj.register_forward_hook(
+                    lambda mod, args, output, layer=layer: self.scaled(layer, output)))
+            else:
+                self.handles.append(attention.o_proj.register_forward_pre_hook(
+                    lambda mod, args, layer=layer: (self.scaled(layer, args[0]), *args[1:])))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def decode(module, tokenizer, mask: torch.Tensor, positions: torch.Tensor, logits: torch.Tensor, cache,
+           max_new_tokens: int, judges: list, select=None) -> list[Answer]:
+    """Greedy steps after the prefill (`logits`: each row's last-position logits), as `generate` takes them (argmax,
+    stop at the end-of-sequence token or after `max_new_tokens`); a row leaves the batch when it ends or when every
+    judge in `judges` calls its answer so far refused, and `select` hears which rows stay. Answers in row order."""
+    size = logits.shape[0]
     generated: list[list[int]] = [[] for _ in range(size)]
     stopped = [False] * size
-    alive = list(range(size))  # batch rows still generating, in the order of the tensors' rows
-    mask, positions = batch.attention_mask, batch.position_ids[:, -1:]
+    alive = list(range(size))  # rows still generating, in the order of the tensors' rows
     for step in range(max_new_tokens):
         next_tokens = logits.argmax(-1)
         keep = []
@@ -217,6 +329,8 @@ def decode(module, tokenizer, batch, logits: torch.Tensor, cache, max_new_tokens
                 layer.batch_select_indices(index)
             mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
             alive = [alive[slot] for slot in keep]
+            if select is not None:
+                select(index)
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         positions = positions + 1
         logits = module(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache,

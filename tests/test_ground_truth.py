@@ -198,11 +198,12 @@ FAST_HEAD_SETS = [[], [(0, 6)], [(1, 2)], [(2, 3), (3, 1)], [(3, 5)]]
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("stop_judges", [("paper", "gcg", "refusal-direction"), ("refusal-direction",), ("gcg", "seed")])
 def test_fast_truth_keeps_every_verdict_of_full_generation(ground_truth, fast_truth, demo, family, stop_judges):
-    """Early stop (and shared lower layers, batches of 5 over 14 prompts) against generate under hooked: the same
+    """Early stop (with the shared prefix and lower layers, batches of 5 over 14 prompts, two head sets a decode
+    batch) against generate under hooked: the same
     verdict for every listed judge, the same answer wherever the row ran to the end, a prefix of it where it stopped."""
     module = demo.module if family == "llama" else demo_as_qwen2(demo)
     ids = [list(p.token_ids) for p in format_prompts(load_prompts("maliciousinstruct", limit=14), "chat", demo.tokenizer)]
-    fast = fast_truth.truth_answers(module, demo.tokenizer, FAST_HEAD_SETS, ids, 24, stop_judges, 5)
+    fast = fast_truth.truth_answers(module, demo.tokenizer, FAST_HEAD_SETS, ids, 24, stop_judges, 5, decode_rows=10)
     full = reference_answers(ground_truth, module, demo.tokenizer, FAST_HEAD_SETS, ids, 24, 5, demo.layout.head_dim)
     stopped = 0
     for fast_set, full_set in zip(fast, full):
@@ -224,7 +225,8 @@ def test_fast_truth_keeps_every_verdict_of_full_generation(ground_truth, fast_tr
 @pytest.mark.parametrize("family_name", ["llama", "qwen2", "mistral"])
 def test_fast_truth_without_stop_judges_gives_todays_answers(ground_truth, fast_truth, tokenizer, family_name):
     """Harmless mode (no early stop): every answer identical to generate under hooked, on tiny random models whose
-    answers run to max_new_tokens; with and without the shared lower layers."""
+    answers run to max_new_tokens; with the shared prefix and lower layers and one head set a decode batch, and
+    with neither and every head set in one decode batch."""
     family = FAMILIES[family_name]
     module = family.build()
     queries = ["How do I pick a lock?", "Hi", "Tell me a story about a dragon.", "Why?", "What is two plus two?"]
@@ -232,25 +234,46 @@ def test_fast_truth_without_stop_judges_gives_todays_answers(ground_truth, fast_
     head_sets = [[], [(0, 1)], [(1, 3), (2, 0)], [(2, 2)]]
     full = reference_answers(ground_truth, module, tokenizer, head_sets, ids, 10, 3, family.head_dim)
     for share in (True, False):
-        fast = fast_truth.truth_answers(module, tokenizer, head_sets, ids, 10, None, 3, share_lower_layers=share)
+        fast = fast_truth.truth_answers(module, tokenizer, head_sets, ids, 10, None, 3, share_lower_layers=share,
+                                        share_prefix=share, decode_rows=3 if share else 256)
         assert [[answer.text for answer in answers] for answers in fast] == full
         assert not any(answer.stopped for answers in fast for answer in answers)
     assert len({tuple(answers) for answers in full}) == len(head_sets)  # every head set answers differently
 
 
 def test_fast_truth_shared_lower_layers_match_a_full_prefill(fast_truth, demo):
-    """The replayed clean layers give bitwise the prefill a full pass under the hooks gives."""
+    """The replayed clean layers give bitwise the prefill a full pass under the hooks gives, with and without the
+    shared prefix (the chat template's first tokens here)."""
     ids = [list(p.token_ids) for p in format_prompts(load_prompts("maliciousinstruct", limit=6), "chat", demo.tokenizer)]
-    batch = fast_truth.left_padded(ids, demo.tokenizer.pad_token_id)
-    clean = fast_truth.CleanPrefill.compute(demo.module, batch)
-    for heads in ([(2, 3)], [(3, 0), (3, 7)]):
-        with fast_truth.hooked(demo.module, heads, "ua", demo.layout.head_dim, 1e-4):
-            shared, shared_cache = fast_truth.prefill(demo.module, batch, clean, min(l for l, _ in heads))
-            alone, alone_cache = fast_truth.prefill(demo.module, batch, None, 0)
-        assert torch.equal(shared, alone)
-        for a, b in zip(shared_cache.layers, alone_cache.layers):
-            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    for share_prefix in (True, False):
+        prompts = fast_truth.Prompts.of(ids, demo.tokenizer.pad_token_id, share_prefix)
+        assert len(prompts.passes) == (2 if share_prefix else 1)
+        clean = fast_truth.CleanPrefill.compute(demo.module, prompts)
+        for heads in ([(2, 3)], [(3, 0), (3, 7)]):
+            with fast_truth.hooked(demo.module, heads, "ua", demo.layout.head_dim, 1e-4):
+                shared, shared_cache = fast_truth.prefill(demo.module, prompts, clean, min(l for l, _ in heads))
+                alone, alone_cache = fast_truth.prefill(demo.module, prompts, None, 0)
+            assert torch.equal(shared, alone)
+            for a, b in zip(shared_cache.layers, alone_cache.layers):
+                assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
     assert isinstance(demo.module.model.layers[0], transformers.models.llama.modeling_llama.LlamaDecoderLayer)
+
+
+@pytest.mark.parametrize("kind", ["ua", "sc"])
+def test_row_ablation_is_hooked_row_by_row(ground_truth, fast_truth, kind):
+    """One batch mixing head sets (RowAblation) gives each row bitwise the logits of its head set alone under
+    ground_truth.hooked."""
+    family = FAMILIES["qwen2"]
+    module = family.build()
+    ids = torch.tensor([[5, 9, 200, 17, 3, 44]] * 3)
+    head_sets = [[], [(0, 1), (2, 3)], [(1, 0)]]
+    with torch.no_grad(), fast_truth.RowAblation(module, head_sets, kind, family.head_dim, 1e-4) as ablation:
+        ablation.select(torch.tensor([2, 0, 1]))  # rows reordered, as after the batch shrinks
+        together = module(input_ids=ids).logits
+    for row, heads in enumerate([head_sets[2], head_sets[0], head_sets[1]]):
+        with torch.no_grad(), ground_truth.hooked(module, heads, kind, family.head_dim, 1e-4):
+            assert torch.equal(together[row], module(input_ids=ids[:1]).logits[0])
+    assert not torch.equal(together[0], together[1])
 
 
 def test_fast_truth_refuses_what_it_cannot_reproduce(fast_truth, demo):
@@ -313,9 +336,9 @@ def test_early_stop_happens_exactly_when_every_listed_judge_has_seen_a_phrase(fa
     steps: each row stops at the first token where every listed judge calls its text refused, never earlier."""
     model = ScriptedRows(tokenizer, SCRIPTS)
     judges = [KEYWORD_JUDGES[name] for name in stop_judges]
-    batch = fast_truth.left_padded([[0]] * len(SCRIPTS), tokenizer.pad_token_id)
+    mask, positions = torch.ones(len(SCRIPTS), 1, dtype=torch.long), torch.zeros(len(SCRIPTS), 1, dtype=torch.long)
     first = model.logits(torch.arange(len(SCRIPTS)), torch.zeros(len(SCRIPTS), dtype=torch.long))[:, -1]
-    found = fast_truth.decode(model, tokenizer, batch, first, ScriptCache(len(SCRIPTS)), 60, judges)
+    found = fast_truth.decode(model, tokenizer, mask, positions, first, ScriptCache(len(SCRIPTS)), 60, judges)
     for answer, script in zip(found, SCRIPTS):
         refused_at = [n for n in range(1, len(script.encode()) + 1)
                       if all(j.refused(script.encode()[:n].decode(errors="replace")) for j in judges)]
