@@ -5,7 +5,7 @@ This is the study's reference side, so it stays independent of the library's abl
 is `ground_truth.hooked` (forward hooks on the Hugging Face module), the loop below is plain greedy decoding with the
 module's own forward and KV cache. Only the padding helper (`left_padded`) is shared, as in ground_truth.py.
 
-Two savings, both exact:
+Three savings:
 
 1. **Early stop** (harmful sets, `stop_judges` given): a keyword judge calls an answer refused as soon as one of its
    phrases occurs anywhere in it, and more tokens never remove a phrase, so a row's verdict is settled once every
@@ -16,12 +16,18 @@ Two savings, both exact:
    prefix-consistent (the decoded text of a token prefix is a prefix of the full answer's, up to an incomplete
    trailing character): true of byte-level BPE (Qwen, Llama 3, the test models) and SentencePiece tokenizers.
    Harmless sets (the full answer is needed for its NLL) pass `stop_judges=None` and never stop early.
-2. **Shared lower layers**: an ablation at layers >= L leaves every layer below L clean, so the prompt (prefill)
-   pass through layers 0..L-1 is the clean model's whatever the head set. It is computed once per prompt batch
-   (`CleanPrefill`: each layer's output and KV cache); a head set whose lowest ablated layer is L replays those for
-   layers 0..L-1 (`Replay` stands in for the layer for one forward) and computes only layers L.. itself. The module's
-   own forward still runs (masks, rotary embeddings, norm, head), so the replayed values are bitwise the ones it would
-   compute: the answers are identical, not merely close.
+2. **Shared prefill**: an ablation at layers >= L leaves every layer below L clean, so the prompt pass through layers
+   0..L-1 is the clean model's whatever the head set. It is computed once per prompt batch (`CleanPrefill`: each
+   layer's output and KV entries); a head set whose lowest ablated layer is L replays those for layers 0..L-1
+   (`Replay` stands in for the layer for one forward) and computes only layers L.. itself. The module's own forward
+   still runs (masks, rotary embeddings, norm, head), so the replayed values are bitwise the ones it would compute.
+   The prompts' common first tokens (the chat template's system prompt, 24 of about 41 tokens on Qwen) are one row
+   of their own, computed once per head set, the rests left-padded after them (`Prompts`); this changes the
+   prefill's float rounding (a different split of the same sums), not its math.
+3. **Head sets decoded together**: on a CPU a decode step costs nearly as much for 2 rows as for 20 (it reads every
+   weight), and after the early stop only the few rows that do not refuse keep generating; so the head sets of a
+   prompt batch share one decode batch (rows = head sets x prompts, up to `decode_rows`), each row ablated by its
+   own head set (`RowAblation`, the same product as `hooked`, per row).
 
 Batches are formed as `generate` forms them (prompts sorted by length, `batch_size` at a time, left-padded), so every
 prompt's prefill sees the same padding as in today's path.

@@ -349,3 +349,21 @@ def test_early_stop_happens_exactly_when_every_listed_judge_has_seen_a_phrase(fa
                 assert judge.judge([""], [answer.text]) == judge.judge([""], [script])
     stopped = [answer.stopped for answer in found]
     assert any(stopped) and not stopped[2] and not stopped[5]
+
+
+def test_bench_truth_compares_both_paths_on_the_demo_model(tmp_path, capsys):
+    """The benchmark's own check (verdicts identical prompt by prompt, exit 1 otherwise) on the demo model; no timing
+    is asserted."""
+    bench = load_script("bench_truth")
+    out = tmp_path / "bench.json"
+    argv = ["--model", "demo", "--heads", "0:6,3:5", "--limit", "12", "--batch-size", "5", "--max-new-tokens", "16",
+            "--out", str(out)]
+    assert bench.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "verdicts identical for paper, gcg, refusal-direction" in printed
+    result = json.loads(out.read_text())
+    assert [row["heads"] for row in result["rows"]] == ["clean", "0:6", "3:5"]
+    assert result["identical_verdicts"] and sum(row["stopped"] for row in result["rows"]) > 0
+    assert all(row["finished_differ"] == 0 for row in result["rows"])
+    assert bench.main(["--model", "demo", "--judges", "paper,harmbench"]) == 2
+    assert "stop judges must be keyword judges" in capsys.readouterr().err
