@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--random", type=int, default=60)
     parser.add_argument("--candidates", type=int, default=24)
+    parser.add_argument("--sahara-steps", type=int, default=1,
+                        help="steps of the paper's search run here (1: its group comes from PAPER_SAHARA, measured before)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--threads", type=int, default=2)
@@ -119,18 +121,23 @@ class Study:
         """Answers of every head set not yet measured on one set; harmful sets stop early once the judge has seen a
         refusal phrase (exact for its verdict), harmless ones run whole (their NLL is needed)."""
         todo = [sorted(heads) for heads in head_sets if (format_heads(sorted(heads)), set_name) not in self.answers]
+        todo = [heads for i, heads in enumerate(todo) if heads not in todo[:i]]
         harmless = set_name.startswith("harmless")
-        for heads in todo:
+        per_call = max(1, 256 // self.args.batch_size)  # head sets decoded together (fast_truth's decode_rows)
+        for start in range(0, len(todo), per_call):
+            chunk = todo[start : start + per_call]
             t = time.perf_counter()
-            found = truth_answers(self.module, self.tokenizer, [heads], self.tokens[set_name], self.args.max_new_tokens,
-                                  None if harmless else (JUDGE,), self.args.batch_size)[0]
-            unit = {"heads": format_heads(heads), "set": set_name, "answers": [a.text for a in found],
-                    "stopped": [a.stopped for a in found], "seconds": round(time.perf_counter() - t, 2)}
-            if harmless:
-                unit["clean_nll"] = clean_answer_nll(self.module, self.tokenizer, self.tokens[set_name], unit["answers"],
-                                                     self.args.batch_size)
-            self.checkpoint.append(unit)
-            self.answers[(unit["heads"], set_name)] = unit
+            found = truth_answers(self.module, self.tokenizer, chunk, self.tokens[set_name], self.args.max_new_tokens,
+                                  None if harmless else (JUDGE,), self.args.batch_size)
+            seconds = round((time.perf_counter() - t) / len(chunk), 2)  # the call's time, shared out
+            for heads, answers in zip(chunk, found):
+                unit = {"heads": format_heads(heads), "set": set_name, "answers": [a.text for a in answers],
+                        "stopped": [a.stopped for a in answers], "seconds": seconds}
+                if harmless:
+                    unit["clean_nll"] = clean_answer_nll(self.module, self.tokenizer, self.tokens[set_name],
+                                                         unit["answers"], self.args.batch_size)
+                self.checkpoint.append(unit)
+                self.answers[(unit["heads"], set_name)] = unit
 
     def asr(self, heads, set_name: str) -> float:
         answers = self.answers[(format_heads(sorted(heads)), set_name)]["answers"]
@@ -167,16 +174,18 @@ class Study:
         return sorted(self.all_heads, key=lambda h: -float(key[h]))
 
     def sahara_step1(self) -> dict:
-        result = run_sahara(self.model, load_prompts("maliciousinstruct", limit=8), SaharaConfig(template="chat", steps=1),
+        config = SaharaConfig(template="chat", steps=self.args.sahara_steps)
+        result = run_sahara(self.model, load_prompts("maliciousinstruct", limit=8), config,
                             out=self.out / "sahara-step1-run", resume=True)
-        return {"chosen": list(result.heads[0]), "scores": result.steps[0].scores.tolist()}
+        return {"chosen": list(result.heads[0]), "heads": [list(h) for h in result.heads],
+                "scores": result.steps[0].scores.tolist()}
 
     def truth_set(self) -> dict:
         maps = self.score_maps()
         tops = {name: [list(h) for h in self.order(values)[: self.args.top]] for name, values in maps.items()}
         chosen = {tuple(h) for heads in tops.values() for h in heads}
         rest = [h for h in self.all_heads if h not in chosen]
-        randoms = random.Random(SEED).sample(rest, self.args.random)
+        randoms = random.Random(SEED).sample(rest, min(self.args.random, len(rest)))
         return {"tops": tops, "random": [list(h) for h in randoms], "n": len(chosen) + len(randoms)}
 
     def truth(self) -> dict:
@@ -184,10 +193,13 @@ class Study:
         heads = sorted({tuple(h) for hs in fixed["tops"].values() for h in hs} | {tuple(h) for h in fixed["random"]})
         for set_name in HARMFUL_SETS:
             self.measure([[]], set_name)
-        for count, head in enumerate(heads, 1):
+        step = 10  # heads per round: each round is checkpointed as it goes
+        for start in range(0, len(heads), step):
+            chunk = [[head] for head in heads[start : start + step]]
             for set_name in HARMFUL_SETS:
-                self.measure([[head]], set_name)
-            self.log(f"truth: {count}/{len(heads)} heads ({format_heads([head])}: {self.pooled_asr([head]):.0f}%)")
+                self.measure(chunk, set_name)
+            self.log(f"truth: {min(start + step, len(heads))}/{len(heads)} heads ("
+                     + ", ".join(f"{format_heads(h)} {self.pooled_asr(h):.0f}%" for h in chunk) + ")")
         return {"heads": [list(h) for h in heads]}
 
     def refusal_search(self) -> dict:
@@ -206,7 +218,8 @@ class Study:
         measured = [tuple(h) for h in truth["heads"]]
         best = sorted(measured, key=lambda h: -self.pooled_asr([h]))
         search = [tuple(h) for h in read_json(self.out / "refusal-search.json")["heads"]]
-        paper = PAPER_SAHARA.get(Path(self.args.model).name) or [tuple(read_json(self.out / "sahara-step1.json")["chosen"])]
+        searched = [tuple(h) for h in read_json(self.out / "sahara-step1.json")["heads"]]
+        paper = searched if len(searched) > 1 else PAPER_SAHARA.get(Path(self.args.model).name, searched)
         methods = {"paper-sahara": paper, "ships-kl": self.order(maps["kl"]), "refusal-logprob": self.order(maps["refusal-logprob"]),
                    "refusal-search": search, "truth-best": best}
         groups = {"clean": []}
@@ -218,10 +231,9 @@ class Study:
 
     def groups(self) -> dict:
         groups = self.group_list()
-        for count, (name, heads) in enumerate(groups.items(), 1):
-            for set_name in self.sets:
-                self.measure([heads], set_name)
-            self.log(f"groups: {count}/{len(groups)} ({name} {format_heads(heads)})")
+        for set_name in self.sets:
+            self.measure(list(groups.values()), set_name)
+            self.log(f"groups: {len(groups)} measured on {set_name}")
         return {name: [list(h) for h in heads] for name, heads in groups.items()}
 
     # -- report ---------------------------------------------------------------------------------------------------
