@@ -20,6 +20,7 @@ Positive = the ablation weakens the refusal; negative = strengthens it. ``kl`` i
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -69,8 +70,24 @@ def is_refusal(text: str) -> bool:
     return KEYWORD_JUDGES["refusal-direction"].refused(text)
 
 
+# Signals learned in this process, per model module (held weakly: a freed model takes its signals with it): `run`
+# needs the same one in up to three stages (the check that the model refuses, the refusal Ships ranking, the refusal
+# search), and learning it means generating answers. Keyed by everything else that determines it.
+_LEARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def learn_signal(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], need: str) -> RefusalSignal:
-    """The refusal direction (for ``refusal-direction``) or opening tokens (``refusal-logprob``) from clean runs."""
+    """The refusal direction (for ``refusal-direction``) or opening tokens (``refusal-logprob``) from clean runs;
+    learned once per process for the same model, engine readout and place, prompts and score."""
+    key = (need, engine.config.hidden_readout, str(engine.config.remote), tuple(map(tuple, harmful)),
+           tuple(map(tuple, harmless)))
+    learned = _LEARNED.setdefault(model.module, {})
+    if key not in learned:
+        learned[key] = _learn(engine, model, harmful, harmless, need)
+    return learned[key]
+
+
+def _learn(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], need: str) -> RefusalSignal:
     from .generate import GenerationConfig, generate
 
     direction = norm = None
