@@ -190,7 +190,14 @@ class Study:
 
     def truth(self) -> dict:
         fixed = read_json(self.out / "truth-set.json")
-        heads = sorted({tuple(h) for hs in fixed["tops"].values() for h in hs} | {tuple(h) for h in fixed["random"]})
+        # Measured rank by rank, each score's next head and then four random ones: a study stopped early still holds
+        # every score's best heads and an unbiased share of the random ones.
+        tops, randoms = [[tuple(h) for h in hs] for hs in fixed["tops"].values()], [tuple(h) for h in fixed["random"]]
+        heads = []
+        for rank in range(max(map(len, tops))):
+            heads += [top[rank] for top in tops if rank < len(top)] + randoms[4 * rank : 4 * rank + 4]
+        heads += randoms[4 * max(map(len, tops)):]
+        heads = list(dict.fromkeys(heads))
         for set_name in HARMFUL_SETS:
             self.measure([[]], set_name)
         step = 10  # heads per round: each round is checkpointed as it goes
@@ -240,8 +247,8 @@ class Study:
 
     def report(self) -> None:
         result = {"config": self.record, "judge": JUDGE}
-        if (self.out / "truth.json").exists():
-            result["truth"] = self.truth_table()
+        if (self.out / "truth-set.json").exists() and ("", HARMFUL_SETS[1]) in self.answers:
+            result["truth"] = self.truth_table()  # the heads measured so far, while the stage runs
         if (self.out / "groups.json").exists():
             result["groups"] = self.group_table()
         result["stage_seconds"] = {name: read_json(self.out / f"{name}.json").get("seconds")
@@ -256,7 +263,9 @@ class Study:
         maps = self.score_maps()
         fixed = read_json(self.out / "truth-set.json")
         randoms = [tuple(h) for h in fixed["random"]]
-        heads = [tuple(h) for h in read_json(self.out / "truth.json")["heads"]]
+        truth_file = self.out / "truth.json"
+        heads = ([tuple(h) for h in read_json(truth_file)["heads"]] if truth_file.exists() else  # or, while it runs:
+                 [tuple(int(x) for x in k.split(":")) for k, s in self.answers if s == HARMFUL_SETS[1] and k and "," not in k])
         clean = {s: self.asr([], s) for s in HARMFUL_SETS}
         rows = []
         for head in heads:
