@@ -226,7 +226,7 @@ def refusal_search_skipped(model: LoadedModel, config: ExperimentConfig) -> str 
     try:
         learn_signal(Engine(model), model, harmful, harmless, config.refusal_objective)
     except NoRefusal as error:
-        return str(error).split("; use --score")[0]
+        return str(error).split(" (refusal-direction")[0]
     return None
 
 

@@ -110,7 +110,7 @@ def _learn(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequence[S
         if not first:
             raise NoRefusal(
                 f"the clean model refused none of {len(harmful)} harmful prompts (no refusal phrase in its first "
-                f"{OPENING_TOKENS} tokens), so there is no refusal opening to score; use --score kl or refusal-direction"
+                f"{OPENING_TOKENS} tokens), so there is no refusal opening to score (refusal-direction needs none)"
             )
         for token, count in first.most_common():
             tokens.append(int(token))
