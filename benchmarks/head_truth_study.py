@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stages", default="sahara-step1,truth-set,truth,refusal-search,groups")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--shard", default="1/1", help="K/N: the truth stage measures every N-th head from the K-th "
+                        "(a second process, another --out holding a copy of truth-set.json)")
+    parser.add_argument("--merge", type=Path, action="append", default=[],
+                        help="another shard's --out: its answers are read too (never written)")
     args = parser.parse_args(argv)
     study = Study(args)
     if not args.report_only:
@@ -100,6 +104,9 @@ class Study:
                        "batch_size": args.batch_size}
         self.checkpoint = Checkpoint(self.out / "answers.checkpoint.jsonl", self.record)
         self.answers = {(u["heads"], u["set"]): u for u in self.checkpoint.start(resume=True)}
+        for other in args.merge:
+            units = Checkpoint(other / "answers.checkpoint.jsonl", self.record).start(resume=True)
+            self.answers |= {(u["heads"], u["set"]): u for u in units if (u["heads"], u["set"]) not in self.answers}
 
     def log(self, line: str) -> None:
         print(f"[{time.time() - self.started:6.0f}s] {line}", file=sys.stderr, flush=True)
@@ -198,6 +205,8 @@ class Study:
             heads += [top[rank] for top in tops if rank < len(top)] + randoms[4 * rank : 4 * rank + 4]
         heads += randoms[4 * max(map(len, tops)):]
         heads = list(dict.fromkeys(heads))
+        shard, shards = (int(x) for x in self.args.shard.split("/"))
+        heads = heads[shard - 1 :: shards]
         for set_name in HARMFUL_SETS:
             self.measure([[]], set_name)
         step = 10  # heads per round: each round is checkpointed as it goes
@@ -221,9 +230,7 @@ class Study:
 
     def group_list(self) -> dict[str, list]:
         maps = self.score_maps()
-        truth = read_json(self.out / "truth.json")
-        measured = [tuple(h) for h in truth["heads"]]
-        best = sorted(measured, key=lambda h: -self.pooled_asr([h]))
+        best = [tuple(int(x) for x in row["head"].split(":")) for row in self.truth_table()["heads"]]  # truly best first
         search = [tuple(h) for h in read_json(self.out / "refusal-search.json")["heads"]]
         searched = [tuple(h) for h in read_json(self.out / "sahara-step1.json")["heads"]]
         paper = searched if len(searched) > 1 else PAPER_SAHARA.get(Path(self.args.model).name, searched)
@@ -263,9 +270,9 @@ class Study:
         maps = self.score_maps()
         fixed = read_json(self.out / "truth-set.json")
         randoms = [tuple(h) for h in fixed["random"]]
-        truth_file = self.out / "truth.json"
-        heads = ([tuple(h) for h in read_json(truth_file)["heads"]] if truth_file.exists() else  # or, while it runs:
-                 [tuple(int(x) for x in k.split(":")) for k, s in self.answers if s == HARMFUL_SETS[1] and k and "," not in k])
+        chosen = [tuple(h) for hs in fixed["tops"].values() for h in hs] + randoms
+        heads = [h for h in dict.fromkeys(chosen)  # every head of the set measured on both sets (all shards, so far)
+                 if all((format_heads([h]), s) in self.answers for s in HARMFUL_SETS)]
         clean = {s: self.asr([], s) for s in HARMFUL_SETS}
         rows = []
         for head in heads:
