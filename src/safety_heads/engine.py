@@ -16,8 +16,10 @@ heads is the clean model). How:
 - **Padding.** Prompts of different lengths batch together, left-padded (batching.py), with position ids that count
   real tokens only, so each row sees exactly what it would alone; `logits_to_keep=1` materialises only the last
   position.
-- **Remote.** With `EngineConfig.remote` the same passes run on NDIF, packed into few requests by remote_requests.py;
-  execution.py decides, once, whether an intrace.py function runs here or as a request.
+- **One execution path.** Every call's passes are packed into requests (remote_requests.py) whose body is one
+  function of intrace.py, `request_results`: here the engine iterates it (each chunk's readouts as its pass ends),
+  with `EngineConfig.remote` NDIF runs it (few requests, each collecting its results). execution.py decides, once,
+  which; remote_requests.py alone counts passes and FLOPs and checks that readouts are finite.
 
 Nothing here knows about Ships or Sahara; nothing above the engine layer builds nnsight traces.
 
@@ -39,8 +41,9 @@ from .errors import UserError
 from .execution import TraceRunner
 from .flops import flop_model
 from .models import LoadedModel, resolve
-from .readouts import ChunkResult, by_set, check_finite, count_pass, first_non_finite, to_cpu_float
-from .schedule import GroupSchedule, base_pairs, chunk_pairs, residual_layers_of, schedule_groups
+from .readouts import ChunkResult
+from .remote_requests import stream_requests
+from .schedule import GroupSchedule, schedule_groups
 
 
 READOUTS = ("logits", "hidden")
@@ -210,54 +213,6 @@ class Engine:
         return schedule_groups(self, tokens, sets)
 
 
-    # -- local passes ------------------------------------------------------------------------------------------
-
-    # The traces themselves live in intrace.py; here they run in this process (self.runner.local saves what the
-    # outermost trace returns). Remote runs send the same passes packed into requests (remote_requests.py).
-
-    def _clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...], base=None):
-        residuals, readout = self.runner.local(intrace.clean_pass, self.model.on_device(batch.repeated(1)), residual_layers,
-                                               readouts, base=base)
-        return residuals, to_cpu_float(readout.get("logits")), to_cpu_float(readout.get("hidden"))
-
-    def _shared_clean_pass(self, batch: Batch, residual_layers: set[int], readouts: tuple[str, ...], base=None):
-        """The clean (or, with `base`, base-ablated) pass of a group with a shared prefix: the prefix's keys and
-        values, the residuals (prefix and rests, as a pair per layer) and the readouts."""
-        shared = batch.shared
-        prefix_kv, prefix_residuals, rest_residuals, readout = self.runner.local(
-            intrace.shared_clean_pass, self.model.on_device(shared.prefix_inputs), self.model.on_device(shared.rest.repeated(1)),
-            residual_layers, readouts, base=base,
-        )
-        residuals = {layer: (prefix_residuals[layer], rest_residuals[layer]) for layer in residual_layers}
-        return prefix_kv, residuals, to_cpu_float(readout.get("logits")), to_cpu_float(readout.get("hidden"))
-
-    def _shared_ablated_pass(self, batch: Batch, chunk: Chunk, sets, prefix_kv, residual, ablation: Ablation, readouts):
-        shared, n_sets = batch.shared, len(chunk.set_indices)
-        prefix_residual, rest_residual = residual if residual is not None else (None, None)
-        readout = self.runner.local(
-            intrace.shared_ablated_pass, self.model.on_device(shared.prefix_inputs), self.model.on_device(shared.rest.repeated(1)),
-            prefix_kv, n_sets, chunk.start_layer, chunk_pairs(sets, chunk), prefix_residual, rest_residual,
-            ablation.kind, ablation.epsilon, ablation.means, readouts,
-        )
-        return by_set(readout.get("logits"), n_sets, batch.size), by_set(readout.get("hidden"), n_sets, batch.size)
-
-    def _ablated_pass(self, batch: Batch, chunk: Chunk, sets, residual, ablation: Ablation, readouts, check_layers=False):
-        n_sets = len(chunk.set_indices)
-        readout, finite_layers = self.runner.local(
-            intrace.ablated_pass, self.model.on_device(batch.repeated(1)), n_sets, chunk.start_layer, chunk_pairs(sets, chunk),
-            residual, ablation.kind, ablation.epsilon, ablation.means, readouts, check_layers=check_layers,
-        )
-        if check_layers:
-            return first_non_finite(chunk.start_layer, finite_layers)
-        return by_set(readout.get("logits"), n_sets, batch.size), by_set(readout.get("hidden"), n_sets, batch.size)
-
-    def _base(self, batch: Batch, residual_layers, ablation: Ablation) -> dict | None:
-        """What intrace's clean passes need to ablate the heads common to every set (None: nothing to ablate)."""
-        if not batch.base or not residual_layers:
-            return None
-        return dict(pairs=base_pairs(batch), kind=ablation.kind, epsilon=ablation.epsilon,
-                    means=self.means_for(ablation.means, {layer for layer, _ in batch.base}))
-
     def means_for(self, means: torch.Tensor | None, layers) -> dict | None:
         """Only the reference means of the layers a pass ablates, in the model's dtype (what the in-trace edit
         converts to anyway): all a remote request needs to carry."""
@@ -278,48 +233,7 @@ class Engine:
         stats = stats if stats is not None else {}
         for key in ("traces", "rows", "layer_rows", "flops"):
             stats.setdefault(key, 0)
-        schedules = self.group_schedules(tokens, sets)
-        if self.remote:
-            from .remote_requests import stream_remote
-
-            yield from stream_remote(self, schedules, sets, ablation, readouts, stats)
-            return
-        for schedule in schedules:
-            yield from self._stream_group(schedule, sets, ablation, readouts, stats)
-
-    def _stream_group(self, schedule: GroupSchedule, sets, ablation: Ablation, readouts, stats) -> Iterator[tuple[str, ChunkResult]]:
-        """One prompt group, here: its clean pass (and base pass), then one ablated pass per chunk."""
-        batch, chunks = schedule
-        group, n_layers, dtype = batch.prompt_indices, self.layout.n_layers, self.model.dtype
-        residual_layers = set(residual_layers_of(chunks))
-        base = self._base(batch, residual_layers, ablation)
-        clean_pass = self._shared_clean_pass if batch.shared is not None else self._clean_pass
-        *residual_part, clean_logits, clean_hidden = clean_pass(batch, set() if base else residual_layers, readouts)
-        if base is not None:  # the residuals of the heads every set ablates, not of the clean model
-            *residual_part, _, _ = clean_pass(batch, residual_layers, readouts, base)
-            count_pass(stats, batch.size, n_layers, self.pass_flops(batch, None))
-        if batch.shared is not None:
-            prefix_kv, residuals = residual_part
-        else:
-            (residuals,) = residual_part
-        check_finite("the clean model", dtype, lambda: self._ablated_pass(batch, Chunk((0,), 0), [()], None, ablation, readouts,
-                                                                         check_layers=True), clean_logits, clean_hidden)
-        count_pass(stats, batch.size, n_layers, self.pass_flops(batch, None))
-        yield "clean", ChunkResult(group, (), clean_logits, clean_hidden)
-        for chunk in chunks:
-            residual = residuals.get(chunk.start_layer - 1)
-            if batch.shared is not None:
-                logits, hidden = self._shared_ablated_pass(batch, chunk, sets, prefix_kv, residual, ablation, readouts)
-            else:
-                logits, hidden = self._ablated_pass(batch, chunk, sets, residual, ablation, readouts)
-
-            def diagnose() -> int | None:  # on the whole prompts (no shared prefix), from the full batch's residual
-                whole = residual if batch.shared is None else self._clean_pass(batch, residual_layers, readouts, base)[0].get(chunk.start_layer - 1)
-                return self._ablated_pass(batch, chunk, sets, whole, ablation, readouts, check_layers=True)
-
-            check_finite("an ablated model", dtype, diagnose, logits, hidden)
-            count_pass(stats, len(chunk.set_indices) * batch.size, n_layers - chunk.start_layer, self.pass_flops(batch, chunk))
-            yield "ablated", ChunkResult(group, chunk.set_indices, logits, hidden)
+        yield from stream_requests(self, self.group_schedules(tokens, sets), sets, ablation, readouts, stats)
 
     def run(self, prompts: Prompts, head_sets: HeadSets, *, ablation: Ablation = Ablation(),
             readouts: Sequence[str] = ("logits",)) -> EngineResult:

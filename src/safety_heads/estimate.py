@@ -202,7 +202,7 @@ def _input_embedding_path(engine: Engine) -> str:
 @contextlib.contextmanager
 def _frozen(engine: Engine) -> Iterator[None]:
     """Turn parameter gradients off for the duration (less memory, and no `.grad` left on the user's weights)."""
-    parameters = [] if engine.on_server else list(engine.model.module.parameters())  # NDIF's weights are frozen
+    parameters = list(engine.model.module.parameters())  # a remote client's are weightless (meta): harmless
     flags = [parameter.requires_grad for parameter in parameters]
     try:
         for parameter in parameters:

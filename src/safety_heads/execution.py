@@ -4,15 +4,19 @@ Every trace the package opens is a function of intrace.py (`function(lm, sites, 
 outermost trace must save what it returns, so the call passes `save=nnsight.save`; remotely (EngineConfig.remote:
 NDIF, another host, or nnsight's local simulation of a request) the function is the body of one nnsight session,
 sent through remote.call with retries, and a failure becomes one line naming the request. Callers (the engine,
-generation, the gradient estimate, remote_requests.py) say only what to run and how to name it.
+generation, the gradient estimate, remote_requests.py) say only what to run and how to name it; what differs between
+here and remote (how results come back, how large a request may grow, whether to group work into few calls) is
+answered here too, so no caller asks "remote?" itself.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Iterator
 
 import nnsight
 
+from . import intrace
 from .errors import UserError
 
 
@@ -34,6 +38,19 @@ class TraceRunner:
         """Whether the forward passes run on a remote server (whose GPUs we size for), not on this machine."""
         return self.remote and self.config.remote != "local"
 
+    @property
+    def fewest_calls(self) -> bool:
+        """Whether callers should put their work into as few calls as they can: a remote call is a request, with a
+        round trip and a queue wait of its own; here a call costs only its compute."""
+        return self.remote
+
+    def result_budget(self) -> tuple[float, int | None]:
+        """The readout bytes one engine request may return and the most chunks it may hold (None: no cap). Here
+        results stream back pass by pass (`results`), so neither limits a request."""
+        if not self.remote:
+            return math.inf, None
+        return self.config.remote_result_mb * 2**20, self.config.remote_chunks_per_request
+
     def inputs(self, inputs: dict) -> dict:
         """Model inputs for a trace: on the model's device when it runs here, as they are (CPU) for a remote request."""
         return inputs if self.remote else self.model.on_device(inputs)
@@ -43,6 +60,14 @@ class TraceRunner:
         if not self.remote:
             return self.local(function, *arguments)
         return self.request(function, *arguments, label=label, stats=stats)
+
+    def results(self, request: dict, label: str = "request", stats: dict | None = None) -> Iterator:
+        """The results of one engine request (remote_requests.request_payload), in order. Here the request body
+        (intrace.request_results) runs in this process and yields each pass's readouts as the pass finishes;
+        remotely the same body runs as one request (intrace.run_request collects them) and they arrive together."""
+        if not self.remote:
+            return self.local(intrace.request_results, request)
+        return iter(self.request(intrace.run_request, request, label=label, stats=stats))
 
     def local(self, function: Callable, *arguments, **keywords) -> Any:
         """`function` in this process. It opens the outermost trace, so it must save what it returns."""

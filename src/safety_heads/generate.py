@@ -94,8 +94,8 @@ def generate(
         from .engine import Engine, EngineConfig
 
         engine = Engine(model, EngineConfig(remote=remote))
-    # Remote through the engine's runner (its sites and retry settings); here, on the model alone.
-    runner = engine.runner if engine is not None and engine.remote else TraceRunner(model, model.layout.trace_sites())
+    # The engine's runner decides where it runs (and with which retry settings); without an engine, here.
+    runner = engine.runner if engine is not None else TraceRunner(model, model.layout.trace_sites())
     results: list[Generation] = []
     for start in range(0, len(token_lists), config.batch_size):
         rows = range(start, min(start + config.batch_size, len(token_lists)))

@@ -49,7 +49,7 @@ class HarmlessGuard:
         c = self.config
         prompts = prompt_tokens(c.guard, c.guard_limit, c.template, self.model.tokenizer, c.system)
         answers = generate(self.model, prompts, config=GenerationConfig(max_new_tokens=c.guard_tokens),
-                           engine=self.engine if self.engine.remote else None)
+                           engine=self.engine)
         kept = [(list(prompt), answer.token_ids) for prompt, answer in zip(prompts, answers) if answer.token_ids]
         if not kept:
             raise UserError(f"the model answered none of the --guard prompts from '{c.guard}' (each ended at once); "

@@ -18,7 +18,8 @@ Conventions:
   inside a session, where inner traces hand their values to the enclosing code without saving.
 
 The functions that open traces (`clean_pass`, `ablated_pass`, `run_request`, `head_sums`, `generate_batch`, ...)
-run through execution.TraceRunner: here with `save=nnsight.save`, or as the body of one request (`remote.call`).
+run through execution.TraceRunner: here with `save=nnsight.save`, or as the body of one request (`remote.call`);
+the engine's passes are one generator, `request_results`, iterated here and collected by `run_request` remotely.
 """
 
 from __future__ import annotations
@@ -230,47 +231,47 @@ def shared_ablated_pass(lm, sites, prefix_inputs, rest_inputs, prefix_kv, n_sets
     return readout
 
 
-def run_request(lm, sites, request):
-    """The body of one engine request, inside one session: per prompt group, a clean pass when the request returns
-    the group's clean readouts or its chunks need residuals, then one ablated pass per chunk.
+def run_request(lm, sites, request, save=None):
+    """The body of one remote engine request: every result of `request_results` (which the engine iterates here)."""
+    return list(request_results(lm, sites, request, save))
+
+
+def request_results(lm, sites, request, save=None):
+    """The engine's passes, one result yielded at a time (between traces): per prompt group, a clean pass when the
+    request returns the group's clean readouts or its chunks need residuals, then one ablated pass per chunk.
 
     `request` (remote_requests.request_payload) holds kind, epsilon, means, readouts, check_layers and `groups`, each
     with inputs, prefix (a shared prefix's inputs, or None; inputs are then the rests), base, clean, residual_layers
-    and chunks [(start_layer, n_sets, pairs)]. Returns the readout dicts in that order (a group's clean readouts
-    first, when asked for); with check_layers, each chunk's per-layer finite flags.
-    """
+    and chunks [(start_layer, n_sets, pairs)]. Yields the readout dicts in that order (a group's clean readouts
+    first, when asked for); with check_layers, each chunk's per-layer finite flags."""
     kind, epsilon, means, readouts = request["kind"], request["epsilon"], request["means"], request["readouts"]
-    results = []
     for group in request["groups"]:
-        prefix, base = group.get("prefix"), group.get("base")
+        prefix, base, inputs = group.get("prefix"), group.get("base"), group["inputs"]
         base = dict(pairs=base, kind=kind, epsilon=epsilon, means=means) if base else None
         if prefix is not None:  # a shared prefix: its clean (or base) pass is always needed, for its keys and values
             prefix_kv, prefix_residuals, rest_residuals, clean = shared_clean_pass(
-                lm, sites, prefix, group["inputs"], group["residual_layers"], readouts, base=base)
+                lm, sites, prefix, inputs, group["residual_layers"], readouts, save, base=base)
             if group["clean"]:
-                if base is not None:
-                    clean = shared_clean_pass(lm, sites, prefix, group["inputs"], [], readouts)[3]
-                results.append(clean)
+                yield clean if base is None else shared_clean_pass(lm, sites, prefix, inputs, [], readouts, save)[3]
             for start_layer, n_sets, pairs in group["chunks"]:
-                results.append(shared_ablated_pass(
-                    lm, sites, prefix, group["inputs"], prefix_kv, n_sets, start_layer, pairs,
-                    prefix_residuals.get(start_layer - 1), rest_residuals.get(start_layer - 1), kind, epsilon, means, readouts))
+                yield shared_ablated_pass(lm, sites, prefix, inputs, prefix_kv, n_sets, start_layer, pairs,
+                                          prefix_residuals.get(start_layer - 1), rest_residuals.get(start_layer - 1),
+                                          kind, epsilon, means, readouts, save)
             continue
         residuals = {}
         if base is not None:
             if group["clean"]:
-                results.append(clean_pass(lm, sites, group["inputs"], [], readouts)[1])
+                yield clean_pass(lm, sites, inputs, [], readouts, save)[1]
             if group["residual_layers"]:
-                residuals = clean_pass(lm, sites, group["inputs"], group["residual_layers"], readouts, base=base)[0]
+                residuals = clean_pass(lm, sites, inputs, group["residual_layers"], readouts, save, base=base)[0]
         elif group["clean"] or group["residual_layers"]:
-            residuals, clean = clean_pass(lm, sites, group["inputs"], group["residual_layers"], readouts)
+            residuals, clean = clean_pass(lm, sites, inputs, group["residual_layers"], readouts, save)
             if group["clean"]:
-                results.append(clean)
+                yield clean
         for start_layer, n_sets, pairs in group["chunks"]:
-            readout, flags = ablated_pass(lm, sites, group["inputs"], n_sets, start_layer, pairs, residuals.get(start_layer - 1),
-                                          kind, epsilon, means, readouts, check_layers=request["check_layers"])
-            results.append(flags if request["check_layers"] else readout)
-    return results
+            readout, flags = ablated_pass(lm, sites, inputs, n_sets, start_layer, pairs, residuals.get(start_layer - 1),
+                                          kind, epsilon, means, readouts, save, check_layers=request["check_layers"])
+            yield flags if request["check_layers"] else readout
 
 
 def head_sums(lm, sites, inputs, save=None):

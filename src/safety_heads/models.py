@@ -174,9 +174,14 @@ def load_model(config: ModelConfig) -> LoadedModel:
     return wrap(module, tokenizer, config.model, config)
 
 
-def check_remote_model(config: ModelConfig) -> None:
-    """NDIF serves hub checkpoints only: say so in one line, before anything is downloaded."""
+def check_remote_model(config: ModelConfig, local_server: bool = False) -> None:
+    """NDIF serves hub checkpoints only: say so in one line, before anything is downloaded. A server on this machine
+    (`local_server`: scripts/ndif-local) also serves `demo`, local folders and .gguf files, in float32."""
     name = config.model
+    if local_server and name != "tiny":
+        if config.dtype not in ("auto", "float32"):
+            raise UserError(f"the local NDIF server (scripts/ndif-local) runs models in float32; drop --dtype {config.dtype}")
+        return
     if name in ("tiny", "demo"):
         raise UserError(
             f"--remote needs a Hugging Face hub id such as meta-llama/Llama-2-7b-chat-hf: the built-in '{name}' model exists "
@@ -190,15 +195,22 @@ def check_remote_model(config: ModelConfig) -> None:
         raise UserError(f"NDIF runs its models in bfloat16; drop --dtype {config.dtype} when using --remote")
 
 
-def load_remote_model(config: ModelConfig) -> LoadedModel:
+def load_remote_model(config: ModelConfig, local_server: bool = False) -> LoadedModel:
     """A weightless client of a hub model served by NDIF: the architecture on the meta device (module paths, head
     layout, sizes), the tokenizer, and the model key requests name it by. Needs the hub (config, tokenizer, the
-    repo's canonical id), with HF_TOKEN for gated repos; no weights are downloaded."""
+    repo's canonical id), with HF_TOKEN for gated repos; no weights are downloaded. With `local_server` (a server on
+    this machine, scripts/ndif-local) a local model is named by its folder's real path, as that server deployed it."""
     import nnsight
 
     config.validate()
-    check_remote_model(config)
+    check_remote_model(config, local_server)
     source, hf_config = read_config(config)
+    local = local_server and Path(source).is_dir()
+    if local:  # nnsight canonicalises a repo id through the hub; a folder's id is its own path (its private cache)
+        import nnsight.modeling.huggingface as nnsight_hf
+
+        source = os.path.realpath(source)
+        nnsight_hf._ID_CACHE[source] = source
     head_layout(hf_config)  # an unsupported family fails before anything else
     tokenizer = prepare_tokenizer(_load_tokenizer(source, config))
     try:
@@ -213,8 +225,10 @@ def load_remote_model(config: ModelConfig) -> LoadedModel:
     except Exception as error:  # noqa: BLE001
         raise UserError(f"could not look up '{config.model}' on the Hugging Face hub: {first_line(error)}") from None
     layout = head_layout(lm._module.config)
-    # NDIF runs every model in bfloat16 (reference/nnsight.md section 6): recorded in results, and used for sizes.
-    return LoadedModel(lm=lm, tokenizer=tokenizer, layout=layout, name=config.model, dtype=torch.bfloat16, config=config, remote_key=key)
+    # NDIF runs every model in bfloat16 (reference/nnsight.md section 6), scripts/ndif-local in float32: recorded in
+    # results, and used for sizes and for the means a request carries.
+    dtype = torch.float32 if local else torch.bfloat16
+    return LoadedModel(lm=lm, tokenizer=tokenizer, layout=layout, name=config.model, dtype=dtype, config=config, remote_key=key)
 
 
 def read_config(config: ModelConfig):

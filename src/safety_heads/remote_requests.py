@@ -1,12 +1,15 @@
-"""NDIF request packing: the engine's passes grouped into few remote requests, run, and unpacked.
+"""Engine requests: the engine's passes grouped into requests, run (here or on NDIF), and unpacked. The one path
+every engine call takes.
 
-A request (`Request`) is one nnsight session whose body is intrace.run_request: per prompt group it holds (a
-`RequestPart`) the clean pass that the group's clean readouts or its chunks' residuals need, then one ablated pass
-per chunk; only last-position readouts come back. `pack_requests` fills requests, in order, up to the result budget
-(`EngineConfig.remote_result_mb`) and the chunk cap (`remote_chunks_per_request`); `request_payload` turns one into
-the plain data intrace receives (token ids, small index lists, the means it needs). `stream_remote` is
-`Engine.stream` for a remote engine: the same ChunkResults, statistics and overflow reports as the local passes.
-`plan_requests` and `request_payloads` show what a run would send without sending anything (docs/remote.md).
+A request (`Request`) is the plain data intrace.request_results runs: per prompt group (a `RequestPart`) the clean
+pass that the group's clean readouts or its chunks' residuals need, then one ablated pass per chunk; only
+last-position readouts come back. Remotely it is one nnsight session whose body is intrace.run_request (the same
+generator, collected); here the engine iterates the generator itself, so each chunk's readouts arrive as its pass
+ends. `pack_requests` fills requests, in order, up to the runner's result budget (`EngineConfig.remote_result_mb`
+and `remote_chunks_per_request` remotely; one request here); `request_payload` turns one into that plain data (token
+ids, small index lists, the means it needs). `stream_requests` is `Engine.stream`: the one place that counts passes
+and FLOPs (`_unpack_part`) and checks results are finite. `plan_requests` and `request_payloads` show what a remote
+run would send without sending anything (docs/remote.md).
 """
 
 from __future__ import annotations
@@ -51,12 +54,12 @@ class Request:
 
 
 def pack_requests(engine, schedules: list[GroupSchedule], readouts: tuple[str, ...]) -> list[Request]:
-    """Pack the groups' clean readouts and chunks, in order, into as few requests as the result budget
-    (`remote_result_mb`) and the chunk cap (`remote_chunks_per_request`) allow."""
+    """Pack the groups' clean readouts and chunks, in order, into as few requests as the runner's result budget
+    and chunk cap allow (remotely `remote_result_mb` and `remote_chunks_per_request`; here a single request)."""
     hf_config = engine.model.module.config
     width = sum(hf_config.vocab_size if name == "logits" else engine.d_model for name in readouts)
     row_bytes = width * (torch.finfo(engine.model.dtype).bits // 8)
-    limit, cap = engine.config.remote_result_mb * 2**20, engine.config.remote_chunks_per_request
+    limit, cap = engine.runner.result_budget()
     requests: list[Request] = []
     parts: list[RequestPart] = []
     size = n_chunks = 0
@@ -80,7 +83,9 @@ def pack_requests(engine, schedules: list[GroupSchedule], readouts: tuple[str, .
 
 
 def request_payload(engine, request: Request, sets, ablation: Ablation, readouts, check_layers: bool = False) -> dict:
-    """What intrace.run_request receives: plain data only (token ids, small index lists, the means it needs)."""
+    """What intrace.request_results receives: plain data only (token ids, small index lists, the means it needs);
+    the inputs on the model's device when it runs here."""
+    inputs = engine.runner.inputs
     groups, layers = [], set()
     for part in request.parts:
         chunks = []
@@ -93,8 +98,8 @@ def request_payload(engine, request: Request, sets, ablation: Ablation, readouts
         layers.update(base or {})
         shared = part.batch.shared if not check_layers else None  # a diagnosis runs the whole prompts
         groups.append({
-            "inputs": part.batch.repeated(1) if shared is None else shared.rest.repeated(1),
-            "prefix": None if shared is None else shared.prefix_inputs,
+            "inputs": inputs(part.batch.repeated(1) if shared is None else shared.rest.repeated(1)),
+            "prefix": None if shared is None else inputs(shared.prefix_inputs),
             "base": base,
             "clean": part.clean, "residual_layers": residual_layers, "chunks": chunks,
         })
@@ -129,13 +134,14 @@ def request_payloads(engine, prompts: Sequence[str | Sequence[int]], head_sets: 
     return capture.payloads
 
 
-def stream_remote(engine, schedules: list[GroupSchedule], sets, ablation: Ablation, readouts, stats) -> Iterator[tuple[str, ChunkResult]]:
-    """`Engine.stream` through remote requests: the same passes, grouped into few requests (`pack_requests`)."""
-    stats.setdefault("requests", 0)
+def stream_requests(engine, schedules: list[GroupSchedule], sets, ablation: Ablation, readouts,
+                    stats) -> Iterator[tuple[str, ChunkResult]]:
+    """`Engine.stream`: the groups' passes packed into requests (`pack_requests`), run by the engine's runner (here
+    or remotely), and unpacked into ChunkResults as their results arrive."""
     requests = pack_requests(engine, schedules, readouts)
     for number, request in enumerate(requests, start=1):
         payload = request_payload(engine, request, sets, ablation, readouts)
-        results = iter(engine.runner.request(intrace.run_request, payload, label=_label(request, number, len(requests)), stats=stats))
+        results = engine.runner.results(payload, label=_label(request, number, len(requests)), stats=stats)
         for part in request.parts:
             yield from _unpack_part(engine, part, results, sets, ablation, readouts, stats)
 
@@ -148,7 +154,7 @@ def _label(request: Request, number: int, total: int) -> str:
 
 
 def _unpack_part(engine, part: RequestPart, results, sets, ablation, readouts, stats) -> Iterator[tuple[str, ChunkResult]]:
-    """One group's share of a request's results, in the order intrace.run_request returned them, counted as the
+    """One group's share of a request's results, in the order intrace.request_results yields them, counted as the
     passes the request ran for it."""
     batch, group = part.batch, part.batch.prompt_indices
     n_layers, dtype = engine.layout.n_layers, engine.model.dtype
@@ -174,5 +180,5 @@ def _unpack_part(engine, part: RequestPart, results, sets, ablation, readouts, s
 def _diagnose(engine, batch: Batch, chunk: Chunk, sets, ablation: Ablation, readouts, stats) -> int | None:
     """The first layer whose output is not finite in `chunk`, from one more request that checks every layer."""
     payload = request_payload(engine, Request([RequestPart(batch, False, [chunk])]), sets, ablation, readouts, check_layers=True)
-    flags = engine.runner.request(intrace.run_request, payload, label="diagnosis request (non-finite values)", stats=stats)[0]
+    flags = next(engine.runner.results(payload, label="diagnosis request (non-finite values)", stats=stats))
     return first_non_finite(chunk.start_layer, flags)

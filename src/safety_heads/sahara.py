@@ -238,7 +238,7 @@ class SaharaJob:
                 continue
             _check_group(unit, group)
             scores[layer] = unit.scores
-        for calls in engine_calls(layers, pending, sahara.engine.config.remote, sahara.config.sets_per_call):
+        for calls in engine_calls(layers, pending, sahara.engine.runner.fewest_calls, sahara.config.sets_per_call):
             candidates = [head for _, _, heads in calls for head in heads]
             values = sahara.score_sets(self.tokens, reference, [group + [head] for head in candidates])
             for (layer, head), value in zip(candidates, values):
@@ -338,14 +338,14 @@ def find_group(model: LoadedModel, queries: Sequence[str], config: SaharaConfig,
     return finish(sahara_job(model, queries, config, **options))
 
 
-def engine_calls(layers: list, pending: set[int], remote: bool, sets_per_call: int) -> list[list]:
+def engine_calls(layers: list, pending: set[int], fewest_calls: bool, sets_per_call: int) -> list[list]:
     """A step's (position, layer, heads) cut into engine calls, only those with a layer still to score.
 
     Locally, consecutive layers share a call until it holds `sets_per_call` head sets, and the cut depends on the
     step's layers alone, not on which are finished: a resumed run computes every layer in the same call as an
-    uninterrupted run, so its numbers are identical; each layer is still checkpointed on its own. Remotely, every
-    pending layer in one call (one request instead of one per layer)."""
-    if remote:
+    uninterrupted run, so its numbers are identical; each layer is still checkpointed on its own. With
+    `fewest_calls` (TraceRunner: remotely), every pending layer in one call (one request instead of one per layer)."""
+    if fewest_calls:
         return [[entry for entry in layers if entry[1] in pending]] if pending else []
     blocks, block, size = [], [], 0
     for entry in layers:
