@@ -212,7 +212,7 @@ class CleanPrefill:
                 widen(cache, prompts.rows)
             before = [layer.get_seq_length() for layer in cache.layers]
             outputs: list[torch.Tensor] = []
-            handles = [layer.register_forward_hook(lambda mod, args, output: outputs.append(output))
+            handles = [layer.register_forward_hook(lambda mod, args, output, kept=outputs: kept.append(output))
                        for layer in module.model.layers]
             try:
                 module(**inputs, cache=cache, use_cache=True, logits_to_keep=1)

@@ -20,7 +20,6 @@ from safety_heads.demo.measure import ablated_copy, generate
 from safety_heads.errors import UserError
 from safety_heads.judges import KEYWORD_JUDGES
 from safety_heads.models import ModelConfig, load_model
-from safety_heads.tiny import byte_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "ground_truth.py"
