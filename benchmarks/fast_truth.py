@@ -89,6 +89,7 @@ def truth_answers(module, tokenizer, head_sets: list[HeadSet], tokens: list[list
     check_plain_greedy(module)
     head_dim = checked_head_dim(module)
     n_layers = len(module.model.layers)
+    check_head_sets(head_sets, n_layers, module.config.num_attention_heads)
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))  # generate's batching: by length
     answers: list[list[Answer | None]] = [[None] * len(tokens) for _ in head_sets]
     for start in range(0, len(order), batch_size):
@@ -124,6 +125,16 @@ def stop_judge_list(names: tuple[str, ...] | None) -> list:
     if unknown or not names:
         raise UserError(f"stop judges must be keyword judges ({', '.join(KEYWORD_JUDGES)}), not {list(unknown or names)}")
     return [KEYWORD_JUDGES[name] for name in names]
+
+
+def check_head_sets(head_sets: list[HeadSet], n_layers: int, n_heads: int) -> None:
+    """Every head exists and none is listed twice in a set (`hooked` would scale it twice)."""
+    for heads in head_sets:
+        bad = [(layer, head) for layer, head in heads if not (0 <= layer < n_layers and 0 <= head < n_heads)]
+        if bad:
+            raise UserError(f"head {bad[0][0]}:{bad[0][1]} does not exist ({n_layers} layers x {n_heads} heads)")
+        if len(set(map(tuple, heads))) != len(heads):
+            raise UserError(f"a head set lists a head twice: {sorted(heads)}")
 
 
 def checked_head_dim(module) -> int:
@@ -201,7 +212,7 @@ class CleanPrefill:
                 widen(cache, prompts.rows)
             before = [layer.get_seq_length() for layer in cache.layers]
             outputs: list[torch.Tensor] = []
-            handles = [layer.register_forward_hook(lambda mod, args, output: outputs.append(output))
+            handles = [layer.register_forward_hook(lambda mod, args, output, kept=outputs: kept.append(output))
                        for layer in module.model.layers]
             try:
                 module(**inputs, cache=cache, use_cache=True, logits_to_keep=1)

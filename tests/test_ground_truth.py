@@ -20,7 +20,6 @@ from safety_heads.demo.measure import ablated_copy, generate
 from safety_heads.errors import UserError
 from safety_heads.judges import KEYWORD_JUDGES
 from safety_heads.models import ModelConfig, load_model
-from safety_heads.tiny import byte_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPT = BENCHMARKS / "ground_truth.py"
@@ -280,6 +279,10 @@ def test_fast_truth_refuses_what_it_cannot_reproduce(fast_truth, demo):
     ids = [list(p.token_ids) for p in format_prompts(["Hi"], "chat", demo.tokenizer)]
     with pytest.raises(UserError, match="keyword judges"):
         fast_truth.truth_answers(demo.module, demo.tokenizer, [[]], ids, 4, ("harmbench",))
+    with pytest.raises(UserError, match="twice"):
+        fast_truth.truth_answers(demo.module, demo.tokenizer, [[(1, 2), (1, 2)]], ids, 4)
+    with pytest.raises(UserError, match="does not exist"):
+        fast_truth.truth_answers(demo.module, demo.tokenizer, [[(4, 0)]], ids, 4)
     penalised = demo_as_qwen2(demo)
     penalised.generation_config = transformers.GenerationConfig(**demo.module.generation_config.to_dict())
     penalised.generation_config.repetition_penalty = 1.3
