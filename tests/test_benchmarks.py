@@ -21,3 +21,6 @@ def test_gpu_check_runs_on_small_shapes(tmp_path):
     assert report["correctness_max_rel_error"] <= 1e-5
     assert report["ships_7b"]["max_rel_diff"] <= 1e-4 and report["sahara_7b"]["max_angle_diff"] <= 1e-3
     assert report["ships_7b"]["ratio"] > 0 and report["qwen_bf16"]["per_query"] > 0
+    # the whole study ran as a user types it, on the saved checkpoint, and its stage times came back
+    study = report["study_7b"]
+    assert study["limit"] == 2 and {"ships", "sahara"} <= set(study["stages_s"]) and study["wall_s"] > 0
