@@ -20,12 +20,17 @@ TEST_DEVICE = os.environ.get("SAFETY_HEADS_TEST_DEVICE", "cpu")
 # Largest relative difference (max |fast - reference| / max |reference|) allowed between a fast path and the reference,
 # or between two fast paths, per device type and dtype. Float32 on the CPU: the project's standard (measured errors are
 # a few 1e-7). Float32 on a GPU: other kernels, other summation orders; the H200 measured 3.2e-6 against plain hooks and
-# 1.2e-5 absolute between two batchings of the same rows (../shared/reference/gpu-h200.md), so 5e-5. The engine tests
-# also require every ablation to move the logits by more than 100 times the tolerance, so none can pass by being tiny.
+# 1.2e-5 absolute between two batchings of the same rows (../shared/reference/gpu-h200.md), so 5e-5.
 RELATIVE = {
     ("cpu", torch.float32): 1e-5,
     ("cuda", torch.float32): 5e-5,
 }
+
+
+# Every ablation an engine test compares must move the logits by at least this much (relative), so that a wrong head
+# could not pass: 100 times the CPU tolerance, 20 times the GPU one. It is a property of the test models and prompts,
+# not of the device (the H200 measured 1.7e-3 as the smallest effect in test_ablated_token_log_probs_match_reference).
+MIN_EFFECT = 1e-3
 
 
 def device_type(device: str | torch.device = TEST_DEVICE) -> str:

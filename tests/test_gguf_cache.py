@@ -82,7 +82,7 @@ def test_surgery_on_a_gguf_file_writes_an_ordinary_checkpoint(gguf_file, tmp_pat
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "ablated"
-    assert main(["surgery", "--model", str(gguf_file), "--heads", "1:2", "--out", str(out)]) == 0
+    assert main(["surgery", "--model", str(gguf_file), "--heads", "1:2", *DEVICE_FLAGS, "--out", str(out)]) == 0  # float32
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     ablated = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     clean = load_model(ModelConfig(model=str(gguf_file), device="cpu")).module  # the surgery output, loaded on the CPU

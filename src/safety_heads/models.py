@@ -102,6 +102,9 @@ def _resolve_device(device: str) -> tuple[dict, str]:
         return {"device_map": "auto"}, "cuda"
     if device.startswith("cuda") and gpus == 0:
         raise UserError(f"--device {device} asked for a GPU, but none is visible; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= gpus:  # else a torch error deep inside loading
+        raise UserError(f"--device {device} asked for GPU {device[5:]}, but only {gpus} {'is' if gpus == 1 else 'are'} "
+                        f"visible (cuda:0 to cuda:{gpus - 1})")
     if device == "cpu":
         return {}, "cpu"  # from_pretrained's default; device_map would need accelerate for nothing
     if not device.startswith("cuda"):
