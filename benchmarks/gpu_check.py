@@ -6,15 +6,22 @@
    out of reach from the device): a full Ships sweep of one chat-like prompt (engine) against the per-head loop
    (one nnsight trace per head, timed on `--naive-heads` heads spread over the layers and scaled to all 1024), and
    one Sahara step (every head as a candidate, `--sahara-queries` queries) against the naive step (one trace per
-   query per head set, timed on a few head sets and scaled). FLOP rates against the GPU's measured matmul peak.
+   query per head set, timed on a few head sets and scaled). FLOP rates against the GPU's measured matmul peak; the
+   engine sweep once more with sdpa attention in place of eager (a step towards the peak, measured).
 3. The Qwen study's Ships stage shape: a Qwen2-0.5B-shaped model (24 x 14 heads, 2 KV heads, hidden 896; random
    weights, bfloat16 and float32), 16 chat-like queries, exact Ships over every head: time per query.
+4. The whole study at the paper's model size: the Llama-2-7B-shaped model of stage 2 saved to disk (with the byte
+   tokenizer and its chat template), then `safety-heads run --model DIR --full --limit 32 --max-new-tokens 64` in a
+   process of its own, as a user would type it: its wall time and each stage's time (experiment.json), so a check on
+   a user's card says how long the paper's study takes there. Random weights: the study's numbers mean nothing,
+   its times do (the guard may pass over heads a trained model would keep; see RESULTS.md).
 
-Budget: under 8 minutes on one H200 (the 7B model is built on the GPU directly). On a CPU, `--small` runs the same
-code on small shapes in seconds (tests/test_benchmarks.py does).
+Budget: under 9 minutes on one H200 (the 7B model is built on the GPU directly; the checkpoint needs about 13 GB of
+disk). On a CPU, `--small` runs the same code on small shapes in seconds (tests/test_benchmarks.py does).
 
     python benchmarks/gpu_check.py                 # on the device
     python benchmarks/gpu_check.py --small         # anywhere, to check the script itself
+    python benchmarks/gpu_check.py --no-study      # stages 1-3 only
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,6 +149,24 @@ def ships_ratio(loaded, name, naive_heads, peak):
     return {"engine_s": exact_time, "naive_s": naive_all, "ratio": naive_all / exact_time, "max_rel_diff": error}
 
 
+def ships_attention_variant(loaded, name, peak, implementation):
+    """The same engine sweep with another attention implementation (the edits sit outside the kernel: both exact):
+    a measured step towards the matmul peak, not a change of default."""
+    loaded.module.set_attn_implementation(implementation)
+    try:
+        layout, engine = loaded.layout, Engine(loaded)
+        heads = [(l, h) for l in range(layout.n_layers) for h in range(layout.n_heads)]
+        tokens = list(loaded.tokenizer(SYSTEM + QUERIES[0]).input_ids)
+        ablation, stats = Ablation(kind="ua", epsilon=EPSILON), {}
+        exact_score_maps_of([tokens], heads[:4], engine=engine, ablation=ablation)  # warm-up
+        _, seconds = synced(lambda: exact_score_maps_of([tokens], heads, engine=engine, ablation=ablation, stats=stats))
+    finally:
+        loaded.module.set_attn_implementation("eager")
+    print(f"{name} Ships sweep, attention {implementation}: engine {seconds:.2f} s "
+          f"({stats['flops'] / seconds / 1e12:.1f} TFLOP/s = {stats['flops'] / seconds / peak:.0%} of peak)")
+    return {"engine_s": seconds, "fraction_of_peak": stats["flops"] / seconds / peak}
+
+
 def sahara_ratio(loaded, name, n_queries, naive_sets):
     layout, engine = loaded.layout, Engine(loaded)
     tokens = [list(loaded.tokenizer(SYSTEM + q).input_ids) for q in QUERIES[:n_queries]]
@@ -187,6 +214,31 @@ def qwen_stage(device, shape, dtype):
     return {"seconds": seconds, "per_query": seconds / len(tokens)}
 
 
+def save_checkpoint(loaded, folder: Path) -> float:
+    """The model and its byte tokenizer (chat template included) as an ordinary Hugging Face folder; seconds taken."""
+    _, seconds = synced(lambda: (loaded.module.save_pretrained(folder), loaded.tokenizer.save_pretrained(folder)))
+    return seconds
+
+
+def whole_study(folder: Path, label: str, limit: int, max_new_tokens: int, extra: list[str]) -> dict:
+    """`safety-heads run --full` on the saved checkpoint in its own process; its wall time and stage times."""
+    out = folder.parent / "study"
+    command = [sys.executable, "-m", "safety_heads.cli", "run", "--model", str(folder), "--full", "--limit", str(limit),
+               "--max-new-tokens", str(max_new_tokens), *extra, "--out", str(out)]
+    started = time.perf_counter()
+    sys.stdout.flush()
+    completed = subprocess.run(command)  # its progress lines pass through: a check cut short still shows how far it got
+    wall = time.perf_counter() - started
+    if completed.returncode != 0:
+        raise SystemExit(f"the whole study failed (exit {completed.returncode}): {' '.join(command[1:])}")
+    record = json.loads((out / "experiment.json").read_text())
+    stages = record.get("timings_seconds", {})
+    listed = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items())
+    flags = " ".join(command[command.index("--full"):command.index("--out")])
+    print(f"{label} whole study (safety-heads run {flags}, random weights): {wall:.0f} s wall, exit 0; stages: {listed}")
+    return {"wall_s": wall, "stages_s": stages, "limit": limit, "max_new_tokens": max_new_tokens}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true", help="small shapes (a CPU check of the script)")
@@ -194,6 +246,9 @@ def main():
     parser.add_argument("--sahara-queries", type=int, default=16)
     parser.add_argument("--naive-sets", type=int, default=8)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-study", action="store_true", help="skip stage 4, the whole study on the saved 7B shape")
+    parser.add_argument("--study-limit", type=int, default=None, help="queries per study stage (default 32; 2 with --small)")
+    parser.add_argument("--study-new-tokens", type=int, default=None, help="new tokens per answer (default 64; 8 with --small)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = "small" if args.small else "device"
@@ -208,13 +263,28 @@ def main():
     loaded = build(transformers.LlamaConfig, big, dtype, device)
     label = "Llama-2-7B-shaped" if not args.small else "small Llama"
     report["ships_7b"] = ships_ratio(loaded, label, args.naive_heads, peak)
+    report["ships_7b_sdpa"] = ships_attention_variant(loaded, label, peak, "sdpa")
     report["sahara_7b"] = sahara_ratio(loaded, label, args.sahara_queries, args.naive_sets)
+    scratch = tempfile.TemporaryDirectory(prefix="gpu_check_")
+    folder = Path(scratch.name) / "model"
+    if not args.no_study:
+        seconds = save_checkpoint(loaded, folder)
+        print(f"{label} checkpoint saved ({sum(p.numel() for p in loaded.module.parameters()) / 1e9:.2f}B parameters, "
+              f"{str(dtype).removeprefix('torch.')}) in {seconds:.0f} s")
     del loaded
     if device == "cuda":
         torch.cuda.empty_cache()
     report["qwen_bf16"] = qwen_stage(device, shape, dtype)
     if device == "cuda":
         report["qwen_fp32"] = qwen_stage(device, shape, torch.float32)
+        torch.cuda.empty_cache()  # the study's own process needs the card
+    if not args.no_study:
+        limit = args.study_limit or (2 if args.small else 32)
+        new_tokens = args.study_new_tokens or (8 if args.small else 64)
+        # The script's own check on a CPU: one Sahara step and no harmless guard are enough to see the stage run.
+        extra = ["--steps", "1", "--guard", "none"] if args.small else []
+        report["study_7b"] = whole_study(folder, label, limit, new_tokens, extra)
+    scratch.cleanup()
     report["total_s"] = time.perf_counter() - start
     print(f"total {report['total_s']:.0f} s")
     if args.json:

@@ -238,7 +238,7 @@ def study(args) -> int:
     torch.set_num_threads(args.threads)
     started = time.time()
     log = lambda line: print(f"[{time.time() - started:6.0f}s] {line}", file=sys.stderr, flush=True)  # noqa: E731
-    model = load_model(ModelConfig(model=args.model))
+    model = load_model(ModelConfig(model=args.model, device="cpu"))  # its plain-torch passes feed CPU tensors (--threads)
     module, tokenizer, layout = model.module, model.tokenizer, model.layout
     if model.lm.config.model_type not in ("llama", "mistral", "qwen2"):
         raise UserError(f"the hook reference covers Llama-layout models only, not {model.lm.config.model_type!r}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import transformers
 
+from devices import TEST_DEVICE
 from safety_heads.tiny import byte_tokenizer
 
 VOCAB = len(byte_tokenizer())
@@ -45,7 +46,7 @@ class Family:
                     parameter.normal_(0, INIT)
                 elif "norm" not in name and "ln" not in name:
                     parameter.normal_(0, INIT)  # biases, so q/k/v bias matters in surgery tests
-        return model.eval()
+        return model.eval().to(TEST_DEVICE)  # drawn on the CPU: the same weights on every device
 
 
 _llama_like = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,

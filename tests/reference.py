@@ -17,6 +17,10 @@ def _get(root, path):
     return root
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _ablation_hooks(model, family: Family, heads, kind: str, epsilon: float, means) -> list:
     """Plain forward hooks that ablate `heads` (one per head), returned so the caller removes them."""
     d = family.head_dim
@@ -41,7 +45,7 @@ def _ablation_hooks(model, family: Family, heads, kind: str, epsilon: float, mea
                 if kind == "sc":
                     x[..., columns] *= epsilon
                 else:
-                    x[..., columns] = means[layer, columns].to(x.dtype)
+                    x[..., columns] = means[layer, columns].to(device=x.device, dtype=x.dtype)
                 return (x, *args[1:])
             hooks.append(_get(layers[layer], family.output_module).register_forward_pre_hook(edit_output))
     return hooks
@@ -52,10 +56,10 @@ def reference_readouts(model, family: Family, tokens: list[int], heads, kind: st
     hooks = _ablation_hooks(model, family, heads, kind, epsilon, means)
     captured = {}
     hooks.append(_get(model, family.final_norm).register_forward_hook(
-        lambda module, args, output: captured.__setitem__("hidden", output[0, -1].detach().double())))
+        lambda module, args, output: captured.__setitem__("hidden", output[0, -1].detach().double().cpu())))
     try:
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, -1].double()
+            logits = model(input_ids=torch.tensor([tokens], device=_device(model)), use_cache=False).logits[0, -1].double().cpu()
     finally:
         for hook in hooks:
             hook.remove()
@@ -67,7 +71,7 @@ def reference_token_log_probs(model, family: Family, tokens: list[int], heads, k
     hooks = _ablation_hooks(model, family, heads, kind, epsilon, means)
     try:
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].double()
+            logits = model(input_ids=torch.tensor([tokens], device=_device(model)), use_cache=False).logits[0].double().cpu()
     finally:
         for hook in hooks:
             hook.remove()
@@ -80,7 +84,7 @@ def reference_means(model, family: Family, prompts_tokens: list[list[int]]) -> t
     sums = [torch.zeros(family.n_heads * family.head_dim, dtype=torch.float64) for _ in layers]
     count = 0
     def accumulate(module, args, i):
-        sums[i].add_(args[0][0].double().sum(0))  # returns None: the input passes unchanged
+        sums[i].add_(args[0][0].double().sum(0).cpu())  # returns None: the input passes unchanged
 
     hooks = [
         _get(layer, family.output_module).register_forward_pre_hook(lambda module, args, i=i: accumulate(module, args, i))
@@ -89,7 +93,7 @@ def reference_means(model, family: Family, prompts_tokens: list[list[int]]) -> t
     try:
         with torch.no_grad():
             for tokens in prompts_tokens:
-                model(input_ids=torch.tensor([tokens]), use_cache=False)
+                model(input_ids=torch.tensor([tokens], device=_device(model)), use_cache=False)
                 count += len(tokens)
     finally:
         for hook in hooks:

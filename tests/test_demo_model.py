@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from devices import model_config
 from safety_heads.ablation import Ablation
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.demo import DEMO_MODEL_NAME, DEMO_MODEL_PATH
@@ -23,7 +24,7 @@ from safety_heads.demo.measure import (
     refused_phrase,
 )
 from safety_heads.engine import Engine
-from safety_heads.models import ModelConfig, load_model
+from safety_heads.models import load_model
 
 # The model card's headline ablation: this head, ablated alone with `ua`, is the demo's safety head.
 SAFETY_HEAD = (0, 1)
@@ -33,7 +34,7 @@ MAX_NEW_TOKENS = 16  # the refusal is decided by the first token; 16 are enough 
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_model(ModelConfig(model=str(DEMO_MODEL_PATH)))
+    return load_model(model_config(model=str(DEMO_MODEL_PATH)))  # the checks below were set in float32
 
 
 def _ids(model, queries):
@@ -49,7 +50,7 @@ def test_the_folder_ships_safetensors_only_and_is_small():
 
 
 def test_loads_by_name(demo):
-    by_name = load_model(ModelConfig(model=DEMO_MODEL_NAME))
+    by_name = load_model(model_config(model=DEMO_MODEL_NAME))
     assert by_name.name == DEMO_MODEL_NAME
     for (name, a), (_, b) in zip(demo.module.state_dict().items(), by_name.module.state_dict().items()):
         assert torch.equal(a, b), name
@@ -114,7 +115,7 @@ def test_baked_ablation_matches_the_engine(demo):
     module = ablated_copy(demo, [SAFETY_HEAD], "ua")
     with torch.no_grad():
         for row, prompt in enumerate(ids):
-            logits = module(input_ids=torch.tensor([prompt])).logits[0, -1]
+            logits = module(input_ids=torch.tensor([prompt], device=demo.device)).logits[0, -1].cpu()
             torch.testing.assert_close(logits, run.logits[row, 0], rtol=1e-4, atol=1e-4)
 
 

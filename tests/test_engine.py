@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from devices import MIN_EFFECT, TEST_DEVICE, close, relative_tolerance
 from families import FAMILIES
 from reference import reference_means, reference_readouts, reference_token_log_probs
 from safety_heads.ablation import Ablation
@@ -15,7 +16,7 @@ from safety_heads.errors import UserError
 from safety_heads.models import wrap
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a short poem about the sea, please."]  # three lengths, one batch
-TOLERANCE = 1e-5  # max |engine - reference| / max |reference|, float32
+TOLERANCE = relative_tolerance(TEST_DEVICE, torch.float32)  # max |engine - reference| / max |reference| (devices.py)
 
 
 def relative_error(values, reference):
@@ -55,7 +56,7 @@ def test_engine_matches_reference(family_name, kind):
                 smallest_effect = min(smallest_effect, relative_error(clean_logits, logits))
     assert worst <= TOLERANCE, f"max relative error {worst:.2e}"
     # The comparison can only catch a wrong head if every ablation moves the logits far more than the tolerance.
-    assert smallest_effect > 100 * TOLERANCE, f"an ablation barely changed the logits ({smallest_effect:.1e})"
+    assert smallest_effect > MIN_EFFECT, f"an ablation barely changed the logits ({smallest_effect:.1e})"
 
 
 def test_gqa_is_exercised():
@@ -70,8 +71,8 @@ def test_batching_choices_do_not_change_results(settings):
     head_sets = head_sets_for(family)
     expected = engine.run(PROMPTS, head_sets, readouts=("logits", "hidden"))
     other = Engine(engine.model, EngineConfig(**settings)).run(PROMPTS, head_sets, readouts=("logits", "hidden"))
-    torch.testing.assert_close(other.logits, expected.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(other.hidden, expected.hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other.logits, expected.logits, **close())
+    torch.testing.assert_close(other.hidden, expected.hidden, **close())
     if settings.get("max_batch_rows") == 1:
         assert other.stats["traces"] == len(PROMPTS) * (1 + len(head_sets) - 1)  # a clean pass per prompt + one per set
 
@@ -91,7 +92,7 @@ def test_prefix_reuse_skips_layers():
 def test_head_means_match_reference():
     family, module, engine = wrapped("qwen2")
     tokens = engine.tokenize(PROMPTS)
-    torch.testing.assert_close(engine.head_means(PROMPTS), reference_means(module, family, tokens), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(engine.head_means(PROMPTS), reference_means(module, family, tokens), rtol=TOLERANCE, atol=TOLERANCE / 10)
 
 
 @pytest.mark.parametrize("family_name", ["llama", "gemma2", "gpt2"])
@@ -103,7 +104,7 @@ def test_token_log_probs_match_one_unpadded_pass_each(family_name):
     result = engine.token_log_probs(tokens)
     for ids, values in zip(tokens, result):
         with torch.no_grad():
-            log_probs = torch.log_softmax(module(torch.tensor([ids])).logits[0].double(), dim=-1)
+            log_probs = torch.log_softmax(module(torch.tensor([ids], device=TEST_DEVICE)).logits[0].double().cpu(), dim=-1)
         reference = log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
         assert values.shape == (len(ids) - 1,)
         assert relative_error(values, reference) < TOLERANCE
@@ -140,7 +141,7 @@ def test_ablated_token_log_probs_match_reference(family_name, kind):
                 clean = reference_token_log_probs(module, family, ids, [], kind)[-last:]
                 smallest_effect = min(smallest_effect, relative_error(clean, reference))
     assert worst <= TOLERANCE, f"max relative error {worst:.2e}"
-    assert smallest_effect > 100 * TOLERANCE
+    assert smallest_effect > MIN_EFFECT
 
 
 def test_ablated_token_log_probs_in_remote_simulation_equal_local():
@@ -285,8 +286,8 @@ def test_shared_prefix_with_other_batching_choices(settings):
     shared = Engine(engine.model, EngineConfig(shared_prefix="always", **settings))
     assert all(length is not None for length in shared_lengths(shared, TEMPLATED, head_sets))
     other = shared.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
-    torch.testing.assert_close(other.logits, expected.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(other.hidden, expected.hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(other.logits, expected.logits, **close())
+    torch.testing.assert_close(other.hidden, expected.hidden, **close())
 
 
 def test_shared_prefix_needs_two_prompts_and_a_common_start():

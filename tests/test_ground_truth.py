@@ -45,7 +45,7 @@ def fast_truth():
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_model(ModelConfig(model=str(DEMO_MODEL_PATH)))
+    return load_model(ModelConfig(model=str(DEMO_MODEL_PATH), device="cpu"))  # ground_truth.py's plain torch runs on the CPU
 
 
 @pytest.mark.parametrize("kind, heads", [("ua", [(0, 1)]), ("sc", [(0, 1), (3, 2)]), ("ua", [(0, 6), (2, 3)])])

@@ -21,7 +21,7 @@ def test_tiny_model_is_deterministic():
 def test_load_local_folder(tmp_path):
     save_tiny_llama(tmp_path / "tiny")
     loaded = load_model(ModelConfig(model=str(tmp_path / "tiny"), device="cpu"))
-    reference = load_model(ModelConfig(model="tiny"))
+    reference = load_model(ModelConfig(model="tiny", device="cpu"))
     ids = torch.tensor([[256, 72, 105]])
     with torch.no_grad():
         assert torch.equal(loaded.module(ids).logits, reference.module(ids).logits)
@@ -105,12 +105,13 @@ def test_hub_load_passes_dtype_device_and_attention(monkeypatch, tmp_path):
         (dict(attn_implementation="flash_attention_2"), "unknown attention implementation"),
         (dict(model="org/x", device="tpu"), "unknown device"),
         (dict(model="org/x", device="cuda:0"), "none is visible"),
+        (dict(model="org/x", device="cuda:3"), "asked for GPU 3, but only 1 is visible"),
     ],
 )
 def test_bad_model_settings(settings, message, monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: transformers.AutoConfig.for_model("llama"))
-    if torch.cuda.is_available() and "visible" in message:
-        pytest.skip("a GPU is visible here")
+    gpus = 0 if "none is visible" in message else 1  # the same answer on a machine with GPUs or without
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     with pytest.raises(UserError, match=message):
         load_model(ModelConfig(**settings))
 
@@ -132,3 +133,28 @@ def test_a_hub_id_that_cannot_be_reached_fails_at_once_in_one_line(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
         load_model(ModelConfig(model="no-such-org/x"))
+
+
+def _devices(module) -> set[str]:
+    return {str(parameter.device) for parameter in module.parameters()}
+
+
+def test_wrapping_never_moves_a_module():
+    """A module stays where its owner put it. Without a named device, the pipeline nnsight builds around a ready module
+    moves it to GPU 0 (or, on a machine without one, to the CPU): a module on the meta device shows that on any
+    machine, since moving it fails outright. On a machine with a GPU the CPU and GPU cases are checked too."""
+    from safety_heads.models import wrap
+    from safety_heads.tiny import byte_tokenizer, tiny_llama
+
+    places = ["meta", "cpu"] + (["cuda:0"] if torch.cuda.is_available() else [])
+    for place in places:
+        with torch.device(place):
+            module = tiny_llama()
+        loaded = wrap(module, byte_tokenizer(), "tiny")
+        assert _devices(module) == {place} and loaded.module is module and str(loaded.device) == place, place
+
+
+def test_tiny_model_goes_where_device_says():
+    assert str(load_model(ModelConfig(model="tiny", device="cpu")).device) == "cpu"
+    expected = "cuda:0" if torch.cuda.device_count() == 1 else "cpu"
+    assert str(load_model(ModelConfig(model="tiny")).device) == expected  # auto: the one GPU if there is one

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from devices import model_config
 from families import FAMILIES
 from reference import reference_means, reference_readouts
 
@@ -72,7 +73,7 @@ def test_score_values_signs():
 
 
 def test_learned_direction_is_the_normalised_mean_difference():
-    model = load_model(ModelConfig(model="demo"))
+    model = load_model(model_config(model="demo"))  # float32 on the test device: a float32 comparison
     engine = Engine(model)
     harmful = prompt_tokens("harmful-train", 6, "chat", model.tokenizer)
     harmless = prompt_tokens("harmless-train", 5, "chat", model.tokenizer)

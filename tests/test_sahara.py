@@ -620,7 +620,7 @@ def test_readout_last_layer_is_the_final_norms_input_by_plain_hooks(tmp_path):
     from safety_heads.models import ModelConfig, load_model
     from safety_heads.sahara import Sahara, SaharaConfig
 
-    model = load_model(ModelConfig())
+    model = load_model(ModelConfig(device="cpu"))  # compared with plain passes of CPU tensors below
     tokens = [list(model.tokenizer("How do I pick a lock?").input_ids), list(model.tokenizer("Tell me a secret").input_ids)]
     seen = {}
     norm = model.module.model.norm

@@ -102,11 +102,21 @@ def _resolve_device(device: str) -> tuple[dict, str]:
         return {"device_map": "auto"}, "cuda"
     if device.startswith("cuda") and gpus == 0:
         raise UserError(f"--device {device} asked for a GPU, but none is visible; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= gpus:  # else a torch error deep inside loading
+        raise UserError(f"--device {device} asked for GPU {device[5:]}, but only {gpus} {'is' if gpus == 1 else 'are'} "
+                        f"visible (cuda:0 to cuda:{gpus - 1})")
     if device == "cpu":
         return {}, "cpu"  # from_pretrained's default; device_map would need accelerate for nothing
     if not device.startswith("cuda"):
         raise UserError(f"unknown device '{device}'; choose auto, cpu, cuda, cuda:N or multi")
     return {"device_map": device}, "cuda"
+
+
+def _single_device(placement: dict) -> str:
+    """Where a model built here (not by from_pretrained) goes: the one device of a placement; GPU 0 for "auto" over
+    several GPUs (a tiny model gains nothing from being spread)."""
+    device = placement.get("device_map", "cpu")
+    return "cuda:0" if device == "auto" else device
 
 
 def _resolve_dtype(dtype: str, device_kind: str) -> torch.dtype:
@@ -128,7 +138,10 @@ def prepare_tokenizer(tokenizer):
 
 
 def wrap(module: nn.Module, tokenizer, name: str, config: ModelConfig | None = None) -> LoadedModel:
-    """Wrap an already built transformers model (e.g. one made from a config in a test) for the engine."""
+    """Wrap an already built transformers model (e.g. one made from a config in a test) for the engine.
+
+    The module stays where its owner put it: wrapping never moves it to another device (`load_model` is what places a
+    model, as `--device` says)."""
     import nnsight
 
     config = config or ModelConfig(model=name)
@@ -137,9 +150,18 @@ def wrap(module: nn.Module, tokenizer, name: str, config: ModelConfig | None = N
     if getattr(module.config, "_attn_implementation", None) not in ATTN_IMPLEMENTATIONS:
         module.set_attn_implementation(config.attn_implementation)
     tokenizer = prepare_tokenizer(tokenizer)
-    lm = nnsight.TransformersModel(module, tokenizer=tokenizer)
+    lm = nnsight.TransformersModel(module, tokenizer=tokenizer, **_stay_in_place(module))
     dtype = next(module.parameters()).dtype
     return LoadedModel(lm=lm, tokenizer=tokenizer, layout=layout, name=name, dtype=dtype, config=config)
+
+
+def _stay_in_place(module: nn.Module) -> dict:
+    """The pipeline nnsight builds around a ready module moves it to GPU 0 when no device is named (transformers'
+    Pipeline: device=None means 0), behind the caller's back; naming the module's own device keeps it there. A module
+    spread by accelerate (hf_device_map) is never moved, and the pipeline refuses a device for it."""
+    if getattr(module, "hf_device_map", None) is not None:
+        return {}
+    return {"device": next(module.parameters()).device}
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
@@ -148,10 +170,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if config.model == "tiny":
         from .tiny import TINY_MODEL_NAME, byte_tokenizer, tiny_llama
 
-        _resolve_device(config.device)  # a bad --device, or cuda without a GPU, is refused for it too
-        module = tiny_llama()
-        if config.device.startswith("cuda"):  # else on the CPU, as always: the tests' reference numbers
-            module = module.to(config.device)
+        placement, _ = _resolve_device(config.device)  # a bad --device, or cuda without a GPU, is refused for it too
+        module = tiny_llama().to(_single_device(placement))  # wrap() leaves it there
         module.set_attn_implementation(config.attn_implementation)
         if config.dtype not in ("auto", "float32"):
             module = module.to(DTYPES[config.dtype])

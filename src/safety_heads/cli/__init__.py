@@ -29,6 +29,7 @@ from ..errors import UserError
 from .commands import (command_doctor, command_evaluate, command_export, command_get_model, command_heads,  # noqa: F401
                        command_run, command_sahara, command_ships, command_surgery)
 from .flags import _Help, one_line, values_may_start_with_minus  # noqa: F401 - _Help: tests/test_cli.py
+from .library_logs import held_library_warnings
 from .parser import NOT_FLAGS, _command_configs, build_parser  # noqa: F401 - the tests read both tables
 
 # Nothing here imports torch at module level: importing it takes a second or more, and a Ctrl-C in that second must
@@ -57,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # stderr carries our progress lines and one-line errors only
-        return _command(args.command)(args)
+        with held_library_warnings():  # printed after the command's output; never before or beside an error line
+            return _command(args.command)(args)
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
         return 130
