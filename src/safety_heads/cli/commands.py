@@ -68,6 +68,14 @@ def _rate_text(rates: dict, judge: str) -> str:
     return f"{rates['asr'][judge]:6.1%} [{low:5.1%}-{high:5.1%}]"
 
 
+def _slice_words(source: dict) -> str:
+    """' of maliciousinstruct 51-100': which prompts a command used (nothing for --prompt)."""
+    if not source.get("dataset"):
+        return ""
+    first, last = source["positions"]
+    return f" of {source['dataset']} {first}-{last}"
+
+
 def _nll_text(harmless: dict) -> str:
     """'; answer NLL a -> b' when both sides were scored (evaluate.answer_nll), else nothing."""
     baseline, ablated = harmless["baseline"].get("answer_nll"), harmless["ablated"].get("answer_nll")
@@ -99,7 +107,7 @@ def command_ships(args) -> int:
     queries, source = _queries(args)
     model = _load(args)
     result = run_ships(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
-    print(f"Top heads by mean Ships over {len(result.queries)} quer{'y' if len(result.queries) == 1 else 'ies'} "
+    print(f"Top heads by mean Ships over {len(result.queries)} quer{'y' if len(result.queries) == 1 else 'ies'}{_slice_words(source)} "
           f"({config.ablation}, eps={config.epsilon:g}, {config.method}, score {config.score}, "
           f"template {result.config['template']}):")
     from ..ships import top_heads
@@ -128,7 +136,7 @@ def command_sahara(args) -> int:
     queries, source = _dataset_slice(args)  # run_sahara warns about or drops duplicates
     model = _load(args)
     result = run_sahara(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
-    print(f"Sahara group over {len(queries)} queries ({config.ablation}, eps={config.epsilon:g}, rank {config.rank}, "
+    print(f"Sahara group over {len(queries)} queries{_slice_words(source)} ({config.ablation}, eps={config.epsilon:g}, rank {config.rank}, "
           f"template {result.config['template']}):")
     for step in result.steps:
         guard = ""
