@@ -437,3 +437,15 @@ def test_range_takes_a_slice_and_records_it(tmp_path, capsys):
         assert record["config"]["range"] == "51-53" and record["config"]["positions"] == [51, 53]
         assert record["config"]["n_queries"] == 3
     assert [q["query"] for q in json.loads((tmp_path / "ships" / "ships.json").read_text())["queries"]] == expected
+
+
+def test_run_says_which_mode_it_chose(capsys):
+    """Without --quick or --full the mode follows this machine's GPU (also with --remote): the first line says which."""
+    import torch
+
+    assert main(["run", "--model", "tiny", "--steps", "0", "--out", "unused"]) == 2  # stops at the config check
+    err = capsys.readouterr().err
+    expected = "mode: --full (a local GPU" if torch.cuda.is_available() else "mode: --quick (no local GPU"
+    assert err.startswith(expected) and "--steps must be at least 1" in err
+    assert main(["run", "--model", "tiny", "--quick", "--steps", "0", "--out", "unused"]) == 2
+    assert "mode:" not in capsys.readouterr().err  # chosen by the user: nothing to say
