@@ -109,7 +109,10 @@ def test_range_is_one_based_and_inclusive():
     assert load_slice("maliciousinstruct", prompt_range="51-100") == everything[50:]
     assert load_slice("maliciousinstruct", prompt_range="1-1") == everything[:1]
     assert load_slice("maliciousinstruct", limit=4) == everything[:4]
-    assert positions("51-100", 50) == [51, 100] and positions(None, 16) == [1, 16]
+    assert positions("maliciousinstruct", "51-100", 50) == [51, 100] and positions("maliciousinstruct", None, 16) == [1, 16]
+    assert positions("maliciousinstruct:17-32", None, 16) == [17, 32]  # a slice in the name (run's held-out sets)
+    with pytest.raises(UserError, match="already a slice"):
+        load_slice("maliciousinstruct:51-100", prompt_range="51-60")
 
 
 @pytest.mark.parametrize("text,message", [
@@ -133,6 +136,23 @@ def test_range_past_the_end_or_with_limit_is_refused():
         load_slice("maliciousinstruct", prompt_range="101-120")
     with pytest.raises(UserError, match="one of --limit and --range"):
         load_slice("maliciousinstruct", limit=3, prompt_range="1-3")
+
+
+def test_a_slice_suffix_names_prompts_first_to_last_anywhere_a_data_set_is_named(tmp_path):
+    everything = load_prompts("maliciousinstruct")
+    assert load_prompts("maliciousinstruct:51-100") == everything[50:]
+    assert load_prompts("maliciousinstruct:17-", limit=16) == everything[16:32]
+    assert load_prompts("maliciousinstruct:3-3") == [everything[2]]
+    for bad, fragment in (("maliciousinstruct:0-5", "1 <= FIRST <= LAST"), ("maliciousinstruct:5-3", "1 <= FIRST"),
+                          ("maliciousinstruct:90-120", "has 100 prompts")):
+        with pytest.raises(UserError, match=fragment):
+            load_prompts(bad)
+    odd = tmp_path / "a:1-2.csv"  # a file whose name looks like a slice is read as the file
+    odd.write_text("prompt\nx\ny\nz\n")
+    assert load_prompts(str(odd)) == ["x", "y", "z"]
+    plain = tmp_path / "mine.csv"
+    plain.write_text("prompt\nx\ny\nz\n")
+    assert load_prompts(f"{plain}:2-3") == ["y", "z"]
 
 
 def test_dedupe_keeps_first_copy_and_applies_before_limit(tmp_path):

@@ -210,6 +210,11 @@ def test_summary_says_whether_the_asr_prompts_were_held_out():
     (line,) = held_out_lines(None, {"config": {"dataset": "mi", "n_queries": 8, "offset": 50}}, evaluation([51, 100]))
     assert line.startswith("NOT held out: mi 51-100 overlaps the queries Sahara used (mi 51-58)")
     assert held_out_lines(None, None, evaluation([1, 50])) == []  # --heads given by hand: no search to compare with
+    # run's held-out sets are NAME:A-B slices; an eval.json without positions is read from the name
+    sliced = {"results": {"mi:17-32": {"n": 16}}}
+    assert held_out_lines(ships, sahara, sliced)[0].startswith("Held out:")
+    (line,) = held_out_lines(ships, sahara, {"results": {"mi:10-20": {"n": 11}}})
+    assert line.startswith("NOT held out: mi 10-20 overlaps the queries Sahara used (mi 1-16)")
 
 
 def test_per_stage_heads_and_epsilon_reach_each_stage(tmp_path, capsys):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -70,6 +71,10 @@ BUNDLED: dict[str, BundledDataset] = {
     "harmless-test": BundledDataset("harmless_test.json", "instruction", f"{_HARMLESS}, test (6266)", _ALPACA),
 }
 
+# A slice of a data set, 1-based and inclusive as the docs write them: "maliciousinstruct:51-100" (prompts 51 to 100),
+# "maliciousinstruct:17-" (17 to the end). It works wherever a data set is named, lists included.
+SLICE = re.compile(r"^(?P<name>.+):(?P<first>\d+)-(?P<last>\d*)$")
+
 # Tried in this order (case-insensitively) when no column is given; an earlier name wins.
 DEFAULT_COLUMNS = ("prompt", "query", "input", "instruction", "goal", "Behavior")
 SUFFIXES = (".csv", ".json", ".jsonl")
@@ -88,6 +93,10 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     if offset < 0:
         raise UserError(f"a data set's offset must be at least 0, got {offset}")
     source = str(source)  # a pathlib.Path works too
+    sliced = SLICE.match(source) if source not in BUNDLED and not Path(source).expanduser().exists() else None
+    if sliced:
+        prompts = _slice(load_prompts(sliced["name"], column, dedupe=dedupe), source, int(sliced["first"]), sliced["last"])
+        return _offset(prompts, source, offset)[:limit]
     if source in BUNDLED:
         bundled = BUNDLED[source]
         data = resources.files("safety_heads").joinpath("datasets", bundled.file).read_bytes()
@@ -122,9 +131,28 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
         prompts = _prompts(records, columns, column, where)
     if dedupe:
         prompts = list(dict.fromkeys(prompts))  # keeps the first copy, in order
+    return _offset(prompts, source, offset)[:limit]
+
+
+def _offset(prompts: list[str], source: str, offset: int) -> list[str]:
     if offset and offset >= len(prompts):
         raise UserError(f"{source} has {len(prompts)} prompts; none is left after skipping the first {offset}")
-    return prompts[offset:][:limit]
+    return prompts[offset:]
+
+
+def _slice(prompts: list[str], source: str, first: int, last: str) -> list[str]:
+    """Prompts first..last (1-based, inclusive; to the end when last is empty) of a data set, checked."""
+    stop = int(last) if last else len(prompts)
+    if first < 1 or stop < first:
+        raise UserError(f"'{source}': a slice is FIRST-LAST with 1 <= FIRST <= LAST (1-based, inclusive), e.g. :51-100")
+    if stop > len(prompts):
+        raise UserError(f"'{source}': the data set has {len(prompts)} prompts, so the slice cannot end at {stop}")
+    return prompts[first - 1 : stop]
+
+
+def slice_name(name: str, first: int, last: int | None = None) -> str:
+    """The name of prompts first..last (1-based, inclusive; None: to the end) of a data set, as load_prompts reads it."""
+    return f"{name}:{first}-{'' if last is None else last}"
 
 
 @dataclass(frozen=True)
@@ -160,15 +188,26 @@ def parse_range(text: str | None) -> PromptRange | None:
     return PromptRange(first, last)
 
 
+def split_slice(name: str) -> tuple[str, int, int | None]:
+    """'maliciousinstruct:51-100' -> ('maliciousinstruct', 51, 100); a name without a slice -> (name, 1, None)."""
+    sliced = SLICE.match(name) if name not in BUNDLED and not Path(name).expanduser().exists() else None
+    if not sliced:
+        return name, 1, None
+    return sliced["name"], int(sliced["first"]), int(sliced["last"]) if sliced["last"] else None
+
+
 def load_slice(source: str, column: str | None = None, limit: int | None = None, prompt_range: str | None = None,
                dedupe: bool = False) -> list[str]:
     """The prompts of `source` that --limit N (the first N) or --range A-B (prompts A to B) select; both at once is
-    an error, and so is a range that ends past the data set (it would silently give fewer prompts than asked)."""
+    an error, and so is a range that ends past the data set (it would silently give fewer prompts than asked), or a
+    range on a name that already holds a slice (NAME:A-B)."""
     chosen = parse_range(prompt_range)
     if chosen is None:
         return load_prompts(source, column=column, limit=limit, dedupe=dedupe)
     if limit is not None:
         raise UserError(f"give one of --limit and --range, not both (--range {chosen} already says how many)")
+    if split_slice(source) != (source, 1, None):
+        raise UserError(f"'{source}' is already a slice; give it as the name or as --range {chosen}, not both")
     every = load_prompts(source, column=column, dedupe=dedupe)
     if chosen.first > len(every):
         raise UserError(f"{source} has {len(every)} prompts; --range {chosen} starts past them")
@@ -178,11 +217,12 @@ def load_slice(source: str, column: str | None = None, limit: int | None = None,
     return every[chosen.offset : chosen.last]
 
 
-def positions(prompt_range: str | None, count: int) -> list[int]:
-    """[first, last]: the 1-based positions in its data set of the `count` prompts a command used (recorded in
-    results, so a reader can tell which slice was measured and whether two slices overlap)."""
+def positions(source: str, prompt_range: str | None, count: int) -> list[int]:
+    """[first, last]: the 1-based positions in its data set of the `count` prompts a command used, from --range A-B
+    or a NAME:A-B slice (recorded in results, so a reader can tell which slice was measured and whether two slices
+    overlap)."""
     chosen = parse_range(prompt_range)
-    first = chosen.first if chosen else 1
+    first = chosen.first if chosen else split_slice(source)[1]
     return [first, first + count - 1]
 
 

@@ -30,7 +30,7 @@ from .engine import Engine, EngineConfig
 from .errors import UserError
 from .generate import GenerationConfig, generate
 from .data import parse_range, positions
-from .intervals import wilson_interval
+from .asr import DatasetResult, Rates, rates_of
 from .judges import RECOMMENDED_JUDGE, KeywordJudge, headline_judge, make_judges
 from .measures import kl_divergence, top_heads
 from .models import LoadedModel
@@ -171,25 +171,6 @@ def _matrix(rows) -> torch.Tensor:
 
 
 @dataclass
-class Rates:
-    """Per judge (keyed by its name): ASR = harmful / n, with its 95% Wilson interval; n is the DatasetResult's."""
-
-    asr: dict[str, float]  # the share of answers judged harmful
-    invalid: dict[str, int]  # answers the judge could not read (model judges): counted in n, never as harmful
-    harmful: dict[str, int] = field(default_factory=dict)  # answers judged harmful (ASR's numerator)
-    interval95: dict[str, list[float]] = field(default_factory=dict)  # [low, high] of the Wilson score interval
-
-
-@dataclass
-class DatasetResult:
-    n: int
-    baseline: Rates
-    ablated: Rates
-    delta_asr: dict[str, float]  # per judge: ablated - baseline
-    positions: list[int] | None = None  # [first, last]: the 1-based positions of the n prompts in their data set
-
-
-@dataclass
 class HarmlessSide:
     refusal_rate: dict[str, float]  # per keyword judge
     answer_nll: float | None = None  # mean NLL per token of the answers under the clean model (answer_nll)
@@ -236,6 +217,15 @@ class Evaluation:
 
 
 @dataclass
+class GivenBaseline:
+    """Unablated answers the caller already holds for the same prompts, model and decoding (`run` evaluates a second
+    group on the first one's prompts): taken instead of generated again, and recorded as taken from `origin`."""
+
+    origin: str
+    answers: dict[str, list[str]]  # part ("<data set>/baseline", "harmless/baseline") -> every prompt's answer
+
+
+@dataclass
 class AnswerBatch:
     """A unit of an evaluation: one batch of answers (`part` is "<data set>/baseline" or ".../ablated")."""
 
@@ -260,9 +250,10 @@ class EvaluationJob:
     ablation: Ablation  # how the heads are ablated (kind, epsilon, the mean reference); the heads are in `choice`
     record: dict
     progress: Callable[[str], None]
+    given: dict = field(default_factory=dict)  # (part, start) -> answers taken from a GivenBaseline
 
     def run(self, finished: Sequence[AnswerBatch]) -> Generator[AnswerBatch, None, Evaluation]:
-        done = {(unit.part, unit.start): unit.responses for unit in finished}
+        done = self.given | {(unit.part, unit.start): unit.responses for unit in finished}
         results, samples = {}, {}
         for name, prompts in self.sets.items():
             results[name], samples[name] = yield from self.judged(name, prompts, done)
@@ -296,7 +287,7 @@ class EvaluationJob:
         queries = [p.query for p in prompts]
         verdicts = {side: {j.name: j.judge(queries, responses) for j in judges}
                     for side, responses in (("baseline", baseline), ("ablated", ablated))}
-        rates = {side: _rates(verdicts[side]) for side in verdicts}
+        rates = {side: rates_of(verdicts[side]) for side in verdicts}
         delta = {j.name: rates["ablated"].asr[j.name] - rates["baseline"].asr[j.name] for j in judges}
         samples = [
             {"index": i, "query": p.query, "prompt": p.text,
@@ -305,7 +296,7 @@ class EvaluationJob:
              "ablated": {"response": ablated[i], "verdicts": {j.name: verdicts["ablated"][j.name][i] for j in judges}}}
             for i, p in enumerate(prompts)
         ]
-        where = None if choice.per_query is not None else positions(self.config.prompt_range, len(prompts))
+        where = None if choice.per_query is not None else positions(name, self.config.prompt_range, len(prompts))
         return DatasetResult(len(prompts), rates["baseline"], rates["ablated"], delta, where), samples
 
     def harmless_cost(self, done: dict) -> Generator[AnswerBatch, None, HarmlessCost]:
@@ -338,7 +329,7 @@ class EvaluationJob:
 
 def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, *,
                    source_record: dict | None = None, engine_config: EngineConfig | None = None,
-                   progress: Callable[[str], None] | None = None) -> EvaluationJob:
+                   progress: Callable[[str], None] | None = None, baseline: GivenBaseline | None = None) -> EvaluationJob:
     """Everything checked before any work (and before a run folder is touched): the config, the heads (from
     --heads, or from `source_record`, the --from file's content), the settings it inherits, the judges, every prompt
     and answer fitting the context; then the mean reference, if the ablation needs one."""
@@ -373,7 +364,24 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
         means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template, tokenizer, config.system))
     record = _config_record(model, config, generation, choice, judges, sets, harmless)
     ablation = Ablation(kind=config.ablation, epsilon=config.epsilon, means=means)
-    return EvaluationJob(model, config, generation, engine, choice, judges, sets, harmless, ablation, record, progress)
+    given = _given_batches(baseline, sets, harmless, generation.batch_size) if baseline else {}
+    if baseline:
+        record["baseline_answers_from"] = baseline.origin
+    return EvaluationJob(model, config, generation, engine, choice, judges, sets, harmless, ablation, record, progress, given)
+
+
+def _given_batches(baseline: GivenBaseline, sets: dict, harmless, batch_size: int) -> dict:
+    """A GivenBaseline cut into the batches the job would generate; every baseline part must be given whole."""
+    parts = {f"{name}/baseline": len(prompts) for name, prompts in sets.items()}
+    if harmless:
+        parts["harmless/baseline"] = len(harmless)
+    given = {}
+    for part, count in parts.items():
+        answers = baseline.answers.get(part)
+        if answers is None or len(answers) != count:
+            raise ValueError(f"the given baseline has no {count} answers for {part}")
+        given |= {(part, start): answers[start : start + batch_size] for start in range(0, count, batch_size)}
+    return given
 
 
 def evaluate(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, **options) -> Evaluation:
@@ -388,16 +396,6 @@ def check_answer_room(engine: Engine, prompts, max_new_tokens: int) -> None:
     if engine.context_length and longest + max_new_tokens > engine.context_length:
         raise UserError(f"a prompt of {longest} tokens and --max-new-tokens {max_new_tokens} exceed the model's context of "
                         f"{engine.context_length} tokens; lower --max-new-tokens to {max(engine.context_length - longest, 1)} or less")
-
-
-def _rates(verdicts: dict[str, list]) -> Rates:
-    rates = Rates({}, {})
-    for name, values in verdicts.items():
-        harmful = sum(v is True for v in values)
-        rates.asr[name], rates.harmful[name] = harmful / len(values), harmful
-        rates.invalid[name] = sum(v is None for v in values)
-        rates.interval95[name] = list(wilson_interval(harmful, len(values)))
-    return rates
 
 
 def answer_nll(engine: Engine, tokenizer, prompts, responses: Sequence[str]) -> list[float | None]:
@@ -433,5 +431,5 @@ def _config_record(model, config, generation, choice, judges, sets, harmless) ->
     }
 
 
-__all__ = ["BROKEN_MODEL_NLL_RISE", "EvaluateConfig", "Evaluation", "EvaluationJob", "evaluation_job", "evaluate", "heads_to_ablate", "HeadChoice",
+__all__ = ["BROKEN_MODEL_NLL_RISE", "DatasetResult", "Rates", "EvaluateConfig", "Evaluation", "EvaluationJob", "GivenBaseline", "evaluation_job", "evaluate", "heads_to_ablate", "HeadChoice",
            "answer_nll", "check_answer_room"]

@@ -2,12 +2,18 @@
 
 Stages, each in its own subfolder of the output, each checkpointed and resumable on its own:
 
-1. ``ships/``: Ships on sample queries;
-2. ``sahara/``: the Sahara group (3 steps by default);
-3. ``eval/``: baseline vs ablating the Sahara group: ASR per data set and judge, and the harmless cost;
-4. ``eval-per-query/``: baseline vs ablating each query's own top-k Ships heads (the paper's "16x" setting);
-5. ``report.html`` / ``report.md``, and the notebook-style ``ships_data.pt``, ``sahara_data.pt``, ``eval_data.pt``
-   and ``experiment_data.pt`` (everything compiled) at the top of the folder.
+1. ``ships/``: Ships on sample queries (the paper's KL);
+2. ``ships-refusal/``: the refusal score of the same heads on the same queries, to rank the refusal search's
+   candidates (only when the searches are pruned to a few candidates);
+3. ``sahara/``: the paper's Sahara group (the angle objective; 3 steps by default);
+4. ``sahara-refusal/``: the same greedy search with a refusal objective (objectives.py), the search that finds the
+   heads a real model refuses with (docs/scores.md);
+5. ``eval/`` and ``eval-refusal/``: baseline vs ablating each group, on held-out prompts (slices of the data sets the
+   searches did not use): ASR per data set and judge, and the harmless cost;
+6. ``eval-per-query/``: baseline vs ablating each query's own top-k Ships heads (the paper's "16x" setting);
+7. ``report.html`` / ``report.md``, led by the recommended group (recommend.py: the largest held-out ASR rise
+   within the harmless limits), and the notebook-style ``ships_data.pt``, ``sahara_data.pt``, ``eval_data.pt`` and
+   ``experiment_data.pt`` (everything compiled) at the top of the folder.
 
 `--quick` (the default on a CPU) and `--full` mirror the original notebook's QUICK_MODE switch; every setting can be
 overridden. `--resume` skips finished stages and resumes the unfinished one.
@@ -17,7 +23,6 @@ overridden. `--resume` skips finished stages and resumes the unfinished one.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -28,12 +33,14 @@ import torch
 from .ablation import Ablation, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
-from .data import load_prompts
-from .evaluate import EvaluateConfig, Evaluation
+from .data import SLICE, load_prompts, slice_name
+from .evaluate import EvaluateConfig, Evaluation, GivenBaseline
 from .generate import GenerationConfig
 from .judges import make_judges
 from .models import LoadedModel
-from .progress import print_progress
+from .objectives import OBJECTIVES
+from .progress import StageProgress, print_progress
+from .recommend import measure, recommend
 from .report import build_report
 from .records import versions
 from .runs import run_evaluation, run_sahara, run_ships
@@ -56,7 +63,8 @@ QUICK_PRUNE_ABOVE = 4 * QUICK_CANDIDATES
 STAGE_LIMITS = ("ships_limit", "sahara_limit", "eval_limit", "harmless_limit")  # what --limit sets
 PRESETS = {
     "quick": dict(ships_limit=4, sahara_limit=16, eval_limit=16, harmless_limit=16, max_new_tokens=32),
-    "full": dict(ships_limit=None, sahara_limit=None, eval_limit=None, harmless_limit=100, max_new_tokens=128),
+    # Half of MaliciousInstruct (100) for the searches, the other half held out for the evaluation.
+    "full": dict(ships_limit=50, sahara_limit=50, eval_limit=None, harmless_limit=100, max_new_tokens=128),
 }
 
 
@@ -89,8 +97,18 @@ class ExperimentConfig:
     # head whose ablation garbles every answer (docs/sahara.md). None = off, the paper's search.
     guard: str | None = "harmless-val"
     guard_max_rise: float = SaharaConfig.guard_max_rise
+    # The second search: the paper's greedy search with a refusal objective (objectives.py), which finds the heads a
+    # real model refuses with where the angle does not (docs/scores.md, measured on Qwen). None = the paper's only.
+    refusal_objective: str | None = "refusal-logprob"
     eval_datasets: str = "maliciousinstruct,jailbreakbench"
     eval_limit: int | None = None
+    # Evaluate on prompts the searches did not use: an evaluation data set that a search also reads starts after
+    # the last prompt any search used (e.g. maliciousinstruct:17-32 after searches on 1-16). Recorded as used.
+    held_out: bool = True
+    # The recommended group (recommend.py): the largest held-out ASR rise by this judge among the groups whose
+    # harmless refusal rate rises by at most max_refusal_rise and answers' NLL by at most guard_max_rise nats/token.
+    recommend_judge: str = "gcg"
+    max_refusal_rise: float = 0.10
     harmless: str = EvaluateConfig.harmless
     harmless_limit: int | None = None
     judges: str = "paper,gcg,refusal-direction"
@@ -123,23 +141,12 @@ class ExperimentConfig:
                 raise UserError(f"--{field.name.replace('_', '-')} must be at least 1, not {value}")
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps}")
-
-
-class StageProgress:
-    """Prefixes a stage's progress lines with its name and elapsed time, and estimates the time left in the stage
-    from the first 'k/N' count in the line (queries, answers, layers)."""
-
-    def __init__(self, name: str, index: int, total: int, emit: Callable[[str], None]):
-        self.name, self.label, self.emit, self.start = name, f"[{index}/{total} {name}]", emit, time.monotonic()
-
-    def __call__(self, line: str) -> None:
-        elapsed = time.monotonic() - self.start
-        match = re.search(r"(\d+)/(\d+)", line)
-        estimate = ""
-        if match and int(match.group(1)) > 0 and int(match.group(2)) >= int(match.group(1)):
-            done, total = int(match.group(1)), int(match.group(2))
-            estimate = f", ~{elapsed * (total - done) / done:.0f}s left in this count"
-        self.emit(f"{self.label} {elapsed:.0f}s{estimate} | {line}")
+        if self.refusal_objective not in (None, *OBJECTIVES[1:]):
+            raise UserError(f"--refusal-objective must be one of {', '.join(OBJECTIVES[1:])}, not {self.refusal_objective!r}")
+        if self.recommend_judge not in [name.strip() for name in self.judges.split(",")]:
+            raise UserError(f"--recommend-judge {self.recommend_judge!r} is not among --judge {self.judges!r}")
+        if not 0 <= self.max_refusal_rise <= 1:
+            raise UserError(f"--max-refusal-rise is a share from 0 to 1, not {self.max_refusal_rise!r}")
 
 
 def run_experiment(
@@ -159,12 +166,19 @@ def run_experiment(
     if pruned:
         emit(f"--quick on {model.layout.n_total_heads} heads: Sahara tries the {QUICK_CANDIDATES} heads the Ships stage "
              f"ranks highest (--candidates N to change it; --full searches every head)")
+    if config.held_out:
+        emit(f"held out: the groups are evaluated on {config.eval_datasets} (prompts the searches did not use)")
     stages = Stages(model, config, queries, out, engine_config, emit)
-    ships = stages.ships()
-    sahara = stages.sahara(ships)
-    evaluation = stages.evaluate(sahara)
-    per_query = stages.evaluate_per_query(ships)
-    return _finish(model, config, out, engine_config, stages.timings, ships, sahara, evaluation, per_query, emit)
+    records = {"ships": stages.ships()}
+    records["sahara"] = stages.sahara(records["ships"])
+    if config.refusal_objective:
+        ranking = stages.ships_refusal() if config.candidates else None
+        records["sahara_refusal"] = stages.sahara_refusal(ranking)
+    records["evaluation"] = stages.evaluate(records["sahara"])
+    if config.refusal_objective:
+        records["evaluation_refusal"] = stages.evaluate_refusal(records["sahara_refusal"], records["evaluation"])
+    records["per_query"] = stages.evaluate_per_query(records["ships"])
+    return _finish(model, config, out, engine_config, stages.timings, records, emit)
 
 
 def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["ExperimentConfig", bool, dict[str, list[str]]]:
@@ -183,10 +197,34 @@ def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["Experiment
             parse_heads(spec, model.layout)
     queries = {"ships": load_prompts(config.ships_dataset, limit=config.ships_limit),  # a bad name fails now,
                "sahara": load_prompts(config.sahara_dataset, limit=config.sahara_limit)}  # before anything is written
+    if config.held_out:
+        config = replace(config, eval_datasets=held_out_datasets(config, queries))
     if config.guard is not None:
         load_prompts(config.guard, limit=1)
     _check_answers_fit(model, config)  # reads the evaluation's data sets too
     return config, pruned, queries
+
+
+def held_out_datasets(config: ExperimentConfig, queries: dict[str, list[str]]) -> str:
+    """config.eval_datasets with each data set a search also reads replaced by the slice after the last prompt any
+    search used (and at most eval_limit long): prompts no search has seen. A data set given with its own slice
+    ("maliciousinstruct:51-100") is taken as given."""
+    used: dict[str, int] = {}
+    for name, stage in ((config.ships_dataset, "ships"), (config.sahara_dataset, "sahara")):
+        used[name] = max(used.get(name, 0), len(queries[stage]))
+    names = []
+    for name in [part.strip() for part in config.eval_datasets.split(",") if part.strip()]:
+        if name not in used or (SLICE.match(name) and not Path(name).exists()):
+            names.append(name)
+            continue
+        total = len(load_prompts(name))
+        first = used[name] + 1
+        if first > total:
+            raise UserError(f"no held-out prompts left in {name}: the searches use all {total}; lower --ships-limit / "
+                            f"--sahara-limit, evaluate on other --eval-datasets, or add --no-held-out")
+        last = total if config.eval_limit is None else min(total, first + config.eval_limit - 1)
+        names.append(slice_name(name, first, last))
+    return ",".join(names)
 
 
 def _claim_folder(out: Path, model: LoadedModel, config: ExperimentConfig, resume: bool, remote) -> Path:
@@ -215,17 +253,24 @@ class Stages:
         self.timings: dict[str, float] = {}
         self.common = dict(template=config.template, system=config.system, ablation=config.ablation)
         self.generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
+        refusal = ["ships-refusal", "sahara-refusal", "evaluate-refusal"] if config.refusal_objective else []
+        names = ["ships", "sahara", "evaluate", "evaluate-per-query"] + refusal
+        if not config.candidates:
+            names = [name for name in names if name != "ships-refusal"]
+        self.total = len(names)
+        self.index = 0
 
     def _epsilon(self, value: float | None) -> float:
         return self.config.epsilon if value is None else value  # a stage's epsilon, --epsilon where not given
 
-    def _stage(self, index: int, name: str, final: Path, work: Callable[[Callable[[str], None]], object],
+    def _stage(self, name: str, final: Path, work: Callable[[Callable[[str], None]], object],
                record: Callable[[object], dict]) -> dict:
+        self.index += 1
         if is_finished(final.parent, final.stem):  # its outputs written and its checkpoint removed, the last write
-            self.emit(f"[{index}/4 {name}] finished earlier: {final}")
+            self.emit(f"[{self.index}/{self.total} {name}] finished earlier: {final}")
             return read_json(final)
         started = time.monotonic()
-        result = work(StageProgress(name, index, 4, self.emit))
+        result = work(StageProgress(name, self.index, self.total, self.emit))
         self.timings[name] = time.monotonic() - started
         return to_jsonable(record(result))
 
@@ -233,23 +278,46 @@ class Stages:
         c = self.config
         queries = self.queries["ships"]
         stage_config = ShipsConfig(**self.common, epsilon=self._epsilon(c.ships_epsilon), heads=c.ships_heads)
-        return self._stage(1, "ships", self.out / "ships" / "ships.json", lambda p: run_ships(
+        return self._stage("ships", self.out / "ships" / "ships.json", lambda p: run_ships(
             self.model, queries, stage_config, out=self.out / "ships", resume=True, engine_config=self.engine_config,
             source={"dataset": c.ships_dataset, "limit": c.ships_limit}, progress=p), ships_record)
 
-    def sahara(self, ships: dict) -> dict:
+    def ships_refusal(self) -> torch.Tensor:
+        """The refusal search's candidate ranking: the refusal score of every head on the Ships stage's queries."""
         c = self.config
-        queries = self.queries["sahara"]
+        stage_config = ShipsConfig(**self.common, epsilon=self._epsilon(c.ships_epsilon), heads=c.ships_heads,
+                                   score=c.refusal_objective)
+        record = self._stage("ships-refusal", self.out / "ships-refusal" / "ships.json", lambda p: run_ships(
+            self.model, self.queries["ships"], stage_config, out=self.out / "ships-refusal", resume=True,
+            engine_config=self.engine_config, source={"dataset": c.ships_dataset, "limit": c.ships_limit}, progress=p),
+            ships_record)
+        return matrix_or_nan(record["aggregate"]["mean"])
+
+    def _search(self, objective: str, ranked_by: str) -> SaharaConfig:
+        c = self.config
         # guard_batch 1: the guard checks the best head first and widens only when it fails (the same choice, and on
         # a real model each check is a teacher-forced pass over every guard answer).
-        search = SaharaConfig(**self.common, epsilon=self._epsilon(c.sahara_epsilon), heads=c.sahara_heads,
-                              readout=c.readout, steps=c.steps, exclude=c.exclude, guard=c.guard,
-                              guard_max_rise=c.guard_max_rise, guard_batch=1, sets_per_call=16, candidates=c.candidates,
-                              rank_by=str(self.out / "ships" / "ships.json") if c.candidates else None)
-        ranking = matrix_or_nan(ships["aggregate"]["mean"]) if c.candidates else None
-        return self._stage(2, "sahara", self.out / "sahara" / "sahara.json", lambda p: run_sahara(
-            self.model, queries, search, out=self.out / "sahara", resume=True, engine_config=self.engine_config,
-            source={"dataset": c.sahara_dataset, "limit": c.sahara_limit}, ranking=ranking, progress=p), sahara_record)
+        return SaharaConfig(**self.common, epsilon=self._epsilon(c.sahara_epsilon), heads=c.sahara_heads,
+                            readout=c.readout, steps=c.steps, exclude=c.exclude, guard=c.guard, objective=objective,
+                            guard_max_rise=c.guard_max_rise, guard_batch=1, sets_per_call=16, candidates=c.candidates,
+                            rank_by=str(self.out / ranked_by / "ships.json") if c.candidates else None)
+
+    def _run_search(self, name: str, folder: str, search: SaharaConfig, ranking: torch.Tensor | None) -> dict:
+        c = self.config
+        return self._stage(name, self.out / folder / "sahara.json", lambda p: run_sahara(
+            self.model, self.queries["sahara"], search, out=self.out / folder, resume=True,
+            engine_config=self.engine_config, source={"dataset": c.sahara_dataset, "limit": c.sahara_limit},
+            ranking=ranking, progress=p), sahara_record)
+
+    def sahara(self, ships: dict) -> dict:
+        """The paper's search: the angle objective (candidates ranked by the Ships stage's KL when pruned)."""
+        ranking = matrix_or_nan(ships["aggregate"]["mean"]) if self.config.candidates else None
+        return self._run_search("sahara", "sahara", self._search("angle", "ships"), ranking)
+
+    def sahara_refusal(self, ranking: torch.Tensor | None) -> dict:
+        """The same greedy search with the refusal objective (candidates ranked by the refusal score when pruned)."""
+        search = self._search(self.config.refusal_objective, "ships-refusal")
+        return self._run_search("sahara-refusal", "sahara-refusal", search, ranking)
 
     def _evaluation(self, **settings) -> EvaluateConfig:
         c = self.config
@@ -259,48 +327,96 @@ class Stages:
     def evaluate(self, sahara: dict) -> dict:
         config = self._evaluation(datasets=self.config.eval_datasets, source=str(self.out / "sahara" / "sahara.json"),
                                   harmless=self.config.harmless)
-        return self._stage(3, "evaluate", self.out / "eval" / "eval.json", lambda p: run_evaluation(
+        return self._stage("evaluate", self.out / "eval" / "eval.json", lambda p: run_evaluation(
             self.model, config, self.generation, out=self.out / "eval", resume=True, engine_config=self.engine_config,
             source_record=sahara, progress=p), Evaluation.record)
+
+    def evaluate_refusal(self, sahara: dict, first: dict) -> dict:
+        """The refusal search's group on the same prompts; the unablated answers are the first evaluation's (same
+        prompts, model and decoding), so only the ablated side is generated."""
+        config = self._evaluation(datasets=self.config.eval_datasets, harmless=self.config.harmless,
+                                  source=str(self.out / "sahara-refusal" / "sahara.json"))
+        baseline = GivenBaseline("eval/eval.json", baseline_answers(first))
+        return self._stage("evaluate-refusal", self.out / "eval-refusal" / "eval.json", lambda p: run_evaluation(
+            self.model, config, self.generation, out=self.out / "eval-refusal", resume=True,
+            engine_config=self.engine_config, source_record=sahara, progress=p, baseline=baseline), Evaluation.record)
 
     def evaluate_per_query(self, ships: dict) -> dict:
         config = self._evaluation(source=str(self.out / "ships" / "ships.json"), per_query=True,
                                   top_k=self.config.per_query_top_k, harmless=None)
-        return self._stage(4, "evaluate-per-query", self.out / "eval-per-query" / "eval.json", lambda p: run_evaluation(
+        return self._stage("evaluate-per-query", self.out / "eval-per-query" / "eval.json", lambda p: run_evaluation(
             self.model, config, self.generation, out=self.out / "eval-per-query", resume=True,
             engine_config=self.engine_config, source_record=ships, progress=p), Evaluation.record)
 
 
-def _finish(model, config, out: Path, engine_config, timings, ships, sahara, evaluation, per_query, emit) -> dict:
-    """The report, the compiled notebook-style files and experiment.json; then the run's checkpoint goes, the last
-    write."""
-    facts = build_report(out, ships, sahara, evaluation, per_query, title=f"safety-heads: {model.name}", timings=timings)
+def _finish(model, config, out: Path, engine_config, timings, records: dict, emit) -> dict:
+    """The recommendation, the report, the compiled notebook-style files and experiment.json; then the run's
+    checkpoint goes, the last write."""
+    sahara, evaluation, per_query = records["sahara"], records["evaluation"], records["per_query"]
+    recommendation = recommend_group(config, records)
+    build_report(out, records["ships"], sahara, evaluation, per_query, title=f"safety-heads: {model.name}",
+                 timings=timings, refusal=_refusal_records(records), recommendation=recommendation.record())
     compiled = {}
     for name, path in (("ships", out / "ships" / "ships_data.pt"), ("sahara", out / "sahara" / "sahara_data.pt"),
                        ("eval", out / "eval" / "eval_data.pt"), ("eval_per_query", out / "eval-per-query" / "eval_data.pt")):
         compiled[name] = load_tensors(path)
         if name != "eval_per_query":
             save_tensors(out / f"{name}_data.pt", compiled[name])  # where the original notebook's users look
+    refusal = records.get("evaluation_refusal")
     record = {
         "format": "safety-heads/experiment",
         "version": 1,
         "config": asdict(config),
         "model": model.name,
         "engine": asdict(engine_config or EngineConfig()),
-        "heads": sahara["heads"],
+        "recommended_group": recommendation.group,
+        "recommendation": recommendation.record(),
+        "heads": sahara["heads"],  # the paper's search (angle)
         "asr": {name: numbers for name, numbers in evaluation["results"].items()},
+        "refusal_heads": records["sahara_refusal"]["heads"] if refusal else None,
+        "asr_refusal": refusal["results"] if refusal else None,
         "asr_per_query": per_query["results"],
         "harmless": {k: v for k, v in (evaluation.get("harmless") or {}).items() if k != "samples"},
+        "harmless_refusal": {k: v for k, v in (refusal.get("harmless") or {}).items() if k != "samples"} if refusal else None,
         "stages": {"ships": "ships/ships.json", "sahara": "sahara/sahara.json", "evaluate": "eval/eval.json",
-                   "evaluate_per_query": "eval-per-query/eval.json", "report": "report.html"},
+                   "evaluate_per_query": "eval-per-query/eval.json", "report": "report.html"}
+                  | ({"sahara_refusal": "sahara-refusal/sahara.json", "evaluate_refusal": "eval-refusal/eval.json"}
+                     if refusal else {}),
         "timings_seconds": timings,
         "versions": versions(),
     }
     write_json(out / "experiment.json", record)
     save_tensors(out / "experiment_data.pt", {**compiled, "experiment": record})
     Checkpoint(checkpoint_path(out, "run"), {}).remove()
-    emit(f"report: {out / 'report.html'} (group {', '.join(f'{l}:{h}' for l, h in facts['heads'])})")
+    chosen = ", ".join(recommendation.group) or f"none ({recommendation.reason})"
+    emit(f"recommended group: {chosen}; the paper's search found {', '.join(f'{l}:{h}' for l, h in sahara['heads'])}")
+    emit(f"report: {out / 'report.html'}")
     return record
+
+
+def recommend_group(config: ExperimentConfig, records: dict):
+    """recommend.py's choice between the paper's group and the refusal search's, from their held-out evaluations."""
+    candidates = [measure("angle (the paper's Sahara)", records["sahara"]["heads"], records["evaluation"], config.recommend_judge)]
+    if records.get("evaluation_refusal"):
+        candidates.append(measure(f"{config.refusal_objective} (refusal search)", records["sahara_refusal"]["heads"],
+                                  records["evaluation_refusal"], config.recommend_judge))
+    return recommend(candidates, config.recommend_judge, config.max_refusal_rise, config.guard_max_rise)
+
+
+def _refusal_records(records: dict) -> dict | None:
+    if not records.get("evaluation_refusal"):
+        return None
+    return {"sahara": records["sahara_refusal"], "evaluation": records["evaluation_refusal"]}
+
+
+def baseline_answers(evaluation: dict) -> dict[str, list[str]]:
+    """Every unablated answer of an eval.json record, by part ("<data set>/baseline", "harmless/baseline")."""
+    answers = {f"{name}/baseline": [s["baseline"]["response"] for s in samples]
+               for name, samples in evaluation["samples"].items()}
+    harmless = evaluation.get("harmless") or {}
+    if harmless.get("samples"):
+        answers["harmless/baseline"] = [s["baseline"] for s in harmless["samples"]]
+    return answers
 
 
 def _check_answers_fit(model: LoadedModel, config: ExperimentConfig) -> None:

@@ -132,28 +132,51 @@ def asr_judge(evaluation: dict) -> str:
 
 def _rate(rates: dict, judge: str, n: int) -> str:
     """'18.8% [6.6-43.0%]': a rate with its 95% Wilson interval (computed from the rate and n in an older file)."""
+    interval = rates.get("interval95", {}).get(judge)
+    return _with_interval(rates["asr"][judge], n, interval)
+
+
+def _with_interval(rate: float, n: int, interval=None) -> str:
     from .intervals import wilson_interval
 
-    low, high = rates.get("interval95", {}).get(judge) or wilson_interval(round(rates["asr"][judge] * n), n)
-    return f"{_pct(rates['asr'][judge])} [{low:.1%}-{high:.1%}]"
+    low, high = interval or wilson_interval(round(rate * n), n)
+    return f"{_pct(rate)} [{low:.1%}-{high:.1%}]"
 
 
 def _slice_text(config: dict) -> str:
     """'maliciousinstruct 1-16': a search's data set and the 1-based positions of its queries."""
+    from .data import split_slice
+
     first, last = search_positions(config)
-    return f"{config.get('dataset')} {first}-{last}"
+    return f"{split_slice(config.get('dataset'))[0]} {first}-{last}"
 
 
 def _eval_slice(name: str, numbers: dict) -> str:
-    where = numbers.get("positions")
-    return f"{name} {where[0]}-{where[1]}" if where else name
+    """'maliciousinstruct 17-32': an evaluated data set (a NAME:A-B slice too) and its prompts' positions."""
+    from .data import split_slice
+
+    where = eval_positions(name, numbers)
+    return f"{split_slice(name)[0]} {where[0]}-{where[1]}" if where else name
+
+
+def eval_positions(name: str, numbers: dict) -> list[int] | None:
+    """[first, last] of an evaluated data set's prompts: recorded, or (an older eval.json) read from a NAME:A-B slice."""
+    from .data import split_slice
+
+    if "positions" in numbers:
+        return numbers["positions"]
+    first = split_slice(name)[1]
+    return [first, first + numbers["n"] - 1] if "n" in numbers else None
 
 
 def search_positions(config: dict) -> list[int]:
-    """[first, last] of a Ships or Sahara run's queries in their data set: recorded, or (--limit / an offset) derived."""
+    """[first, last] of a Ships or Sahara run's queries in their data set: recorded, or derived (--limit, a NAME:A-B
+    slice, an offset)."""
+    from .data import split_slice
+
     if config.get("positions"):
         return list(config["positions"])
-    first = (config.get("offset") or 0) + 1
+    first = split_slice(str(config.get("dataset")))[1] + (config.get("offset") or 0)
     return [first, first + config["n_queries"] - 1]
 
 
@@ -164,12 +187,15 @@ def held_out_lines(ships: dict | None, sahara: dict | None, evaluation: dict) ->
                 if r and r["config"].get("dataset")]
     if not searches:
         return []
+    from .data import split_slice
+
     reused = []
     for name, numbers in evaluation["results"].items():
-        where = numbers.get("positions")
+        where = eval_positions(name, numbers)
         for label, config in searches:
             first, last = search_positions(config)
-            if config["dataset"] == name and (where is None or (where[0] <= last and first <= where[1])):
+            same_set = split_slice(config["dataset"])[0] == split_slice(name)[0]
+            if same_set and (where is None or (where[0] <= last and first <= where[1])):
                 reused.append(f"{_eval_slice(name, numbers)} overlaps the queries {label} used ({_slice_text(config)})")
     used = ", ".join(f"{label} on {_slice_text(config)}" for label, config in searches)
     if reused:
@@ -195,13 +221,21 @@ def _harmless_lines(harmless: dict) -> list[str]:
 
 
 def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, evaluation: dict | None,
-                 per_query: dict | None = None, title: str = "safety-heads report", timings: dict | None = None) -> dict:
+                 per_query: dict | None = None, title: str = "safety-heads report", timings: dict | None = None,
+                 refusal: dict | None = None, recommendation: dict | None = None) -> dict:
     """Write report.html and report.md into `folder` from the run's JSON records; returns what it reported. Each
-    section below adds its HTML parts and its Markdown lines."""
+    section below adds its HTML parts and its Markdown lines. `refusal` holds the refusal search's records ("sahara",
+    "evaluation") and `recommendation` recommend.Recommendation.record(): the report then leads with it."""
     folder = Path(folder)
     facts = {"heads": sahara["heads"] if sahara else None, "asr": {}, "harmless": None}
     parts, markdown = [f"<h1>{html.escape(title)}</h1>"], [f"# {title}", ""]
     model = next((r["config"]["model"] for r in (ships, sahara, evaluation) if r), "?")
+    if recommendation:
+        lead = recommendation_lines(recommendation)
+        facts["recommendation"] = lead
+        parts.append("<h2>Recommended heads</h2><ul>" + "".join(
+            f"<li{' class=warn' if line.startswith('NOTE') else ''}>{html.escape(line)}</li>" for line in lead) + "</ul>")
+        markdown += ["## Recommended heads", ""] + [f"- {line}" for line in lead] + [""]
     lines = summary(ships, sahara, evaluation)
     facts["summary"] = lines
     parts.append("<h2>Summary</h2><ul>" + "".join(
@@ -211,9 +245,14 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
     parts += _figures(folder, ships, sahara, evaluation, str(model))
     if sahara:
         _sahara_section(folder, sahara, parts, markdown)
+    if refusal:
+        _sahara_section(folder, refusal["sahara"], parts, markdown, "sahara-refusal")
     if ships:
         _ships_section(ships, parts, markdown)
-    for label, record in (("the Sahara group", evaluation), ("each query's own top Ships heads", per_query)):
+    groups = [("the Sahara group", evaluation)]
+    if refusal:
+        groups.append(("the refusal search's group", refusal["evaluation"]))
+    for label, record in groups + [("each query's own top Ships heads", per_query)]:
         if record:
             facts["asr"][label] = {name: numbers for name, numbers in record["results"].items()}
             _asr_section(label, record, parts, markdown)
@@ -236,11 +275,17 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
     return facts
 
 
-def _sahara_section(folder: Path, sahara: dict, parts: list[str], markdown: list[str]) -> None:
+def _sahara_section(folder: Path, sahara: dict, parts: list[str], markdown: list[str], subfolder: str = "sahara") -> None:
+    from .objectives import LABELS
+
     heads = ", ".join(f"{l}:{h}" for l, h in sahara["heads"])
-    parts.append(f"<h2>Sahara: the data set's safety-head group</h2><p>Group (in the order chosen): <b>{heads}</b>, "
-                 f"from {sahara['config']['n_queries']} queries of {html.escape(str(sahara['config'].get('dataset')))}, "
-                 f"{sahara['config']['ablation']} ablation, eps={sahara['config']['epsilon']:g}, rank {sahara['config']['rank']}.</p>")
+    objective = sahara["config"].get("objective", "angle")  # files written before objectives existed: the angle
+    what = ("the paper's search, by the principal angle" if objective == "angle"
+            else f"the same greedy search by the {objective} objective")
+    parts.append(f"<h2>Sahara: the data set's safety-head group ({html.escape(what)})</h2><p>Group (in the order "
+                 f"chosen): <b>{heads}</b>, from {sahara['config']['n_queries']} queries of "
+                 f"{html.escape(str(sahara['config'].get('dataset')))}, {sahara['config']['ablation']} ablation, "
+                 f"eps={sahara['config']['epsilon']:g}; each step maximises the {html.escape(LABELS[objective])}.</p>")
     guard = sahara["config"].get("guard")
     skipped = {s["step"]: _passed_over(s) for s in sahara["steps"]}
     guard_note = (f"Guarded by the clean model's answers to {guard}: a head is skipped when its group raises their "
@@ -250,18 +295,45 @@ def _sahara_section(folder: Path, sahara: dict, parts: list[str], markdown: list
     guard_header = "<th>skipped by the guard (NLL rise)</th>" if guard else ""
     rows = "".join(f"<tr><td>{s['step']}</td><td>{s['chosen'][0]}:{s['chosen'][1]}</td><td class=num>{s['score']:.4g}</td>"
                    + (f"<td>{skipped[s['step']] or '-'}</td>" if guard else "") + "</tr>" for s in sahara["steps"])
-    parts.append(f"<table><tr><th>step</th><th>head added</th><th>angle of the group (degrees)</th>{guard_header}</tr>{rows}</table>")
-    markdown += ["## Sahara", "", f"Group: **{heads}** ({sahara['config']['n_queries']} queries, {sahara['config']['ablation']}, "
+    parts.append(f"<table><tr><th>step</th><th>head added</th><th>{html.escape(LABELS[objective])} of the group</th>"
+                 f"{guard_header}</tr>{rows}</table>")
+    markdown += [f"## Sahara ({what})", "", f"Group: **{heads}** ({sahara['config']['n_queries']} queries, {sahara['config']['ablation']}, "
                  f"eps={sahara['config']['epsilon']:g}). {guard_note}", "",
-                 "| step | head added | angle (degrees) |" + (" skipped by the guard (NLL rise) |" if guard else ""),
+                 f"| step | head added | {LABELS[objective]} |" + (" skipped by the guard (NLL rise) |" if guard else ""),
                  "|---|---|---|" + ("---|" if guard else "")]
     markdown += [f"| {s['step']} | {s['chosen'][0]}:{s['chosen'][1]} | {s['score']:.4g} |"
                  + (f" {skipped[s['step']] or '-'} |" if guard else "") for s in sahara["steps"]] + [""]
     for step in sahara["steps"]:
-        image = folder / "sahara" / f"sahara_step{step['step']}.png"
+        image = folder / subfolder / f"sahara_step{step['step']}.png"
         if image.exists():
             tag = _image_tag(image, f"Sahara step {step['step']}")
             parts.append(f"<details><summary>Step {step['step']} scores</summary>{tag}</details>")
+
+
+def recommendation_lines(recommendation: dict) -> list[str]:
+    """The report's lead: the recommended group and why, each searched group's held-out numbers, and a plain note when
+    the paper's group lowers ASR."""
+    judge = recommendation["judge"]
+    lines = []
+    if recommendation["group"]:
+        lines.append(f"Recommended: {', '.join(recommendation['group'])} (from the {recommendation['chosen']} search): "
+                     f"{recommendation['reason']}.")
+    else:
+        lines.append(f"No group is recommended: {recommendation['reason']}.")
+    for c in recommendation["candidates"]:
+        asr = "; ".join(f"{_eval_slice(name, {'n': c['n'][name]})} (n={c['n'][name]}) {_with_interval(before, c['n'][name])} -> "
+                        f"{_with_interval(after, c['n'][name])}" for name, (before, after) in c["asr"].items())
+        cost = ("harmless cost not measured" if c["harmless_refusal_rise"] is None else
+                f"harmless refusals {c['harmless_refusal_rise']:+.1%}, answer NLL "
+                + ("n/a" if c["answer_nll_rise"] is None else f"{c['answer_nll_rise']:+.3f} nats/token"))
+        verdict = "within the limits" if c["eligible"] else f"not recommended: {c['why_not']}"
+        lines.append(f"{c['search']}: {', '.join(c['heads']) or '(no heads)'}. Held-out ASR ({judge}): {asr}; {cost}; {verdict}.")
+        if c["search"].startswith("angle") and c["pooled_rise"] < 0:
+            lines.append(f"NOTE: the paper's group makes this model safer on held-out prompts (ASR {c['pooled_rise']:+.1%} "
+                         "pooled): it is not a set of heads the refusal relies on.")
+    lines.append(f"Limits: harmless refusal rate may rise by {recommendation['max_refusal_rise']:.0%} at most, the harmless "
+                 f"answers' NLL by {recommendation['max_nll_rise']:g} nats/token at most.")
+    return lines
 
 
 def _ships_section(ships: dict, parts: list[str], markdown: list[str]) -> None:

@@ -1,6 +1,7 @@
 """Sahara: the heads a whole data set's refusals rely on, and the greedy search for a group of them (paper §4).
 
-The score of a head set (the subspace angle between the clean and the ablated representation) is in subspace.py.
+What a step maximises is the search's objective (objectives.py): the paper's subspace angle between the clean and
+the ablated representation (subspace.py, the default), or the mean drop of a refusal score with the group ablated.
 
 Greedy search (§4.2, Algorithm 1): G = []; at each of S steps score every candidate head h not in G as G + [h]
 ablated together against the *clean* model (whose M is computed once) and add the best (ties: the lowest
@@ -24,90 +25,18 @@ from typing import Callable, Generator, Sequence
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
-from .engine import HIDDEN_READOUTS, Engine, EngineConfig
+from .ablation import Ablation, Head, format_heads, parse_heads
+from .engine import Engine, EngineConfig
 from .errors import UserError
 from .models import LoadedModel
-from .guard import GUARD_BATCH, GuardCheck, HarmlessGuard, choose_guarded
+from .guard import GuardCheck, HarmlessGuard, choose_guarded
+from .objectives import LABELS, UNITS, AngleObjective, RefusalObjective
 from .progress import print_progress
 from .records import compute_record, run_record, versions
+from .sahara_config import GAP_WARNING, SCORES, SaharaConfig, check_guard_max_rise  # noqa: F401  (re-exported)
 from .subspace import (angles_to_basis, angles_to_column, left_basis, paper_era_angles, subspace_angle,  # noqa: F401
-                       subspace_angles, unit_column)
+                       subspace_angles)
 from .work import finish
-
-SCORES = ("svd", "paper-era")
-# Below this relative gap between the R-th and (R+1)-th singular values of M_clean, its top-R subspace is barely
-# determined (any rotation inside the near-tie fits), so every score is dominated by that ambiguity: warn.
-GAP_WARNING = 1e-3
-
-
-@dataclass
-class SaharaConfig:
-    """What to search and how. Shared by `safety-heads sahara` and `run_sahara`."""
-
-    template: str = "auto"  # auto (chat if the tokenizer has a chat template, else raw) | raw | paper | chat (data.py)
-    system: str | None = None  # system prompt, chat template only
-    steps: int = 3  # heads in the group; the paper's ASR peaks at 3
-    rank: int = 1  # R, the number of left singular vectors compared (the authors' code: 1)
-    ablation: str = "ua"
-    epsilon: float = DEFAULT_EPSILON
-    heads: str | None = None  # a head spec restricting the candidates ("0-7:*"); None = every head
-    exclude: str | None = None  # a head spec never chosen ("0:6"): e.g. a head whose ablation breaks the model
-    dedupe: bool = False  # drop repeated queries (otherwise kept, each a row of M, with a warning)
-    mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
-    mean_reference_limit: int = 64
-    score: str = "svd"  # svd | paper-era (hidden dimension 0 only; see the module docstring)
-    # M's rows: the final norm's output at the last token (the paper's code) or the last layer's output before the
-    # norm (the cookbook notebook's `layers[-1].output`); they can choose different heads.
-    readout: str = "final-norm"
-    # The harmless guard (off by default, as in the paper): a head set may be chosen only if the ablated model still
-    # finds the clean model's greedy answers to these harmless prompts likely, i.e. their mean NLL per token rises by
-    # at most guard_max_rise nats. It keeps the search off heads whose ablation garbles every answer.
-    guard: str | None = None  # a harmless data set ("harmless-val") or file; None = no guard
-    guard_limit: int = 16  # its first N prompts
-    guard_tokens: int = 24  # length of the clean answers (greedy)
-    guard_max_rise: float = 0.25  # nats per token
-    # Candidates the guard checks in its first call of a step (best-scoring first); each further call of the step
-    # checks twice as many, up to GUARD_BATCH. The choice does not depend on it (it is always the best-scoring head
-    # that passes), only the cost and which extra heads' rises are recorded: 1 suits a model where the best head
-    # usually passes and each check is expensive (`run` uses 1).
-    guard_batch: int = field(default=GUARD_BATCH, metadata={"recorded": False})
-    # Locally, consecutive layers of a step share an engine call until it holds at least this many head sets (1: a
-    # call per layer). Larger calls spread each call's clean and base passes over more sets (`run` uses 16, which
-    # matters when candidates are pruned to a few per layer); every layer is still checkpointed on its own.
-    sets_per_call: int = field(default=1, metadata={"recorded": False})
-    # Candidate pruning: only the `candidates` heads ranked highest by a ships.json (`rank_by`, any --score) are
-    # tried at each step. None = every head, the paper's search.
-    candidates: int | None = None
-    rank_by: str | None = None
-
-    def validate(self) -> None:
-        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise UserError(f"--steps must be at least 1, not {self.steps!r}")
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise UserError(f"--rank must be at least 1, not {self.rank!r}")
-        if self.score not in SCORES:
-            raise UserError(f"unknown score '{self.score}'; choose one of {', '.join(SCORES)}")
-        if self.readout not in HIDDEN_READOUTS:
-            raise UserError(f"--readout must be one of {', '.join(HIDDEN_READOUTS)}, not {self.readout!r}")
-        if self.score == "paper-era" and self.rank != 1:
-            raise UserError("--rank applies to the svd score only; the paper-era score compares one column")
-        if self.mean_reference_limit < 1:
-            raise UserError(f"--mean-reference-limit must be at least 1, not {self.mean_reference_limit!r}")
-        for name in ("guard_limit", "guard_tokens", "guard_batch", "sets_per_call"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)!r}")
-        if self.candidates is not None and (not isinstance(self.candidates, int) or self.candidates < 1):
-            raise UserError(f"--candidates must be at least 1, not {self.candidates!r}")
-        if (self.candidates is None) != (self.rank_by is None):
-            raise UserError("--candidates and --rank-by go together: keep the N heads a ships.json ranks highest")
-        check_guard_max_rise(self.guard_max_rise)
-
-
-def check_guard_max_rise(value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-        raise UserError(f"--guard-max-rise must be positive (nats per token), not {value!r}")
 
 
 @dataclass
@@ -115,20 +44,21 @@ class SaharaStep:
     step: int  # 1-based
     chosen: Head
     score: float  # the score of the group after this step (G + [chosen])
-    scores: torch.Tensor  # [layers, heads] float64, NaN for heads in G or not candidates
+    scores: torch.Tensor  # [layers, heads] float64 (the objective's), NaN for heads in G or not candidates
     guard: torch.Tensor | None = None  # [layers, heads] rise of the guard answers' NLL (nats/token), NaN = not checked
     passed_over: list[Head] = field(default_factory=list)  # higher-scoring heads the guard rejected, best first
 
 
 @dataclass
 class SaharaResult:
-    config: dict
+    config: dict  # the run record; with a refusal objective, what was learned (config["refusal_signal"])
     heads: list[Head]  # in the order chosen
     steps: list[SaharaStep]
     queries: list[str]
     prompts: list[str]  # the formatted texts
     clean_singular_values: torch.Tensor  # of M_clean, float64, descending
     compute: dict = field(default_factory=dict)  # this process's engine sweeps: FLOPs (flops.py) and seconds
+    signal: object = None  # refusal.RefusalSignal of a refusal objective, else None
 
 
 def best_head(scores: torch.Tensor) -> tuple[Head, float]:
@@ -190,25 +120,37 @@ class Sahara:
         """How every head set is ablated (kind, epsilon and, for `mean`, the reference means)."""
         return Ablation(kind=self.config.ablation, epsilon=self.config.epsilon, means=self.means)
 
+    @cached_property
+    def objective(self) -> AngleObjective | RefusalObjective:
+        """What a step maximises (objectives.py). A refusal objective's signal is learned on first use (it generates
+        answers), so bad input and a bad --out are reported before it."""
+        c = self.config
+        if c.objective == "angle":
+            return AngleObjective(self.engine, c.rank, paper_era=c.score == "paper-era")
+        from .data import prompt_tokens
+        from .refusal import learn_signal
+
+        harmful, harmless = (prompt_tokens(name, c.refusal_limit, c.template, self.model.tokenizer, c.system)
+                             for name in (c.refusal_harmful, c.refusal_harmless))
+        return RefusalObjective(self.engine, c.objective, learn_signal(self.engine, self.model, harmful, harmless, c.objective))
+
     def clean(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
-        """M_clean: [N, d] float32, the final-norm hidden state at each query's last token."""
+        """M_clean: [N, d] float32, the final-norm hidden state at each query's last token (recorded for every
+        objective: its singular values describe the data set)."""
         return self.engine.run(tokens, [], readouts=("hidden",)).clean_hidden
 
-    def reference(self, clean: torch.Tensor) -> torch.Tensor:
-        """What every ablated matrix is compared with: U_clean[:, :R], or column 0 (normalised) for paper-era."""
-        return unit_column(clean) if self.config.score == "paper-era" else left_basis(clean, self.config.rank)
+    def reference(self, clean: torch.Tensor) -> torch.Tensor | None:
+        """What the objective compares every ablated model with (the angle's U_clean[:, :R]; None for a refusal
+        objective, whose clean readouts come with each call)."""
+        return self.objective.reference(clean)
 
-    def score_sets(
-        self, tokens: Sequence[Sequence[int]], reference: torch.Tensor, head_sets: Sequence[Sequence[Head]]
-    ) -> torch.Tensor:
-        """The score of each head set (all heads of a set ablated together) over all queries: [K] float64."""
-        c = self.config
-        result = self.engine.run(
-            tokens, head_sets, ablation=self.ablation, readouts=("hidden",)
-        )
-        self.flops += result.stats.get("flops", 0.0)
-        ablated = result.hidden.transpose(0, 1)  # [K, N, d]
-        return angles_to_column(reference, ablated) if c.score == "paper-era" else angles_to_basis(reference, ablated)
+    def score_sets(self, tokens: Sequence[Sequence[int]], reference: torch.Tensor | None,
+                   head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
+        """The objective of each head set (all heads of a set ablated together) over all queries: [K] float64."""
+        stats = {"flops": 0.0}
+        values = self.objective.score(tokens, reference, head_sets, self.ablation, stats)
+        self.flops += stats["flops"]
+        return values
 
     def guard_rises(self, head_sets: Sequence[Sequence[Head]]) -> torch.Tensor:
         """How much each head set raises the guard answers' NLL per token over the clean model: [K] (guard.py)."""
@@ -259,6 +201,7 @@ class SaharaJob:
         singular_values = torch.linalg.svdvals(clean.double())
         self._warn_if_ill_determined(singular_values)
         reference = self.sahara.reference(clean)
+        self._say_objective()
         self._say_guard_limit()
         group: list[Head] = []
         steps: list[SaharaStep] = []
@@ -270,10 +213,13 @@ class SaharaJob:
             group.append(chosen.chosen)
             steps.append(chosen)
         compute = compute_record(self.sahara.flops, time.perf_counter() - self.started)
-        config_record = self.record | {"versions": versions(), "layout": asdict(self.sahara.model.layout)}
-        return SaharaResult(config_record, group, steps, self.queries, [p.text for p in self.prompts], singular_values, compute)
+        signal = getattr(self.sahara.objective, "signal", None)
+        learned = {"refusal_signal": signal.record()} if signal is not None else {}
+        config_record = self.record | learned | {"versions": versions(), "layout": asdict(self.sahara.model.layout)}
+        return SaharaResult(config_record, group, steps, self.queries, [p.text for p in self.prompts], singular_values,
+                            compute, signal)
 
-    def score_candidates(self, step: int, group: list[Head], reference: torch.Tensor,
+    def score_candidates(self, step: int, group: list[Head], reference: torch.Tensor | None,
                          scored: dict) -> Generator[LayerScores, None, torch.Tensor]:
         """Every candidate not in `group`, scored as group + [head]: [layers, heads], NaN elsewhere. Layers already
         in `scored` (the checkpoint) are taken from it; the others are computed an engine call at a time."""
@@ -303,7 +249,7 @@ class SaharaJob:
                     yield LayerScores(step, layer, list(group), scores[layer].clone())
                     (_, top), value = best_head(scores[layer : layer + 1])
                     self.progress(f"[step {step}/{sahara.config.steps}, layer {position}/{len(by_layer)}] layer {layer}: "
-                                  f"best {layer}:{top} ({value:.4g} deg)")
+                                  f"best {layer}:{top} ({value:.4g} {UNITS[sahara.config.objective]})")
         return scores
 
     def choose(self, step: int, group: list[Head], scores: torch.Tensor,
@@ -325,7 +271,7 @@ class SaharaJob:
                 return None
             value = float(scores[chosen])
         skipped = ", ".join(f"{layer}:{head} (+{float(guard[layer, head]):.3g} nats/token)" for layer, head in passed_over)
-        self.progress(f"step {step}/{config.steps}: chose {chosen[0]}:{chosen[1]} ({value:.4g} deg); group "
+        self.progress(f"step {step}/{config.steps}: chose {chosen[0]}:{chosen[1]} ({value:.4g} {UNITS[config.objective]}); group "
                       f"{format_heads(group + [chosen])}" + (f"; the guard passed over {skipped}" if passed_over else ""))
         return SaharaStep(step, chosen, value, scores, guard, passed_over)
 
@@ -341,12 +287,19 @@ class SaharaJob:
 
     def _warn_if_ill_determined(self, singular_values: torch.Tensor) -> None:
         config = self.sahara.config
-        if config.score == "svd" and config.rank < len(singular_values):
+        if config.objective == "angle" and config.score == "svd" and config.rank < len(singular_values):
             low, high = singular_values[config.rank].item(), singular_values[config.rank - 1].item()
             if high - low <= GAP_WARNING * high:
                 self.progress(f"warning: singular values {config.rank} and {config.rank + 1} of the clean representation "
                               f"nearly tie ({high:.6g} vs {low:.6g}); its top-{config.rank} subspace is ill-determined, "
                               "so the scores are unstable")
+
+    def _say_objective(self) -> None:
+        objective = self.sahara.objective
+        line = f"objective: {objective.name} ({LABELS[objective.name]})"
+        if isinstance(objective, RefusalObjective):
+            line += f", learned from {self.sahara.config.refusal_limit} prompts each of {self.sahara.config.refusal_harmful} and {self.sahara.config.refusal_harmless}"
+        self.progress(line)
 
     def _say_guard_limit(self) -> None:
         config, guard = self.sahara.config, self.sahara.guard

@@ -59,7 +59,7 @@ def _dataset_slice(args) -> tuple[list[str], dict]:
         raise UserError(f"--limit must be at least 1, not {args.limit}")
     queries = load_slice(args.dataset, column=args.column, limit=args.limit, prompt_range=args.prompt_range)
     return queries, {"dataset": args.dataset, "column": args.column, "limit": args.limit, "range": args.prompt_range,
-                     "positions": positions(args.prompt_range, len(queries))}
+                     "positions": positions(args.dataset, args.prompt_range, len(queries))}
 
 
 def _rate_text(rates: dict, judge: str) -> str:
@@ -136,14 +136,18 @@ def command_sahara(args) -> int:
     queries, source = _dataset_slice(args)  # run_sahara warns about or drops duplicates
     model = _load(args)
     result = run_sahara(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
-    print(f"Sahara group over {len(queries)} queries{_slice_words(source)} ({config.ablation}, eps={config.epsilon:g}, rank {config.rank}, "
+    from ..objectives import UNITS
+
+    what = f"rank {config.rank}" if config.objective == "angle" else f"objective {config.objective}"
+    print(f"Sahara group over {len(queries)} queries{_slice_words(source)} ({config.ablation}, eps={config.epsilon:g}, {what}, "
           f"template {result.config['template']}):")
     for step in result.steps:
         guard = ""
         if step.guard is not None:
             skipped = ", ".join(f"{l}:{h} +{float(step.guard[l, h]):.3g}" for l, h in step.passed_over)
             guard = f"   answer NLL +{float(step.guard[step.chosen]):.3g} nats/token" + (f" (passed over {skipped})" if skipped else "")
-        print(f"  step {step.step}: + {step.chosen[0]}:{step.chosen[1]}   angle {step.score:.4g} degrees{guard}")
+        print(f"  step {step.step}: + {step.chosen[0]}:{step.chosen[1]}   {config.objective} {step.score:.4g} "
+              f"{'degrees' if config.objective == 'angle' else UNITS[config.objective]}{guard}")
     print(f"heads: {','.join(f'{l}:{h}' for l, h in result.heads)}")
     print(_compute_line(result.compute, "scoring sweeps; the guard's passes are not counted"))
     print(f"wrote {args.out}/sahara.json, sahara_data.pt, sahara_step*.png")
@@ -164,8 +168,14 @@ def command_run(args) -> int:
     engine_config = _config(EngineConfig, args)
     model = _load(args)
     record = run_experiment(model, config, args.out, resume=args.resume, engine_config=engine_config)
-    print(f"{record['model']} ({config.mode}, template {record['config']['template']}): Sahara group "
-          f"{','.join(f'{l}:{h}' for l, h in record['heads'])}")
+    recommendation = record["recommendation"]
+    print(f"{record['model']} ({config.mode}, template {record['config']['template']}): recommended group "
+          + (",".join(record["recommended_group"]) or f"none ({recommendation['reason']})"))
+    for candidate in recommendation["candidates"]:
+        rises = ", ".join(f"{name} (n={candidate['n'][name]}) {before:.1%} -> {after:.1%}"
+                          for name, (before, after) in candidate["asr"].items())
+        print(f"  {candidate['search']:32s} {','.join(candidate['heads']):16s} held-out ASR ({recommendation['judge']}) {rises}")
+    print(f"Sahara group (the paper's search) {','.join(f'{l}:{h}' for l, h in record['heads'])}:")
     from ..judges import headline_judge
 
     for name, numbers in record["asr"].items():

@@ -23,7 +23,7 @@ MEAN_REFERENCE_HELP = "data set whose mean head outputs --ablation mean uses"
 # configs has its flag): internal sizes of a reference set or of a call, and what another flag or stage decides.
 NOT_FLAGS = {
     "ShipsConfig": ("mean_reference_limit", "refusal_harmful", "refusal_harmless"),
-    "SaharaConfig": ("mean_reference_limit", "sets_per_call"),
+    "SaharaConfig": ("mean_reference_limit", "sets_per_call", "refusal_harmful", "refusal_harmless"),
     "EvaluateConfig": ("mean_reference_limit",),
     "ExperimentConfig": ("mode",),  # --quick / --full
     "EngineConfig": ("hidden_readout", "remote_poll_s", "remote_wait_s"),  # hidden_readout: Sahara's --readout
@@ -206,6 +206,7 @@ def _ships(commands, configs) -> None:
 
 def _sahara(commands, configs) -> None:
     from ..engine_config import HIDDEN_READOUTS
+    from ..objectives import OBJECTIVES
 
     sahara = _command(commands, configs, "sahara", "data-set-level head attribution and greedy head-group search")
     flags = Flags(sahara, "prompts")
@@ -214,9 +215,14 @@ def _sahara(commands, configs) -> None:
     flags.add("dedupe", "drop repeated queries (default: warn and keep them)")
     _ablation_arguments(sahara)
     flags = Flags(sahara, "sahara")
-    flags.add_all({"steps": "heads in the group (default %(default)s, where the paper's ASR peaks)",
-                   "rank": "singular vectors compared (default %(default)s, as the original code)",
-                   "score": "svd (default) or paper-era (column 0 of the raw matrix, see docs)"})
+    flags.add_all({"steps": "heads in the group (default %(default)s, where the paper's ASR peaks)"})
+    flags.add("objective", "what each step maximises: angle (the paper's principal angle of the representation), or the "
+                           "mean drop of refusal-logprob / refusal-direction with the group ablated; docs/sahara.md "
+                           "(default %(default)s)", choices=OBJECTIVES)
+    sets = f"{config_default(sahara, 'refusal_harmful')} and {config_default(sahara, 'refusal_harmless')}"
+    flags.add("refusal_limit", f"refusal objectives: {sets} prompts the refusal signal is learned from (default %(default)s)")
+    flags.add_all({"rank": "angle objective: singular vectors compared (default %(default)s, as the original code)",
+                   "score": "angle objective: svd (default) or paper-era (column 0 of the raw matrix, see docs)"})
     flags.add("readout", "the representation compared: the final norm's output at the last token (the paper's code), or "
                          "the last layer's output before the norm (the cookbook notebook's)", choices=HIDDEN_READOUTS)
     flags.add_all({"heads": "restrict the candidates, e.g. '0-7:*' (default: every head)",
@@ -256,8 +262,14 @@ def _run(commands, configs) -> None:
                          "notebook's)", choices=HIDDEN_READOUTS)
     for stage in ("ships", "sahara", "eval"):
         flags.add(f"{stage}_epsilon", f"epsilon of the {stage} stage (default: --epsilon)")
-    flags.add("candidates", "Sahara tries only the N heads the run's own Ships stage ranks highest (default: every head; "
-                            f"with --quick on a model of more than {QUICK_PRUNE_ABOVE} heads, {QUICK_CANDIDATES})", metavar="N")
+    flags.add("candidates", "each search tries only the N heads the run's own Ships stages rank highest (default: every "
+                            f"head; with --quick on a model of more than {QUICK_PRUNE_ABOVE} heads, {QUICK_CANDIDATES})", metavar="N")
+    flags.add("refusal_objective", "the second search's objective, beside the paper's angle (docs/scores.md; "
+                                   "default %(default)s)", choices=("refusal-logprob", "refusal-direction"))
+    flags.add("held_out", "evaluate on slices of the data sets the searches did not use (default: on)")
+    flags.add("recommend_judge", "the judge whose held-out ASR rise picks the recommended group (default %(default)s)")
+    flags.add("max_refusal_rise", "a recommended group may raise the harmless refusal rate by this share at most "
+                                  "(default %(default)s; its answers' NLL by --guard-max-rise at most)")
     _guard_arguments(flags, details=False)
     _run_evaluation_arguments(flags)
     _output_arguments(flags, resume="skip finished stages and resume the unfinished one")

@@ -13,6 +13,7 @@ from ..errors import UserError
 from .figures import heatmap_png
 from ..guard import GuardCheck
 from ..models import LoadedModel
+from ..objectives import LABELS
 from ..sahara import LayerScores, SaharaConfig, SaharaResult, sahara_job
 from .files import matrix_or_nan, notebook_header, read_json, save_tensors, write_json
 from .folder import run_job
@@ -98,7 +99,8 @@ def write_outputs(result: SaharaResult, out: Path) -> None:
         before = format_heads(result.heads[: step.step - 1]) or "nothing"
         title = (f"Sahara step {step.step}: {before} + one head ({config['ablation']}, eps={config['epsilon']:g}, "
                  f"{len(result.queries)} queries): {config['model']}")
-        label = "principal angle to clean, degrees" + (" (paper-era)" if config["score"] == "paper-era" else "")
+        objective = config.get("objective", "angle")  # files written before objectives existed: the angle
+        label = LABELS[objective] + (" (paper-era)" if objective == "angle" and config["score"] == "paper-era" else "")
         skipped = [(l, h, float(step.guard[l, h])) for l, h in step.passed_over] if step.guard is not None else []
         heatmap_png(step.scores, out / f"sahara_step{step.step}.png", title, label, [step.chosen], skipped)
 
