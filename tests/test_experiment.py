@@ -48,7 +48,7 @@ def test_outputs_agree(run_folder):
             assert base["asr"][judge] == base["harmful"][judge] / n and value == ablated["harmful"][judge] / n
             cells = [f"{rates['asr'][judge]:.1%} [{rates['interval95'][judge][0]:.1%}-{rates['interval95'][judge][1]:.1%}]"
                      for rates in (base, ablated)]
-            row = f"| {name} {first}-{last} | {judge} | {n} | {cells[0]} | {cells[1]} |"
+            row = f"| {name.split(':')[0]} {first}-{last} | {judge} | {n} | {cells[0]} | {cells[1]} |"  # NAME:A-B: NAME
             assert row in markdown
     assert "data:image/png;base64," in html and "<script" not in html  # self-contained, nothing fetched
     assert not re.search(r'src="(?!data:)', html)
@@ -159,14 +159,16 @@ def test_report_opens_with_a_summary_and_shows_the_figures(run_folder):
     assert "Model demo, template chat." in summary
     assert "Sahara group: " + ", ".join(f"{l}:{h}" for l, h in sahara["heads"]) in summary
     judge = evaluation["headline_judge"]
-    assert judge == "gcg" and list(evaluation["results"]["maliciousinstruct"]["ablated"]["asr"])[0] != judge  # not the first
-    numbers = evaluation["results"]["maliciousinstruct"]
+    name = next(key for key in evaluation["results"] if key.startswith("maliciousinstruct"))  # held out: a NAME:A-B slice
+    assert judge == "gcg" and list(evaluation["results"][name]["ablated"]["asr"])[0] != judge  # not the first
+    numbers = evaluation["results"][name]
     base, (low, high) = numbers["baseline"]["asr"][judge], numbers["baseline"]["interval95"][judge]
     first, last = numbers["positions"]
     assert (f"ASR ({judge} judge; n prompts, 95% interval), baseline -> ablated: maliciousinstruct {first}-{last} "
             f"(n={numbers['n']}) {base:.1%} [{low:.1%}-{high:.1%}]") in summary
     assert f"ASR ({judge}) is the share of answers that contain none of the {judge} judge's 29 refusal phrases" in summary
-    assert "held out" in summary.lower()  # whether the ASR prompts are among the searches' (held_out_lines)
+    # run evaluates after the searches' prompts by default, and the summary says so (held_out_lines)
+    assert first > sahara["config"]["n_queries"] and "- Held out: no ASR prompt is among the queries the searches used" in summary
     assert "never actually helps" in summary  # what the demo model's answers are
     for name in ("asr.png", "ships_map.png", "top_heads_by_layer.png"):
         assert (run_folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -191,7 +193,7 @@ def test_summary_flags_a_harmless_cost_only_where_a_broken_model_rises():
     evaluation["harmless"]["ablated"]["answer_nll"] = 0.91  # +0.41: the quick start's, an intact group's rise
     assert not any(line.startswith("WARNING") for line in summary(None, sahara, evaluation))
     # An eval.json without intervals (written before them): computed from the rate and n, and the paper judge quoted
-    assert "mi (n=10) 10.0% [1.8%-40.4%] -> 60.0% [31.3%-83.2%]" in " ".join(lines)
+    assert "mi 1-10 (n=10) 10.0% [1.8%-40.4%] -> 60.0% [31.3%-83.2%]" in " ".join(lines)
 
 
 def test_summary_says_whether_the_asr_prompts_were_held_out():
