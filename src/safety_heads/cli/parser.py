@@ -242,8 +242,8 @@ def _run(commands, configs) -> None:
 
     run = _command(commands, configs, "run", "the whole study: Ships, Sahara, evaluation, report (default model: the demo)")
     flags = Flags(run, "study")
-    flags.plain("--quick", action="store_true", help="small settings: minutes for the demo model, about 15-20 for a 0.5B "
-                "model on 2 CPU cores (default without a local GPU, also with --remote; docs/cost.md)")
+    flags.plain("--quick", action="store_true", help="small settings (what each costs: docs/cost.md; default without a "
+                "local GPU, also with --remote)")
     flags.plain("--full", action="store_true", help="the paper's scale (default with a local GPU)")
     flags.add("template", TEMPLATE_HELP)
     flags.add("system", "system prompt (chat template only; default: the model's own)")
