@@ -21,3 +21,35 @@ def test_gpu_check_runs_on_small_shapes(tmp_path):
     assert report["correctness_max_rel_error"] <= 1e-5
     assert report["ships_7b"]["max_rel_diff"] <= 1e-4 and report["sahara_7b"]["max_angle_diff"] <= 1e-3
     assert report["ships_7b"]["ratio"] > 0 and report["qwen_bf16"]["per_query"] > 0
+
+
+def test_head_truth_study_runs_on_the_demo_model(tmp_path):
+    """Issue 22's study end to end on the demo model at toy sizes: the head set is fixed (and written) before any head
+    is measured, every head of it is measured on both held-out sets, and the tables come out."""
+    import json
+
+    import torch
+
+    scores = tmp_path / "scores.json"
+    generator = torch.Generator().manual_seed(0)
+    scores.write_text(json.dumps({"mean": {name: torch.rand(4, 8, generator=generator).tolist()
+                                           for name in ("kl", "refusal-logprob", "refusal-direction")}}))
+    out = tmp_path / "study"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "head_truth_study.py"), "--model", "demo", "--scores", str(scores),
+         "--out", str(out), "--top", "2", "--random", "3", "--candidates", "4", "--max-new-tokens", "6",
+         "--sahara-steps", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    fixed = json.loads((out / "truth-set.json").read_text())
+    result = json.loads((out / "truth_study.json").read_text())
+    chosen = {tuple(h) for heads in fixed["tops"].values() for h in heads} | {tuple(h) for h in fixed["random"]}
+    measured = {tuple(int(x) for x in row["head"].split(":")) for row in result["truth"]["heads"]}
+    assert measured == chosen and len(fixed["random"]) == 3
+    for entry in result["truth"]["by_score"].values():
+        assert 0 <= entry["precision_at_5"] <= 1
+    groups = result["groups"]
+    assert groups["clean"]["maliciousinstruct-51-100_rise"] == 0 and "refusal-search-k1" in groups
+    assert groups["paper-sahara-k2"]["heads"].count(":") == 2  # the paper's search, run here with 2 steps
+    assert "## Groups, held out" in (out / "truth_study.md").read_text()

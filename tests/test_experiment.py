@@ -55,10 +55,69 @@ def test_outputs_agree(run_folder):
     assert "Content warning" in html
 
 
+def test_both_groups_are_evaluated_on_prompts_the_searches_did_not_use(run_folder):
+    """The searches read MaliciousInstruct 1-4 (Ships 1-2, Sahara 1-4), so the evaluation takes 5-6; JailbreakBench,
+    which no search reads, from its start. The refusal search's group is evaluated on the same prompts, with the
+    first evaluation's unablated answers."""
+    from safety_heads.data import load_prompts
+
+    experiment = json.loads((run_folder / "experiment.json").read_text())
+    assert experiment["config"]["eval_datasets"] == "maliciousinstruct:5-6,jailbreakbench"
+    searched = set(load_prompts("maliciousinstruct", limit=4))
+    first, second = (json.loads((run_folder / name / "eval.json").read_text()) for name in ("eval", "eval-refusal"))
+    queries = [s["query"] for s in first["samples"]["maliciousinstruct:5-6"]]
+    assert queries == load_prompts("maliciousinstruct")[4:6] and not searched & set(queries)
+    assert second["config"]["baseline_answers_from"] == "eval/eval.json"
+    for name, samples in first["samples"].items():
+        assert [s["baseline"] for s in samples] == [s["baseline"] for s in second["samples"][name]]
+    refusal = json.loads((run_folder / "sahara-refusal" / "sahara.json").read_text())
+    assert refusal["config"]["objective"] == "refusal-logprob" and second["heads"] == refusal["heads"]
+    assert experiment["refusal_heads"] == refusal["heads"] and experiment["asr_refusal"] == second["results"]
+
+
+def test_the_recommended_group_is_the_largest_held_out_rise_within_the_limits(run_folder):
+    """experiment.json's recommended_group, recomputed from the two eval.json files by the rule recommend.py
+    documents; the report and the command's output lead with it."""
+    experiment = json.loads((run_folder / "experiment.json").read_text())
+    recommendation = experiment["recommendation"]
+    judge = recommendation["judge"]
+    best, best_rise = [], 0.0
+    for folder, sahara in (("eval", "sahara"), ("eval-refusal", "sahara-refusal")):
+        evaluation = json.loads((run_folder / folder / "eval.json").read_text())
+        rises = [(n["ablated"]["asr"][judge] - n["baseline"]["asr"][judge], n["n"]) for n in evaluation["results"].values()]
+        pooled = sum(r * n for r, n in rises) / sum(n for _, n in rises)
+        harmless = evaluation["harmless"]
+        within = (harmless["ablated"]["refusal_rate"][judge] - harmless["baseline"]["refusal_rate"][judge] <= 0.10
+                  and harmless["ablated"]["answer_nll"] - harmless["baseline"]["answer_nll"] <= 0.25)
+        if within and pooled > best_rise:
+            best, best_rise = [f"{l}:{h}" for l, h in evaluation["heads"]], pooled
+    assert experiment["recommended_group"] == best
+    assert [c["search"] for c in recommendation["candidates"]] == ["angle (the paper's Sahara)", "refusal-logprob (refusal search)"]
+    markdown = (run_folder / "report.md").read_text()
+    assert markdown.index("## Recommended heads") < markdown.index("## Summary")
+    assert "angle (the paper's Sahara)" in markdown and "refusal-logprob (refusal search)" in markdown
+
+
+def test_no_held_out_evaluates_the_first_prompts_and_the_paper_search_alone(tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "--quick", "--out", str(out), *SMALL, "--no-held-out", "--refusal-objective", "refusal-direction"]) == 0
+    experiment = json.loads((out / "experiment.json").read_text())
+    assert experiment["config"]["eval_datasets"] == "maliciousinstruct,jailbreakbench"
+    assert experiment["config"]["refusal_objective"] == "refusal-direction"
+    assert json.loads((out / "sahara-refusal" / "sahara.json").read_text())["config"]["objective"] == "refusal-direction"
+
+
+def test_held_out_with_nothing_left_is_one_line(tmp_path, capsys):
+    code = main(["run", "--quick", "--out", str(tmp_path / "x"), *SMALL[:2], "--sahara-limit", "100", *SMALL[4:]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "no held-out prompts left in maliciousinstruct" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_resume_skips_finished_stages(run_folder, capsys):
     assert main(["run", "--quick", "--out", str(run_folder), "--resume", *SMALL]) == 0
     err = capsys.readouterr().err
-    assert err.count("finished earlier") == 4
+    assert err.count("finished earlier") == 6  # ships, sahara, sahara-refusal, evaluate, evaluate-refusal, per query
 
 
 def test_occupied_folder_needs_resume(run_folder, capsys):
@@ -69,7 +128,7 @@ def test_occupied_folder_needs_resume(run_folder, capsys):
 def test_changed_settings_are_refused_on_resume(tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(Interrupt):  # stop after the first stage
-        run_with_stop(out, after="[2/4 sahara]")
+        run_with_stop(out, after="[2/6 sahara]")
     capsys.readouterr()
     assert main(["run", "--quick", "--out", str(out), "--resume", *SMALL[:-4], "--max-new-tokens", "7", "--steps", "2"]) == 2
     err = capsys.readouterr().err.strip()
@@ -159,7 +218,7 @@ def test_report_opens_with_a_summary_and_shows_the_figures(run_folder):
     assert "Model demo, template chat." in summary
     assert "Sahara group: " + ", ".join(f"{l}:{h}" for l, h in sahara["heads"]) in summary
     judge = evaluation["headline_judge"]
-    name = next(key for key in evaluation["results"] if key.startswith("maliciousinstruct"))  # held out: a NAME:A-B slice
+    name = "maliciousinstruct:5-6"  # the held-out slice after the searches' prompts 1-4
     assert judge == "gcg" and list(evaluation["results"][name]["ablated"]["asr"])[0] != judge  # not the first
     numbers = evaluation["results"][name]
     base, (low, high) = numbers["baseline"]["asr"][judge], numbers["baseline"]["interval95"][judge]

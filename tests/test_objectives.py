@@ -187,3 +187,12 @@ def test_bad_objective_settings_are_one_line(flags, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_model_that_refuses_nothing_is_one_line_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "x"
+    code = main(["sahara", "--model", "tiny", "--dataset", "maliciousinstruct", "--limit", "4", "--objective",
+                 "refusal-logprob", "--refusal-limit", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "refused none of 2 harmful prompts" in err and len(err.splitlines()) == 1
+    assert not out.exists()

@@ -94,6 +94,23 @@ def test_learned_openings_are_first_tokens_of_the_clean_refusals():
     assert model.tokenizer.decode(signal.opening_tokens[:1]).strip() == "I"
 
 
+def test_a_signal_is_learned_once_per_model_and_prompts(monkeypatch):
+    """`run` asks for the same signal in three stages: the answers are generated once; another model, other prompts or
+    another score learn anew."""
+    from safety_heads import generate as generation
+
+    calls = []
+    original = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = load_model(ModelConfig(model="demo"))
+    harmful = prompt_tokens("harmful-train", 4, "chat", model.tokenizer)
+    first = learn_signal(Engine(model), model, harmful, [], "refusal-logprob")
+    assert learn_signal(Engine(model), model, harmful, [], "refusal-logprob") is first and len(calls) == 1
+    learn_signal(Engine(model), model, harmful[:3], [], "refusal-logprob")
+    other = load_model(ModelConfig(model="demo"))
+    assert learn_signal(Engine(other), other, harmful, [], "refusal-logprob") == first and len(calls) == 3
+
+
 def test_no_refusal_means_no_opening_to_learn():
     model = load_model(ModelConfig(model="tiny"))  # random weights: it refuses nothing
     harmful = prompt_tokens("harmful-train", 2, "raw", model.tokenizer)

@@ -150,6 +150,24 @@ def _slice(prompts: list[str], source: str, first: int, last: str) -> list[str]:
     return prompts[first - 1 : stop]
 
 
+def held_out(datasets: str, used: dict[str, int], limit: int | None) -> str:
+    """A comma-separated list of data sets with each one in `used` (name -> how many of its first prompts a search
+    read) replaced by the slice after those, at most `limit` long: prompts no search has seen. A data set not in
+    `used`, or given with its own slice ("maliciousinstruct:51-100"), is kept as given."""
+    names = []
+    for name in [part.strip() for part in datasets.split(",") if part.strip()]:
+        if name not in used:
+            names.append(name)
+            continue
+        total = len(load_prompts(name))
+        first = used[name] + 1
+        if first > total:
+            raise UserError(f"no held-out prompts left in {name}: the searches use all {total}; lower --ships-limit / "
+                            f"--sahara-limit, evaluate on other --eval-datasets, or add --no-held-out")
+        names.append(slice_name(name, first, total if limit is None else min(total, first + limit - 1)))
+    return ",".join(names)
+
+
 def slice_name(name: str, first: int, last: int | None = None) -> str:
     """The name of prompts first..last (1-based, inclusive; None: to the end) of a data set, as load_prompts reads it."""
     return f"{name}:{first}-{'' if last is None else last}"

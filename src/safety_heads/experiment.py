@@ -33,7 +33,7 @@ import torch
 from .ablation import Ablation, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
-from .data import SLICE, load_prompts, slice_name
+from .data import held_out, load_prompts
 from .evaluate import EvaluateConfig, Evaluation, GivenBaseline
 from .generate import GenerationConfig
 from .judges import make_judges
@@ -107,7 +107,7 @@ class ExperimentConfig:
     held_out: bool = True
     # The recommended group (recommend.py): the largest held-out ASR rise by this judge among the groups whose
     # harmless refusal rate rises by at most max_refusal_rise and answers' NLL by at most guard_max_rise nats/token.
-    recommend_judge: str = "gcg"
+    recommend_judge: str | None = None  # None: gcg where --judge has it (the most accurate keyword judge), else the first
     max_refusal_rise: float = 0.10
     harmless: str = EvaluateConfig.harmless
     harmless_limit: int | None = None
@@ -127,6 +127,9 @@ class ExperimentConfig:
         for key, value in preset.items():
             if values[key] is None:
                 values[key] = value
+        if values["recommend_judge"] is None:
+            judges = [name.strip() for name in self.judges.split(",") if name.strip()]
+            values["recommend_judge"] = "gcg" if "gcg" in judges else (judges or ["gcg"])[0]
         return ExperimentConfig(**values)
 
     def validate(self) -> None:
@@ -143,7 +146,7 @@ class ExperimentConfig:
             raise UserError(f"--steps must be at least 1, not {self.steps}")
         if self.refusal_objective not in (None, *OBJECTIVES[1:]):
             raise UserError(f"--refusal-objective must be one of {', '.join(OBJECTIVES[1:])}, not {self.refusal_objective!r}")
-        if self.recommend_judge not in [name.strip() for name in self.judges.split(",")]:
+        if self.recommend_judge is not None and self.recommend_judge not in [j.strip() for j in self.judges.split(",")]:
             raise UserError(f"--recommend-judge {self.recommend_judge!r} is not among --judge {self.judges!r}")
         if not 0 <= self.max_refusal_rise <= 1:
             raise UserError(f"--max-refusal-rise is a share from 0 to 1, not {self.max_refusal_rise!r}")
@@ -168,14 +171,18 @@ def run_experiment(
              f"ranks highest (--candidates N to change it; --full searches every head)")
     if config.held_out:
         emit(f"held out: the groups are evaluated on {config.eval_datasets} (prompts the searches did not use)")
-    stages = Stages(model, config, queries, out, engine_config, emit)
-    records = {"ships": stages.ships()}
+    skipped = refusal_search_skipped(model, config)
+    if skipped:
+        emit(f"no refusal search: {skipped}")
+    refusal = bool(config.refusal_objective) and not skipped
+    stages = Stages(model, config, queries, out, engine_config, emit, refusal)
+    records = {"ships": stages.ships(), "refusal_search_skipped": skipped}
     records["sahara"] = stages.sahara(records["ships"])
-    if config.refusal_objective:
+    if refusal:
         ranking = stages.ships_refusal() if config.candidates else None
         records["sahara_refusal"] = stages.sahara_refusal(ranking)
     records["evaluation"] = stages.evaluate(records["sahara"])
-    if config.refusal_objective:
+    if refusal:
         records["evaluation_refusal"] = stages.evaluate_refusal(records["sahara_refusal"], records["evaluation"])
     records["per_query"] = stages.evaluate_per_query(records["ships"])
     return _finish(model, config, out, engine_config, stages.timings, records, emit)
@@ -205,26 +212,31 @@ def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["Experiment
     return config, pruned, queries
 
 
+def refusal_search_skipped(model: LoadedModel, config: ExperimentConfig) -> str | None:
+    """Why the refusal search cannot run on this model (it refuses none of the prompts the refusal-logprob signal is
+    learned from), or None. Learned again by the stages; a few seconds of generation, paid to decide up front."""
+    if config.refusal_objective != "refusal-logprob":
+        return None
+    from .data import prompt_tokens
+    from .refusal import NoRefusal, learn_signal
+
+    search = SaharaConfig()
+    harmful, harmless = (prompt_tokens(name, search.refusal_limit, config.template, model.tokenizer, config.system)
+                         for name in (search.refusal_harmful, search.refusal_harmless))
+    try:
+        learn_signal(Engine(model), model, harmful, harmless, config.refusal_objective)
+    except NoRefusal as error:
+        return str(error).split(" (refusal-direction")[0]
+    return None
+
+
 def held_out_datasets(config: ExperimentConfig, queries: dict[str, list[str]]) -> str:
-    """config.eval_datasets with each data set a search also reads replaced by the slice after the last prompt any
-    search used (and at most eval_limit long): prompts no search has seen. A data set given with its own slice
-    ("maliciousinstruct:51-100") is taken as given."""
+    """config.eval_datasets with each data set a search also reads cut to the prompts after the last one any search
+    used (data.held_out)."""
     used: dict[str, int] = {}
     for name, stage in ((config.ships_dataset, "ships"), (config.sahara_dataset, "sahara")):
         used[name] = max(used.get(name, 0), len(queries[stage]))
-    names = []
-    for name in [part.strip() for part in config.eval_datasets.split(",") if part.strip()]:
-        if name not in used or (SLICE.match(name) and not Path(name).exists()):
-            names.append(name)
-            continue
-        total = len(load_prompts(name))
-        first = used[name] + 1
-        if first > total:
-            raise UserError(f"no held-out prompts left in {name}: the searches use all {total}; lower --ships-limit / "
-                            f"--sahara-limit, evaluate on other --eval-datasets, or add --no-held-out")
-        last = total if config.eval_limit is None else min(total, first + config.eval_limit - 1)
-        names.append(slice_name(name, first, last))
-    return ",".join(names)
+    return held_out(config.eval_datasets, used, config.eval_limit)
 
 
 def _claim_folder(out: Path, model: LoadedModel, config: ExperimentConfig, resume: bool, remote) -> Path:
@@ -247,13 +259,14 @@ class Stages:
     """The four stages, each run into its own subfolder (or read back from it when finished earlier), each returning
     its JSON record (what its file holds), so the next stage and the report take it in memory."""
 
-    def __init__(self, model, config: ExperimentConfig, queries: dict[str, list[str]], out: Path, engine_config, emit):
+    def __init__(self, model, config: ExperimentConfig, queries: dict[str, list[str]], out: Path, engine_config, emit,
+                 refusal: bool):
         self.model, self.config, self.out, self.engine_config, self.emit = model, config, out, engine_config, emit
         self.queries = queries  # the Ships and Sahara stages' queries, read (and checked) before the folder was touched
         self.timings: dict[str, float] = {}
         self.common = dict(template=config.template, system=config.system, ablation=config.ablation)
         self.generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
-        refusal = ["ships-refusal", "sahara-refusal", "evaluate-refusal"] if config.refusal_objective else []
+        refusal = ["ships-refusal", "sahara-refusal", "evaluate-refusal"] if refusal else []
         names = ["ships", "sahara", "evaluate", "evaluate-per-query"] + refusal
         if not config.candidates:
             names = [name for name in names if name != "ships-refusal"]
@@ -374,6 +387,7 @@ def _finish(model, config, out: Path, engine_config, timings, records: dict, emi
         "heads": sahara["heads"],  # the paper's search (angle)
         "asr": {name: numbers for name, numbers in evaluation["results"].items()},
         "refusal_heads": records["sahara_refusal"]["heads"] if refusal else None,
+        "refusal_search_skipped": records["refusal_search_skipped"],
         "asr_refusal": refusal["results"] if refusal else None,
         "asr_per_query": per_query["results"],
         "harmless": {k: v for k, v in (evaluation.get("harmless") or {}).items() if k != "samples"},

@@ -20,11 +20,14 @@ Positive = the ablation weakens the refusal; negative = strengthens it. ``kl`` i
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from .errors import UserError
 
 SCORES = ("kl", "refusal-logprob", "refusal-direction")
 SCORE_LABELS = {
@@ -33,6 +36,10 @@ SCORE_LABELS = {
     "refusal-direction": "drop along the refusal direction",
 }
 OPENING_TOKENS = 8  # long enough for "I'm sorry, but I can't" to show one of the phrases
+
+
+class NoRefusal(UserError):
+    """The clean model shows no refusal to learn from (it refuses none of the harmful prompts)."""
 
 
 @dataclass
@@ -63,9 +70,24 @@ def is_refusal(text: str) -> bool:
     return KEYWORD_JUDGES["refusal-direction"].refused(text)
 
 
+# Signals learned in this process, per model module (held weakly: a freed model takes its signals with it): `run`
+# needs the same one in up to three stages (the check that the model refuses, the refusal Ships ranking, the refusal
+# search), and learning it means generating answers. Keyed by everything else that determines it.
+_LEARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def learn_signal(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], need: str) -> RefusalSignal:
-    """The refusal direction (for ``refusal-direction``) or opening tokens (``refusal-logprob``) from clean runs."""
-    from .errors import UserError
+    """The refusal direction (for ``refusal-direction``) or opening tokens (``refusal-logprob``) from clean runs;
+    learned once per process for the same model, engine readout and place, prompts and score."""
+    key = (need, engine.config.hidden_readout, str(engine.config.remote), tuple(map(tuple, harmful)),
+           tuple(map(tuple, harmless)))
+    learned = _LEARNED.setdefault(model.module, {})
+    if key not in learned:
+        learned[key] = _learn(engine, model, harmful, harmless, need)
+    return learned[key]
+
+
+def _learn(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], need: str) -> RefusalSignal:
     from .generate import GenerationConfig, generate
 
     direction = norm = None
@@ -79,16 +101,16 @@ def learn_signal(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequ
         difference = hidden[: len(harmful)].mean(0) - hidden[len(harmful):].mean(0)
         norm = float(difference.norm())
         if not norm > 0:
-            raise UserError("harmful and harmless prompts give the same mean residual: no refusal direction to learn")
+            raise NoRefusal("harmful and harmless prompts give the same mean residual: no refusal direction to learn")
         direction = difference / norm
     else:
         answers = generate(model, harmful, config=GenerationConfig(max_new_tokens=OPENING_TOKENS, batch_size=16), engine=engine)
         first = Counter(a.token_ids[0] for a in answers if a.token_ids and is_refusal(a.text))
         n_refusals = sum(first.values())
         if not first:
-            raise UserError(
+            raise NoRefusal(
                 f"the clean model refused none of {len(harmful)} harmful prompts (no refusal phrase in its first "
-                f"{OPENING_TOKENS} tokens), so there is no refusal opening to score; use --score kl or refusal-direction"
+                f"{OPENING_TOKENS} tokens), so there is no refusal opening to score (refusal-direction needs none)"
             )
         for token, count in first.most_common():
             tokens.append(int(token))

@@ -327,6 +327,8 @@ def sahara_job(model: LoadedModel, queries: Sequence[str], config: SaharaConfig,
     tokens = sahara.engine.tokenize([p.token_ids for p in prompts])
     if sahara.guard is not None:
         sahara.guard.answers  # a bad --guard data set fails here, before anything is written
+    if config.objective != "angle":
+        sahara.objective  # a model that refuses nothing fails here, before anything is written
     record = run_record(model, config, queries, source or {}) | {"duplicates": duplicates}
     return SaharaJob(sahara, queries, prompts, tokens, record, progress)
 

@@ -267,7 +267,8 @@ def _run(commands, configs) -> None:
     flags.add("refusal_objective", "the second search's objective, beside the paper's angle (docs/scores.md; "
                                    "default %(default)s)", choices=("refusal-logprob", "refusal-direction"))
     flags.add("held_out", "evaluate on slices of the data sets the searches did not use (default: on)")
-    flags.add("recommend_judge", "the judge whose held-out ASR rise picks the recommended group (default %(default)s)")
+    flags.add("recommend_judge", "the judge whose held-out ASR rise picks the recommended group (default: gcg if "
+                                 "--judge has it, else the first)")
     flags.add("max_refusal_rise", "a recommended group may raise the harmless refusal rate by this share at most "
                                   "(default %(default)s; its answers' NLL by --guard-max-rise at most)")
     _guard_arguments(flags, details=False)
