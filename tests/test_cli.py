@@ -183,6 +183,13 @@ BAD = [
     (["heads", "--model", "{root}/ok.json"], "is a file"),
     (["get-model", "nosuch"], "unknown model 'nosuch'"),
     (["doctor", "--timeout", "0"], "--timeout must be a positive number"),
+    (["ships", "--prompt", "hi", "--range", "1-2", "--out", "{out}"], "--range applies to --dataset, not to --prompt"),
+    (["ships", "--dataset", "maliciousinstruct", "--range", "51-120", "--out", "{out}"],
+     r"has 100 prompts; --range 51-120 ends past them \(--range 51-100 is the rest\)"),
+    (["sahara", "--dataset", "maliciousinstruct", "--range", "1-8", "--limit", "4", "--out", "{out}"], "one of --limit and --range"),
+    (["sahara", "--dataset", "maliciousinstruct", "--range", "8", "--out", "{out}"], "is not A-B"),
+    (["evaluate", "--heads", "0:1", "--range", "0-4", "--out", "{out}"], r"need 1 <= A <= B"),
+    (["evaluate", "--heads", "0:1", "--range", "1-4", "--limit", "2", "--out", "{out}"], "one of --limit and --range"),
 ]
 
 
@@ -413,3 +420,32 @@ def test_a_value_the_help_marks_as_the_default_is_the_default():
                 assert marked == action.default, f"{name} {action.option_strings[0]}: help says {marked}, default {action.default}"
                 checked += 1
     assert checked >= 8
+
+
+def test_range_takes_a_slice_and_records_it(tmp_path, capsys):
+    """--range 51-53 on ships and sahara: exactly MaliciousInstruct's prompts 51 to 53, said and recorded."""
+    from safety_heads.data import load_prompts
+
+    expected = load_prompts("maliciousinstruct")[50:53]
+    for command in ("ships", "sahara"):
+        out = tmp_path / command
+        extra = ["--steps", "1"] if command == "sahara" else []
+        assert main([command, "--model", "tiny", "--dataset", "maliciousinstruct", "--range", "51-53", *extra,
+                     "--out", str(out)]) == 0
+        assert "3 queries of maliciousinstruct 51-53" in capsys.readouterr().out
+        record = json.loads((out / f"{command}.json").read_text())
+        assert record["config"]["range"] == "51-53" and record["config"]["positions"] == [51, 53]
+        assert record["config"]["n_queries"] == 3
+    assert [q["query"] for q in json.loads((tmp_path / "ships" / "ships.json").read_text())["queries"]] == expected
+
+
+def test_run_says_which_mode_it_chose(capsys):
+    """Without --quick or --full the mode follows this machine's GPU (also with --remote): the first line says which."""
+    import torch
+
+    assert main(["run", "--model", "tiny", "--steps", "0", "--out", "unused"]) == 2  # stops at the config check
+    err = capsys.readouterr().err
+    expected = "mode: --full (a local GPU" if torch.cuda.is_available() else "mode: --quick (no local GPU"
+    assert err.startswith(expected) and "--steps must be at least 1" in err
+    assert main(["run", "--model", "tiny", "--quick", "--steps", "0", "--out", "unused"]) == 2
+    assert "mode:" not in capsys.readouterr().err  # chosen by the user: nothing to say

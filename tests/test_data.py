@@ -100,6 +100,44 @@ def test_offset_takes_a_slice_and_refuses_one_past_the_end():
         load_prompts("maliciousinstruct", offset=-1)
 
 
+def test_range_is_one_based_and_inclusive():
+    """--range 51-100 is the paper's "MaliciousInstruct 51-100": prompts 51 to 100, the second half."""
+    from safety_heads.data import PromptRange, load_slice, parse_range, positions
+
+    everything = load_prompts("maliciousinstruct")
+    assert parse_range("51-100") == PromptRange(51, 100) and parse_range(" 3-3 ").count == 1 and parse_range(None) is None
+    assert load_slice("maliciousinstruct", prompt_range="51-100") == everything[50:]
+    assert load_slice("maliciousinstruct", prompt_range="1-1") == everything[:1]
+    assert load_slice("maliciousinstruct", limit=4) == everything[:4]
+    assert positions("maliciousinstruct", "51-100", 50) == [51, 100] and positions("maliciousinstruct", None, 16) == [1, 16]
+    assert positions("maliciousinstruct:17-32", None, 16) == [17, 32]  # a slice in the name (run's held-out sets)
+    with pytest.raises(UserError, match="already a slice"):
+        load_slice("maliciousinstruct:51-100", prompt_range="51-60")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("0-3", "need 1 <= A <= B"), ("5-2", "need 1 <= A <= B"), ("7", "is not A-B"), ("a-b", "is not A-B"),
+    ("1-2-3", "is not A-B"), ("-1-3", "is not A-B"), ("", "is not A-B"),
+])
+def test_bad_range(text, message):
+    from safety_heads.data import parse_range
+
+    with pytest.raises(UserError, match=message):
+        parse_range(text)
+
+
+def test_range_past_the_end_or_with_limit_is_refused():
+    """Fewer prompts than asked would be a silently smaller slice: an error that says what is there."""
+    from safety_heads.data import load_slice
+
+    with pytest.raises(UserError, match=r"has 100 prompts; --range 51-120 ends past them \(--range 51-100 is the rest\)"):
+        load_slice("maliciousinstruct", prompt_range="51-120")
+    with pytest.raises(UserError, match="--range 101-120 starts past them"):
+        load_slice("maliciousinstruct", prompt_range="101-120")
+    with pytest.raises(UserError, match="one of --limit and --range"):
+        load_slice("maliciousinstruct", limit=3, prompt_range="1-3")
+
+
 def test_a_slice_suffix_names_prompts_first_to_last_anywhere_a_data_set_is_named(tmp_path):
     everything = load_prompts("maliciousinstruct")
     assert load_prompts("maliciousinstruct:51-100") == everything[50:]

@@ -40,6 +40,14 @@ def test_outputs_and_harmless_cost(model, tmp_path):
         asr = sum(s["ablated"]["verdicts"]["gcg"] for s in samples) / 3
         assert numbers["ablated"]["asr"]["gcg"] == asr
         assert numbers["delta_asr"]["gcg"] == numbers["ablated"]["asr"]["gcg"] - numbers["baseline"]["asr"]["gcg"]
+        assert numbers["positions"] == [1, 3]  # the first 3 (--limit 3)
+        for side in ("baseline", "ablated"):
+            for judge in ("paper", "gcg"):
+                harmful = sum(s[side]["verdicts"][judge] is True for s in samples)
+                low, high = numbers[side]["interval95"][judge]
+                assert numbers[side]["harmful"][judge] == harmful and numbers[side]["asr"][judge] == harmful / 3
+                assert 0 <= low <= harmful / 3 <= high <= 1 and high - low > 0.3  # 3 prompts: a wide interval
+    assert record["headline_judge"] == "gcg"  # the recommended judge, though paper was listed first
     harmless = record["harmless"]
     assert harmless["n"] == 3 and harmless["mean_kl"] > 0
     assert harmless["mean_kl"] == pytest.approx(sum(s["kl"] for s in harmless["samples"]) / 3)
@@ -103,7 +111,10 @@ def test_from_file_that_is_not_json(model, tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [(dict(), "exactly one of --heads or --from"), (dict(heads="0:1", source="x.json"), "exactly one"),
-     (dict(heads="0:1", per_query=True), "--per-query needs"), (dict(heads="0:1", top_k=0), "--top-k")],
+     (dict(heads="0:1", per_query=True), "--per-query needs"), (dict(heads="0:1", top_k=0), "--top-k"),
+     (dict(heads="0:1", prompt_range="1-4", limit=2), "one of --limit and --range"),
+     (dict(heads="0:1", prompt_range="4-1"), "need 1 <= A <= B"),
+     (dict(source="s.json", per_query=True, prompt_range="1-4"), "--range slices a --dataset")],
 )
 def test_bad_config(settings, message):
     with pytest.raises(UserError, match=message):
@@ -175,3 +186,15 @@ def test_from_takes_the_files_template_and_ablation_unless_given(tmp_path, capsy
     err = capsys.readouterr().err
     assert "warning: --epsilon 0.001 differs from the 1e-05" in err
     assert json.loads((tmp_path / "overridden" / "eval.json").read_text())["config"]["epsilon"] == 1e-3
+
+
+def test_range_evaluates_a_slice_and_records_where_it_is(model, tmp_path):
+    """--range 51-53: MaliciousInstruct's prompts 51 to 53, recorded as their positions; the default judge is gcg."""
+    from safety_heads.data import load_prompts
+
+    config = EvaluateConfig(datasets="maliciousinstruct", prompt_range="51-53", heads="0:1", harmless=None)
+    record = run_evaluation(model, config, QUICK, out=tmp_path, progress=quiet).record()
+    assert [s["query"] for s in record["samples"]["maliciousinstruct"]] == load_prompts("maliciousinstruct")[50:53]
+    numbers = record["results"]["maliciousinstruct"]
+    assert numbers["n"] == 3 and numbers["positions"] == [51, 53] and record["config"]["prompt_range"] == "51-53"
+    assert list(numbers["ablated"]["asr"]) == ["gcg"] and record["headline_judge"] == "gcg"

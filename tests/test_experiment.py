@@ -43,7 +43,12 @@ def test_outputs_agree(run_folder):
     assert f"<b>{group}</b>" in html and f"**{group}**" in markdown
     for name, numbers in evaluation["results"].items():
         for judge, value in numbers["ablated"]["asr"].items():
-            row = f"| {name} | {judge} | {numbers['n']} | {numbers['baseline']['asr'][judge]:.1%} | {value:.1%} |"
+            (first, last), n = numbers["positions"], numbers["n"]
+            base, ablated = numbers["baseline"], numbers["ablated"]
+            assert base["asr"][judge] == base["harmful"][judge] / n and value == ablated["harmful"][judge] / n
+            cells = [f"{rates['asr'][judge]:.1%} [{rates['interval95'][judge][0]:.1%}-{rates['interval95'][judge][1]:.1%}]"
+                     for rates in (base, ablated)]
+            row = f"| {name.split(':')[0]} {first}-{last} | {judge} | {n} | {cells[0]} | {cells[1]} |"  # NAME:A-B: NAME
             assert row in markdown
     assert "data:image/png;base64," in html and "<script" not in html  # self-contained, nothing fetched
     assert not re.search(r'src="(?!data:)', html)
@@ -212,10 +217,17 @@ def test_report_opens_with_a_summary_and_shows_the_figures(run_folder):
     assert markdown.index("## Summary") < markdown.index("## Sahara") < markdown.index("## Ships")
     assert "Model demo, template chat." in summary
     assert "Sahara group: " + ", ".join(f"{l}:{h}" for l, h in sahara["heads"]) in summary
-    held_out = "maliciousinstruct:5-6"  # the held-out slice after the searches' prompts 1-4
-    judge = next(iter(evaluation["results"][held_out]["ablated"]["asr"]))
-    base = evaluation["results"][held_out]["baseline"]["asr"][judge]
-    assert f"ASR ({judge}), baseline -> ablated: {held_out} {base:.1%}" in summary
+    judge = evaluation["headline_judge"]
+    name = "maliciousinstruct:5-6"  # the held-out slice after the searches' prompts 1-4
+    assert judge == "gcg" and list(evaluation["results"][name]["ablated"]["asr"])[0] != judge  # not the first
+    numbers = evaluation["results"][name]
+    base, (low, high) = numbers["baseline"]["asr"][judge], numbers["baseline"]["interval95"][judge]
+    first, last = numbers["positions"]
+    assert (f"ASR ({judge} judge; n prompts, 95% interval), baseline -> ablated: maliciousinstruct {first}-{last} "
+            f"(n={numbers['n']}) {base:.1%} [{low:.1%}-{high:.1%}]") in summary
+    assert f"ASR ({judge}) is the share of answers that contain none of the {judge} judge's 29 refusal phrases" in summary
+    # run evaluates after the searches' prompts by default, and the summary says so (held_out_lines)
+    assert first > sahara["config"]["n_queries"] and "- Held out: no ASR prompt is among the queries the searches used" in summary
     assert "never actually helps" in summary  # what the demo model's answers are
     for name in ("asr.png", "ships_map.png", "top_heads_by_layer.png"):
         assert (run_folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -223,18 +235,47 @@ def test_report_opens_with_a_summary_and_shows_the_figures(run_folder):
     assert "<details><summary>every setting of every stage (JSON)</summary><pre>" in html
 
 
-def test_summary_flags_a_harmless_cost_above_the_guards_limit():
+def test_summary_flags_a_harmless_cost_only_where_a_broken_model_rises():
+    """The warning fires above BROKEN_MODEL_NLL_RISE (1 nat/token: on the demo's ground truth every breaking group rose
+    2.29 or more, every intact one 0.42 or less), not at the guard's 0.25, which the default quick start passes."""
+    from safety_heads.evaluate import BROKEN_MODEL_NLL_RISE
     from safety_heads.report import summary
 
     evaluation = {"config": {"model": "m", "template": "chat"},
-                  "results": {"mi": {"baseline": {"asr": {"paper": 0.1}}, "ablated": {"asr": {"paper": 0.6}}}},
-                  "harmless": {"n": 8, "mean_kl": 0.5, "baseline": {"answer_nll": 0.5}, "ablated": {"answer_nll": 0.9}}}
+                  "results": {"mi": {"n": 10, "baseline": {"asr": {"paper": 0.1}}, "ablated": {"asr": {"paper": 0.6}}}},
+                  "harmless": {"n": 8, "mean_kl": 0.5, "baseline": {"answer_nll": 0.5}, "ablated": {"answer_nll": 1.9}}}
     sahara = {"config": {"model": "m", "template": "chat", "n_queries": 4, "dataset": "mi", "guard_max_rise": 0.25},
               "heads": [[1, 2]]}
     lines = summary(None, sahara, evaluation)
-    assert any(line.startswith("WARNING: the harmless answers' NLL rose by 0.400") for line in lines)
-    evaluation["harmless"]["ablated"]["answer_nll"] = 0.6
+    assert BROKEN_MODEL_NLL_RISE == 1.0
+    assert any(line.startswith("WARNING: the harmless answers' NLL rose by 1.400") for line in lines)
+    evaluation["harmless"]["ablated"]["answer_nll"] = 0.91  # +0.41: the quick start's, an intact group's rise
     assert not any(line.startswith("WARNING") for line in summary(None, sahara, evaluation))
+    # An eval.json without intervals (written before them): computed from the rate and n, and the paper judge quoted
+    assert "mi 1-10 (n=10) 10.0% [1.8%-40.4%] -> 60.0% [31.3%-83.2%]" in " ".join(lines)
+
+
+def test_summary_says_whether_the_asr_prompts_were_held_out():
+    """Held out = none of the ASR prompts among those a search used: another data set, or a disjoint --range."""
+    from safety_heads.report import held_out_lines
+
+    def evaluation(positions):
+        return {"results": {"mi": {"n": 50, "positions": positions}, "jbb": {"n": 50, "positions": [1, 50]}}}
+
+    sahara = {"config": {"dataset": "mi", "n_queries": 16, "positions": [1, 16]}}
+    ships = {"config": {"dataset": "mi", "n_queries": 4}}  # an older file: --limit 4, the first 4
+    assert held_out_lines(ships, sahara, evaluation([51, 100])) == [
+        "Held out: no ASR prompt is among the queries the searches used (Ships on mi 1-4, Sahara on mi 1-16)."]
+    (line,) = held_out_lines(ships, sahara, evaluation([16, 65]))
+    assert line.startswith("NOT held out: mi 16-65 overlaps the queries Sahara used (mi 1-16)") and "Ships" not in line
+    (line,) = held_out_lines(None, {"config": {"dataset": "mi", "n_queries": 8, "offset": 50}}, evaluation([51, 100]))
+    assert line.startswith("NOT held out: mi 51-100 overlaps the queries Sahara used (mi 51-58)")
+    assert held_out_lines(None, None, evaluation([1, 50])) == []  # --heads given by hand: no search to compare with
+    # run's held-out sets are NAME:A-B slices; an eval.json without positions is read from the name
+    sliced = {"results": {"mi:17-32": {"n": 16}}}
+    assert held_out_lines(ships, sahara, sliced)[0].startswith("Held out:")
+    (line,) = held_out_lines(ships, sahara, {"results": {"mi:10-20": {"n": 11}}})
+    assert line.startswith("NOT held out: mi 10-20 overlaps the queries Sahara used (mi 1-16)")
 
 
 def test_per_stage_heads_and_epsilon_reach_each_stage(tmp_path, capsys):

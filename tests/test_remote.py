@@ -271,7 +271,7 @@ def test_cli_remote_ships_resumes_after_a_server_error(pair, remote_cli, tmp_pat
 
 
 BAD_REMOTE = [
-    (["--model", "tiny", "--remote"], "--remote needs a Hugging Face hub id such as meta-llama/Llama-2-7b-chat-hf: the built-in 'tiny'"),
+    (["--model", "tiny", "--remote"], "--remote needs a Hugging Face hub id of a model NDIF serves, such as meta-llama/Llama-3.1-8B-Instruct: the built-in 'tiny'"),
     (["--model", "{folder}", "--remote"], "is a local folder, and NDIF runs only models from the hub"),
     (["--model", "org/x", "--remote", "ftp://host"], "--remote takes no value"),
     (["--model", "org/x", "--remote", "--dtype", "float32"], "NDIF runs its models in bfloat16"),

@@ -204,13 +204,14 @@ def check_remote_model(config: ModelConfig, local_server: bool = False) -> None:
         return
     if name in ("tiny", "demo"):
         raise UserError(
-            f"--remote needs a Hugging Face hub id such as meta-llama/Llama-2-7b-chat-hf: the built-in '{name}' model exists "
-            "only on this machine (--remote local simulates a remote run with it)"
+            f"--remote needs a Hugging Face hub id of a model NDIF serves, such as meta-llama/Llama-3.1-8B-Instruct: the "
+            f"built-in '{name}' model exists only on this machine (--remote local simulates a remote run with it)"
         )
     if Path(name).expanduser().exists():
         raise UserError(f"--remote needs a Hugging Face hub id: '{name}' is a local folder, and NDIF runs only models from the hub")
     if not HUB_ID.match(name):
-        raise UserError(f"--remote needs a Hugging Face hub id such as meta-llama/Llama-2-7b-chat-hf, not '{name}'")
+        raise UserError(f"--remote needs a Hugging Face hub id of a model NDIF serves, such as "
+                        f"meta-llama/Llama-3.1-8B-Instruct, not '{name}'")
     if config.dtype not in ("auto", "bfloat16"):
         raise UserError(f"NDIF runs its models in bfloat16; drop --dtype {config.dtype} when using --remote")
 

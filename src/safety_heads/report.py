@@ -94,36 +94,129 @@ DEMO_NOTE = ("The demo model is a small model trained for this project: it refus
 
 
 def summary(ships: dict | None, sahara: dict | None, evaluation: dict | None) -> list[str]:
-    """The report's first lines, in plain words: model, template, what was found, ASR before and after (first judge),
-    the harmless cost, and a flag when the harmless answers' NLL rose by more than the guard's limit."""
+    """The report's first lines, in plain words: model, template, what was found, ASR before and after (the headline
+    judge, with n and its 95% interval), what that ASR counts, whether its prompts were held out from the searches,
+    the harmless cost, and a warning when the harmless answers' NLL rose as only a broken model's does."""
+    from .judges import asr_meaning
+
     records = [r for r in (ships, sahara, evaluation) if r]
     model, template = records[0]["config"]["model"], records[0]["config"].get("template", "?")
     lines = [f"Model {model}, template {template}."]
     if sahara:
         lines.append(f"Sahara group: {', '.join(f'{l}:{h}' for l, h in sahara['heads'])} "
-                     f"({sahara['config']['n_queries']} queries of {sahara['config'].get('dataset')}).")
+                     f"({sahara['config']['n_queries']} queries of {_slice_text(sahara['config'])}).")
     if ships:
         lines.append("Ships top heads (mean over the queries): "
                      + ", ".join(f"{l}:{h}" for l, h, _ in ships["aggregate"]["top_mean"][:3]) + ".")
     if evaluation:
-        judge = next(iter(next(iter(evaluation["results"].values()))["ablated"]["asr"]))
-        lines.append(f"ASR ({judge}), baseline -> ablated: " + "; ".join(
-            f"{name} {_pct(n['baseline']['asr'][judge])} -> {_pct(n['ablated']['asr'][judge])}"
+        judge = asr_judge(evaluation)
+        lines.append(f"ASR ({judge} judge; n prompts, 95% interval), baseline -> ablated: " + "; ".join(
+            f"{_eval_slice(name, n)} (n={n['n']}) {_rate(n['baseline'], judge, n['n'])} -> {_rate(n['ablated'], judge, n['n'])}"
             for name, n in evaluation["results"].items()) + ".")
-        harmless = evaluation.get("harmless") or {}
-        if "mean_kl" in harmless:
-            before, after = harmless["baseline"].get("answer_nll"), harmless["ablated"].get("answer_nll")
-            cost = f"Harmless cost ({harmless['n']} prompts): mean next-token KL {harmless['mean_kl']:.3g}"
-            if before is not None and after is not None:
-                cost += f", answer NLL {before:.3f} -> {after:.3f} nats/token"
-            lines.append(cost + ".")
-            limit = (sahara or {}).get("config", {}).get("guard_max_rise") or 0.25
-            if before is not None and after is not None and after - before > limit:
-                lines.append(f"WARNING: the harmless answers' NLL rose by {after - before:.3f} nats/token, more than the "
-                             f"guard's limit of {limit:g}: the ablation may garble answers, so part of the ASR change "
-                             "may be broken text, not compliance.")
+        lines.append(asr_meaning(judge))
+        lines += held_out_lines(ships, sahara, evaluation)
+        lines += _harmless_lines(evaluation.get("harmless") or {})
     if str(model) == "demo":
         lines.append(DEMO_NOTE)
+    return lines
+
+
+def asr_judge(evaluation: dict) -> str:
+    """The judge the summary quotes: the one eval.json names, else (an older file) the recommended one if it ran."""
+    from .judges import headline_judge
+
+    names = list(next(iter(evaluation["results"].values()))["ablated"]["asr"])
+    named = evaluation.get("headline_judge")
+    return named if named in names else headline_judge(names)
+
+
+def _rate(rates: dict, judge: str, n: int) -> str:
+    """'18.8% [6.6-43.0%]': a rate with its 95% Wilson interval (computed from the rate and n in an older file)."""
+    interval = rates.get("interval95", {}).get(judge)
+    return _with_interval(rates["asr"][judge], n, interval)
+
+
+def _with_interval(rate: float, n: int, interval=None) -> str:
+    from .intervals import wilson_interval
+
+    low, high = interval or wilson_interval(round(rate * n), n)
+    return f"{_pct(rate)} [{low:.1%}-{high:.1%}]"
+
+
+def _slice_text(config: dict) -> str:
+    """'maliciousinstruct 1-16': a search's data set and the 1-based positions of its queries."""
+    from .data import split_slice
+
+    first, last = search_positions(config)
+    return f"{split_slice(config.get('dataset'))[0]} {first}-{last}"
+
+
+def _eval_slice(name: str, numbers: dict) -> str:
+    """'maliciousinstruct 17-32': an evaluated data set (a NAME:A-B slice too) and its prompts' positions."""
+    from .data import split_slice
+
+    where = eval_positions(name, numbers)
+    return f"{split_slice(name)[0]} {where[0]}-{where[1]}" if where else name
+
+
+def eval_positions(name: str, numbers: dict) -> list[int] | None:
+    """[first, last] of an evaluated data set's prompts: recorded, or (an older eval.json) read from a NAME:A-B slice."""
+    from .data import split_slice
+
+    if "positions" in numbers:
+        return numbers["positions"]
+    first = split_slice(name)[1]
+    return [first, first + numbers["n"] - 1] if "n" in numbers else None
+
+
+def search_positions(config: dict) -> list[int]:
+    """[first, last] of a Ships or Sahara run's queries in their data set: recorded, or derived (--limit, a NAME:A-B
+    slice, an offset)."""
+    from .data import split_slice
+
+    if config.get("positions"):
+        return list(config["positions"])
+    first = split_slice(str(config.get("dataset")))[1] + (config.get("offset") or 0)
+    return [first, first + config["n_queries"] - 1]
+
+
+def held_out_lines(ships: dict | None, sahara: dict | None, evaluation: dict) -> list[str]:
+    """Whether the ASR's prompts are held out: none of them among the queries a search (Ships, Sahara) chose heads
+    on. Judged by data set name and 1-based positions, the one definition the docs use (docs/datasets.md)."""
+    searches = [(label, r["config"]) for label, r in (("Ships", ships), ("Sahara", sahara))
+                if r and r["config"].get("dataset")]
+    if not searches:
+        return []
+    from .data import split_slice
+
+    reused = []
+    for name, numbers in evaluation["results"].items():
+        where = eval_positions(name, numbers)
+        for label, config in searches:
+            first, last = search_positions(config)
+            same_set = split_slice(config["dataset"])[0] == split_slice(name)[0]
+            if same_set and (where is None or (where[0] <= last and first <= where[1])):
+                reused.append(f"{_eval_slice(name, numbers)} overlaps the queries {label} used ({_slice_text(config)})")
+    used = ", ".join(f"{label} on {_slice_text(config)}" for label, config in searches)
+    if reused:
+        return [f"NOT held out: {'; '.join(reused)}, so that ASR partly measures the prompts the heads were chosen on."]
+    return [f"Held out: no ASR prompt is among the queries the searches used ({used})."]
+
+
+def _harmless_lines(harmless: dict) -> list[str]:
+    from .evaluate import BROKEN_MODEL_NLL_RISE
+
+    if "mean_kl" not in harmless:
+        return []
+    before, after = harmless["baseline"].get("answer_nll"), harmless["ablated"].get("answer_nll")
+    cost = f"Harmless cost ({harmless['n']} prompts): mean next-token KL {harmless['mean_kl']:.3g}"
+    if before is not None and after is not None:
+        cost += f", answer NLL {before:.3f} -> {after:.3f} nats/token"
+    lines = [cost + "."]
+    if before is not None and after is not None and after - before > BROKEN_MODEL_NLL_RISE:
+        lines.append(f"WARNING: the harmless answers' NLL rose by {after - before:.3f} nats/token, more than "
+                     f"{BROKEN_MODEL_NLL_RISE:g}: on the demo model's ground truth only groups that break the model rose "
+                     "that much (docs/evaluate.md), so part of the ASR change may be garbled text, not compliance.")
     return lines
 
 
@@ -228,7 +321,8 @@ def recommendation_lines(recommendation: dict) -> list[str]:
     else:
         lines.append(f"No group is recommended: {recommendation['reason']}.")
     for c in recommendation["candidates"]:
-        asr = "; ".join(f"{name} {_pct(before)} -> {_pct(after)} (n={c['n'][name]})" for name, (before, after) in c["asr"].items())
+        asr = "; ".join(f"{_eval_slice(name, {'n': c['n'][name]})} (n={c['n'][name]}) {_with_interval(before, c['n'][name])} -> "
+                        f"{_with_interval(after, c['n'][name])}" for name, (before, after) in c["asr"].items())
         cost = ("harmless cost not measured" if c["harmless_refusal_rise"] is None else
                 f"harmless refusals {c['harmless_refusal_rise']:+.1%}, answer NLL "
                 + ("n/a" if c["answer_nll_rise"] is None else f"{c['answer_nll_rise']:+.3f} nats/token"))
@@ -257,18 +351,24 @@ def _ships_section(ships: dict, parts: list[str], markdown: list[str]) -> None:
 
 
 def _asr_section(label: str, record: dict, parts: list[str], markdown: list[str]) -> None:
-    parts.append(f"<h2>Attack success rate: baseline vs ablating {html.escape(label)}</h2>")
-    markdown += [f"## ASR: baseline vs ablating {label}", "", "| data set | judge | n | baseline | ablated | change |", "|---|---|---|---|---|---|"]
+    headline = asr_judge(record)
+    parts.append(f"<h2>Attack success rate: baseline vs ablating {html.escape(label)}</h2>"
+                 f"<p>Each rate with its 95% Wilson interval over the n prompts; the summary quotes {html.escape(headline)}.</p>")
+    markdown += [f"## ASR: baseline vs ablating {label}", "", "Each rate with its 95% Wilson interval over the n prompts.", "",
+                 "| data set | judge | n | baseline | ablated | change |", "|---|---|---|---|---|---|"]
     rows = ""
     for name, numbers in record["results"].items():
-        for judge, ablated in numbers["ablated"]["asr"].items():
-            base, delta = numbers["baseline"]["asr"][judge], numbers["delta_asr"][judge]
+        where, n = _eval_slice(name, numbers), numbers["n"]
+        for judge in numbers["ablated"]["asr"]:
+            base, ablated = _rate(numbers["baseline"], judge, n), _rate(numbers["ablated"], judge, n)
+            delta = numbers["delta_asr"][judge]
             invalid = numbers["baseline"]["invalid"][judge] + numbers["ablated"]["invalid"][judge]
             note = f" ({invalid} invalid)" if invalid else ""
-            rows += (f"<tr><td>{html.escape(name)}</td><td>{html.escape(judge)}</td><td class=num>{numbers['n']}</td><td class=num>{_pct(base)}</td>"
-                     f"<td class=num>{_pct(ablated)}</td><td class='num{' up' if delta > 0 else ''}'>{delta:+.1%}{note}</td></tr>")
-            markdown.append(f"| {name} | {judge} | {numbers['n']} | {_pct(base)} | {_pct(ablated)} | {delta:+.1%}{note} |")
-    parts.append(f"<table><tr><th>data set</th><th>judge</th><th>n</th><th>baseline ASR</th><th>ablated ASR</th><th>change</th></tr>{rows}</table>")
+            rows += (f"<tr><td>{html.escape(where)}</td><td>{html.escape(judge)}</td><td class=num>{n}</td><td class=num>{base}</td>"
+                     f"<td class=num>{ablated}</td><td class='num{' up' if delta > 0 else ''}'>{delta:+.1%}{note}</td></tr>")
+            markdown.append(f"| {where} | {judge} | {n} | {base} | {ablated} | {delta:+.1%}{note} |")
+    parts.append(f"<table><tr><th>data set</th><th>judge</th><th>n</th><th>baseline ASR [95%]</th><th>ablated ASR [95%]</th>"
+                 f"<th>change</th></tr>{rows}</table>")
 
 
 def _harmless_section(harmless: dict, parts: list[str], markdown: list[str]) -> None:
@@ -290,7 +390,7 @@ def _examples_section(record: dict, parts: list[str]) -> None:
         return
     parts.append('<div class=warn><b>Content warning.</b> The answers below were generated in reply to harmful '
                  'requests and may be harmful.</div>')
-    judge = next(iter(examples[0]["ablated"]["verdicts"]))
+    judge = asr_judge(record)
     rows = "".join(
         f"<tr><td class=answer>{html.escape(s['query'])}</td><td class=answer>{html.escape(s['baseline']['response'])}</td>"
         f"<td class=answer>{html.escape(s['ablated']['response'])}</td></tr>" for s in examples)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from ..errors import UserError
 
@@ -50,21 +50,46 @@ def _served_from_this_machine(model: str, remote) -> bool:
 
 
 def _queries(args, warn_duplicates: bool = True) -> tuple[list[str], dict]:
-    from ..data import find_duplicates, load_prompts
+    """The queries of --prompt, or of --dataset's --limit / --range, and where they came from (recorded)."""
+    from ..data import find_duplicates
 
-    if args.prompt is not None:
+    if getattr(args, "prompt", None) is not None:
         if not args.prompt.strip():
             raise UserError("--prompt is empty")
-        if args.column is not None or args.limit is not None:
-            raise UserError(f"--{'column' if args.column is not None else 'limit'} applies to --dataset, not to --prompt")
+        for flag, value in (("column", args.column), ("limit", args.limit), ("range", args.prompt_range)):
+            if value is not None:
+                raise UserError(f"--{flag} applies to --dataset, not to --prompt")
         return [args.prompt], {"dataset": None}
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, not {args.limit}")
-    queries = load_prompts(args.dataset, column=args.column, limit=args.limit)
+    queries, source = _dataset_slice(args)
     duplicates = find_duplicates(queries) if warn_duplicates else 0
     if duplicates:
         print(f"warning: {duplicates} duplicate queries in {args.dataset}; they are kept and scored twice", file=sys.stderr)
-    return queries, {"dataset": args.dataset, "column": args.column, "limit": args.limit}
+    return queries, source
+
+
+def _dataset_slice(args) -> tuple[list[str], dict]:
+    """--dataset's queries: its first --limit, or its --range A-B; the source records the slice's 1-based positions."""
+    from ..data import load_slice, positions
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, not {args.limit}")
+    queries = load_slice(args.dataset, column=args.column, limit=args.limit, prompt_range=args.prompt_range)
+    return queries, {"dataset": args.dataset, "column": args.column, "limit": args.limit, "range": args.prompt_range,
+                     "positions": positions(args.dataset, args.prompt_range, len(queries))}
+
+
+def _rate_text(rates: dict, judge: str) -> str:
+    """' 18.8% [ 6.6%- 43.0%]': an ASR and its 95% Wilson interval (evaluate.Rates, as a record)."""
+    low, high = rates["interval95"][judge]
+    return f"{rates['asr'][judge]:6.1%} [{low:5.1%}-{high:5.1%}]"
+
+
+def _slice_words(source: dict) -> str:
+    """' of maliciousinstruct 51-100': which prompts a command used (nothing for --prompt)."""
+    if not source.get("dataset"):
+        return ""
+    first, last = source["positions"]
+    return f" of {source['dataset']} {first}-{last}"
 
 
 def _nll_text(harmless: dict) -> str:
@@ -98,7 +123,7 @@ def command_ships(args) -> int:
     queries, source = _queries(args)
     model = _load(args)
     result = run_ships(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
-    print(f"Top heads by mean Ships over {len(result.queries)} quer{'y' if len(result.queries) == 1 else 'ies'} "
+    print(f"Top heads by mean Ships over {len(result.queries)} quer{'y' if len(result.queries) == 1 else 'ies'}{_slice_words(source)} "
           f"({config.ablation}, eps={config.epsilon:g}, {config.method}, score {config.score}, "
           f"template {result.config['template']}):")
     from ..ships import top_heads
@@ -124,18 +149,13 @@ def command_sahara(args) -> int:
 
     config = _config(SaharaConfig, args)
     engine_config = _config(EngineConfig, args)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, not {args.limit}")
-    from ..data import load_prompts
-
-    queries = load_prompts(args.dataset, column=args.column, limit=args.limit)  # run_sahara warns about or drops duplicates
-    source = {"dataset": args.dataset, "column": args.column, "limit": args.limit}
+    queries, source = _dataset_slice(args)  # run_sahara warns about or drops duplicates
     model = _load(args)
     result = run_sahara(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
     from ..objectives import UNITS
 
     what = f"rank {config.rank}" if config.objective == "angle" else f"objective {config.objective}"
-    print(f"Sahara group over {len(queries)} queries ({config.ablation}, eps={config.epsilon:g}, {what}, "
+    print(f"Sahara group over {len(queries)} queries{_slice_words(source)} ({config.ablation}, eps={config.epsilon:g}, {what}, "
           f"template {result.config['template']}):")
     for step in result.steps:
         guard = ""
@@ -157,6 +177,9 @@ def command_run(args) -> int:
     if args.quick and args.full:
         raise UserError("choose one of --quick and --full")
     args.mode = "full" if args.full else "quick" if args.quick else default_mode()
+    if not (args.quick or args.full):  # the mode follows this machine's GPU, also with --remote: say which
+        print(f"mode: --{args.mode} ({'a' if args.mode == 'full' else 'no'} local GPU; give --quick or --full to choose)",
+              file=sys.stderr)
     config = _config(ExperimentConfig, args).resolved()
     engine_config = _config(EngineConfig, args)
     model = _load(args)
@@ -165,12 +188,16 @@ def command_run(args) -> int:
     print(f"{record['model']} ({config.mode}, template {record['config']['template']}): recommended group "
           + (",".join(record["recommended_group"]) or f"none ({recommendation['reason']})"))
     for candidate in recommendation["candidates"]:
-        rises = ", ".join(f"{name} {before:.1%} -> {after:.1%}" for name, (before, after) in candidate["asr"].items())
+        rises = ", ".join(f"{name} (n={candidate['n'][name]}) {before:.1%} -> {after:.1%}"
+                          for name, (before, after) in candidate["asr"].items())
         print(f"  {candidate['search']:32s} {','.join(candidate['heads']):16s} held-out ASR ({recommendation['judge']}) {rises}")
     print(f"Sahara group (the paper's search) {','.join(f'{l}:{h}' for l, h in record['heads'])}:")
+    from ..judges import headline_judge
+
     for name, numbers in record["asr"].items():
-        judge = next(iter(numbers["ablated"]["asr"]))
-        print(f"  {name:20s} ASR ({judge}) {numbers['baseline']['asr'][judge]:6.1%} -> {numbers['ablated']['asr'][judge]:6.1%}")
+        judge = headline_judge(list(numbers["ablated"]["asr"]))
+        print(f"  {name:20s} ASR ({judge}, n={numbers['n']}) {_rate_text(numbers['baseline'], judge)} -> "
+              f"{_rate_text(numbers['ablated'], judge)}")
     harmless = record["harmless"]
     if harmless.get("mean_kl") is not None:
         judge = harmless["judges"][0]
@@ -201,11 +228,12 @@ def command_evaluate(args) -> int:
     result = run_evaluation(model, config, generation, out=args.out, resume=args.resume, engine_config=engine_config)
     heads = "per-query top heads" if result.heads is None else ",".join(f"{l}:{h}" for l, h in result.heads)
     print(f"Ablated {heads} ({result.config['ablation']}, eps={result.config['epsilon']:g}, "
-          f"template {result.config['template']}); ASR baseline -> ablated:")
+          f"template {result.config['template']}); ASR baseline -> ablated, each with its 95% interval:")
     for name, numbers in result.results.items():
-        for judge, value in numbers.ablated.asr.items():
+        for judge in numbers.ablated.asr:
             invalid = numbers.ablated.invalid[judge] + numbers.baseline.invalid[judge]
-            print(f"  {name:24s} {judge:20s} {numbers.baseline.asr[judge]:6.1%} -> {value:6.1%}"
+            print(f"  {name:24s} {judge:20s} n={numbers.n:<4d} {_rate_text(asdict(numbers.baseline), judge)} -> "
+                  f"{_rate_text(asdict(numbers.ablated), judge)}"
                   + (f"  ({invalid} invalid judge outputs)" if invalid else ""))
     harmless = result.harmless
     if harmless and harmless.mean_kl is not None:

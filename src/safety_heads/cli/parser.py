@@ -15,6 +15,8 @@ from .flags import Flags, _Parser, config_default, folder, none_word
 
 TEMPLATE_HELP = ("auto (default: the model's chat template when its tokenizer has one, else raw), raw, "
                  "paper ('## Query: {q}\\n## Answer:') or chat")
+RANGE_HELP = ("use queries A to B of the data set (1-based, inclusive, e.g. 51-100: a slice held out from another "
+              "command's, docs/datasets.md); instead of --limit")
 MEAN_REFERENCE_HELP = "data set whose mean head outputs --ablation mean uses"
 
 # Config fields that no flag sets, on purpose (tests/test_cli.py checks that every other field of a command's
@@ -125,6 +127,7 @@ def _dataset_arguments(flags: Flags) -> None:
     """The queries of a --dataset, and how they are templated (ships, sahara)."""
     flags.plain("--column", default=None, help="the CSV column or JSON field holding the queries")
     flags.plain("--limit", type=int, default=None, help="use the first N queries")
+    flags.plain("--range", dest="prompt_range", default=None, metavar="A-B", help=RANGE_HELP)
     flags.add("template", TEMPLATE_HELP)
     flags.add("system", "system prompt (chat template only)")
 
@@ -239,8 +242,9 @@ def _run(commands, configs) -> None:
 
     run = _command(commands, configs, "run", "the whole study: Ships, Sahara, evaluation, report (default model: the demo)")
     flags = Flags(run, "study")
-    flags.plain("--quick", action="store_true", help="small settings that run in minutes (default on CPU)")
-    flags.plain("--full", action="store_true", help="the paper's scale (default on GPU)")
+    flags.plain("--quick", action="store_true", help="small settings (what each costs: docs/cost.md; default without a "
+                "local GPU, also with --remote)")
+    flags.plain("--full", action="store_true", help="the paper's scale (default with a local GPU)")
     flags.add("template", TEMPLATE_HELP)
     flags.add("system", "system prompt (chat template only; default: the model's own)")
     stages = [f"--{name.replace('_', '-')}" for name in STAGE_LIMITS]
@@ -301,6 +305,7 @@ def _evaluate(commands, configs) -> None:
     flags = Flags(evaluate, "data")
     flags.add("datasets", "harmful data set(s), comma-separated", flag="--dataset")
     flags.add("limit", "use the first N queries of each data set")
+    flags.add("prompt_range", RANGE_HELP.replace("the data set", "each data set"), flag="--range", metavar="A-B")
     flags.add("template", TEMPLATE_HELP.replace("(default: ", "(default: the --from file's, else "))
     flags.add("system", "system prompt (chat template only; default: the --from file's)")
     flags.add("harmless", "harmless data set for the cost measures ('' to skip)")
