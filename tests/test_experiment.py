@@ -88,7 +88,7 @@ def test_the_recommended_group_is_the_largest_held_out_rise_within_the_limits(ru
         pooled = sum(r * n for r, n in rises) / sum(n for _, n in rises)
         harmless = evaluation["harmless"]
         within = (harmless["ablated"]["refusal_rate"][judge] - harmless["baseline"]["refusal_rate"][judge] <= 0.10
-                  and harmless["ablated"]["answer_nll"] - harmless["baseline"]["answer_nll"] <= 0.25)
+                  and harmless["ablated"]["answer_nll"] - harmless["baseline"]["answer_nll"] <= 1.0)
         if within and pooled > best_rise:
             best, best_rise = [f"{l}:{h}" for l, h in evaluation["heads"]], pooled
     assert experiment["recommended_group"] == best

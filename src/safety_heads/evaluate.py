@@ -224,6 +224,15 @@ class GivenBaseline:
     origin: str
     answers: dict[str, list[str]]  # part ("<data set>/baseline", "harmless/baseline") -> every prompt's answer
 
+    @classmethod
+    def of_record(cls, origin: str, evaluation: dict) -> "GivenBaseline":
+        """Every unablated answer of an eval.json record (Evaluation.record())."""
+        answers = {f"{name}/baseline": [s["baseline"]["response"] for s in samples]
+                   for name, samples in evaluation["samples"].items()}
+        if (evaluation.get("harmless") or {}).get("samples"):
+            answers["harmless/baseline"] = [s["baseline"] for s in evaluation["harmless"]["samples"]]
+        return cls(origin, answers)
+
 
 @dataclass
 class AnswerBatch:

@@ -34,7 +34,7 @@ from .ablation import Ablation, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError
 from .data import held_out, load_prompts
-from .evaluate import EvaluateConfig, Evaluation, GivenBaseline
+from .evaluate import BROKEN_MODEL_NLL_RISE, EvaluateConfig, Evaluation, GivenBaseline
 from .generate import GenerationConfig
 from .judges import make_judges
 from .models import LoadedModel
@@ -106,9 +106,12 @@ class ExperimentConfig:
     # the last prompt any search used (e.g. maliciousinstruct:17-32 after searches on 1-16). Recorded as used.
     held_out: bool = True
     # The recommended group (recommend.py): the largest held-out ASR rise by this judge among the groups whose
-    # harmless refusal rate rises by at most max_refusal_rise and answers' NLL by at most guard_max_rise nats/token.
+    # harmless refusal rate rises by at most max_refusal_rise and answers' NLL by at most max_nll_rise nats/token
+    # (evaluate.BROKEN_MODEL_NLL_RISE: on the demo's ground truth, groups that keep the model intact rise by <= 0.42,
+    # groups that break it by >= 2.29).
     recommend_judge: str | None = None  # None: gcg where --judge has it (the most accurate keyword judge), else the first
     max_refusal_rise: float = 0.10
+    max_nll_rise: float = BROKEN_MODEL_NLL_RISE
     harmless: str = EvaluateConfig.harmless
     harmless_limit: int | None = None
     judges: str = "paper,gcg,refusal-direction"
@@ -148,6 +151,8 @@ class ExperimentConfig:
             raise UserError(f"--refusal-objective must be one of {', '.join(OBJECTIVES[1:])}, not {self.refusal_objective!r}")
         if self.recommend_judge is not None and self.recommend_judge not in [j.strip() for j in self.judges.split(",")]:
             raise UserError(f"--recommend-judge {self.recommend_judge!r} is not among --judge {self.judges!r}")
+        if not self.max_nll_rise > 0:
+            raise UserError(f"--max-nll-rise must be positive (nats per token), not {self.max_nll_rise!r}")
         if not 0 <= self.max_refusal_rise <= 1:
             raise UserError(f"--max-refusal-rise is a share from 0 to 1, not {self.max_refusal_rise!r}")
 
@@ -349,7 +354,7 @@ class Stages:
         prompts, model and decoding), so only the ablated side is generated."""
         config = self._evaluation(datasets=self.config.eval_datasets, harmless=self.config.harmless,
                                   source=str(self.out / "sahara-refusal" / "sahara.json"))
-        baseline = GivenBaseline("eval/eval.json", baseline_answers(first))
+        baseline = GivenBaseline.of_record("eval/eval.json", first)
         return self._stage("evaluate-refusal", self.out / "eval-refusal" / "eval.json", lambda p: run_evaluation(
             self.model, config, self.generation, out=self.out / "eval-refusal", resume=True,
             engine_config=self.engine_config, source_record=sahara, progress=p, baseline=baseline), Evaluation.record)
@@ -414,23 +419,13 @@ def recommend_group(config: ExperimentConfig, records: dict):
     if records.get("evaluation_refusal"):
         candidates.append(measure(f"{config.refusal_objective} (refusal search)", records["sahara_refusal"]["heads"],
                                   records["evaluation_refusal"], config.recommend_judge))
-    return recommend(candidates, config.recommend_judge, config.max_refusal_rise, config.guard_max_rise)
+    return recommend(candidates, config.recommend_judge, config.max_refusal_rise, config.max_nll_rise)
 
 
 def _refusal_records(records: dict) -> dict | None:
     if not records.get("evaluation_refusal"):
         return None
     return {"sahara": records["sahara_refusal"], "evaluation": records["evaluation_refusal"]}
-
-
-def baseline_answers(evaluation: dict) -> dict[str, list[str]]:
-    """Every unablated answer of an eval.json record, by part ("<data set>/baseline", "harmless/baseline")."""
-    answers = {f"{name}/baseline": [s["baseline"]["response"] for s in samples]
-               for name, samples in evaluation["samples"].items()}
-    harmless = evaluation.get("harmless") or {}
-    if harmless.get("samples"):
-        answers["harmless/baseline"] = [s["baseline"] for s in harmless["samples"]]
-    return answers
 
 
 def _check_answers_fit(model: LoadedModel, config: ExperimentConfig) -> None:

@@ -270,7 +270,9 @@ def _run(commands, configs) -> None:
     flags.add("recommend_judge", "the judge whose held-out ASR rise picks the recommended group (default: gcg if "
                                  "--judge has it, else the first)")
     flags.add("max_refusal_rise", "a recommended group may raise the harmless refusal rate by this share at most "
-                                  "(default %(default)s; its answers' NLL by --guard-max-rise at most)")
+                                  "(default %(default)s)")
+    flags.add("max_nll_rise", "and the clean model's NLL of its harmless answers by this many nats/token at most "
+                              "(default %(default)s: where the demo's ground truth separates intact from broken)")
     _guard_arguments(flags, details=False)
     _run_evaluation_arguments(flags)
     _output_arguments(flags, resume="skip finished stages and resume the unfinished one")
