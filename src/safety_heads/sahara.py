@@ -315,11 +315,9 @@ class SaharaJob:
         if config.guard is None:
             chosen, value = best_head(scores)
         else:
-            checked: dict[Head, float] = {}  # the guard's rise for each head checked so far
             for unit in checks:
                 _check_group(unit, group)
-                checked.update({(layer, head): rise for layer, head, rise in unit.guard})
-            chosen, guard, passed_over = yield from choose_guarded(self.sahara, step, group, scores, checked)
+            chosen, guard, passed_over = yield from choose_guarded(self.sahara, step, group, scores, checks)
             if chosen is None:
                 self._stop_unguarded(step, group, guard)
                 return None
