@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from safety_heads.cli import main
+from safety_heads.runs.files import TEMPORARY_SUFFIX
 
 QUERIES = [f"Question number {i}: how would someone do thing {i}?" for i in range(8)]
 FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEplantedTOKEN1234567890", "NDIF_API_KEY": "ndif-FAKE-planted-key-0987654321"}
@@ -217,7 +218,7 @@ def finalisation_events(monkeypatch, fail_at: int | None, failure) -> list[str]:
         path = Path(path)
         if len(events) == fail_at:
             path.parent.mkdir(parents=True, exist_ok=True)
-            (path.parent / f".{path.name}.killed.tmp").write_bytes(b"half")
+            (path.parent / f".{path.name}.killed{TEMPORARY_SUFFIX}").write_bytes(b"half")
         event(path)
         write(path, writer)
 

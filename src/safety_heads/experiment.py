@@ -38,8 +38,8 @@ from .report import build_report
 from .records import versions
 from .runs import run_evaluation, run_sahara, run_ships
 from .runs.files import load_tensors, matrix_or_nan, read_json, save_tensors, to_jsonable, write_json
-from .runs.folder import (LOCK_NAME, Checkpoint, check_not_foreign, check_output_folder, checkpoint_path, is_finished,
-                          lock_folder, remove_stale_temporaries)
+from .runs.folder import (Checkpoint, check_not_foreign, check_output_folder, check_unclaimed, checkpoint_path,
+                          is_finished, lock_folder, remove_stale_temporaries)
 from .runs.sahara import sahara_record
 from .runs.ships import ships_record
 from .sahara import SaharaConfig, check_guard_max_rise
@@ -193,10 +193,13 @@ def _claim_folder(out: Path, model: LoadedModel, config: ExperimentConfig, resum
     """`out` checked, locked and holding the run's own checkpoint. Its header is the run's settings, checked on resume:
     finished stages must not be mixed with stages under other settings. Batching and retry settings change no result
     (beyond float rounding), so they may differ on resume; where the traces run (here or on NDIF) does."""
-    if out.is_dir():
+    if out.is_dir() and is_finished(out, "run"):  # the documented extension: --resume rewrites the report
         check_not_foreign(out, "run")
-    if out.is_dir() and any(path.name != LOCK_NAME for path in out.iterdir()) and not resume:
-        raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
+        if not resume:
+            raise UserError(f"'{out}' holds a finished study (experiment.json); add --resume to rewrite its report "
+                            "from its finished stages, or choose another --out")
+    elif out.is_dir():  # new, empty or this study's unfinished run (runs.folder's rule; its stages' folders too)
+        check_unclaimed(out, "run", "a finished study")
     check_output_folder(out)
     lock_folder(out)  # one writer per folder; each stage's folder is locked by its own run
     remove_stale_temporaries(out)

@@ -68,11 +68,11 @@ def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool,
     the units already finished (when resuming), each through `parse` (which raises on a malformed unit)."""
     out = Path(out)
     if out.is_dir():
-        _check_unclaimed(out, name, what)  # before anything is written to the folder
+        check_unclaimed(out, name, what)  # before anything is written to the folder
     check_output_folder(out)
     lock_folder(out)
     try:  # again, now that no one else can write: another process may have finished it in between
-        _check_unclaimed(out, name, what)
+        check_unclaimed(out, name, what)
     except UserError:
         release_lock(out)
         raise
@@ -82,7 +82,7 @@ def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool,
     return out, checkpoint, units if parse is None else [checkpoint.parse_unit(parse, unit, line) for line, unit in enumerate(units, 2)]
 
 
-def _check_unclaimed(out: Path, name: str, what: str) -> None:
+def check_unclaimed(out: Path, name: str, what: str) -> None:
     check_not_foreign(out, name)
     if is_finished(out, name):
         raise UserError(f"'{out}' already holds {what} ({result_path(out, name).name}); choose another --out")
