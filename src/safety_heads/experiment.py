@@ -27,7 +27,7 @@ import torch
 
 from .ablation import Ablation, parse_heads
 from .engine import Engine, EngineConfig
-from .errors import UserError
+from .errors import UserError, about
 from .data import load_prompts
 from .evaluate import EvaluateConfig, Evaluation
 from .generate import GenerationConfig
@@ -316,7 +316,8 @@ def _check_answers_fit(model: LoadedModel, config: ExperimentConfig) -> None:
         if name and name.strip():
             prompts = format_prompts(load_prompts(name.strip(), limit=config.eval_limit if name != config.harmless
                                                   else config.harmless_limit), config.template, model.tokenizer, config.system)
-            check_answer_room(engine, prompts, config.max_new_tokens)
+            with about(f"--harmless {name}" if name == config.harmless else f"--eval-datasets {name.strip()}"):
+                check_answer_room(engine, prompts, config.max_new_tokens)
 
 
 def default_mode() -> str:

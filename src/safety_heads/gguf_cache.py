@@ -50,11 +50,30 @@ def dequantised_folder(source: str, trust_remote_code: bool = False) -> Path:
     folder = cache_root() / "gguf" / digest[:32]
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
+    check_readable(path, source)  # before the progress line: a bad file is one line, not progress then an error
     print_progress(f"dequantising {path.name} once (takes minutes on a CPU); cached in {folder}")
     started = time.perf_counter()
     _dequantise(path, folder, trust_remote_code)
     print_progress(f"dequantised {path.name} in {time.perf_counter() - started:.0f} s")
     return folder
+
+
+def check_readable(path: Path, source: str) -> None:
+    """The file's header, metadata and tensor table, read with the gguf package's reader (the one transformers uses)
+    without dequantising anything: a truncated or corrupt file (a broken download) fails here in one line."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as error:
+        raise UserError(f"reading GGUF files needs the 'gguf' package ({error}); pip install gguf") from None
+    try:
+        reader = GGUFReader(path)
+        architecture = reader.get_field("general.architecture")
+    except Exception as error:  # noqa: BLE001 - numpy, struct and the reader raise many types on a broken file
+        size = path.stat().st_size
+        raise UserError(f"'{source}' is truncated or corrupt: its header or tensor table does not fit its {size} bytes "
+                        f"({type(error).__name__}); download it again") from None
+    if architecture is None or not reader.tensors:
+        raise UserError(f"'{source}' holds no model (no general.architecture or no tensors); give a model's .gguf file")
 
 
 @contextlib.contextmanager

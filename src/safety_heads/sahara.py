@@ -26,11 +26,11 @@ import torch
 
 from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
 from .engine import HIDDEN_READOUTS, Engine, EngineConfig
-from .errors import UserError
+from .errors import UserError, about
 from .models import LoadedModel
 from .guard import GUARD_BATCH, GuardCheck, HarmlessGuard, choose_guarded
 from .progress import print_progress
-from .records import compute_record, run_record, versions
+from .records import compute_record, run_record, source_name, versions
 from .subspace import (angles_to_basis, angles_to_column, left_basis, paper_era_angles, subspace_angle,  # noqa: F401
                        subspace_angles, unit_column)
 from .work import finish
@@ -369,7 +369,8 @@ def sahara_job(model: LoadedModel, queries: Sequence[str], config: SaharaConfig,
     sahara = Sahara(model, config, engine_config, ranking)
     _check_sizes(len(queries), sahara.engine.d_model, len(sahara.candidates), config)
     prompts = format_prompts(queries, config.template, model.tokenizer, config.system)
-    tokens = sahara.engine.tokenize([p.token_ids for p in prompts])
+    with about(source_name(source)):
+        tokens = sahara.engine.tokenize([p.token_ids for p in prompts])
     if sahara.guard is not None:
         sahara.guard.answers  # a bad --guard data set fails here, before anything is written
     record = run_record(model, config, queries, source or {}) | {"duplicates": duplicates}

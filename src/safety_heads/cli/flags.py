@@ -33,8 +33,11 @@ class _Help(argparse.HelpFormatter):
 
 
 def one_line(message: str) -> str:
-    """An error message is one line, even when it quotes a path or a prompt holding a newline."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    """An error message is one line, even when it quotes a path or a prompt holding a newline, and safe for a terminal
+    (a prompt's ESC sequence or bidi override is escaped: progress.terminal_safe)."""
+    from ..progress import terminal_safe
+
+    return terminal_safe(message)
 
 
 class _Parser(argparse.ArgumentParser):
