@@ -50,10 +50,10 @@ def dequantised_folder(source: str, trust_remote_code: bool = False) -> Path:
     folder = cache_root() / "gguf" / digest[:32]
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
-    check_readable(path, source)  # before the progress line: a bad file is one line, not progress then an error
-    print_progress(f"dequantising {path.name} once (takes minutes on a CPU); cached in {folder}")
+    check_readable(path, source)  # a broken file is one line, before any progress line
     started = time.perf_counter()
-    _dequantise(path, folder, trust_remote_code)
+    _dequantise(path, folder, trust_remote_code, announce=lambda: print_progress(
+        f"dequantising {path.name} once (takes minutes on a CPU); cached in {folder}"))
     print_progress(f"dequantised {path.name} in {time.perf_counter() - started:.0f} s")
     return folder
 
@@ -98,7 +98,9 @@ def _quiet_progress_bars():
             transformers_logging.enable_progress_bar()
 
 
-def _dequantise(path: Path, folder: Path, trust_remote_code: bool) -> None:
+def _dequantise(path: Path, folder: Path, trust_remote_code: bool, announce) -> None:
+    """`announce()` runs once the file's metadata and tokenizer are read, before the minutes of dequantising: what
+    fails before it is the file's fault and ends in one line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -106,6 +108,7 @@ def _dequantise(path: Path, folder: Path, trust_remote_code: bool) -> None:
         directory, name = str(path.parent), path.name
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, trust_remote_code=trust_remote_code)
+            announce()
             module = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32,
                                                           trust_remote_code=trust_remote_code)
         except ImportError as error:
