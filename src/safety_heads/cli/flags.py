@@ -37,7 +37,10 @@ def one_line(message: str) -> str:
     (a prompt's ESC sequence or bidi override is escaped: progress.terminal_safe)."""
     from ..progress import terminal_safe
 
-    return terminal_safe(message)
+    message = terminal_safe(message)
+    if len(message) > 2000:  # a data file's 10 MB column name quoted in full would bury the message
+        message = f"{message[:1200]} [... {len(message) - 1800} characters ...] {message[-600:]}"
+    return message
 
 
 class _Parser(argparse.ArgumentParser):
