@@ -41,6 +41,17 @@ def folders(tmp_path_factory):
     zero_heads = root / "zero-heads"
     zero_heads.mkdir()
     (zero_heads / "config.json").write_text(json.dumps({**tiny_llama().config.to_dict(), "num_attention_heads": 0}))
+    # issue 25: inputs validated where they enter, named in the one line
+    (root / "twice.csv").write_text("prompt,prompt\nfirst,second\n")
+    (root / "twice.json").write_text('[{"prompt": "first", "prompt": "second"}]')
+    (root / "bad-layer.sahara.json").write_text('{"format": "safety-heads/sahara", "heads": [[9, 0]]}')
+    bad_type = root / "bad-type"
+    bad_type.mkdir()
+    (bad_type / "config.json").write_text(json.dumps({**tiny_llama().config.to_dict(), "num_hidden_layers": "four"}))
+    from tiny_gguf import write_tiny_gguf
+
+    whole = write_tiny_gguf(root / "whole.gguf").read_bytes()
+    (root / "truncated.gguf").write_bytes(whole[: len(whole) // 2])  # a broken download
     no_template = root / "no-template"
     tiny_llama().save_pretrained(no_template)
     tokenizer = byte_tokenizer()
@@ -182,6 +193,14 @@ BAD = [
     (["surgery", "--heads", "0:1", "--epsilon", "nan", "--out", "{out}"], "epsilon"),
     (["heads", "--model", "{root}/ok.json"], "is a file"),
     (["get-model", "nosuch"], "unknown model 'nosuch'"),
+    # issue 25
+    (["ships", "--dataset", "{root}/twice.csv", "--out", "{out}"], "twice.csv' names the column 'prompt' twice"),
+    (["ships", "--dataset", "{root}/twice.json", "--out", "{out}"], "twice.json' repeats the key 'prompt'"),
+    (["evaluate", "--from", "{root}/bad-layer.sahara.json", "--out", "{out}"], "bad-layer.sahara.json': layer 9"),
+    (["evaluate", "--heads", "0:1", "--harmless", "{root}/long.json", "--out", "{out}"], "^[^0-9]*--harmless .*long.json: prompt 0 is"),
+    (["heads", "--model", "{root}/bad-type"], "num_hidden_layers': TypeError: .*expected int, got str"),
+    (["heads", "--model", "{root}/truncated.gguf"], "truncated.gguf' is truncated or corrupt"),
+    (["ships", "--prompt", "hi", "--out", "/"], "'/' is not empty"),
     (["doctor", "--timeout", "0"], "--timeout must be a positive number"),
     (["ships", "--prompt", "hi", "--range", "1-2", "--out", "{out}"], "--range applies to --dataset, not to --prompt"),
     (["ships", "--dataset", "maliciousinstruct", "--range", "51-120", "--out", "{out}"],
@@ -449,3 +468,46 @@ def test_run_says_which_mode_it_chose(capsys):
     assert err.startswith(expected) and "--steps must be at least 1" in err
     assert main(["run", "--model", "tiny", "--quick", "--steps", "0", "--out", "unused"]) == 2
     assert "mode:" not in capsys.readouterr().err  # chosen by the user: nothing to say
+
+
+# -- issue 25: SIGTERM is answered like Ctrl-C; nothing from a data file reaches the terminal unescaped -------------
+
+
+def test_sigterm_stops_in_one_line_with_status_143(monkeypatch, capsys):
+    """The signal is sent by the command to its own process and handled before the next bytecode (not timed)."""
+    import os
+    import signal
+    import time
+
+    import safety_heads.cli as cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises in here
+        return 0
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "command_heads", terminated)
+    assert cli.main(["heads"]) == 143
+    assert capsys.readouterr().err.strip().splitlines() == [cli.TERMINATED]
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+
+
+def test_the_program_exits_143_after_sigterm():
+    probe = "import safety_heads.cli as cli\ncli.main = lambda: 143\ncli.entry()\n"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143 and done.stderr == ""
+
+
+def test_a_prompt_from_a_data_file_reaches_the_terminal_escaped(tmp_path, capsys):
+    data = tmp_path / "hostile.json"
+    data.write_text(json.dumps(["Clear\x1b[2J\x1b]0;owned\x07 the screen", "Read \u202ethis backwards\u2066", "fine"]))
+    assert main(["ships", "--dataset", str(data), "--heads", "0:0", "--out", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    for stream in (captured.err, captured.out):
+        assert not any(c in stream for c in "\x1b\x07\u202e\u2066"), stream
+    assert "\\x1b[2J" in captured.err and "\\u202e" in captured.err
+    (tmp_path / "keys.json").write_text(json.dumps([{"\x1b[2Jtext": "a", "other\u202e": "b"}]))  # quoted in the error
+    assert main(["ships", "--dataset", str(tmp_path / "keys.json"), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\u202e" not in err and "\\x1b[2Jtext" in err and len(err.strip().splitlines()) == 1

@@ -396,3 +396,31 @@ def test_auto_template_is_the_chat_template_when_the_tokenizer_has_one():
     assert resolve_template("paper", chat) == "paper"
     assert format_prompt("q", "auto", chat).text == format_prompt("q", "chat", chat).text
     assert format_prompt("q", "auto", plain).text == "q"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 25: the readers never pick a column or a key silently, and blame the real cause.
+
+
+def test_a_csv_header_naming_the_prompt_column_twice_is_refused(tmp_path):
+    message = user_error("names the column 'prompt' twice", load_prompts, write(tmp_path, "d.csv", "prompt,prompt\nfirst,second\n"))
+    assert "d.csv" in message and "columns 1 and 2" in message
+
+
+def test_columns_differing_only_in_case_are_not_picked_silently(tmp_path):
+    user_error("both look like the prompts", load_prompts, write(tmp_path, "d.csv", "Prompt,prompt\nfirst,second\n"))
+    assert load_prompts(write(tmp_path, "e.csv", "Prompt,prompt\nfirst,second\n"), column="prompt") == ["second"]
+
+
+@pytest.mark.parametrize("text, where", [('[{"prompt": "a", "prompt": "b"}]', "d.json' repeats the key 'prompt'"),
+                                         ('{"prompt": "a"}\n{"prompt": "b", "prompt": "c"}\n', "line 2 repeats the key")])
+def test_a_json_object_repeating_a_key_is_refused(text, where, tmp_path):
+    user_error(where, load_prompts, write(tmp_path, "d.json" if text.startswith("[") else "d.jsonl", text))
+
+
+def test_a_10_mb_prompt_is_read_and_a_10_mb_line_is_not_blamed_on_quotes(tmp_path):
+    long = "x" * (10 * 2**20)
+    assert load_prompts(write(tmp_path, "row.csv", f"prompt\n{long}\n")) == [long]  # the context check names it later
+    message = user_error("holds no prompts", load_prompts, write(tmp_path, "line.csv", long))
+    assert "quote" not in message
+    user_error("check the quotes", load_prompts, write(tmp_path, "open.csv", 'prompt\n"never closed\n'))

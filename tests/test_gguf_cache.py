@@ -53,7 +53,7 @@ def test_loads_the_weights_transformers_reads_and_caches_them(gguf_file, tmp_pat
     assert "quantization_config" not in config  # an ordinary folder: loading it does not ask for the GGUF file again
 
     # The second load is a folder load: no dequantising, same weights; the key is the content, not the name.
-    monkeypatch.setattr(gguf_cache, "_dequantise", lambda *args: pytest.fail("dequantised twice"))
+    monkeypatch.setattr(gguf_cache, "_dequantise", lambda *args, **kwargs: pytest.fail("dequantised twice"))
     renamed = shutil.copy(gguf_file, tmp_path / "renamed.gguf")
     again = load_model(ModelConfig(model=str(renamed), device="cpu"))
     for key, tensor in model.module.state_dict().items():

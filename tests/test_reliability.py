@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from safety_heads.cli import main
+from safety_heads.runs.files import TEMPORARY_SUFFIX
 
 QUERIES = [f"Question number {i}: how would someone do thing {i}?" for i in range(8)]
 FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEplantedTOKEN1234567890", "NDIF_API_KEY": "ndif-FAKE-planted-key-0987654321"}
@@ -120,6 +121,18 @@ def test_ctrl_c_stops_cleanly_in_one_line_and_resumes(name, dataset, tmp_path, c
     assert main(command(name, dataset, out) + ["--resume"]) == 0
 
 
+def test_sigterm_stops_a_real_run_in_one_line_and_resumes(dataset, tmp_path, capsys):
+    """SIGTERM (a `kill`, a scheduler's limit) is answered like Ctrl-C: one line, status 143, then --resume."""
+    out = tmp_path / "run"
+    process = start(command("ships", dataset, out))
+    wait_for_units(process, out / "ships.checkpoint.jsonl", 1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("safety-heads: terminated (SIGTERM)") and "Traceback" not in stderr
+    assert main(command("ships", dataset, out) + ["--resume"]) == 0
+
+
 def test_changed_configuration_is_refused_on_resume(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     process = start(command("ships", dataset, out))
@@ -217,7 +230,7 @@ def finalisation_events(monkeypatch, fail_at: int | None, failure) -> list[str]:
         path = Path(path)
         if len(events) == fail_at:
             path.parent.mkdir(parents=True, exist_ok=True)
-            (path.parent / f".{path.name}.killed.tmp").write_bytes(b"half")
+            (path.parent / f".{path.name}.killed{TEMPORARY_SUFFIX}").write_bytes(b"half")
         event(path)
         write(path, writer)
 
@@ -298,7 +311,7 @@ def test_full_disk_while_checkpointing_keeps_the_finished_units(dataset, referen
 
     def append(self, record):
         appended.append(record)
-        if len(appended) == 3:  # the header, one unit, then a half-written line and the disk is full
+        if len(appended) == 2:  # one unit (the header is written atomically), then a half-written line: disk full
             with open(self.path, "a", encoding="utf-8") as stream:
                 stream.write('{"index": 1, "que')
             raise OSError(errno.ENOSPC, "No space left on device", str(self.path))

@@ -263,7 +263,10 @@ def _parse(data: bytes, suffix: str, where: str) -> tuple[list[Record], list[str
         return _parse_csv(text, where)
     if suffix == ".json":
         try:
-            items = json.loads(text)
+            items = json.loads(text, object_pairs_hook=_unique_keys)
+        except _RepeatedKey as error:
+            raise UserError(f"{where} repeats the key {error.args[0]!r} in one object; keep one, so it is clear which "
+                            "holds the prompt") from None
         except json.JSONDecodeError as error:
             at = f"line {error.lineno} column {error.colno}"
             raise UserError(f"{where} is not valid JSON: {error.msg} at {at}") from None
@@ -281,11 +284,25 @@ def _parse(data: bytes, suffix: str, where: str) -> tuple[list[Record], list[str
     for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
-                records.append((f"line {number}", json.loads(line)))
+                records.append((f"line {number}", json.loads(line, object_pairs_hook=_unique_keys)))
+            except _RepeatedKey as error:
+                raise UserError(f"{where} line {number} repeats the key {error.args[0]!r}; keep one, so it is clear "
+                                "which holds the prompt") from None
             except (ValueError, RecursionError):
                 message = f"{where} line {number} is not valid JSON; each line must be one string or object"
                 raise UserError(message) from None
     return _with_columns(records)
+
+
+class _RepeatedKey(Exception):
+    """A JSON object names a key twice; json.loads would keep the last silently."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _RepeatedKey(next(key for key in keys if keys.count(key) > 1))
+    return dict(pairs)
 
 
 def _with_columns(records: list[Record]) -> tuple[list[Record], list[str]]:
@@ -296,21 +313,37 @@ def _with_columns(records: list[Record]) -> tuple[list[Record], list[str]]:
 
 def _parse_csv(text: str, where: str) -> tuple[list[Record], list[str]]:
     # newline="": quoted fields keep their own line breaks. strict: an unclosed quote is an error, not a field that
-    # silently swallows the rest of the file.
+    # silently swallows the rest of the file. The field limit is the file's own limit (csv's default, 128 KB, would
+    # refuse one long prompt with an error about quotes).
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header, records, line = None, [], 1
+    limit = csv.field_size_limit(MAX_FILE_BYTES)
     try:
         for row in reader:
             start, line = line, reader.line_num + 1  # a quoted field may span lines: name the line a row starts on
             if not row:  # a blank line; csv.DictReader skips these too
                 continue
             if header is None:
-                header = row
+                header = _checked_header(row, where)
             else:
                 records.append((f"row {len(records) + 1} (line {start})", dict(zip(header, row))))
     except csv.Error as error:
-        raise UserError(f"{where} is not valid CSV at line {reader.line_num}: {error} (check the quotes)") from None
+        hint = " (check the quotes)" if "quot" in str(error) or "expected" in str(error) or "end of data" in str(error) else ""
+        raise UserError(f"{where} is not valid CSV at line {reader.line_num}: {error}{hint}") from None
+    finally:
+        csv.field_size_limit(limit)
     return records, header or []
+
+
+def _checked_header(header: list[str], where: str) -> list[str]:
+    """A header naming a column twice would make a row's dict keep the last one silently."""
+    seen: dict[str, int] = {}
+    for position, name in enumerate(header, 1):
+        if name.strip() and name in seen:
+            raise UserError(f"{where} names the column {name!r} twice in its header (columns {seen[name]} and "
+                            f"{position}); rename one, so it is clear which holds the prompts")
+        seen.setdefault(name, position)
+    return header
 
 
 def _prompts(records: list[Record], columns: list[str], column: str | None, where: str) -> list[str]:
@@ -339,9 +372,12 @@ def _pick_column(columns: list[str], column: str | None, where: str) -> str:
             raise UserError(f"{where} has no column {column!r}; available: {available}")
         return column
     for name in DEFAULT_COLUMNS:
-        for candidate in columns:
-            if candidate.lower() == name.lower():
-                return candidate
+        matches = [candidate for candidate in columns if candidate.lower() == name.lower()]
+        if len(matches) > 1:
+            raise UserError(f"{where}: columns {' and '.join(map(repr, matches))} both look like the prompts; pass "
+                            "--column to choose one")
+        if matches:
+            return matches[0]
     if len(columns) == 1:
         return columns[0]
     raise UserError(f"{where}: which column holds the prompts? none is named {'/'.join(DEFAULT_COLUMNS)}; "

@@ -27,7 +27,7 @@ import torch
 
 from .ablation import DEFAULT_EPSILON, Ablation, Head, parse_heads
 from .engine import Engine, EngineConfig
-from .errors import UserError
+from .errors import UserError, about
 from .generate import GenerationConfig, generate
 from .data import parse_range, positions
 from .asr import DatasetResult, Rates, rates_of
@@ -152,9 +152,10 @@ def heads_to_ablate(config: EvaluateConfig, layout, record=None) -> HeadChoice:
             raise UserError(f"'{config.source}' is not a sahara.json or ships.json from safety-heads (format: {kind!r})")
     except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
         raise UserError(f"'{config.source}' does not follow the {kind} layout ({type(error).__name__}: {error})") from None
-    for heads in [choice.heads] if choice.heads is not None else choice.per_query:
-        for layer, head in heads:
-            layout.check_head(layer, head)
+    with about(f"'{config.source}'"):  # a hand-edited or another model's file: name it, not just the head
+        for heads in [choice.heads] if choice.heads is not None else choice.per_query:
+            for layer, head in heads:
+                layout.check_head(layer, head)
     return choice
 
 
@@ -365,9 +366,11 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
     harmless = None
     if config.harmless:
         harmless = format_prompts(load_prompts(config.harmless, limit=config.harmless_limit), config.template, tokenizer, config.system)
-    for prompts in list(sets.values()) + ([harmless] if harmless else []):
-        engine.tokenize([p.token_ids for p in prompts])  # everything fits the context before anything is written
-        check_answer_room(engine, prompts, generation.max_new_tokens)
+    named = [(f"--datasets {name}", prompts) for name, prompts in sets.items()]
+    for where, prompts in named + ([(f"--harmless {config.harmless}", harmless)] if harmless else []):
+        with about(where):  # everything fits the context before anything is written
+            engine.tokenize([p.token_ids for p in prompts])
+            check_answer_room(engine, prompts, generation.max_new_tokens)
     means = None
     if config.ablation == "mean":
         means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template, tokenizer, config.system))

@@ -32,7 +32,7 @@ import torch
 
 from .ablation import Ablation, parse_heads
 from .engine import Engine, EngineConfig
-from .errors import UserError
+from .errors import UserError, about
 from .data import held_out, load_prompts
 from .evaluate import BROKEN_MODEL_NLL_RISE, EvaluateConfig, Evaluation, GivenBaseline
 from .generate import GenerationConfig
@@ -45,8 +45,8 @@ from .report import build_report
 from .records import versions
 from .runs import run_evaluation, run_sahara, run_ships
 from .runs.files import load_tensors, matrix_or_nan, read_json, save_tensors, to_jsonable, write_json
-from .runs.folder import (LOCK_NAME, Checkpoint, check_not_foreign, check_output_folder, checkpoint_path, is_finished,
-                          lock_folder, remove_stale_temporaries)
+from .runs.folder import (Checkpoint, check_not_foreign, check_output_folder, check_unclaimed, checkpoint_path,
+                          is_finished, lock_folder, remove_stale_temporaries)
 from .runs.sahara import sahara_record
 from .runs.ships import ships_record
 from .sahara import SaharaConfig, check_guard_max_rise
@@ -248,10 +248,13 @@ def _claim_folder(out: Path, model: LoadedModel, config: ExperimentConfig, resum
     """`out` checked, locked and holding the run's own checkpoint. Its header is the run's settings, checked on resume:
     finished stages must not be mixed with stages under other settings. Batching and retry settings change no result
     (beyond float rounding), so they may differ on resume; where the traces run (here or on NDIF) does."""
-    if out.is_dir():
+    if out.is_dir() and is_finished(out, "run"):  # the documented extension: --resume rewrites the report
         check_not_foreign(out, "run")
-    if out.is_dir() and any(path.name != LOCK_NAME for path in out.iterdir()) and not resume:
-        raise UserError(f"'{out}' already holds files (another run?); add --resume to continue it, or choose another --out")
+        if not resume:
+            raise UserError(f"'{out}' holds a finished study (experiment.json); add --resume to rewrite its report "
+                            "from its finished stages, or choose another --out")
+    elif out.is_dir():  # new, empty or this study's unfinished run (runs.folder's rule; its stages' folders too)
+        check_unclaimed(out, "run", "a finished study")
     check_output_folder(out)
     lock_folder(out)  # one writer per folder; each stage's folder is locked by its own run
     remove_stale_temporaries(out)
@@ -438,7 +441,8 @@ def _check_answers_fit(model: LoadedModel, config: ExperimentConfig) -> None:
         if name and name.strip():
             prompts = format_prompts(load_prompts(name.strip(), limit=config.eval_limit if name != config.harmless
                                                   else config.harmless_limit), config.template, model.tokenizer, config.system)
-            check_answer_room(engine, prompts, config.max_new_tokens)
+            with about(f"--harmless {name}" if name == config.harmless else f"--eval-datasets {name.strip()}"):
+                check_answer_room(engine, prompts, config.max_new_tokens)
 
 
 def default_mode() -> str:

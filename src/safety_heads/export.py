@@ -39,6 +39,7 @@ def export_run(run_dir: str | Path, layout: str, out: str | Path) -> list[Path]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"'{run_dir}' is not a folder; give the --out folder of a finished safety-heads run")
+    _check_out_apart(run_dir, Path(out))
     sources = {name: _find(run_dir, name) for name in ("ships", "sahara", "eval")}
     if not any(sources.values()):
         raise UserError(f"'{run_dir}' holds no finished ships.json, sahara.json or eval.json (nor a run's stages)")
@@ -59,6 +60,18 @@ def export_run(run_dir: str | Path, layout: str, out: str | Path) -> list[Path]:
         _save(written[-1], {"ships_data": parts["ships"], "sahara_data": parts["sahara"],
                             "eval_data": parts["eval"], "config": {"quick_mode": mode == "quick"}})
     return written
+
+
+def _check_out_apart(run_dir: Path, out: Path) -> None:
+    """`out` is a new or empty folder outside the run (and not holding it): the seed layout's file names are our own
+    runs' names (a run's ships_data.pt), so writing into the run, or over another folder's files, would replace them."""
+    run, target = run_dir.resolve(), out.expanduser().resolve()
+    if target == run or run in target.parents or target in run.parents:
+        raise UserError(f"--out '{out}' overlaps the run folder '{run_dir}'; export writes into a new or empty folder "
+                        "of its own, never into the run it reads")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out '{out}' is not empty; export writes into a new or empty folder (safety-heads never "
+                        "writes among files it did not make)")
 
 
 def _save(path: Path, data: dict) -> None:

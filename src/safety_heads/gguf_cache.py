@@ -50,11 +50,30 @@ def dequantised_folder(source: str, trust_remote_code: bool = False) -> Path:
     folder = cache_root() / "gguf" / digest[:32]
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
-    print_progress(f"dequantising {path.name} once (takes minutes on a CPU); cached in {folder}")
+    check_readable(path, source)  # a broken file is one line, before any progress line
     started = time.perf_counter()
-    _dequantise(path, folder, trust_remote_code)
+    _dequantise(path, folder, trust_remote_code, announce=lambda: print_progress(
+        f"dequantising {path.name} once (takes minutes on a CPU); cached in {folder}"))
     print_progress(f"dequantised {path.name} in {time.perf_counter() - started:.0f} s")
     return folder
+
+
+def check_readable(path: Path, source: str) -> None:
+    """The file's header, metadata and tensor table, read with the gguf package's reader (the one transformers uses)
+    without dequantising anything: a truncated or corrupt file (a broken download) fails here in one line."""
+    try:
+        from gguf import GGUFReader
+    except ImportError as error:
+        raise UserError(f"reading GGUF files needs the 'gguf' package ({error}); pip install gguf") from None
+    try:
+        reader = GGUFReader(path)
+        architecture = reader.get_field("general.architecture")
+    except Exception as error:  # noqa: BLE001 - numpy, struct and the reader raise many types on a broken file
+        size = path.stat().st_size
+        raise UserError(f"'{source}' is truncated or corrupt: its header or tensor table does not fit its {size} bytes "
+                        f"({type(error).__name__}); download it again") from None
+    if architecture is None or not reader.tensors:
+        raise UserError(f"'{source}' holds no model (no general.architecture or no tensors); give a model's .gguf file")
 
 
 @contextlib.contextmanager
@@ -79,7 +98,9 @@ def _quiet_progress_bars():
             transformers_logging.enable_progress_bar()
 
 
-def _dequantise(path: Path, folder: Path, trust_remote_code: bool) -> None:
+def _dequantise(path: Path, folder: Path, trust_remote_code: bool, announce) -> None:
+    """`announce()` runs once the file's metadata and tokenizer are read, before the minutes of dequantising: what
+    fails before it is the file's fault and ends in one line."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,6 +108,7 @@ def _dequantise(path: Path, folder: Path, trust_remote_code: bool) -> None:
         directory, name = str(path.parent), path.name
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, trust_remote_code=trust_remote_code)
+            announce()
             module = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32,
                                                           trust_remote_code=trust_remote_code)
         except ImportError as error:

@@ -76,29 +76,52 @@ class HarmlessGuard:
         return self.nll(head_sets) - self.clean_nll
 
 
-def choose_guarded(sahara, step: int, group: list[Head], scores: torch.Tensor, checked: dict[Head, float]
+def choose_guarded(sahara, step: int, group: list[Head], scores: torch.Tensor, done: list[GuardCheck]
                    ) -> Generator[GuardCheck, None, tuple[Head | None, torch.Tensor, list[Head]]]:
     """The best-scoring head whose group passes the guard (None if none does), the step's guard matrix (NaN where
     not checked) and the higher-scoring heads it passed over; yields each batch of checks it makes. Candidates are
     checked best-first, `guard_batch` in the first call and twice as many in each further one (up to GUARD_BATCH),
-    so a step usually costs one guard call, not one per head; `checked` (from the checkpoint) is never recomputed."""
+    so a step usually costs one guard call, not one per head.
+
+    `done` (the step's checks from the checkpoint, in order) is replayed, not recomputed: each batch the search
+    forms is taken from the next checked batch, so the batch sizes continue where the killed run stopped and the
+    resumed search checks exactly the heads, in exactly the batches, of an uninterrupted one."""
     n_heads = scores.shape[1]
     values = scores.flatten().tolist()
     scored = [i for i, value in enumerate(values) if value == value]  # not NaN (a NaN key would scramble the sort)
     order = [divmod(i, n_heads) for i in sorted(scored, key=lambda i: (-values[i], i))]
     chosen, passed_over = None, order
+    checked: dict[Head, float] = {}
+    replay = iter(done)
     size = min(sahara.config.guard_batch, GUARD_BATCH)
     for position, head in enumerate(order):
         if head not in checked:
             batch = [h for h in order[position:] if h not in checked][:size]
             size = min(2 * size, GUARD_BATCH)
-            new = dict(zip(batch, sahara.guard_rises([group + [h] for h in batch]).tolist()))
+            unit = next(replay, None)
+            if unit is None:
+                new = dict(zip(batch, sahara.guard_rises([group + [h] for h in batch]).tolist()))
+                yield GuardCheck(step, group, [[layer, h, rise] for (layer, h), rise in new.items()])
+            else:
+                new = _replayed(unit, batch)
             checked.update(new)
-            yield GuardCheck(step, group, [[layer, h, rise] for (layer, h), rise in new.items()])
         if checked[head] <= sahara.config.guard_max_rise:
             chosen, passed_over = head, order[:position]
             break
+    if next(replay, None) is not None:
+        raise UserError(f"cannot resume: the checkpoint holds more guard checks at step {step} than the search makes "
+                        "(it was edited, or made with another --guard-batch); remove its lines from that step on")
     guard = torch.full_like(scores, float("nan"))
     for head, rise in checked.items():
         guard[head] = rise
     return chosen, guard, passed_over
+
+
+def _replayed(unit: GuardCheck, batch: list[Head]) -> dict[Head, float]:
+    """A checkpointed batch of checks, if it is the batch the search forms now (else the resume would differ)."""
+    rises = {(int(layer), int(head)): float(rise) for layer, head, rise in unit.guard}
+    if list(rises) != batch:
+        raise UserError(f"cannot resume: the checkpoint's guard checks at step {unit.step} are not the ones this search "
+                        f"makes (made with another --guard-batch, {len(rises)} at first?); resume with the same "
+                        "--guard-batch, or remove its lines from that step on")
+    return rises

@@ -46,3 +46,9 @@ def run_record(model, config, queries, source: dict) -> dict:
 def compute_record(flops: float, seconds: float) -> dict:
     """What a run's engine sweeps cost in this process: FLOPs (flops.py), the run's wall seconds, and the rate."""
     return {"engine_flops": flops, "seconds": seconds, "gflop_per_s": flops / seconds / 1e9 if seconds > 0 else None}
+
+
+def source_name(source: dict | None) -> str | None:
+    """'--dataset maliciousinstruct' for a run's recorded source, to name it in an error about one of its prompts."""
+    dataset = (source or {}).get("dataset")
+    return f"--dataset {dataset}" if dataset else None

@@ -27,12 +27,12 @@ import torch
 
 from .ablation import Ablation, Head, format_heads, parse_heads
 from .engine import Engine, EngineConfig
-from .errors import UserError
+from .errors import UserError, about
 from .models import LoadedModel
 from .guard import GuardCheck, HarmlessGuard, choose_guarded
 from .objectives import LABELS, UNITS, AngleObjective, RefusalObjective
 from .progress import print_progress
-from .records import compute_record, run_record, versions
+from .records import compute_record, run_record, source_name, versions
 from .sahara_config import GAP_WARNING, SCORES, SaharaConfig, check_guard_max_rise  # noqa: F401  (re-exported)
 from .subspace import (angles_to_basis, angles_to_column, left_basis, paper_era_angles, subspace_angle,  # noqa: F401
                        subspace_angles)
@@ -261,11 +261,9 @@ class SaharaJob:
         if config.guard is None:
             chosen, value = best_head(scores)
         else:
-            checked: dict[Head, float] = {}  # the guard's rise for each head checked so far
             for unit in checks:
                 _check_group(unit, group)
-                checked.update({(layer, head): rise for layer, head, rise in unit.guard})
-            chosen, guard, passed_over = yield from choose_guarded(self.sahara, step, group, scores, checked)
+            chosen, guard, passed_over = yield from choose_guarded(self.sahara, step, group, scores, checks)
             if chosen is None:
                 self._stop_unguarded(step, group, guard)
                 return None
@@ -324,7 +322,8 @@ def sahara_job(model: LoadedModel, queries: Sequence[str], config: SaharaConfig,
     sahara = Sahara(model, config, engine_config, ranking)
     _check_sizes(len(queries), sahara.engine.d_model, len(sahara.candidates), config)
     prompts = format_prompts(queries, config.template, model.tokenizer, config.system)
-    tokens = sahara.engine.tokenize([p.token_ids for p in prompts])
+    with about(source_name(source)):
+        tokens = sahara.engine.tokenize([p.token_ids for p in prompts])
     if sahara.guard is not None:
         sahara.guard.answers  # a bad --guard data set fails here, before anything is written
     if config.objective != "angle":

@@ -29,12 +29,12 @@ import torch
 
 from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
 from .engine import Engine, EngineConfig
-from .errors import UserError
+from .errors import UserError, about
 from .models import LoadedModel
 from .progress import print_progress
 from .refusal import SCORES, RefusalSignal, learn_signal, readouts_for, score_values
 from .measures import kl_divergence, top_heads  # noqa: F401 (part of the Ships API)
-from .records import compute_record, run_record, versions
+from .records import compute_record, run_record, source_name, versions
 from .work import finish
 
 METHODS = ("exact", "estimate", "estimate+verify")
@@ -300,7 +300,8 @@ def ships_job(model: LoadedModel, queries: Sequence[str], config: ShipsConfig, *
     config = replace(config, template=resolve_template(config.template, model.tokenizer))
     ships = Ships(model, config, engine_config)
     prompts = format_prompts(list(queries), config.template, model.tokenizer, config.system)
-    ships.engine.tokenize([p.token_ids for p in prompts])
+    with about(source_name(source)):
+        ships.engine.tokenize([p.token_ids for p in prompts])
     return ShipsJob(ships, list(queries), prompts, run_record(model, config, queries, source or {}), progress or print_progress)
 
 

@@ -46,27 +46,34 @@ WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
 
 
 INTERRUPTED = "safety-heads: interrupted; finished work is kept (rerun with --resume to continue)"
+TERMINATED = "safety-heads: terminated (SIGTERM); finished work is kept (rerun with --resume to continue)"
+# The exit codes of a command stopped by a signal it answered: 128 + the signal's number, as a shell reports them.
+STOPPED = {signal.SIGINT: (130, INTERRUPTED), signal.SIGTERM: (143, TERMINATED)}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a scheduler's time limit, a container stopping), stopped as Ctrl-C is: one line, the
+    checkpoint kept. A KeyboardInterrupt, so everything that lets Ctrl-C through lets it through too."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    interrupted: list[bool] = []
-    previous = None
+    interrupted: list[int] = []  # the signals that arrived while main() ran
+    previous = {}
     try:  # everything, imports included: a Ctrl-C at start-up is answered like one later on
         if threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGINT, lambda signum, frame: _interrupt(interrupted))
+            for signum in STOPPED:
+                previous[signum] = signal.signal(signum, lambda number, frame: _interrupt(interrupted, number))
         args = build_parser().parse_args(values_may_start_with_minus(sys.argv[1:] if argv is None else argv))
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()  # stderr carries our progress lines and one-line errors only
         with held_library_warnings():  # printed after the command's output; never before or beside an error line
             return _command(args.command)(args)
-    except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        return _stopped(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
     except Exception as error:
         if interrupted:  # a library turned the interrupt into another error (measured: a transformers lazy import)
-            print(INTERRUPTED, file=sys.stderr)
-            return 130
+            return _stopped(interrupted[0])
         if isinstance(error, OSError) and error.errno in WRITE_ERRORS:
             error = UserError(f"cannot write {error.filename or 'a result file'}: {error.strerror}; finished work is "
                               "kept: make room (or fix the permissions), then rerun with --resume")
@@ -75,29 +82,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if "safety_heads.runs.folder" in sys.modules:  # every output folder this command locked is free again
             sys.modules["safety_heads.runs.folder"].release_locks()
 
 
-def _interrupt(interrupted: list[bool]) -> None:
-    """The SIGINT handler while main() runs: Python's own (raise KeyboardInterrupt), remembering that it happened."""
-    interrupted.append(True)
-    raise KeyboardInterrupt
+def _stopped(signum: int) -> int:
+    code, message = STOPPED[signum]
+    print(message, file=sys.stderr)
+    return code
+
+
+def _interrupt(interrupted: list[int], signum: int) -> None:
+    """The SIGINT and SIGTERM handler while main() runs: Python's own for SIGINT (raise KeyboardInterrupt; Terminated
+    for SIGTERM), remembering which signal came."""
+    interrupted.append(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def entry() -> None:
     """The `safety-heads` program: main(), then exit with its code. Once main() has returned, everything is written
-    and reported, so a late Ctrl-C (during the interpreter's shutdown) is ignored rather than turning a finished run
-    into a death by signal."""
+    and reported, so a late Ctrl-C or SIGTERM (during the interpreter's shutdown) is ignored rather than turning a
+    finished run into a death by signal."""
     try:
         code = main()
-    except KeyboardInterrupt:  # in the instant between main()'s handler and the next line
-        print(INTERRUPTED, file=sys.stderr)
-        code = 130
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if code == 130:
+    except KeyboardInterrupt as stop:  # in the instant between main()'s handler and the next line
+        code = _stopped(signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    for signum in STOPPED:
+        signal.signal(signum, signal.SIG_IGN)
+    if code in (130, 143):
         # Measured: after a Ctrl-C caught in the first seconds (while torch and transformers import), the interpreter's
         # shutdown sometimes ended the process by SIGINT (status -2, not 130: 2 of 7 tries); the cause inside the
         # shutdown is not pinned down. Checkpoint lines are fsynced as written and outputs are written atomically, so

@@ -33,8 +33,14 @@ class _Help(argparse.HelpFormatter):
 
 
 def one_line(message: str) -> str:
-    """An error message is one line, even when it quotes a path or a prompt holding a newline."""
-    return message.replace("\r", "\\r").replace("\n", "\\n")
+    """An error message is one line, even when it quotes a path or a prompt holding a newline, and safe for a terminal
+    (a prompt's ESC sequence or bidi override is escaped: progress.terminal_safe)."""
+    from ..progress import terminal_safe
+
+    message = terminal_safe(message)
+    if len(message) > 2000:  # a data file's 10 MB column name quoted in full would bury the message
+        message = f"{message[:1200]} [... {len(message) - 1800} characters ...] {message[-600:]}"
+    return message
 
 
 class _Parser(argparse.ArgumentParser):

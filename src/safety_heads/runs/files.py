@@ -25,10 +25,19 @@ def current_umask() -> int:
     return mask
 
 
+# Our temporary files end in this, a name no user would choose: a folder's next writer removes only these, never
+# another hidden ".tmp" file that may be the user's.
+TEMPORARY_SUFFIX = ".safety-heads.tmp"
+
+
+def is_our_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TEMPORARY_SUFFIX) and path.is_file()
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp makes 0600; results are ordinary files
     try:
         with os.fdopen(handle, "wb") as stream:

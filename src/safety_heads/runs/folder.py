@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserError
-from .files import current_umask, to_jsonable
+from .files import atomic_write, current_umask, is_our_temporary, to_jsonable
 
 
 def check_output_folder(out: str | Path) -> Path:
@@ -68,11 +68,11 @@ def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool,
     the units already finished (when resuming), each through `parse` (which raises on a malformed unit)."""
     out = Path(out)
     if out.is_dir():
-        _check_unclaimed(out, name, what)  # before anything is written to the folder
+        check_unclaimed(out, name, what)  # before anything is written to the folder
     check_output_folder(out)
     lock_folder(out)
     try:  # again, now that no one else can write: another process may have finished it in between
-        _check_unclaimed(out, name, what)
+        check_unclaimed(out, name, what)
     except UserError:
         release_lock(out)
         raise
@@ -82,10 +82,23 @@ def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool,
     return out, checkpoint, units if parse is None else [checkpoint.parse_unit(parse, unit, line) for line, unit in enumerate(units, 2)]
 
 
-def _check_unclaimed(out: Path, name: str, what: str) -> None:
+def check_unclaimed(out: Path, name: str, what: str) -> None:
     check_not_foreign(out, name)
     if is_finished(out, name):
         raise UserError(f"'{out}' already holds {what} ({result_path(out, name).name}); choose another --out")
+    check_only_ours(out, name)
+
+
+def check_only_ours(out: Path, name: str) -> None:
+    """A command writes only into a folder that is new, empty, or holds its own unfinished run (its checkpoint):
+    anything else may hold the user's files, which a run would overwrite (a figure's name) or mix with its own."""
+    if not out.is_dir() or checkpoint_path(out, name).exists():
+        return
+    others = sorted(path.name for path in out.iterdir() if path.name != LOCK_NAME and not is_our_temporary(path))
+    if others:
+        shown = ", ".join(repr(other) for other in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"'{out}' is not empty ({shown}) and holds no unfinished {RESULT_NAMES[name]} run to resume; "
+                        "choose a new or empty --out (safety-heads never writes among files it did not make)")
 
 
 # One writer per folder: an exclusive flock on a file in it, which the OS releases when the process ends, however it
@@ -129,56 +142,71 @@ def release_locks() -> None:
 
 
 def remove_stale_temporaries(out: Path) -> None:
-    """A kill during an atomic write leaves its temporary file (.NAME.XXXX.tmp); the folder's new writer removes them."""
-    for path in out.glob(".*.tmp"):
-        path.unlink(missing_ok=True)
+    """A kill during an atomic write leaves its temporary file (files.TEMPORARY_SUFFIX); the folder's new writer
+    removes those, and only those: a user's own hidden .tmp file is not ours to delete."""
+    for path in out.iterdir():
+        if is_our_temporary(path):
+            path.unlink(missing_ok=True)
 
 
 class Checkpoint:
-    """An append-only JSON-lines file: a header with the run's configuration, then one line per finished unit."""
+    """An append-only JSON-lines file: a header with the run's configuration, then one line per finished unit.
+
+    What a kill or a full disk can leave is resumed: a last line without its newline (torn mid-write) is dropped, and
+    a file without a whole header (torn between its creation and the header's write, before atomic headers) holds no
+    work and starts afresh. Anything else that cannot be read (a hand edit, NaN or Infinity, a foreign file) is
+    refused in one line naming the line, and the file is left as it was."""
 
     def __init__(self, path: str | Path, config: dict):
         self.path = Path(path)
         self.config = to_jsonable(config)
+        self._intact: int | None = None  # bytes to keep before the next append (a torn last line is cut then)
 
     def start(self, resume: bool) -> list[dict]:
         """Open the checkpoint; returns the units already finished (empty unless resuming)."""
-        if not self.path.exists():  # nothing to resume (or a fresh run): start afresh
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._append({"config": self.config})
+        records, intact = self._read() if self.path.exists() else ([], 0)
+        if not records:  # no checkpoint, or one holding no whole line: nothing was finished, start afresh
+            self._write_header()
             return []
+        header, *units = records
+        if not (isinstance(header, dict) and isinstance(header.get("config"), dict)):
+            raise UserError(f"line 1 of {self.path} is unreadable (not a checkpoint header); remove {self.path.name} "
+                            "to start afresh")
         if not resume:
             raise UserError(
                 f"'{self.path.parent}' holds an unfinished run; add --resume to continue it, or choose another --out"
             )
-        records, intact_bytes = self._read_intact()
-        if not records or "config" not in records[0]:
-            raise UserError(f"the checkpoint in '{self.path.parent}' is unreadable; remove {self.path.name} to start afresh")
-        header, *units = records
         differences = describe_differences(header["config"], self.config)
         if differences:
             raise UserError(f"cannot resume: the checkpoint in '{self.path.parent}' was made with {differences}")
-        with open(self.path, "r+b") as stream:
-            stream.truncate(intact_bytes)  # drop a line torn by a kill mid-write, so new lines start cleanly
+        self._intact = intact
         return units
 
-    def _read_intact(self) -> tuple[list[dict], int]:
-        """The records up to the first torn or unreadable line, and how many bytes they span."""
-        records, intact = [], 0
-        with open(self.path, "rb") as stream:
-            for line in stream:
-                if not line.endswith(b"\n"):
-                    break
-                try:
-                    records.append(json.loads(line))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    break
-                intact += len(line)
-        return records, intact
+    def _write_header(self) -> None:
+        """Atomically: a kill or a full disk leaves no checkpoint or a whole header, never a torn one."""
+        line = json.dumps({"config": self.config}, allow_nan=False) + "\n"
+        atomic_write(self.path, lambda stream: stream.write(line.encode()))
+        self._intact = None
+
+    def _read(self) -> tuple[list, int]:
+        """The whole lines, each checked, and how many bytes they span (a torn last line is not counted)."""
+        data = self.path.read_bytes()
+        *lines, _torn = data.split(b"\n")
+        records = []
+        for number, line in enumerate(lines, 1):
+            try:
+                records.append(strict_json(line))
+            except ValueError as error:
+                what = "unreadable (not a checkpoint header)" if number == 1 else f"not a checkpoint line ({error})"
+                raise UserError(f"line {number} of {self.path} is {what}; remove that line and the ones after it "
+                                f"(or {self.path.name}, to start afresh) and --resume") from None
+        return records, sum(len(line) + 1 for line in lines)
 
     def parse_unit(self, parse: Callable[[dict], Any], unit: dict, line: int) -> Any:
         """`parse(unit)`, with a hand-edited or foreign line reported in one line instead of a traceback."""
         try:
+            if not isinstance(unit, dict):
+                raise TypeError(f"a JSON {type(unit).__name__}, not an object")
             return parse(unit)
         except UserError:
             raise
@@ -191,6 +219,10 @@ class Checkpoint:
         self._append(unit)
 
     def _append(self, record: dict) -> None:
+        if self._intact is not None:  # the first write after a resume: cut a torn last line, so new lines start cleanly
+            with open(self.path, "r+b") as stream:
+                stream.truncate(self._intact)
+            self._intact = None
         with open(self.path, "a", encoding="utf-8") as stream:
             stream.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
             stream.flush()
@@ -200,6 +232,26 @@ class Checkpoint:
         """The last write of a run: it is finished now (`is_finished`), and its folder free for others."""
         self.path.unlink(missing_ok=True)
         release_lock(self.path.parent)
+
+
+def strict_json(line: bytes) -> Any:
+    """A JSON value as our runs write it: UTF-8, no NaN or Infinity (json.dumps(allow_nan=False) wrote it), no number
+    too large for a float; anything else raises ValueError."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not a number a run writes")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            raise ValueError(f"{text[:20]} is too large")
+        return value
+
+    try:
+        return json.loads(line.decode("utf-8"), parse_constant=refuse, parse_float=finite)
+    except (UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(type(error).__name__) from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON: {error.msg}") from None
 
 
 def describe_differences(old: dict, new: dict) -> str:
