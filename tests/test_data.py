@@ -102,7 +102,7 @@ def test_offset_takes_a_slice_and_refuses_one_past_the_end():
 
 def test_range_is_one_based_and_inclusive():
     """--range 51-100 is the paper's "MaliciousInstruct 51-100": prompts 51 to 100, the second half."""
-    from safety_heads.data import PromptRange, load_slice, parse_range, positions
+    from safety_heads.slices import PromptRange, load_slice, parse_range, positions
 
     everything = load_prompts("maliciousinstruct")
     assert parse_range("51-100") == PromptRange(51, 100) and parse_range(" 3-3 ").count == 1 and parse_range(None) is None
@@ -120,7 +120,7 @@ def test_range_is_one_based_and_inclusive():
     ("1-2-3", "is not A-B"), ("-1-3", "is not A-B"), ("", "is not A-B"),
 ])
 def test_bad_range(text, message):
-    from safety_heads.data import parse_range
+    from safety_heads.slices import parse_range
 
     with pytest.raises(UserError, match=message):
         parse_range(text)
@@ -128,7 +128,7 @@ def test_bad_range(text, message):
 
 def test_range_past_the_end_or_with_limit_is_refused():
     """Fewer prompts than asked would be a silently smaller slice: an error that says what is there."""
-    from safety_heads.data import load_slice
+    from safety_heads.slices import load_slice
 
     with pytest.raises(UserError, match=r"has 100 prompts; --range 51-120 ends past them \(--range 51-100 is the rest\)"):
         load_slice("maliciousinstruct", prompt_range="51-120")

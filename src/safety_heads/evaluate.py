@@ -29,7 +29,7 @@ from .ablation import DEFAULT_EPSILON, Ablation, Head, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
 from .generate import GenerationConfig, generate
-from .data import parse_range, positions
+from .slices import parse_range, positions
 from .asr import DatasetResult, Rates, rates_of
 from .judges import RECOMMENDED_JUDGE, KeywordJudge, headline_judge, make_judges
 from .measures import kl_divergence, top_heads
@@ -343,7 +343,8 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
     """Everything checked before any work (and before a run folder is touched): the config, the heads (from
     --heads, or from `source_record`, the --from file's content), the settings it inherits, the judges, every prompt
     and answer fitting the context; then the mean reference, if the ablation needs one."""
-    from .data import format_prompts, load_prompts, load_slice, prompt_tokens, resolve_template
+    from .data import format_prompts, load_prompts, prompt_tokens, resolve_template
+    from .slices import load_slice
 
     progress = progress or print_progress
     config.validate()

@@ -33,7 +33,8 @@ import torch
 from .ablation import Ablation, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
-from .data import held_out, load_prompts
+from .data import load_prompts
+from .slices import held_out
 from .evaluate import BROKEN_MODEL_NLL_RISE, EvaluateConfig, Evaluation, GivenBaseline
 from .generate import GenerationConfig
 from .judges import make_judges
@@ -237,7 +238,7 @@ def refusal_search_skipped(model: LoadedModel, config: ExperimentConfig) -> str 
 
 def held_out_datasets(config: ExperimentConfig, queries: dict[str, list[str]]) -> str:
     """config.eval_datasets with each data set a search also reads cut to the prompts after the last one any search
-    used (data.held_out)."""
+    used (slices.held_out)."""
     used: dict[str, int] = {}
     for name, stage in ((config.ships_dataset, "ships"), (config.sahara_dataset, "sahara")):
         used[name] = max(used.get(name, 0), len(queries[stage]))

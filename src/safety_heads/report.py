@@ -145,7 +145,7 @@ def _with_interval(rate: float, n: int, interval=None) -> str:
 
 def _slice_text(config: dict) -> str:
     """'maliciousinstruct 1-16': a search's data set and the 1-based positions of its queries."""
-    from .data import split_slice
+    from .slices import split_slice
 
     first, last = search_positions(config)
     return f"{split_slice(config.get('dataset'))[0]} {first}-{last}"
@@ -153,7 +153,7 @@ def _slice_text(config: dict) -> str:
 
 def _eval_slice(name: str, numbers: dict) -> str:
     """'maliciousinstruct 17-32': an evaluated data set (a NAME:A-B slice too) and its prompts' positions."""
-    from .data import split_slice
+    from .slices import split_slice
 
     where = eval_positions(name, numbers)
     return f"{split_slice(name)[0]} {where[0]}-{where[1]}" if where else name
@@ -161,7 +161,7 @@ def _eval_slice(name: str, numbers: dict) -> str:
 
 def eval_positions(name: str, numbers: dict) -> list[int] | None:
     """[first, last] of an evaluated data set's prompts: recorded, or (an older eval.json) read from a NAME:A-B slice."""
-    from .data import split_slice
+    from .slices import split_slice
 
     if "positions" in numbers:
         return numbers["positions"]
@@ -172,7 +172,7 @@ def eval_positions(name: str, numbers: dict) -> list[int] | None:
 def search_positions(config: dict) -> list[int]:
     """[first, last] of a Ships or Sahara run's queries in their data set: recorded, or derived (--limit, a NAME:A-B
     slice, an offset)."""
-    from .data import split_slice
+    from .slices import split_slice
 
     if config.get("positions"):
         return list(config["positions"])
@@ -187,7 +187,7 @@ def held_out_lines(ships: dict | None, sahara: dict | None, evaluation: dict) ->
                 if r and r["config"].get("dataset")]
     if not searches:
         return []
-    from .data import split_slice
+    from .slices import split_slice
 
     reused = []
     for name, numbers in evaluation["results"].items():

@@ -69,7 +69,7 @@ def _queries(args, warn_duplicates: bool = True) -> tuple[list[str], dict]:
 
 def _dataset_slice(args) -> tuple[list[str], dict]:
     """--dataset's queries: its first --limit, or its --range A-B; the source records the slice's 1-based positions."""
-    from ..data import load_slice, positions
+    from ..slices import load_slice, positions
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, not {args.limit}")
