@@ -232,7 +232,8 @@ class Study:
         maps = self.score_maps()
         best = [tuple(int(x) for x in row["head"].split(":")) for row in self.truth_table()["heads"]]  # truly best first
         search = [tuple(h) for h in read_json(self.out / "refusal-search.json")["heads"]]
-        searched = [tuple(h) for h in read_json(self.out / "sahara-step1.json")["heads"]]
+        step1 = read_json(self.out / "sahara-step1.json")
+        searched = [tuple(h) for h in step1.get("heads", [step1["chosen"]])]
         paper = searched if len(searched) > 1 else PAPER_SAHARA.get(Path(self.args.model).name, searched)
         methods = {"paper-sahara": paper, "ships-kl": self.order(maps["kl"]), "refusal-logprob": self.order(maps["refusal-logprob"]),
                    "refusal-search": search, "truth-best": best}

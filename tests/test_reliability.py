@@ -263,8 +263,9 @@ def references(dataset, tmp_path_factory):
 
 
 def kill_cases():
-    # run: its 26 events are each stage's outputs and checkpoint, then the figures, the report and the run's own files
-    counts = {"ships": 4, "sahara": 5, "evaluate": 3, "run": 26}
+    # run: its 34 events are each stage's outputs and checkpoint (both searches and both evaluations), then the
+    # figures, the report and the run's own files
+    counts = {"ships": 4, "sahara": 5, "evaluate": 3, "run": 34}
     return [(name, index) for name, count in counts.items() for index in range(count)]
 
 
