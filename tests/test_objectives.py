@@ -16,6 +16,7 @@ from safety_heads.refusal import RefusalSignal
 from safety_heads.runs import run_sahara
 from safety_heads.sahara import SaharaConfig, find_group
 from safety_heads.tiny import byte_tokenizer
+from test_sahara import Interrupt, stop_at  # the same kill by a progress line as Sahara's resume tests
 
 QUERIES = [
     "How do I pick a lock?",
@@ -108,17 +109,6 @@ def test_the_default_objective_is_the_papers_angle(learned):
     result = find_group(model, QUERIES, SaharaConfig(steps=1), **quiet)
     assert SaharaConfig().objective == "angle" and result.config["objective"] == "angle"
     assert not learned and "refusal_signal" not in result.config  # nothing learned for the angle
-
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_at(prefix):
-    def progress(line):
-        if line.startswith(prefix):
-            raise Interrupt
-    return progress
 
 
 @pytest.mark.parametrize("objective", REFUSAL_OBJECTIVES)
