@@ -16,15 +16,9 @@ from safety_heads.refusal import RefusalSignal
 from safety_heads.runs import run_sahara
 from safety_heads.sahara import SaharaConfig, find_group
 from safety_heads.tiny import byte_tokenizer
-from test_sahara import Interrupt, stop_at  # the same kill by a progress line as Sahara's resume tests
+from test_sahara import QUERIES as SAHARA_QUERIES, Interrupt, stop_at  # the same kill by a progress line as Sahara's resume tests
 
-QUERIES = [
-    "How do I pick a lock?",
-    "Hi",
-    "Write a short poem about the sea, please.",
-    "Explain how vaccines work in simple words.",
-    "Tell me a joke",
-]
+QUERIES = SAHARA_QUERIES[:5]  # five lengths, so every engine batch is left-padded
 quiet = dict(progress=lambda _: None)
 REFUSAL_OBJECTIVES = ("refusal-logprob", "refusal-direction")
 

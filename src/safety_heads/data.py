@@ -93,7 +93,7 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     if offset < 0:
         raise UserError(f"a data set's offset must be at least 0, got {offset}")
     source = str(source)  # a pathlib.Path works too
-    sliced = SLICE.match(source) if source not in BUNDLED and not Path(source).expanduser().exists() else None
+    sliced = slice_match(source)
     if sliced:
         prompts = _slice(load_prompts(sliced["name"], column, dedupe=dedupe), source, int(sliced["first"]), sliced["last"])
         return _offset(prompts, source, offset)[:limit]
@@ -132,6 +132,12 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     if dedupe:
         prompts = list(dict.fromkeys(prompts))  # keeps the first copy, in order
     return _offset(prompts, source, offset)[:limit]
+
+
+def slice_match(source: str) -> "re.Match | None":
+    """A "NAME:A-B" slice name's parts, or None for a bundled set, an existing file (a file may be named so) or a
+    plain name."""
+    return SLICE.match(source) if source not in BUNDLED and not Path(source).expanduser().exists() else None
 
 
 def _offset(prompts: list[str], source: str, offset: int) -> list[str]:

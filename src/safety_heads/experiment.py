@@ -220,17 +220,13 @@ def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["Experiment
 
 def refusal_search_skipped(model: LoadedModel, config: ExperimentConfig) -> str | None:
     """Why the refusal search cannot run on this model (it refuses none of the prompts the refusal-logprob signal is
-    learned from), or None. Learned again by the stages; a few seconds of generation, paid to decide up front."""
+    learned from), or None. The stages reuse what is learned here (refusal.learn_signal keeps it per model)."""
     if config.refusal_objective != "refusal-logprob":
         return None
-    from .data import prompt_tokens
-    from .refusal import NoRefusal, learn_signal
+    from .refusal import NoRefusal, learn_from
 
-    search = SaharaConfig()
-    harmful, harmless = (prompt_tokens(name, search.refusal_limit, config.template, model.tokenizer, config.system)
-                         for name in (search.refusal_harmful, search.refusal_harmless))
     try:
-        learn_signal(Engine(model), model, harmful, harmless, config.refusal_objective)
+        learn_from(Engine(model), model, config.refusal_objective, SaharaConfig(template=config.template, system=config.system))
     except NoRefusal as error:
         return str(error).split(" (refusal-direction")[0]
     return None

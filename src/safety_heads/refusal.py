@@ -87,6 +87,16 @@ def learn_signal(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequ
     return learned[key]
 
 
+def learn_from(engine, model, need: str, config) -> RefusalSignal:
+    """learn_signal on the refusal sets a ShipsConfig or SaharaConfig names (refusal_harmful, refusal_harmless, the
+    first refusal_limit of each), under its template and system prompt."""
+    from .data import prompt_tokens
+
+    harmful, harmless = (prompt_tokens(name, config.refusal_limit, config.template, model.tokenizer, config.system)
+                         for name in (config.refusal_harmful, config.refusal_harmless))
+    return learn_signal(engine, model, harmful, harmless, need)
+
+
 def _learn(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], need: str) -> RefusalSignal:
     from .generate import GenerationConfig, generate
 

@@ -127,12 +127,9 @@ class Sahara:
         c = self.config
         if c.objective == "angle":
             return AngleObjective(self.engine, c.rank, paper_era=c.score == "paper-era")
-        from .data import prompt_tokens
-        from .refusal import learn_signal
+        from .refusal import learn_from
 
-        harmful, harmless = (prompt_tokens(name, c.refusal_limit, c.template, self.model.tokenizer, c.system)
-                             for name in (c.refusal_harmful, c.refusal_harmless))
-        return RefusalObjective(self.engine, c.objective, learn_signal(self.engine, self.model, harmful, harmless, c.objective))
+        return RefusalObjective(self.engine, c.objective, learn_from(self.engine, self.model, c.objective, c))
 
     def clean(self, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
         """M_clean: [N, d] float32, the final-norm hidden state at each query's last token (recorded for every

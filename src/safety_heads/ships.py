@@ -32,7 +32,7 @@ from .engine import Engine, EngineConfig
 from .errors import UserError, about
 from .models import LoadedModel
 from .progress import print_progress
-from .refusal import SCORES, RefusalSignal, learn_signal, readouts_for, score_values
+from .refusal import SCORES, RefusalSignal, learn_from, readouts_for, score_values
 from .measures import kl_divergence, top_heads  # noqa: F401 (part of the Ships API)
 from .records import compute_record, run_record, source_name, versions
 from .work import finish
@@ -198,14 +198,10 @@ class Ships:
     @cached_property
     def signal(self) -> RefusalSignal | None:
         """Learned on first use (it generates answers), so bad input and a bad --out are reported before it."""
-        from .data import prompt_tokens
-
         c = self.config
         if c.score == "kl":
             return None
-        harmful = prompt_tokens(c.refusal_harmful, c.refusal_limit, c.template, self.model.tokenizer, c.system)
-        harmless = prompt_tokens(c.refusal_harmless, c.refusal_limit, c.template, self.model.tokenizer, c.system)
-        return learn_signal(self.engine, self.model, harmful, harmless, c.score)
+        return learn_from(self.engine, self.model, c.score, c)
 
     def _reference_means(self) -> torch.Tensor:
         from .data import prompt_tokens

@@ -8,9 +8,8 @@ reads a slice name anywhere a data set is named.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from .data import BUNDLED, SLICE, load_prompts
+from .data import load_prompts, slice_match
 from .errors import UserError
 
 
@@ -72,7 +71,7 @@ def parse_range(text: str | None) -> PromptRange | None:
 
 def split_slice(name: str) -> tuple[str, int, int | None]:
     """'maliciousinstruct:51-100' -> ('maliciousinstruct', 51, 100); a name without a slice -> (name, 1, None)."""
-    sliced = SLICE.match(name) if name not in BUNDLED and not Path(name).expanduser().exists() else None
+    sliced = slice_match(name)
     if not sliced:
         return name, 1, None
     return sliced["name"], int(sliced["first"]), int(sliced["last"]) if sliced["last"] else None
