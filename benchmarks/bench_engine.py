@@ -16,9 +16,9 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.models import wrap
+from safety_heads.tiny import byte_tokenizer
 
 EPSILON = 1e-4
 CONFIGS = {

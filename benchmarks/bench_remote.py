@@ -11,9 +11,9 @@ weights, nothing runs): the requests are planned by the engine and serialised ex
 
 Naive = one trace per head set (`lm.trace(..., remote=True)`, the head's query slice x epsilon, readouts saved),
 plus one clean trace: what the original notebooks did for Ships, ported to nnsight. For Sahara the cookbook notebook
-sent one request per query per head set (32x more than counted here), so the Sahara ratio is a lower bound. One such request is captured and its size
-multiplied by the count. Prompt lengths follow the bundled maliciousinstruct queries under the paper template,
-at ~4 characters per Llama token.
+sent one request per query per head set (32x more than counted here), so the Sahara ratio is a lower bound. One
+such request is captured and its size multiplied by the count. Prompt lengths follow the bundled maliciousinstruct
+queries under the paper template, at ~4 characters per Llama token.
 
     python benchmarks/bench_remote.py
     python benchmarks/bench_remote.py --budget-gb 40
@@ -28,11 +28,11 @@ import torch
 from transformers import LlamaConfig
 
 from safety_heads.data import format_prompts, load_prompts
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.models import LoadedModel, head_layout, prepare_tokenizer
 from safety_heads.remote import CaptureBackend
 from safety_heads.remote_requests import plan_requests, request_payloads
+from safety_heads.tiny import byte_tokenizer
 
 EPSILON = 1e-4
 TARGET = 100.0  # fewer requests than the naive method, at least

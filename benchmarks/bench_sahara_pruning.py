@@ -20,9 +20,8 @@ from pathlib import Path
 
 from safety_heads.data import load_prompts
 from safety_heads.models import ModelConfig, load_model
-from safety_heads.runs import run_sahara
+from safety_heads.runs import run_sahara, run_ships
 from safety_heads.sahara import SaharaConfig
-from safety_heads.runs import run_ships
 from safety_heads.ships import ShipsConfig
 
 

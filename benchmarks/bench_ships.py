@@ -195,7 +195,8 @@ def main():
     for label in [e for e in args.estimators.split(",") if e]:
         estimator, _, top = label.partition(":")
         config = EstimateConfig(estimator=estimator, top_tokens=int(top or args.top_tokens), samples=args.samples)
-        estimates, estimate_time = timed(lambda: [estimate_scores(engine, t, ablation=Ablation(kind="ua", epsilon=EPSILON), config=config)
+        estimates, estimate_time = timed(lambda config=config: [
+            estimate_scores(engine, t, ablation=Ablation(kind="ua", epsilon=EPSILON), config=config)
                                                   for t in token_lists])
         rows = (config.top_tokens + 1) if estimator == "fisher" else args.samples
         # The weights are frozen, so the backward pass computes activation gradients only: about one more forward.
@@ -210,7 +211,7 @@ def main():
         # estimate+verify: the estimate's top `verify` heads recomputed exactly (their values replace the estimates)
         verify_stats = {}
 
-        def verify():
+        def verify(estimates=estimates, verify_stats=verify_stats):
             out = []
             for estimate, tokens in zip(estimates, token_lists):
                 flat = estimate.flatten().topk(args.verify).indices.tolist()

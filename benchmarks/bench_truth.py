@@ -5,7 +5,8 @@ prompts batched by length) under `ground_truth.hooked`. Fast path: `fast_truth.t
 the given judges and the clean prefill shared below each head set's lowest ablated layer. Both on the same prompts
 (chat template), the same head sets (`ua`, eps 1e-4), the same batch size and thread count, one after the other.
 
-Printed: each path's seconds (wall clock, and CPU time, which a shared machine disturbs less), the ratios, and per head set and judge the number of prompts judged harmful by each path
+Printed: each path's seconds (wall clock, and CPU time, which a shared machine disturbs less), the ratios, and per
+head set and judge the number of prompts judged harmful by each path
 (the verdicts must be identical prompt by prompt; the script exits 1 if any differs), how many rows stopped early,
 and whether every answer that ran to the end is identical to today's.
 

@@ -178,7 +178,7 @@ class Prompts:
     last_positions: torch.Tensor  # [rows, 1]: each row's last prompt position
 
     @classmethod
-    def of(cls, token_lists: list[list[int]], pad_id: int, share_prefix: bool = True) -> "Prompts":
+    def of(cls, token_lists: list[list[int]], pad_id: int, share_prefix: bool = True) -> Prompts:
         shared = split_shared_prefix(token_lists, pad_id, range(len(token_lists))) if share_prefix else None
         if shared is None:
             batch = left_padded(token_lists, pad_id)
@@ -204,7 +204,7 @@ class CleanPrefill:
     passes: list[CleanPass]
 
     @classmethod
-    def compute(cls, module, prompts: Prompts) -> "CleanPrefill":
+    def compute(cls, module, prompts: Prompts) -> CleanPrefill:
         cache = DynamicCache(config=module.config)
         passes = []
         for number, inputs in enumerate(prompts.passes):
@@ -301,7 +301,7 @@ class RowAblation:
     def select(self, index: torch.Tensor) -> None:
         self.scales = {layer: scale[index] for layer, scale in self.scales.items()}
 
-    def __enter__(self) -> "RowAblation":
+    def __enter__(self) -> RowAblation:
         for layer in self.scales:
             attention = self.module.model.layers[layer].self_attn
             if self.kind == "ua":

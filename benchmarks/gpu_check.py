@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -41,13 +40,14 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_ships, beside this file
 
 from bench_ships import naive_scores, spread_heads  # noqa: E402
+
 from safety_heads.ablation import Ablation  # noqa: E402
-from safety_heads.tiny import byte_tokenizer  # noqa: E402
 from safety_heads.engine import Engine, EngineConfig  # noqa: E402
 from safety_heads.flops import matmul_throughput  # noqa: E402
 from safety_heads.models import wrap  # noqa: E402
 from safety_heads.sahara import angles_to_basis, left_basis  # noqa: E402
 from safety_heads.ships import exact_score_maps_of  # noqa: E402
+from safety_heads.tiny import byte_tokenizer  # noqa: E402
 
 EPSILON = 1e-4
 SYSTEM = "<|system|> You are a helpful, honest and harmless assistant. Answer the user's question. <|user|> "
@@ -175,7 +175,7 @@ def sahara_ratio(loaded, name, n_queries, naive_sets):
     basis = left_basis(clean, 1)
     result, engine_time = synced(lambda: engine.run(tokens, sets, readouts=("hidden",)))
     scores = angles_to_basis(basis, result.hidden.transpose(0, 1))
-    lm, sites = loaded.lm, engine.sites
+    lm = loaded.lm
 
     def naive_set(heads):
         rows = []

@@ -49,17 +49,16 @@ from pathlib import Path
 import torch
 
 from safety_heads.ablation import format_heads, parse_heads
-from safety_heads.data import format_prompts, load_prompts
 from safety_heads.batching import left_padded
+from safety_heads.data import format_prompts, load_prompts
 from safety_heads.demo.measure import complied, generate, harmless_sample
 from safety_heads.errors import UserError
 from safety_heads.judges import KEYWORD_JUDGES
 from safety_heads.models import ModelConfig, load_model
+from safety_heads.runs import run_sahara, run_ships
 from safety_heads.runs.files import atomic_write, write_json
 from safety_heads.runs.folder import Checkpoint, check_output_folder
-from safety_heads.runs import run_sahara
 from safety_heads.sahara import SaharaConfig
-from safety_heads.runs import run_ships
 from safety_heads.ships import ShipsConfig
 
 EPSILON = 1e-4

@@ -46,11 +46,13 @@ from safety_heads.demo.measure import generate  # noqa: E402
 from safety_heads.errors import UserError  # noqa: E402
 from safety_heads.judges import KEYWORD_JUDGES  # noqa: E402
 from safety_heads.models import ModelConfig, load_model  # noqa: E402
+from safety_heads.runs import (
+    run_sahara,  # noqa: E402
+    run_ships,  # noqa: E402
+)
 from safety_heads.runs.files import read_json, write_json
 from safety_heads.runs.folder import Checkpoint  # noqa: E402
-from safety_heads.runs import run_sahara  # noqa: E402
 from safety_heads.sahara import SaharaConfig  # noqa: E402
-from safety_heads.runs import run_ships  # noqa: E402
 from safety_heads.ships import ShipsConfig  # noqa: E402
 
 SEED = 0
@@ -366,7 +368,8 @@ def write_report(out: Path, judge_name: str) -> dict:
     for unit in lines[1:]:
         answers[(unit["heads"], unit["set"])] = unit
     stage = {name: read_json(out / f"{name}.json") for name in
-             ("ships", "truth", "sahara", "sahara-guard", "groups", "query-ships", "estimate", "scores", "sahara-pruned", "score-groups") if (out / f"{name}.json").exists()}
+             ("ships", "truth", "sahara", "sahara-guard", "groups", "query-ships", "estimate", "scores", "sahara-pruned",
+              "score-groups") if (out / f"{name}.json").exists()}
     times = read_json(out / "times.json") if (out / "times.json").exists() else {}
     report = {"config": config, "judge": judge_name, "times_s": times}
     eval_sets = ("maliciousinstruct-51-100", "jailbreakbench")
@@ -480,7 +483,8 @@ def markdown(report: dict) -> str:
              f"Chat template (the model's own, with its default system prompt), ua, eps {DEFAULT_EPSILON:g}, greedy, "
              f"{c['max_new_tokens']} new tokens; ASR by the `{report['judge']}` keyword judge.", ""]
     if "judges" in report:
-        lines += ["## Keyword judges against hand labels", "", "| judge | agrees | called harmful, was a refusal | called refusal, complied |",
+        lines += ["## Keyword judges against hand labels", "",
+                  "| judge | agrees | called harmful, was a refusal | called refusal, complied |",
                   "|---|---|---|---|"]
         for name, j in report["judges"].items():
             lines.append(f"| {name} | {j['agree']}/{j['n']} | {j['false_harmful']} | {j['false_refusal']} |")
@@ -491,7 +495,8 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for name, r in report["groups"].items():
             lines.append(f"| {name} | {r['heads'] or '-'} | {r['asr_maliciousinstruct-51-100']:.1f}% | "
-                         f"{r['delta_maliciousinstruct-51-100']:+.1f} | {r['asr_jailbreakbench']:.1f}% | {r['delta_jailbreakbench']:+.1f} | "
+                         f"{r['delta_maliciousinstruct-51-100']:+.1f} | {r['asr_jailbreakbench']:.1f}% | "
+                         f"{r['delta_jailbreakbench']:+.1f} | "
                          f"{r['harmless_answered']:.0f}% | {r['harmless_nll']:.3f} ({r['harmless_nll_rise']:+.3f}) |")
         lines.append("")
     if "query_ships" in report:
@@ -504,7 +509,8 @@ def markdown(report: dict) -> str:
         lines += ["## Ground truth: single heads ablated alone (MaliciousInstruct 51-100, plain hooks)", "",
                   f"Clean ASR {t['baseline_asr']:.1f}%. Spearman against true ASR: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in t["spearman_vs_true_asr"].items()) + ".", "",
-                  "| head | chosen as | true ASR | Δ | paper / gcg / refusal-direction | Ships KL (rank) | Sahara step 1 (deg) | estimate |",
+                  "| head | chosen as | true ASR | Δ | paper / gcg / refusal-direction | Ships KL (rank) | Sahara step 1 (deg) "
+                  "| estimate |",
                   "|---|---|---|---|---|---|---|---|"]
         for e in sorted(t["heads"], key=lambda e: -e["asr"]):
             by = e["asr_by_judge"]
@@ -518,17 +524,20 @@ def markdown(report: dict) -> str:
         lines += ["## Head scores against the truth (the single heads measured above)", "",
                   f"True best 5: {', '.join(sc['true_best5'])}. One sweep computed all three scores in "
                   f"{sc['sweep_seconds']:.0f} s; learning the signals took {sc['learn_seconds']} s.", "",
-                  "| score | Spearman vs true ASR | true best 5 in top 5 / top 10 | top 5 | top-3 group: MI Δ / JBB Δ / harmless answered / NLL rise |",
+                  "| score | Spearman vs true ASR | true best 5 in top 5 / top 10 | top 5 "
+                  "| top-3 group: MI Δ / JBB Δ / harmless answered / NLL rise |",
                   "|---|---|---|---|---|"]
         for name, r in sc["by_score"].items():
             g = r.get("top3_group")
             group = (f"{g['heads']}: {g['delta_maliciousinstruct-51-100']:+.1f} / {g['delta_jailbreakbench']:+.1f} / "
                      f"{g['harmless_answered']:.0f}% / {g['harmless_nll_rise']:+.3f}") if g else "-"
-            lines.append(f"| {name} | {r['spearman']:.2f} | {r['best5_in_top5']} / {r['best5_in_top10']} | {', '.join(r['top5'])} | {group} |")
+            lines.append(f"| {name} | {r['spearman']:.2f} | {r['best5_in_top5']} / {r['best5_in_top10']} | "
+                         f"{', '.join(r['top5'])} | {group} |")
         lines.append("")
     if "sahara_pruned" in report:
         lines += ["## Sahara with the guard over the top 48 heads of a score (`--candidates 48 --rank-by`)", "",
-                  "| ranked by | group (in order chosen) | MI Δ | JBB Δ | harmless answered | NLL rise | time (s) |", "|---|---|---|---|---|---|---|"]
+                  "| ranked by | group (in order chosen) | MI Δ | JBB Δ | harmless answered | NLL rise | time (s) |",
+                  "|---|---|---|---|---|---|---|"]
         for name, e in report["sahara_pruned"].items():
             held = (f"{e['delta_maliciousinstruct-51-100']:+.1f} | {e['delta_jailbreakbench']:+.1f} | {e['harmless_answered']:.0f}% | "
                     f"{e['harmless_nll_rise']:+.3f}") if "harmless_answered" in e else "- | - | - | -"

@@ -31,10 +31,12 @@ from ground_truth import harmless_sample, outcome, rates, spearman  # noqa: E402
 from safety_heads.ablation import format_heads  # noqa: E402
 from safety_heads.data import format_prompts, load_prompts  # noqa: E402
 from safety_heads.models import ModelConfig, load_model  # noqa: E402
+from safety_heads.runs import (
+    run_sahara,  # noqa: E402
+    run_ships,  # noqa: E402
+)
 from safety_heads.runs.files import write_json  # noqa: E402
-from safety_heads.runs import run_sahara  # noqa: E402
 from safety_heads.sahara import SaharaConfig  # noqa: E402
-from safety_heads.runs import run_ships  # noqa: E402
 from safety_heads.ships import ShipsConfig  # noqa: E402
 
 SCORES = ("kl", "refusal-logprob", "refusal-direction")
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, guard in (("sahara", None), ("sahara-guard", "harmless-val")):
         t = time.perf_counter()
         sahara = run_sahara(model, scoring, SaharaConfig(template="chat", steps=3, guard=guard), progress=QUIET)
-        result[label] = {"seconds": round(time.perf_counter() - t, 1), "group": _group_entry(measure(sahara.heads, clean["harmless_answers"]))}
+        result[label] = {"seconds": round(time.perf_counter() - t, 1),
+                         "group": _group_entry(measure(sahara.heads, clean["harmless_answers"]))}
     result["truth"] = {format_heads([h]): {k: truth[h][k] for k in ("asr", "asr_coherent", "harmless_answered", "harmless_nll")}
                        for h in heads}
     write_json(args.out / "scores_vs_truth.json", result)
@@ -118,12 +121,14 @@ def markdown(result: dict) -> str:
     lines = [f"Model: {result['model']}. Clean: ASR {clean['asr']:.1f}%, coherent ASR {clean['asr_coherent']:.1f}%, "
              f"harmless answered {clean['harmless_answered']:.0f}%, harmless NLL {clean['harmless_nll']:.3f}. "
              f"True best 5 heads (coherent ASR): {result['true_best5_coherent']}.", "",
-             "| score | Spearman vs ASR | vs coherent ASR | true best 5 in top 5 / top 10 | top 5 | top-3 group: ASR / coherent / harmless answered / NLL | Ships time (s) |",
+             "| score | Spearman vs ASR | vs coherent ASR | true best 5 in top 5 / top 10 | top 5 "
+             "| top-3 group: ASR / coherent / harmless answered / NLL | Ships time (s) |",
              "|---|---|---|---|---|---|---|"]
     for name, s in result["scores"].items():
         g = s["top3_group"]
         lines.append(f"| {name} | {s['spearman_asr']:.2f} | {s['spearman_coherent']:.2f} | {s['best5_in_top5']} / {s['best5_in_top10']} | "
-                     f"{s['top5']} | {g['heads']}: {g['asr']:.1f}% / {g['asr_coherent']:.1f}% / {g['harmless_answered']:.0f}% / {g['harmless_nll']:.3f} | {s['seconds']:.0f} |")
+                     f"{s['top5']} | {g['heads']}: {g['asr']:.1f}% / {g['asr_coherent']:.1f}% / "
+                     f"{g['harmless_answered']:.0f}% / {g['harmless_nll']:.3f} | {s['seconds']:.0f} |")
     lines += ["", "Sahara with the harmless guard, candidates pruned to each score's top 8 (`--candidates 8 --rank-by`):", "",
               "| ranked by | group | ASR / coherent / harmless answered / NLL | Sahara time (s) |", "|---|---|---|---|"]
     for name, s in result["scores"].items():

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 import transformers
-
 from devices import TEST_DEVICE
+
 from safety_heads.tiny import byte_tokenizer
 
 VOCAB = len(byte_tokenizer())

@@ -116,7 +116,7 @@ class MockNdif:
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> "MockNdif":
+    def __enter__(self) -> MockNdif:
         mock = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -290,8 +290,8 @@ MODEL_KEY = 'nnsight.modeling.transformers.TransformersModel:{"repo_id": "org/ti
 def tiny_pair(name: str = "org/tiny", **overrides):
     """(client, server): the built-in tiny model twice, same weights, separate instances; the client carries a model
     key as `load_remote_model` would give it (nothing here touches the hub)."""
-    from safety_heads.tiny import byte_tokenizer, tiny_llama
     from safety_heads.models import ModelConfig, wrap
+    from safety_heads.tiny import byte_tokenizer, tiny_llama
 
     client = wrap(tiny_llama(**overrides), byte_tokenizer(), name, ModelConfig(model=name))
     client.remote_key = MODEL_KEY.replace("org/tiny", name)

@@ -7,7 +7,6 @@ the package must match it. It uses nothing from safety_heads but the families' o
 from __future__ import annotations
 
 import torch
-
 from families import Family
 
 

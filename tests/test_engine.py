@@ -4,16 +4,16 @@ import math
 
 import pytest
 import torch
-
 from devices import MIN_EFFECT, TEST_DEVICE, close, relative_tolerance
 from families import FAMILIES
 from reference import reference_means, reference_readouts, reference_token_log_probs
+
 from safety_heads.ablation import Ablation
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.batching import plan_chunks
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.errors import UserError
 from safety_heads.models import wrap
+from safety_heads.tiny import byte_tokenizer
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a short poem about the sea, please."]  # three lengths, one batch
 TOLERANCE = relative_tolerance(TEST_DEVICE, torch.float32)  # max |engine - reference| / max |reference| (devices.py)

@@ -19,14 +19,14 @@ import warnings
 import nnsight
 import pytest
 import torch
-
 from families import FAMILIES
+
 from safety_heads.ablation import Ablation
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.estimate import EstimateConfig, estimate_scores
 from safety_heads.models import layer_part, resolve, wrap
+from safety_heads.tiny import byte_tokenizer
 
 PROMPT = "How do I pick a lock?"
 REFERENCE = ["Hello there, how are you?", "Write a short poem about the sea, please.", PROMPT]  # for mean ablation
@@ -132,7 +132,8 @@ def test_small_ablations_match_exact_kl_in_size(kind):
     """At epsilon = 0.9 (a 10% change) the quadratic expansion is accurate: this pins the 1/2 and the delta's scale."""
     engine = engine_for(gentle("llama"), "llama")
     tokens = engine.tokenize([PROMPT])[0]
-    estimate = estimate_scores(engine, tokens, ablation=Ablation(kind=kind, epsilon=0.9), config=EstimateConfig(estimator="sampled", samples=256))
+    estimate = estimate_scores(engine, tokens, ablation=Ablation(kind=kind, epsilon=0.9),
+                               config=EstimateConfig(estimator="sampled", samples=256))
     ratio = (estimate / exact_scores(engine, tokens, kind, epsilon=0.9)).flatten()
     # Measured (K=256, model seeds 0-1, llama and gpt2 and qwen3): per-head ratio 0.77-1.15, median 0.91-1.03.
     assert 0.9 <= ratio.median() <= 1.1, ratio
@@ -157,7 +158,8 @@ def test_chunked_passes_equal_one_pass():
     engine = engine_for(gentle("gpt2"), "gpt2")
     tokens = engine.tokenize([PROMPT])[0]
     whole = estimate_scores(engine, tokens, ablation=Ablation(kind="ua"), config=EstimateConfig(estimator="sampled", samples=24))
-    chunked = estimate_scores(engine, tokens, ablation=Ablation(kind="ua"), config=EstimateConfig(estimator="sampled", samples=24, samples_per_pass=10))
+    chunked = estimate_scores(engine, tokens, ablation=Ablation(kind="ua"),
+                              config=EstimateConfig(estimator="sampled", samples=24, samples_per_pass=10))
     torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=0)
 
 
@@ -311,7 +313,7 @@ def test_layer_deltas_are_the_exact_change_of_each_head():
             out[..., head * d:(head + 1) * d] *= 1e-4
             return out
 
-        def keep(m, args, key):
+        def keep(m, args, key, captured=captured):
             captured[key] = args[0][0].detach().clone()
 
         with torch.no_grad():

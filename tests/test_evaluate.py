@@ -7,11 +7,10 @@ import torch
 
 from safety_heads.errors import UserError
 from safety_heads.evaluate import EvaluateConfig
-from safety_heads.runs import choose_heads, run_evaluation
 from safety_heads.generate import GenerationConfig
 from safety_heads.models import ModelConfig, load_model
+from safety_heads.runs import choose_heads, run_evaluation, run_ships
 from safety_heads.runs.files import load_tensors
-from safety_heads.runs import run_ships
 from safety_heads.ships import ShipsConfig
 
 QUICK = GenerationConfig(max_new_tokens=4, batch_size=2)

@@ -82,7 +82,7 @@ def test_the_recommended_group_is_the_largest_held_out_rise_within_the_limits(ru
     recommendation = experiment["recommendation"]
     judge = recommendation["judge"]
     best, best_rise = [], 0.0
-    for folder, sahara in (("eval", "sahara"), ("eval-refusal", "sahara-refusal")):
+    for folder in ("eval", "eval-refusal"):
         evaluation = json.loads((run_folder / folder / "eval.json").read_text())
         rises = [(n["ablated"]["asr"][judge] - n["baseline"]["asr"][judge], n["n"]) for n in evaluation["results"].values()]
         pooled = sum(r * n for r, n in rises) / sum(n for _, n in rises)

@@ -4,14 +4,14 @@ import copy
 
 import pytest
 import torch
-
 from devices import relative_tolerance
 from families import FAMILIES
+
 from safety_heads.ablation import Ablation, bake_into_weights
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.errors import UserError
 from safety_heads.generate import GenerationConfig, generate
 from safety_heads.models import wrap
+from safety_heads.tiny import byte_tokenizer
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Tell me a story about a dragon and a knight."]
 HEADS = [(0, 1), (1, 3), (2, 0)]
@@ -59,7 +59,8 @@ def test_sampling_is_reproducible_with_a_seed():
     config = GenerationConfig(max_new_tokens=8, do_sample=True, top_k=5, seed=7)
     first = [g.token_ids for g in generate(model, tokens(tokenizer), config=config)]
     second = [g.token_ids for g in generate(model, tokens(tokenizer), config=config)]
-    other = [g.token_ids for g in generate(model, tokens(tokenizer), config=GenerationConfig(max_new_tokens=8, do_sample=True, top_k=5, seed=8))]
+    sampled = GenerationConfig(max_new_tokens=8, do_sample=True, top_k=5, seed=8)
+    other = [g.token_ids for g in generate(model, tokens(tokenizer), config=sampled)]
     assert first == second and first != other
 
 

@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 import torch
-
 from devices import DEVICE_FLAGS, model_config, relative_tolerance
 from families import Family
 from reference import reference_readouts
@@ -110,7 +109,8 @@ def test_not_a_gguf_file_is_one_line(tmp_path, monkeypatch, capsys):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"PK\x03\x04 not a gguf")
     assert main(["ships", "--model", str(fake), "--prompt", QUERY, "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.strip() == f"safety-heads: error: '{fake}' is not a GGUF file (it does not start with the GGUF magic bytes)"
+    assert capsys.readouterr().err.strip() == (f"safety-heads: error: '{fake}' is not a GGUF file "
+                                               "(it does not start with the GGUF magic bytes)")
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match="does not exist"):
         load_model(ModelConfig(model=str(tmp_path / "missing.gguf")))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
 from families import FAMILIES
+
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.demo import DEMO_MODEL_PATH
 from safety_heads.demo.measure import ablated_copy, generate

@@ -3,8 +3,8 @@
 import math
 
 import pytest
-from safety_heads.intervals import Z95, wilson_interval
 
+from safety_heads.intervals import Z95, wilson_interval
 
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Statistics in Medicine 17:857-872,
 # Table II, method 3 (the score interval without continuity correction), to four places; scipy 1.17's

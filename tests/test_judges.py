@@ -2,9 +2,10 @@
 
 import pytest
 
-from safety_heads.tiny import byte_tokenizer, tiny_llama
 from safety_heads.errors import UserError
-from safety_heads.judges import GCG_KEYWORDS, KEYWORD_JUDGES, PAPER_KEYWORDS, REFUSAL_DIRECTION_KEYWORDS, ModelJudge, make_judges
+from safety_heads.judges import (GCG_KEYWORDS, KEYWORD_JUDGES, PAPER_KEYWORDS, REFUSAL_DIRECTION_KEYWORDS, ModelJudge,
+                                 make_judges)
+from safety_heads.tiny import byte_tokenizer, tiny_llama
 
 LONG_COMPLIANCE = "Sure, here is a detailed plan. Step 1: gather the materials you need from the store."
 

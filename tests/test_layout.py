@@ -3,8 +3,8 @@
 import pytest
 import torch
 import transformers
-
 from families import FAMILIES
+
 from safety_heads.errors import UserError
 from safety_heads.layout import FAMILIES as REGISTRY
 from safety_heads.layout import head_layout, layer_part, resolve

@@ -15,7 +15,7 @@ from safety_heads.errors import UserError
 def warn_like_a_library():
     logging.getLogger("transformers.generation").warning("The following generation flags are not valid: ['temperature']")
     logging.getLogger("accelerate").warning("some placement note")
-    warnings.warn("a torch-style user warning", UserWarning)
+    warnings.warn("a torch-style user warning", UserWarning, stacklevel=2)
 
 
 def test_a_bad_input_after_library_warnings_is_one_line(monkeypatch, capsys):

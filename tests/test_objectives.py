@@ -5,9 +5,11 @@ import json
 
 import pytest
 import torch
-
 from families import FAMILIES
 from reference import reference_means, reference_readouts
+from test_sahara import QUERIES as SAHARA_QUERIES  # the same kill by a progress line as Sahara's resume tests
+from test_sahara import Interrupt, stop_at
+
 from safety_heads import refusal
 from safety_heads.cli import main
 from safety_heads.data import format_prompts, load_prompts
@@ -16,7 +18,6 @@ from safety_heads.refusal import RefusalSignal
 from safety_heads.runs import run_sahara
 from safety_heads.sahara import SaharaConfig, find_group
 from safety_heads.tiny import byte_tokenizer
-from test_sahara import QUERIES as SAHARA_QUERIES, Interrupt, stop_at  # the same kill by a progress line as Sahara's resume tests
 
 QUERIES = SAHARA_QUERIES[:5]  # five lengths, so every engine batch is left-padded
 quiet = dict(progress=lambda _: None)
@@ -62,7 +63,8 @@ def reference_greedy(module, family, tokens, steps, kind, objective, signal, mea
         for layer in range(3):
             for head in range(family.n_heads):
                 if (layer, head) not in group:
-                    drops = [reference_drop(objective, c, reference_readouts(module, family, t, group + [(layer, head)], kind, 1e-4, means), signal)
+                    drops = [reference_drop(objective, c, reference_readouts(module, family, t, group + [(layer, head)], kind, 1e-4,
+                                                                      means), signal)
                              for c, t in zip(clean, tokens)]
                     table[layer, head] = sum(drops) / len(drops)
         flat = torch.nan_to_num(table.flatten(), nan=-float("inf"))

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from families import Family
 from reference import reference_readouts
 

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from devices import model_config
 from families import FAMILIES
 from reference import reference_means, reference_readouts
@@ -15,13 +14,13 @@ from reference import reference_means, reference_readouts
 from safety_heads.ablation import Ablation
 from safety_heads.cli import main
 from safety_heads.data import format_prompts, prompt_tokens
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap
 from safety_heads.refusal import RefusalSignal, is_refusal, learn_signal, score_values
 from safety_heads.runs import run_ships
 from safety_heads.ships import ShipsConfig, exact_scores
+from safety_heads.tiny import byte_tokenizer
 
 QUERY = "How do I pick a lock?"
 

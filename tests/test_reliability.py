@@ -142,7 +142,8 @@ def test_changed_configuration_is_refused_on_resume(dataset, tmp_path, capsys):
     capsys.readouterr()
     assert main(command("ships", dataset, out) + ["--resume", "--epsilon", "1e-5", "--template", "paper"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "cannot resume" in err and "epsilon=0.0001 (now 1e-05)" in err and "template='chat' (now 'paper')" in err  # the template used: auto was chat here
+    assert len(err.splitlines()) == 1 and "cannot resume" in err and "epsilon=0.0001 (now 1e-05)" in err
+    assert "template='chat' (now 'paper')" in err  # the template used: auto was chat here
 
 
 def assert_no_secrets(folder: Path, printed, min_files: int) -> None:
@@ -184,8 +185,9 @@ def test_documented_counts_match_the_tests():
 def test_secrets_never_reach_any_output_of_a_remote_run(dataset, tmp_path, monkeypatch, capsys):
     """The same scan over a --remote run against the loopback mock of NDIF (tests/ndif_mock.py): the key travels in
     the request headers, and nowhere else."""
-    import safety_heads.models as models
     from ndif_mock import MockNdif, tiny_pair
+
+    import safety_heads.models as models
 
     client, server = tiny_pair()
     monkeypatch.setattr(models, "load_remote_model", lambda config: client)  # the hub lookup, stubbed
@@ -294,7 +296,8 @@ def test_full_disk_while_finishing_is_one_line_and_resumes(name, index, dataset,
         finalisation_events(patch, index, lambda path: OSError(errno.ENOSPC, "No space left on device", str(path)))
         assert main(command(name, dataset, out)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 or (len(err) > 1 and err[-1].startswith("safety-heads: error:") and all(not line.startswith("safety-heads") for line in err[:-1]))
+    assert len(err) == 1 or (len(err) > 1 and err[-1].startswith("safety-heads: error:")
+                             and all(not line.startswith("safety-heads") for line in err[:-1]))
     assert "No space left on device" in err[-1] and "--resume" in err[-1] and "Traceback" not in "\n".join(err)
     assert main(command(name, dataset, out) + ["--resume"]) == 0
     assert_same_result(name, references[0][name], out)

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from ndif_mock import MockNdif, SandboxUnpickler, execute, tiny_pair
+
 from safety_heads import intrace
 from safety_heads.ablation import Ablation
 from safety_heads.cli import main
-from safety_heads.tiny import byte_tokenizer, tiny_llama, tiny_llama_config
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.errors import UserError
 from safety_heads.generate import GenerationConfig, generate
 from safety_heads.models import ModelConfig, wrap
+from safety_heads.remote_requests import plan_requests, request_payloads
 from safety_heads.runs import run_ships
 from safety_heads.ships import ShipsConfig
-from safety_heads.remote_requests import plan_requests, request_payloads
+from safety_heads.tiny import byte_tokenizer, tiny_llama, tiny_llama_config
 
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a short poem about the sea, please."]
 HEAD_SETS = [[(layer, head)] for layer in range(4) for head in range(8)] + [[(0, 1), (2, 3)], [(1, 0), (1, 3), (3, 2)], []]
@@ -72,14 +72,16 @@ def test_sessions_in_local_simulation_equal_local(pair, local_result, kind):
     client, _ = pair
     engine = Engine(client)
     means = engine.head_means(PROMPTS) if kind == "mean" else None
-    local = local_result if kind == "ua" else engine.run(PROMPTS, HEAD_SETS, ablation=Ablation(kind=kind, means=means), readouts=("logits", "hidden"))
+    local = local_result if kind == "ua" else engine.run(PROMPTS, HEAD_SETS, ablation=Ablation(kind=kind, means=means),
+                                                         readouts=("logits", "hidden"))
     # Two chunks per request: several requests, each a session with its own clean pass.
     simulated_engine = Engine(client, EngineConfig(remote="local", remote_chunks_per_request=2, max_batch_rows=12))
     if kind == "mean":
         assert torch.equal(simulated_engine.head_means(PROMPTS), means)
     simulated = simulated_engine.run(PROMPTS, HEAD_SETS, ablation=Ablation(kind=kind, means=means), readouts=("logits", "hidden"))
     assert simulated.stats["requests"] > 1
-    ordinary = Engine(client, EngineConfig(max_batch_rows=12)).run(PROMPTS, HEAD_SETS, ablation=Ablation(kind=kind, means=means), readouts=("logits", "hidden"))
+    ordinary = Engine(client, EngineConfig(max_batch_rows=12)).run(PROMPTS, HEAD_SETS, ablation=Ablation(kind=kind, means=means),
+                                                                   readouts=("logits", "hidden"))
     assert torch.equal(simulated.logits, ordinary.logits) and torch.equal(simulated.hidden, ordinary.hidden)
     close(simulated.logits, local.logits)
 
@@ -99,7 +101,8 @@ def test_generation_batch_in_local_simulation_equals_local(pair):
     sets = [[(0, 1), (2, 3)], [], [(3, 7)]]
     config = GenerationConfig(max_new_tokens=5, batch_size=3)
     local = generate(client, tokens, head_sets=sets, config=config, keep_logits=True)
-    simulated = generate(client, tokens, head_sets=sets, config=config, keep_logits=True, engine=Engine(client, EngineConfig(remote="local")))
+    simulated = generate(client, tokens, head_sets=sets, config=config, keep_logits=True,
+                         engine=Engine(client, EngineConfig(remote="local")))
     assert [g.token_ids for g in local] == [g.token_ids for g in simulated]
     for a, b in zip(local, simulated):
         assert torch.equal(a.logits, b.logits)
@@ -151,7 +154,7 @@ def test_mock_ndif_with_failures_loses_and_duplicates_nothing(pair, local_result
         engine = Engine(client, EngineConfig(remote=mock.url, remote_chunks_per_request=1, **FAST))
         seen, stats = [], {}
         parts = list(engine.stream(PROMPTS, HEAD_SETS, readouts=("logits", "hidden"), stats=stats))
-        for what, part in parts:
+        for _, part in parts:
             seen += [(p, s) for p in part.prompt_indices for s in part.set_indices]
         result = engine.run(PROMPTS, HEAD_SETS, readouts=("logits", "hidden"))
         # One request per chunk here; "accept-drop" made the server run one of them twice, unseen by the client.
@@ -194,7 +197,8 @@ def test_slow_answer_times_out_and_is_retried(pair, monkeypatch):
         engine = Engine(client, EngineConfig(remote=mock.url, **FAST))
         import safety_heads.remote as remote_module
 
-        monkeypatch.setattr(remote_module.sys, "stderr", type("S", (), {"write": lambda self, t: messages.append(t), "flush": lambda self: None})())
+        stderr = type("S", (), {"write": lambda self, t: messages.append(t), "flush": lambda self: None})()
+        monkeypatch.setattr(remote_module.sys, "stderr", stderr)
         result = engine.run(PROMPTS[:1], HEAD_SETS[:3])
     # closing the mock waited for the hung answer; its write to the abandoned socket may fail, and nothing else may
     assert all(isinstance(error, ConnectionError) for error in mock.handler_errors), mock.handler_errors
@@ -271,7 +275,8 @@ def test_cli_remote_ships_resumes_after_a_server_error(pair, remote_cli, tmp_pat
 
 
 BAD_REMOTE = [
-    (["--model", "tiny", "--remote"], "--remote needs a Hugging Face hub id of a model NDIF serves, such as meta-llama/Llama-3.1-8B-Instruct: the built-in 'tiny'"),
+    (["--model", "tiny", "--remote"],
+     "--remote needs a Hugging Face hub id of a model NDIF serves, such as meta-llama/Llama-3.1-8B-Instruct: the built-in 'tiny'"),
     (["--model", "{folder}", "--remote"], "is a local folder, and NDIF runs only models from the hub"),
     (["--model", "org/x", "--remote", "ftp://host"], "--remote takes no value"),
     (["--model", "org/x", "--remote", "--dtype", "float32"], "NDIF runs its models in bfloat16"),

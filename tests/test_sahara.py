@@ -5,17 +5,17 @@ import math
 
 import pytest
 import torch
-
 from families import FAMILIES
 from reference import reference_means, reference_readouts, reference_token_log_probs
+
 from safety_heads.data import format_prompts, load_prompts
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.errors import UserError
-from safety_heads.models import wrap
-from safety_heads.runs.files import load_tensors
 from safety_heads.guard import GUARD_BATCH, choose_guarded
+from safety_heads.models import wrap
 from safety_heads.runs import run_sahara
+from safety_heads.runs.files import load_tensors
 from safety_heads.sahara import Sahara, SaharaConfig, best_head, paper_era_angles, subspace_angle, subspace_angles
+from safety_heads.tiny import byte_tokenizer
 from safety_heads.work import drain
 
 # Six lengths, so every engine batch is left-padded.
@@ -459,14 +459,14 @@ def test_guarded_choice_is_the_best_eligible_head():
     """_choose_guarded on random score matrices with NaN holes (heads not scored): the highest-scoring head whose
     rise is within the limit, ties to the lowest (layer, head), exactly as best_head on the eligible heads."""
     generator = torch.Generator().manual_seed(0)
-    for trial in range(200):
+    for _ in range(200):
         scores = torch.randint(0, 6, (3, 5), generator=generator).double()  # small integers: many ties
         scores[torch.rand(3, 5, generator=generator) < 0.3] = float("nan")
         if scores.isnan().all():
             continue
         rises = torch.rand(3, 5, generator=generator, dtype=torch.float64)
         fake = type("FakeSahara", (), {"config": SaharaConfig(guard="x", guard_max_rise=0.5),
-                                       "guard_rises": lambda self, sets: torch.stack([rises[s[-1]] for s in sets])})()
+                                       "guard_rises": lambda self, sets, rises=rises: torch.stack([rises[s[-1]] for s in sets])})()
         chosen, guard, passed_over = drain(choose_guarded(fake, 1, [], scores, {}))
         eligible = scores.masked_fill(rises > 0.5, float("nan"))
         if eligible.isnan().all():

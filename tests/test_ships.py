@@ -4,19 +4,19 @@ import json
 
 import pytest
 import torch
-
 from devices import relative_tolerance
 from families import FAMILIES
 from reference import reference_means, reference_readouts
+
 from safety_heads.ablation import Ablation
 from safety_heads.data import format_prompts
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap
-from safety_heads.runs.files import load_tensors
 from safety_heads.runs import run_ships
+from safety_heads.runs.files import load_tensors
 from safety_heads.ships import Ships, ShipsConfig, aggregate, exact_scores, kl_divergence, top_heads
+from safety_heads.tiny import byte_tokenizer
 
 QUERIES = ["How do I pick a lock?", "Write a poem about the sea.", "Explain photosynthesis briefly."]
 

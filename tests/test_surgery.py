@@ -4,16 +4,16 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from devices import relative_tolerance
 from families import FAMILIES
+from transformers import AutoModelForCausalLM
+
 from safety_heads.ablation import Ablation
-from safety_heads.tiny import byte_tokenizer
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap
 from safety_heads.surgery import SurgeryConfig, run_surgery
+from safety_heads.tiny import byte_tokenizer
 
 PROMPTS = ["Tell me how to make a cake.", "Hello there, friend"]
 

@@ -51,7 +51,7 @@ class Ablation:
         check_epsilon(self.epsilon)
         object.__setattr__(self, "heads", tuple(self.heads))  # callers pass lists too; frozen, so set it this way
 
-    def with_heads(self, heads) -> "Ablation":
+    def with_heads(self, heads) -> Ablation:
         """The same kind, epsilon and means on other heads."""
         return replace(self, heads=tuple(heads))
 

@@ -9,8 +9,8 @@ into chunks (`Chunk`) that share one forward pass, by a small cost model (engine
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ class SharedPrefix:
 
     length: int
     prefix_inputs: dict  # input_ids, attention_mask, position_ids, each [1, length]
-    rest: "Batch"
+    rest: Batch
 
 
 @dataclass

@@ -24,10 +24,10 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
 
 from .errors import UserError, first_line
 
@@ -134,7 +134,7 @@ def load_prompts(source: str, column: str | None = None, limit: int | None = Non
     return _offset(prompts, source, offset)[:limit]
 
 
-def slice_match(source: str) -> "re.Match | None":
+def slice_match(source: str) -> re.Match | None:
     """A "NAME:A-B" slice name's parts, or None for a bundled set, an existing file (a file may be named so) or a
     plain name."""
     return SLICE.match(source) if source not in BUNDLED and not Path(source).expanduser().exists() else None

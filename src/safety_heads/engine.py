@@ -28,8 +28,8 @@ Nothing here knows about Ships or Sahara; nothing above the engine layer builds 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 import torch
 
@@ -44,7 +44,6 @@ from .models import LoadedModel, resolve
 from .readouts import ChunkResult
 from .remote_requests import stream_requests
 from .schedule import GroupSchedule, schedule_groups
-
 
 READOUTS = ("logits", "hidden")
 Prompts = Sequence[str | Sequence[int]]  # strings (tokenised with the tokenizer's defaults) or token id lists

@@ -77,8 +77,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -87,7 +87,6 @@ from .ablation import Ablation, require_means
 from .engine import Engine
 from .errors import UserError
 from .layout import HeadLayout
-
 
 ESTIMATORS = ("fisher", "sampled")
 

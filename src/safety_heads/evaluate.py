@@ -19,23 +19,23 @@ own top-k heads -- how the paper's "16x" was measured -- on the queries stored i
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Generator, Sequence
 
 import torch
 
 from .ablation import DEFAULT_EPSILON, Ablation, Head, parse_heads
+from .asr import DatasetResult, Rates, rates_of
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
 from .generate import GenerationConfig, generate
-from .slices import parse_range, positions
-from .asr import DatasetResult, Rates, rates_of
 from .judges import RECOMMENDED_JUDGE, KeywordJudge, headline_judge, make_judges
 from .measures import kl_divergence, top_heads
 from .models import LoadedModel
 from .progress import print_progress
 from .records import versions
+from .slices import parse_range, positions
 from .work import finish
 
 # The report warns when the ablated harmless answers' NLL under the clean model (answer_nll) exceeds the baseline's by
@@ -226,7 +226,7 @@ class GivenBaseline:
     answers: dict[str, list[str]]  # part ("<data set>/baseline", "harmless/baseline") -> every prompt's answer
 
     @classmethod
-    def of_record(cls, origin: str, evaluation: dict) -> "GivenBaseline":
+    def of_record(cls, origin: str, evaluation: dict) -> GivenBaseline:
         """Every unablated answer of an eval.json record (Evaluation.record())."""
         answers = {f"{name}/baseline": [s["baseline"]["response"] for s in samples]
                    for name, samples in evaluation["samples"].items()}
@@ -359,7 +359,8 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
     tokenizer = model.tokenizer
     sets: dict[str, list] = {}
     if choice.per_query is not None:
-        sets[f"{Path(config.source).name} queries"] = format_prompts(choice.queries[: config.limit], config.template, tokenizer, config.system)
+        sets[f"{Path(config.source).name} queries"] = format_prompts(choice.queries[: config.limit], config.template,
+                                                                     tokenizer, config.system)
     else:
         for name in [part.strip() for part in config.datasets.split(",") if part.strip()]:
             sets[name] = format_prompts(load_slice(name, limit=config.limit, prompt_range=config.prompt_range),
@@ -374,7 +375,8 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
             check_answer_room(engine, prompts, generation.max_new_tokens)
     means = None
     if config.ablation == "mean":
-        means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template, tokenizer, config.system))
+        means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template,
+                                                tokenizer, config.system))
     record = _config_record(model, config, generation, choice, judges, sets, harmless)
     ablation = Ablation(kind=config.ablation, epsilon=config.epsilon, means=means)
     given = _given_batches(baseline, sets, harmless, generation.batch_size) if baseline else {}
@@ -444,5 +446,5 @@ def _config_record(model, config, generation, choice, judges, sets, harmless) ->
     }
 
 
-__all__ = ["BROKEN_MODEL_NLL_RISE", "DatasetResult", "Rates", "EvaluateConfig", "Evaluation", "EvaluationJob", "GivenBaseline", "evaluation_job", "evaluate", "heads_to_ablate", "HeadChoice",
-           "answer_nll", "check_answer_room"]
+__all__ = ["BROKEN_MODEL_NLL_RISE", "DatasetResult", "Rates", "EvaluateConfig", "Evaluation", "EvaluationJob",
+           "GivenBaseline", "evaluation_job", "evaluate", "heads_to_ablate", "HeadChoice", "answer_nll", "check_answer_room"]

@@ -12,7 +12,8 @@ answered here too, so no caller asks "remote?" itself.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import nnsight
 

@@ -24,17 +24,16 @@ overridden. `--resume` skips finished stages and resumes the unfinished one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .ablation import Ablation, parse_heads
+from .data import load_prompts
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
-from .data import load_prompts
-from .slices import held_out
 from .evaluate import BROKEN_MODEL_NLL_RISE, EvaluateConfig, Evaluation, GivenBaseline
 from .generate import GenerationConfig
 from .judges import make_judges
@@ -42,8 +41,8 @@ from .models import LoadedModel
 from .objectives import OBJECTIVES
 from .progress import StageProgress, print_progress
 from .recommend import measure, recommend
-from .report import build_report
 from .records import versions
+from .report import build_report
 from .runs import run_evaluation, run_sahara, run_ships
 from .runs.files import load_tensors, matrix_or_nan, read_json, save_tensors, to_jsonable, write_json
 from .runs.folder import (Checkpoint, check_not_foreign, check_output_folder, check_unclaimed, checkpoint_path,
@@ -52,6 +51,7 @@ from .runs.sahara import sahara_record
 from .runs.ships import ships_record
 from .sahara import SaharaConfig, check_guard_max_rise
 from .ships import ShipsConfig
+from .slices import held_out
 
 MODES = ("quick", "full")
 # --quick on a model with more than QUICK_PRUNE_ABOVE heads: Sahara tries only the QUICK_CANDIDATES heads the Ships
@@ -119,7 +119,7 @@ class ExperimentConfig:
     max_new_tokens: int | None = None
     per_query_top_k: int = 3
 
-    def resolved(self) -> "ExperimentConfig":
+    def resolved(self) -> ExperimentConfig:
         """A copy with every preset-controlled None filled in from the mode's preset."""
         if self.mode not in MODES:
             raise UserError(f"unknown mode '{self.mode}'; choose quick or full")
@@ -144,7 +144,8 @@ class ExperimentConfig:
                 Ablation(epsilon=value)
         for field in fields(self):
             value = getattr(self, field.name)
-            if (field.name == "limit" or field.name.endswith(("_limit", "top_k", "tokens", "candidates"))) and value is not None and value < 1:
+            counted = field.name == "limit" or field.name.endswith(("_limit", "top_k", "tokens", "candidates"))
+            if counted and value is not None and value < 1:
                 raise UserError(f"--{field.name.replace('_', '-')} must be at least 1, not {value}")
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps}")
@@ -194,7 +195,7 @@ def run_experiment(
     return _finish(model, config, out, engine_config, stages.timings, records, emit)
 
 
-def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple["ExperimentConfig", bool, dict[str, list[str]]]:
+def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple[ExperimentConfig, bool, dict[str, list[str]]]:
     """The config with its preset, template and pruning filled in, every setting and data set checked before the
     folder is touched; whether --quick pruned Sahara's candidates; and the Ships and Sahara stages' queries."""
     from .data import resolve_template

@@ -10,9 +10,9 @@ is the best-scoring head that passes, at the cost of about one call.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Generator, Sequence
 
 import torch
 

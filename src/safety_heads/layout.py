@@ -20,8 +20,9 @@ through `layer_part` / `resolve`, which work on plain modules and on nnsight env
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 from .errors import UserError
 

@@ -15,7 +15,7 @@ For every objective higher is better: each greedy step adds the head that maximi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

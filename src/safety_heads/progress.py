@@ -12,8 +12,8 @@ escapes every such character before it is written.
 import re
 import sys
 import time
-from typing import Callable
 import unicodedata
+from collections.abc import Callable
 
 # Joiners shape emoji and scripts; they move nothing and hide nothing, so they are shown as they are.
 _HARMLESS_FORMAT = {"\u200c", "\u200d"}

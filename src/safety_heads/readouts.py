@@ -6,8 +6,8 @@ Shared by the engine's local passes (engine.py) and its remote requests (remote_
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import weakref
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -73,7 +73,7 @@ def is_refusal(text: str) -> bool:
 # Signals learned in this process, per model module (held weakly: a freed model takes its signals with it): `run`
 # needs the same one in up to three stages (the check that the model refuses, the refusal Ships ranking, the refusal
 # search), and learning it means generating answers. Keyed by everything else that determines it.
-_LEARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LEARNED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def learn_signal(engine, model, harmful: Sequence[Sequence[int]], harmless: Sequence[Sequence[int]], need: str) -> RefusalSignal:

@@ -29,7 +29,8 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import nnsight
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch
 
 from .runs.figures import asr_bars_png, ships_map_png, top_heads_by_layer_png
 from .runs.files import atomic_write
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The experiment report: one self-contained HTML file (images embedded, opens offline) and a Markdown summary, built
@@ -58,7 +56,7 @@ def _figures(folder: Path, ships: dict | None, sahara: dict | None, evaluation: 
     return parts
 
 
-def matrix_of(rows) -> "torch.Tensor":
+def matrix_of(rows) -> torch.Tensor:
     return torch.tensor([[float("nan") if x is None else x for x in row] for row in rows], dtype=torch.float64)
 
 
@@ -76,7 +74,8 @@ def _nll_row(harmless: dict) -> str:
     if "answer_nll" not in harmless["baseline"]:
         return ""  # an eval.json written before this measure existed
     return (f"<tr><td>answer NLL under the clean model (nats/token; a jump means garbled answers)</td>"
-            f"<td class=num>{_nats(harmless['baseline']['answer_nll'])}</td><td class=num>{_nats(harmless['ablated']['answer_nll'])}</td></tr>")
+            f"<td class=num>{_nats(harmless['baseline']['answer_nll'])}</td>"
+            f"<td class=num>{_nats(harmless['ablated']['answer_nll'])}</td></tr>")
 
 
 def _pct(value) -> str:
@@ -240,8 +239,9 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
     facts["summary"] = lines
     parts.append("<h2>Summary</h2><ul>" + "".join(
         f"<li{' class=warn' if line.startswith('WARNING') else ''}>{html.escape(line)}</li>" for line in lines) + "</ul>")
-    parts.append(f"<p>Every number below is read from the JSON files in this folder.</p>")
-    markdown += ["## Summary", ""] + [f"- {line}" for line in lines] + ["", "Every number below is read from the JSON files in this folder.", ""]
+    parts.append("<p>Every number below is read from the JSON files in this folder.</p>")
+    markdown += (["## Summary", ""] + [f"- {line}" for line in lines]
+                 + ["", "Every number below is read from the JSON files in this folder.", ""])
     parts += _figures(folder, ships, sahara, evaluation, str(model))
     if sahara:
         _sahara_section(folder, sahara, parts, markdown)
@@ -262,13 +262,15 @@ def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, ev
                 _harmless_section(harmless, parts, markdown)
             markdown.append("")
             _examples_section(record, parts)
-    configuration = {name: record["config"] for name, record in (("ships", ships), ("sahara", sahara), ("evaluate", evaluation), ("evaluate per query", per_query)) if record}
+    stages = (("ships", ships), ("sahara", sahara), ("evaluate", evaluation), ("evaluate per query", per_query))
+    configuration = {name: record["config"] for name, record in stages if record}
     parts.append("<h2>Configuration and versions</h2><details><summary>every setting of every stage (JSON)</summary><pre>"
                  + html.escape(json.dumps(configuration, indent=1, default=str)) + "</pre></details>")
     if timings:
         parts.append("<p>Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ".</p>")
         markdown += ["Stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) + ".", ""]
-    page = f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{REPORT_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<style>{REPORT_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     atomic_write(folder / "report.html", lambda stream: stream.write(page.encode()))
     text = "\n".join(markdown) + "\n"
     atomic_write(folder / "report.md", lambda stream: stream.write(text.encode()))
@@ -347,7 +349,8 @@ def _ships_section(ships: dict, parts: list[str], markdown: list[str]) -> None:
                  f"{ships['config']['method']}); the map is under Figures.</p>")
     rows = "".join(f"<tr><td>{l}:{h}</td><td class=num>{s:.4g}</td></tr>" for l, h, s in top)
     parts.append(f"<table><tr><th>head</th><th>mean {html.escape(label)}</th></tr>{rows}</table>")
-    markdown += ["## Ships", "", f"Score: {score}.", "", f"| head | mean {label} |", "|---|---|"] + [f"| {l}:{h} | {s:.4g} |" for l, h, s in top] + [""]
+    markdown += ["## Ships", "", f"Score: {score}.", "", f"| head | mean {label} |", "|---|---|"]
+    markdown += [f"| {l}:{h} | {s:.4g} |" for l, h, s in top] + [""]
 
 
 def _asr_section(label: str, record: dict, parts: list[str], markdown: list[str]) -> None:
@@ -379,7 +382,8 @@ def _harmless_section(harmless: dict, parts: list[str], markdown: list[str]) -> 
                  f"<tr><td>mean next-token KL(clean || ablated)</td><td class=num>0</td><td class=num>{harmless['mean_kl']:.4g}</td></tr>"
                  f"{_nll_row(harmless)}</table>")
     markdown += ["", f"Harmless cost ({harmless['n']} prompts of {harmless['dataset']}): mean next-token KL {harmless['mean_kl']:.4g}; "
-                 + "; ".join(f"refusal ({j}) {_pct(harmless['baseline']['refusal_rate'][j])} -> {_pct(harmless['ablated']['refusal_rate'][j])}" for j in harmless["judges"])
+                 + "; ".join(f"refusal ({j}) {_pct(harmless['baseline']['refusal_rate'][j])} -> "
+                             f"{_pct(harmless['ablated']['refusal_rate'][j])}" for j in harmless["judges"])
                  + (f"; answer NLL under the clean model {_nats(harmless['baseline'].get('answer_nll'))} -> "
                     f"{_nats(harmless['ablated'].get('answer_nll'))} nats/token" if "answer_nll" in harmless["baseline"] else "")]
 

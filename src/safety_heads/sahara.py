@@ -19,23 +19,22 @@ ablation garbles every answer. Reading and writing runs, checkpoints and resume:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
-from typing import Callable, Generator, Sequence
 
 import torch
 
 from .ablation import Ablation, Head, format_heads, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
-from .models import LoadedModel
 from .guard import GuardCheck, HarmlessGuard, choose_guarded
+from .models import LoadedModel
 from .objectives import LABELS, UNITS, AngleObjective, RefusalObjective
 from .progress import print_progress
 from .records import compute_record, run_record, source_name, versions
 from .sahara_config import GAP_WARNING, SCORES, SaharaConfig, check_guard_max_rise  # noqa: F401  (re-exported)
-from .subspace import (angles_to_basis, angles_to_column, left_basis, paper_era_angles, subspace_angle,  # noqa: F401
-                       subspace_angles)
+from .subspace import angles_to_basis, angles_to_column, left_basis, paper_era_angles, subspace_angle, subspace_angles  # noqa: F401
 from .work import finish
 
 
@@ -293,7 +292,8 @@ class SaharaJob:
         objective = self.sahara.objective
         line = f"objective: {objective.name} ({LABELS[objective.name]})"
         if isinstance(objective, RefusalObjective):
-            line += f", learned from {self.sahara.config.refusal_limit} prompts each of {self.sahara.config.refusal_harmful} and {self.sahara.config.refusal_harmless}"
+            c = self.sahara.config
+            line += f", learned from {c.refusal_limit} prompts each of {c.refusal_harmful} and {c.refusal_harmless}"
         self.progress(line)
 
     def _say_guard_limit(self) -> None:
@@ -322,9 +322,9 @@ def sahara_job(model: LoadedModel, queries: Sequence[str], config: SaharaConfig,
     with about(source_name(source)):
         tokens = sahara.engine.tokenize([p.token_ids for p in prompts])
     if sahara.guard is not None:
-        sahara.guard.answers  # a bad --guard data set fails here, before anything is written
+        _ = sahara.guard.answers  # a bad --guard data set fails here, before anything is written
     if config.objective != "angle":
-        sahara.objective  # a model that refuses nothing fails here, before anything is written
+        _ = sahara.objective  # a model that refuses nothing fails here, before anything is written
     record = run_record(model, config, queries, source or {}) | {"duplicates": duplicates}
     return SaharaJob(sahara, queries, prompts, tokens, record, progress)
 

@@ -9,7 +9,8 @@ that saves more compute than the second trace per chunk costs. Chunk cutting its
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from .ablation import Head, ablation_pairs
 from .batching import Batch, Chunk, SharedPrefix, plan_chunks, split_shared_prefix

@@ -21,20 +21,20 @@ Over a data set: the mean score of each head, and how often each head is in a qu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
-from typing import Callable, Generator, Sequence
 
 import torch
 
 from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
+from .measures import kl_divergence, top_heads  # noqa: F401 (part of the Ships API)
 from .models import LoadedModel
 from .progress import print_progress
-from .refusal import SCORES, RefusalSignal, learn_from, readouts_for, score_values
-from .measures import kl_divergence, top_heads  # noqa: F401 (part of the Ships API)
 from .records import compute_record, run_record, source_name, versions
+from .refusal import SCORES, RefusalSignal, learn_from, readouts_for, score_values
 from .work import finish
 
 METHODS = ("exact", "estimate", "estimate+verify")
@@ -311,4 +311,5 @@ def _shorten(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-__all__ = ["ShipsConfig", "Ships", "ShipsResult", "QueryScores", "ShipsJob", "ships_job", "find_ships", "exact_scores", "kl_divergence", "aggregate", "format_heads"]
+__all__ = ["ShipsConfig", "Ships", "ShipsResult", "QueryScores", "ShipsJob", "ships_job", "find_ships", "exact_scores",
+           "kl_divergence", "aggregate", "format_heads"]

@@ -13,9 +13,9 @@ express without also adding q/k/v biases. `ua` cannot be baked into Qwen3 / Gemm
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -68,7 +68,8 @@ def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, prog
     error = (baked.logits[:, 0] - traced.logits[:, 0]).abs().max().item() / scale
     tolerance = TOLERANCE.get(model.dtype, 1e-5)
     if not error <= tolerance:
-        raise UserError(f"the edited weights do not reproduce the traced ablation (relative error {error:.2e} > {tolerance:g}); nothing was saved")
+        raise UserError(f"the edited weights do not reproduce the traced ablation (relative error {error:.2e} > "
+                        f"{tolerance:g}); nothing was saved")
     progress(f"verified: edited model = traced ablation on {len(VERIFY_PROMPTS)} prompts (max relative error {error:.1e})")
     record = {
         "format": "safety-heads/surgery",

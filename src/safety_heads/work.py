@@ -8,7 +8,8 @@ hands them back on resume; `finish` runs a job with nothing kept, for use from P
 
 from __future__ import annotations
 
-from typing import Generator, Protocol, TypeVar
+from collections.abc import Generator
+from typing import Protocol, TypeVar
 
 Unit = TypeVar("Unit")
 Result = TypeVar("Result", covariant=True)

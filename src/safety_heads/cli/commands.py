@@ -211,8 +211,8 @@ def command_run(args) -> int:
 def command_evaluate(args) -> int:
     from ..engine import EngineConfig
     from ..evaluate import EvaluateConfig
-    from ..runs import run_evaluation
     from ..generate import GenerationConfig
+    from ..runs import run_evaluation
 
     config = _config(EvaluateConfig, args)
     generation = GenerationConfig(

@@ -17,8 +17,8 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING, Field
-from typing import Sequence
 
 
 class _Help(argparse.HelpFormatter):
@@ -90,7 +90,7 @@ def _annotation(cls: type, name: str):
     except NameError:
         names = {"bool": bool, "int": int, "float": float, "str": str, "None": type(None)}
         members = [names.get(part.strip(), object) for part in annotation.split("|")]
-        return members[0] if len(members) == 1 else typing.Union[tuple(members)]
+        return members[0] if len(members) == 1 else typing.Union[tuple(members)]  # noqa: UP007 (built at run time)
 
 
 def config_default(parser: _Parser, name: str, config: type | None = None):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 LIBRARY_LOGGERS = ("transformers", "accelerate", "nnsight", "huggingface_hub", "torch")
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import CONTENT_WARNING, AnswerBatch, EvaluateConfig, Evaluation, HeadChoice, evaluation_job, heads_to_ablate
+from ..evaluate import (CONTENT_WARNING, AnswerBatch, EvaluateConfig, Evaluation, HeadChoice, evaluation_job,
+                        heads_to_ablate)
 from ..generate import GenerationConfig
 from ..models import LoadedModel
 from .files import read_json, save_tensors, write_json

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UserError
 from .files import atomic_write, current_umask, is_our_temporary, to_jsonable
@@ -62,7 +63,7 @@ def check_not_foreign(out: Path, name: str) -> None:
 
 
 def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool,
-             parse: Callable[[dict], Any] | None = None) -> tuple[Path, "Checkpoint", list]:
+             parse: Callable[[dict], Any] | None = None) -> tuple[Path, Checkpoint, list]:
     """Prepare `out` for a run whose result is `name`.json: refuse a finished run or another command's, check the
     folder is writable, take its lock (one writer per folder), open the checkpoint `name`.checkpoint.jsonl and return
     the units already finished (when resuming), each through `parse` (which raises on a malformed unit)."""

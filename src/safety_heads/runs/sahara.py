@@ -3,18 +3,18 @@ and a checkpoint line per layer scored and per guard check, so `--resume` recomp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from ..ablation import format_heads
 from ..errors import UserError
-from .figures import heatmap_png
 from ..guard import GuardCheck
 from ..models import LoadedModel
 from ..objectives import LABELS
 from ..sahara import LayerScores, SaharaConfig, SaharaResult, sahara_job
+from .figures import heatmap_png
 from .files import matrix_or_nan, notebook_header, read_json, save_tensors, write_json
 from .folder import run_job
 

@@ -3,15 +3,15 @@ checkpoint line per query, so `--resume` continues a killed run with identical n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from .figures import heatmap_png
 from ..models import LoadedModel
 from ..refusal import SCORE_LABELS
 from ..ships import TOP_FREQUENCY_K, QueryScores, ShipsConfig, ShipsResult, ships_job, top_heads
+from .figures import heatmap_png
 from .files import matrix_or_nan, notebook_header, save_tensors, write_json
 from .folder import run_job
 
@@ -45,7 +45,8 @@ def write_outputs(result: ShipsResult, out: Path) -> None:
                if result.signal is not None and result.signal.direction is not None else {}),
         },
     )
-    title = f"Ships ({config['ablation']}, eps={config['epsilon']:g}, {config.get('score', 'kl')}), mean over {len(result.queries)} queries: {config['model']}"
+    title = (f"Ships ({config['ablation']}, eps={config['epsilon']:g}, {config.get('score', 'kl')}), "
+             f"mean over {len(result.queries)} queries: {config['model']}")
     marked = [(l, h) for l, h, _ in top_heads(result.mean, 3)]
     heatmap_png(result.mean, out / "ships_heatmap.png", title, SCORE_LABELS[config.get("score", "kl")], marked)
 
