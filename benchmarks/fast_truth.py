@@ -38,6 +38,7 @@ prompt's prefill sees the same padding as in today's path.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,7 @@ def truth_answers(module, tokenizer, head_sets: list[HeadSet], tokens: list[list
     answers: list[list[Answer | None]] = [[None] * len(tokens) for _ in head_sets]
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        prompts = Prompts.of([tokens[i] for i in rows], tokenizer.pad_token_id, share_prefix)
+        prompts = Prompts.of([tokens[i] for i in rows], tokenizer.pad_token_id, share_prefix, module.device)
         clean = CleanPrefill.compute(module, prompts) if share_lower_layers else None
         per_decode = max(1, decode_rows // len(rows))
         for first in range(0, len(head_sets), per_decode):
@@ -178,7 +179,7 @@ class Prompts:
     last_positions: torch.Tensor  # [rows, 1]: each row's last prompt position
 
     @classmethod
-    def of(cls, token_lists: list[list[int]], pad_id: int, share_prefix: bool = True) -> Prompts:
+    def of(cls, token_lists: list[list[int]], pad_id: int, share_prefix: bool = True, device="cpu") -> Prompts:
         shared = split_shared_prefix(token_lists, pad_id, range(len(token_lists))) if share_prefix else None
         if shared is None:
             batch = left_padded(token_lists, pad_id)
@@ -187,7 +188,8 @@ class Prompts:
             batch = shared.rest  # its mask spans prefix + rest, its positions continue from the prefix
             passes = [shared.prefix_inputs,
                       dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)]
-        return cls(passes, len(token_lists), batch.attention_mask, batch.position_ids[:, -1:])
+        passes = [{name: value.to(device) for name, value in inputs.items()} for inputs in passes]
+        return cls(passes, len(token_lists), batch.attention_mask.to(device), batch.position_ids[:, -1:].to(device))
 
 
 @dataclass
@@ -215,7 +217,7 @@ class CleanPrefill:
             handles = [layer.register_forward_hook(lambda mod, args, output, kept=outputs: kept.append(output))
                        for layer in module.model.layers]
             try:
-                module(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+                module(**inputs, **{cache_argument(module): cache}, use_cache=True, logits_to_keep=1)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -238,7 +240,8 @@ class Replay(torch.nn.Module):
         super().__init__()
         self.clean, self.index = clean, index
 
-    def forward(self, hidden_states, *args, cache=None, **kwargs):
+    def forward(self, hidden_states, *args, cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values  # the argument's name before transformers 5.2x
         cache.update(self.clean.keys[self.index], self.clean.values[self.index], self.index)
         return self.clean.outputs[self.index]
 
@@ -261,7 +264,7 @@ def replaying(module, inputs: dict, cache, clean: CleanPass | None, lowest: int)
     try:
         for index in replaced:
             layers[index] = Replay(clean, index)
-        return module(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        return module(**inputs, **{cache_argument(module): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
     finally:
         for index, layer in replaced.items():
             layers[index] = layer
@@ -295,11 +298,11 @@ class RowAblation:
         self.handles: list = []
 
     def scaled(self, layer: int, tensor: torch.Tensor) -> torch.Tensor:
-        scale = self.scales[layer].to(tensor.dtype).flatten(1)[:, None, :]  # [rows, 1, heads * head_dim]
+        scale = self.scales[layer].to(tensor.device, tensor.dtype).flatten(1)[:, None, :]  # [rows, 1, heads * head_dim]
         return tensor * scale
 
     def select(self, index: torch.Tensor) -> None:
-        self.scales = {layer: scale[index] for layer, scale in self.scales.items()}
+        self.scales = {layer: scale[index.cpu()] for layer, scale in self.scales.items()}
 
     def __enter__(self) -> RowAblation:
         for layer in self.scales:
@@ -341,7 +344,7 @@ def decode(module, tokenizer, mask: torch.Tensor, positions: torch.Tensor, logit
         if not keep:
             break
         if len(keep) < len(alive):
-            index = torch.tensor(keep)
+            index = torch.tensor(keep, device=logits.device)
             for layer in cache.layers:
                 layer.batch_select_indices(index)
             mask, positions, next_tokens = mask[index], positions[index], next_tokens[index]
@@ -350,9 +353,15 @@ def decode(module, tokenizer, mask: torch.Tensor, positions: torch.Tensor, logit
                 select(index)
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         positions = positions + 1
-        logits = module(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = module(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions,
+                        **{cache_argument(module): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
     return [Answer(answer_text(tokenizer, ids), stopped[row]) for row, ids in enumerate(generated)]
+
+
+def cache_argument(module) -> str:
+    """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values` before."""
+    forward = getattr(module, "forward", module)  # a test's scripted stand-in is a plain callable
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def answer_text(tokenizer, ids: list[int]) -> str:

@@ -113,12 +113,14 @@ def clean_answer_nll(module, tokenizer, prompts: list[list[int]], answers: list[
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = left_padded([prompt + answer for prompt, answer in chunk], tokenizer.pad_token_id)
-        logits = module(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        ids = batch.input_ids.to(module.device)
+        logits = module(input_ids=ids, attention_mask=batch.attention_mask.to(module.device),
+                        position_ids=batch.position_ids.to(module.device)).logits
         log_probs = torch.log_softmax(logits.double(), -1)
         length = batch.length
         for row, (_, answer) in enumerate(chunk):
             n = len(answer)
-            picked = log_probs[row, length - n - 1 : length - 1].gather(-1, batch.input_ids[row, length - n:, None])
+            picked = log_probs[row, length - n - 1 : length - 1].gather(-1, ids[row, length - n:, None])
             values.append(-float(picked.mean()))
     return sum(values) / len(values) if values else float("nan")
 
