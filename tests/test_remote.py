@@ -246,6 +246,26 @@ def remote_cli(pair, monkeypatch):
         monkeypatch.setenv(name, value)
 
 
+def test_cli_remote_run_computes_nothing_on_the_local_copy(monkeypatch, tmp_path, capsys):
+    """`run --remote` with a client whose weights are on the meta device, as a remote model's local copy is: every
+    stage, the refusal check before them included, runs on the server (found by the ndif tests: the check once ran
+    locally and failed on the meta weights). The tiny model refuses nothing, so the refusal search is skipped."""
+    client, server = tiny_pair()
+    client.module.to("meta")
+    import safety_heads.models as models
+
+    monkeypatch.setattr(models, "load_remote_model", lambda config: client)
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    argv = ["run", "--model", "org/tiny", "--quick", "--limit", "2", "--steps", "1", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "run"), "--remote-backoff", "0.001", "--trust-remote-host"]
+    with MockNdif(server.lm, api_key=SECRETS["NDIF_API_KEY"]) as mock:
+        assert main(argv + ["--remote", mock.url]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "no refusal search" in printed.out + printed.err
+    assert json.loads((tmp_path / "run" / "experiment.json").read_text())["refusal_search_skipped"]
+
+
 def test_cli_remote_ships_resumes_after_a_server_error(pair, remote_cli, tmp_path, capsys):
     client, server = pair
     queries = tmp_path / "queries.json"

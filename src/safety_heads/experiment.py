@@ -178,7 +178,7 @@ def run_experiment(
              f"ranks highest (--candidates N to change it; --full searches every head)")
     if config.held_out:
         emit(f"held out: the groups are evaluated on {config.eval_datasets} (prompts the searches did not use)")
-    skipped = refusal_search_skipped(model, config)
+    skipped = refusal_search_skipped(model, config, engine_config)
     if skipped:
         emit(f"no refusal search: {skipped}")
     refusal = bool(config.refusal_objective) and not skipped
@@ -219,15 +219,18 @@ def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple[ExperimentC
     return config, pruned, queries
 
 
-def refusal_search_skipped(model: LoadedModel, config: ExperimentConfig) -> str | None:
+def refusal_search_skipped(model: LoadedModel, config: ExperimentConfig, engine_config: EngineConfig | None = None
+                           ) -> str | None:
     """Why the refusal search cannot run on this model (it refuses none of the prompts the refusal-logprob signal is
-    learned from), or None. The stages reuse what is learned here (refusal.learn_signal keeps it per model)."""
+    learned from), or None. The stages reuse what is learned here (refusal.learn_signal keeps it per model). Learned
+    where the stages run (`engine_config`: with --remote, on NDIF; the local copy of a remote model has no weights)."""
     if config.refusal_objective != "refusal-logprob":
         return None
     from .refusal import NoRefusal, learn_from
 
     try:
-        learn_from(Engine(model), model, config.refusal_objective, SaharaConfig(template=config.template, system=config.system))
+        learn_from(Engine(model, engine_config), model, config.refusal_objective,
+                   SaharaConfig(template=config.template, system=config.system))
     except NoRefusal as error:
         return str(error).split(" (refusal-direction")[0]
     return None
