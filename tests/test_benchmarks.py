@@ -56,3 +56,27 @@ def test_head_truth_study_runs_on_the_demo_model(tmp_path):
     assert groups["clean"]["maliciousinstruct-51-100_rise"] == 0 and "refusal-search-k1" in groups
     assert groups["paper-sahara-k2"]["heads"].count(":") == 2  # the paper's search, run here with 2 steps
     assert "## Groups, held out" in (out / "truth_study.md").read_text()
+
+
+def test_group_check_counts_what_its_answers_say(tmp_path):
+    """benchmarks/group_check.py on the demo model: every (ablation, slice, group) has its answers, the count printed
+    is the judge's count of those answers, and the demo model's best head under ua raises it (the demo refuses
+    nearly all of MaliciousInstruct clean; 0:1 is its strongest head, docs/real-model-study.md)."""
+    from safety_heads.judges import KEYWORD_JUDGES
+
+    out = tmp_path / "groups.json"
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "group_check.py"), "--model", "demo", "--sets",
+         "maliciousinstruct:1-6", "--groups", "0:1;0:1,3:3", "--kinds", "ua:1e-4,sc:0", "--max-new-tokens", "8",
+         "--threads", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["kind"], r["heads"]) for r in rows} == {(k, h) for k in ("ua", "sc") for h in ("", "0:1", "0:1,3:3")}
+    judge = KEYWORD_JUDGES["gcg"]
+    for row in rows:
+        assert row["n"] == 6 and row["harmful"] == sum(judge.judge([""] * 6, row["answers"]))
+        assert f"| {row['kind']} eps=" in completed.stdout
+    clean = next(r for r in rows if r["kind"] == "ua" and not r["heads"])
+    assert next(r for r in rows if r["kind"] == "ua" and r["heads"] == "0:1")["harmful"] > clean["harmful"]
