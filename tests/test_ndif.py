@@ -150,6 +150,24 @@ def test_run_remote_equals_local(remote_env, tmp_path, capsys):
         assert [s["chosen"] for s in first.get("steps", [])] == [s["chosen"] for s in second.get("steps", [])]
 
 
+def test_the_notebook_runs_remote_with_the_same_answers(tmp_path):
+    """notebooks/demo.ipynb with SAFETY_HEADS_REMOTE set to the server: every step that runs on NDIF gives what it
+    gives here (the same Sahara group, ASR and harmless lines; surgery, which needs the weights here, is skipped)."""
+    from test_notebook import run_notebook
+
+    (tmp_path / "local").mkdir(), (tmp_path / "remote").mkdir()
+    local = run_notebook(tmp_path / "local").stdout.splitlines()
+    remote = run_notebook(tmp_path / "remote", SAFETY_HEADS_REMOTE=URL, **ENV).stdout.splitlines()
+    assert "surgery: skipped, the weights are not on this machine (REMOTE)" in remote
+
+    def kept(lines):  # the lines of the Sahara, evaluation and flipped-answer cells
+        # (not the printed angles, KL and NLL: the server's transformers rounds a little differently, 1e-5 relative)
+        return [line for line in lines if line.startswith(("Sahara group:", "maliciousinstruct", "jailbreakbench",
+                                                           "query:", "baseline:", "ablated:")) or "flipped" in line]
+
+    assert kept(local) and kept(remote) == kept(local)
+
+
 # -- failures ---------------------------------------------------------------------------------------------------------
 
 

@@ -11,16 +11,23 @@ from devices import TEST_DEVICE
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "demo.ipynb"
 
 
-def test_notebook_runs_end_to_end(tmp_path):
+def run_notebook(folder: Path, **environment: str) -> subprocess.CompletedProcess:
+    """The notebook's code cells, in order, as one script in a fresh interpreter (quick mode); also used by
+    test_ndif.py with SAFETY_HEADS_REMOTE set."""
     cells = json.loads(NOTEBOOK.read_text())["cells"]
     source = "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
-    script = tmp_path / "notebook.py"
+    script = folder / "notebook.py"
     script.write_text(source.replace("plt.show()", "plt.close('all')"))
-    env = {**os.environ, "SAFETY_HEADS_QUICK": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SAFETY_HEADS_QUICK": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", **environment}
     if TEST_DEVICE == "cpu":  # the checks below were set in float32; on a GPU "auto" would load the model in bfloat16
         env["CUDA_VISIBLE_DEVICES"] = ""
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=folder, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_notebook_runs_end_to_end(tmp_path):
+    done = run_notebook(tmp_path)
     assert "Sahara group:" in done.stdout
     difference = float(done.stdout.split("max |baked - traced| = ")[1].split()[0])
     assert difference < 1e-4  # the saved surgery reproduces the traced ablation
