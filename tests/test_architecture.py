@@ -53,3 +53,15 @@ def test_modules_and_functions_are_small():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 60, f"{path.relative_to(PACKAGE)}: {node.name} has {length} lines"
+
+
+def test_signatures_are_short():
+    """At most 8 parameters a function (self and cls not counted), everywhere in the package: a longer list is a
+    sign that values belong together (the in-trace ablation dict, a chunk, RunRecords)."""
+    for path in sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + [p.arg for p in (a.vararg, a.kwarg) if p]
+                count = len([name for name in names if name not in ("self", "cls")])
+                assert count <= 8, f"{path.relative_to(PACKAGE)}: {node.name} takes {count} parameters"

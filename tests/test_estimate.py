@@ -302,7 +302,8 @@ def test_layer_deltas_are_the_exact_change_of_each_head():
     engine = engine_for(module, "qwen2")
     tokens = engine.tokenize([PROMPT])[0]
     batch = engine._batch([tokens], [0])
-    deltas = intrace.layer_deltas(engine.model.lm, engine.sites, batch.repeated(1), "ua", 1e-4, None, save=nnsight.save)
+    deltas = intrace.layer_deltas(engine.model.lm, engine.sites, batch.repeated(1), Ablation(kind="ua").in_trace(None),
+                                  save=nnsight.save)
     d = family.head_dim
     for layer, head in [(0, 1), (1, 3), (2, 0)]:
         captured = {}

@@ -312,6 +312,7 @@ def test_bad_remote_input_is_one_line(arguments, message, tmp_path, monkeypatch,
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     tiny_llama().save_pretrained(tmp_path / "folder")
+    capsys.readouterr()  # the save's progress bar (shown unless an earlier test turned transformers' bars off)
     arguments = [a.format(folder=tmp_path / "folder") for a in arguments]
     assert main(["ships", "--prompt", "hi", "--out", str(tmp_path / "out"), *arguments]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -373,8 +374,8 @@ def test_retry_delays_grow_exponentially():
     from safety_heads.remote import NdifBackend
 
     slept = []
-    backend = NdifBackend("m:k", host="http://127.0.0.1:9", api_key=None, attempts=4, backoff_s=0.5, sleep=slept.append,
-                          notify=lambda line: None)
+    backend = NdifBackend("m:k", host="http://127.0.0.1:9", api_key=None, sleep=slept.append, notify=lambda line: None,
+                          config=EngineConfig(remote_attempts=4, remote_backoff_s=0.5))
     import httpx
 
     def failing():

@@ -63,6 +63,11 @@ class Ablation:
     def spec(self) -> str:
         return format_heads(self.heads)
 
+    def in_trace(self, means) -> dict:
+        """The plain dict the in-trace functions take (intrace.py: NDIF rebuilds them without this class): kind,
+        epsilon and the means a call sends (`means`: those of the layers it ablates, all of them, or None)."""
+        return {"kind": self.kind, "epsilon": float(self.epsilon), "means": means}
+
 
 def require_means(ablation: Ablation) -> None:
     """Where a mean ablation is run: it needs the reference means, which only the caller can compute."""

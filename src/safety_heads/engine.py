@@ -298,8 +298,8 @@ class Engine:
                     pairs = ablation_pairs(chunk)
                     requests += 1
                     values = self.runner.run(
-                        intrace.token_log_probs, self.runner.inputs(batch.repeated(1)), pairs, len(chunk), ablation.kind,
-                        float(ablation.epsilon), self.means_for(ablation.means, pairs), last,
+                        intrace.token_log_probs, self.runner.inputs(batch.repeated(1)), pairs, len(chunk),
+                        ablation.in_trace(self.means_for(ablation.means, pairs)), last,
                         label=f"answer-scoring request {requests}")
                     values = values.float().cpu().reshape(len(chunk), batch.size, last)
                     result[start : start + len(chunk), batch.prompt_indices] = values

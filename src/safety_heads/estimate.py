@@ -134,16 +134,15 @@ def estimate_scores(
     _check_means(ablation, engine.layout)
     tokens = engine.tokenize([list(token_ids)])
     batch = engine._batch(tokens, [0])
-    kind, epsilon, means = ablation.kind, ablation.epsilon, ablation.means
     if config.estimator == "fisher":
-        return _fisher_estimate(engine, batch, config.top_tokens, kind, epsilon, means)
+        return _fisher_estimate(engine, batch, config.top_tokens, ablation)
     # Inverse-CDF uniforms, one per row, drawn on the CPU before any trace: reproducible on any device and chunking.
     uniforms = torch.rand(config.samples, generator=torch.Generator().manual_seed(config.seed), dtype=torch.float64)
     per_pass = config.samples_per_pass or config.samples
     squares = torch.zeros(engine.layout.n_layers, engine.layout.n_heads, dtype=torch.float64)
     with _frozen(engine):
         for start in range(0, config.samples, per_pass):
-            dots = _head_dots(engine, batch, uniforms[start : start + per_pass], kind, epsilon, means)  # [L, K, H]
+            dots = _head_dots(engine, batch, uniforms[start : start + per_pass], ablation)  # [L, K, H]
             squares += dots.square().sum(dim=1)
     return 0.5 * squares / config.samples
 
@@ -158,12 +157,12 @@ def _check_means(ablation: Ablation, layout: HeadLayout) -> None:
         )
 
 
-def _fisher_estimate(engine: Engine, batch, top_tokens: int, kind: str, epsilon: float, means) -> torch.Tensor:
+def _fisher_estimate(engine: Engine, batch, top_tokens: int, ablation: Ablation) -> torch.Tensor:
     """KL_h ~= 1/2 (sum_r m_r d_r[h]^2 - (sum_r m_r d_r[h])^2): the next-token Fisher's quadratic form in the logit
     changes d_r (rows r: the top tokens and the lumped rest, with probabilities m_r). One request when remote."""
     vocabulary = engine.model.lm.config.get_text_config().vocab_size
     n_top = min(top_tokens, vocabulary - 1)
-    arguments = (_input_embedding_path(engine), engine.runner.inputs(batch.repeated(1)), n_top, kind, epsilon, means)
+    arguments = (_input_embedding_path(engine), engine.runner.inputs(batch.repeated(1)), n_top, ablation.in_trace(ablation.means))
     with _frozen(engine):
         dots, mass = engine.runner.run(intrace.fisher_estimate, *arguments, label="estimate request")
     gc.collect(1)  # the backward trace's reference cycle (see _head_dots)
@@ -173,12 +172,12 @@ def _fisher_estimate(engine: Engine, batch, top_tokens: int, kind: str, epsilon:
     return (0.5 * ((weights * changes.square()).sum(dim=1) - mean.square())).clamp(min=0.0)
 
 
-def _head_dots(engine: Engine, batch, uniforms: torch.Tensor, kind: str, epsilon: float, means) -> torch.Tensor:
+def _head_dots(engine: Engine, batch, uniforms: torch.Tensor, ablation: Ablation) -> torch.Tensor:
     """One forward+backward pass over len(uniforms) rows: g_k[h] . delta_h for every layer, row and head, [L, K, H].
 
     The trace is intrace.head_dots (it travels to NDIF by value); remote, it is one request per pass."""
     embedding = _input_embedding_path(engine)
-    arguments = (embedding, engine.runner.inputs(batch.repeated(1)), uniforms, kind, epsilon, means)
+    arguments = (embedding, engine.runner.inputs(batch.repeated(1)), uniforms, ablation.in_trace(ablation.means))
     dots = engine.runner.run(intrace.head_dots, *arguments, label=f"gradient-estimate request ({len(uniforms)} samples)")
     # A backward inside a trace leaves one reference cycle per trace, holding its tensors (nnsight.md section 4). The
     # cycle is young: a generation-1 collection frees all of it (measured: no tensor left over 30 calls, 4- and

@@ -42,7 +42,7 @@ from .objectives import OBJECTIVES
 from .progress import StageProgress, print_progress
 from .recommend import measure, recommend
 from .records import versions
-from .report import build_report
+from .report import RunRecords, build_report
 from .runs import run_evaluation, run_sahara, run_ships
 from .runs.files import load_tensors, matrix_or_nan, read_json, save_tensors, to_jsonable, write_json
 from .runs.folder import (Checkpoint, check_not_foreign, check_output_folder, check_unclaimed, checkpoint_path,
@@ -376,8 +376,8 @@ def _finish(model, config, out: Path, engine_config, timings, records: dict, emi
     checkpoint goes, the last write."""
     sahara, evaluation, per_query = records["sahara"], records["evaluation"], records["per_query"]
     recommendation = recommend_group(config, records)
-    build_report(out, records["ships"], sahara, evaluation, per_query, title=f"safety-heads: {model.name}",
-                 timings=timings, refusal=_refusal_records(records), recommendation=recommendation.record())
+    build_report(out, RunRecords(records["ships"], sahara, evaluation, per_query, _refusal_records(records),
+                                 recommendation.record()), title=f"safety-heads: {model.name}", timings=timings)
     compiled = {}
     for name, path in (("ships", out / "ships" / "ships_data.pt"), ("sahara", out / "sahara" / "sahara_data.pt"),
                        ("eval", out / "eval" / "eval_data.pt"), ("eval_per_query", out / "eval-per-query" / "eval_data.pt")):

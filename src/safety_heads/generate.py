@@ -136,8 +136,8 @@ def _generate_batch(model, runner, token_lists, sets, ablation: Ablation, config
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         # Remote: one request for the whole batch, every step on the server (intrace.generate_batch is its body).
         sequences, step_logits = runner.run(
-            intrace.generate_batch, settings, tokens["input_ids"], tokens["attention_mask"], pairs, n_rows, ablation.kind,
-            ablation.epsilon, means, seed, label=f"generation request for prompts {batch_start}-{batch_start + n_rows - 1}")
+            intrace.generate_batch, settings, tokens, pairs, ablation.in_trace(means), seed,
+            label=f"generation request for prompts {batch_start}-{batch_start + n_rows - 1}")
     prompt_length = batch.input_ids.shape[1]
     generations = []
     eos = _eos_ids(model)

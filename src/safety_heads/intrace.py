@@ -14,6 +14,8 @@ Conventions:
 - `pairs` (ablation.ablation_pairs) maps a layer to (rows, heads): the (row, head) pairs ablated there, expanded
   into a mask in-trace, so a request carries a few integers rather than mask tensors; row r of `pairs` is copy r of
   the batch (the engine tiles each head set over its prompts).
+- `ablation` is a plain dict: kind ("ua" | "sc" | "mean"), epsilon, and means (per layer, for "mean"; else None),
+  from `Ablation.in_trace`. A request dict, which has those keys too, serves as one.
 - `save` is `nnsight.save` when a function opens the outermost trace (values must be saved to outlive it), and None
   inside a session, where inner traces hand their values to the enclosing code without saving.
 
@@ -79,13 +81,14 @@ def replace_outputs(output_site_input, sites, keep, mean):
     output_site_input.mul_(keep_columns).add_((1 - keep_columns) * mean)
 
 
-def ablate_layer(lm, sites, layer, rows_heads, n_rows, kind, epsilon, means=None, repeat=1):
+def ablate_layer(lm, sites, layer, rows_heads, n_rows, ablation, repeat=1):
     """Inside a trace: ablate one layer's (rows, heads) pairs for a batch of `n_rows` x `repeat` rows.
 
     Row r covers batch rows r*repeat .. r*repeat+repeat-1. Reads the site (waiting for the module to run) and edits
-    it in place. `means[layer]` (a tensor or a dict keyed by layer) is the reference for kind "mean".
+    it in place. `ablation["means"][layer]` (a tensor or a dict keyed by layer) is the reference for kind "mean".
     """
     rows, heads = rows_heads
+    kind, epsilon = ablation["kind"], ablation["epsilon"]
     if kind == "ua":
         site = layer_site(lm, sites, layer, sites["query_path"]).output
     else:
@@ -99,7 +102,7 @@ def ablate_layer(lm, sites, layer, rows_heads, n_rows, kind, epsilon, means=None
     elif kind == "sc":
         scale_outputs(site, sites, keep, epsilon)
     else:
-        replace_outputs(site, sites, keep, means[layer].to(device=site.device, dtype=site.dtype))
+        replace_outputs(site, sites, keep, ablation["means"][layer].to(device=site.device, dtype=site.dtype))
 
 
 def skip_below(layers, start_layer, residual, n_sets):
@@ -109,10 +112,10 @@ def skip_below(layers, start_layer, residual, n_sets):
         layers[layer].skip(skipped_output)
 
 
-def ablate_pairs(lm, sites, pairs, n_rows, kind, epsilon, means, repeat=1):
+def ablate_pairs(lm, sites, pairs, n_rows, ablation, repeat=1):
     """Inside a trace: every layer of `pairs`, in forward order (`ablate_layer`)."""
     for layer in sorted(pairs):
-        ablate_layer(lm, sites, layer, pairs[layer], n_rows, kind, epsilon, means, repeat=repeat)
+        ablate_layer(lm, sites, layer, pairs[layer], n_rows, ablation, repeat=repeat)
 
 
 def read_last(lm, sites, readouts, into):
@@ -149,31 +152,30 @@ def _base_and_residuals(lm, sites, layers, residual_layers, base, n_rows, repeat
     pairs = base["pairs"] if base else {}
     for layer in sorted(set(residual_layers) | set(pairs)):
         if layer in pairs:
-            ablate_layer(lm, sites, layer, pairs[layer], n_rows, base["kind"], base["epsilon"], base["means"], repeat=repeat)
+            ablate_layer(lm, sites, layer, pairs[layer], n_rows, base, repeat=repeat)
         if layer in residual_layers:
             residuals[layer] = layers[layer].output
 
 
-def ablated_pass(lm, sites, inputs, n_sets, start_layer, pairs, residual, kind, epsilon, means, readouts, save=None,
-                 check_layers=False):
-    """One pass over `n_sets` copies of the batch `inputs`, copy i ablating row i of `pairs`.
+def ablated_pass(lm, sites, inputs, chunk, residual, request, save=None):
+    """One pass over `n_sets` copies of the batch `inputs`, copy i ablating row i of `pairs` (`chunk`: start_layer,
+    n_sets, pairs), as `request` (the ablation, readouts, check_layers) says.
 
     With `start_layer` > 0, layers below it are skipped and `residual` (the clean stream after layer start_layer-1)
     is fed in. `check_layers` (diagnosis) also returns, per layer from `start_layer` on, whether its output is finite.
     """
-    save = save or _identity
-    layers = resolve(lm, sites["layers_path"])
-    repeat = inputs["input_ids"].shape[0]
+    save, (start_layer, n_sets, pairs), check_layers = save or _identity, chunk, request["check_layers"]
+    layers, repeat = resolve(lm, sites["layers_path"]), inputs["input_ids"].shape[0]
     with torch.no_grad(), lm.trace(**tiled(inputs, n_sets), logits_to_keep=1, use_cache=False):
         skip_below(layers, start_layer, residual, n_sets)
         finite = save([])
         for layer in range(start_layer, sites["n_layers"]) if check_layers else sorted(pairs):
             if layer in pairs:
-                ablate_layer(lm, sites, layer, pairs[layer], n_sets, kind, epsilon, means, repeat=repeat)
+                ablate_layer(lm, sites, layer, pairs[layer], n_sets, request, repeat=repeat)
             if check_layers:  # diagnosis only: which layer's output first stops being finite
                 finite.append(bool(torch.isfinite(layers[layer].output).all()))
         readout = save({})
-        read_last(lm, sites, readouts, readout)
+        read_last(lm, sites, request["readouts"], readout)
     return readout, finite
 
 
@@ -207,27 +209,28 @@ def shared_clean_pass(lm, sites, prefix_inputs, rest_inputs, residual_layers, re
     return prefix_kv, prefix_residuals, rest_residuals, readout
 
 
-def shared_ablated_pass(lm, sites, prefix_inputs, rest_inputs, prefix_kv, n_sets, start_layer, pairs, prefix_residual,
-                        rest_residual, kind, epsilon, means, readouts, save=None):
-    """`ablated_pass` for a group that shares a prefix: the prefix once per head set (`n_sets` rows, copy i ablating
-    row i of `pairs`), then every (set, prompt) rest on that set's prefix cache. Layers below `start_layer` are skipped in
-    both, fed the clean (or base) residuals; their cache entries are the clean (or base) prefix's (`prefix_kv`)."""
+def shared_ablated_pass(lm, sites, group, shared, chunk, request, save=None):
+    """`ablated_pass` for a group that shares a prefix (`group`: its prefix and rest inputs): the prefix once per head
+    set (`n_sets` rows, copy i ablating row i of `pairs`), then every (set, prompt) rest on that set's prefix cache.
+    Layers below `start_layer` are skipped in both, fed the clean (or base) residuals; their cache entries are the
+    clean (or base) prefix's (`shared`: prefix_kv and the residuals, as `shared_clean_pass` returns them)."""
     save = save or _identity
-    layers = resolve(lm, sites["layers_path"])
-    n_prompts = rest_inputs["input_ids"].shape[0]
+    prefix_inputs, rest_inputs, (start_layer, n_sets, pairs) = group["prefix"], group["inputs"], chunk
+    prefix_kv, prefix_residuals, rest_residuals = shared
+    layers, n_prompts = resolve(lm, sites["layers_path"]), rest_inputs["input_ids"].shape[0]
     with torch.no_grad(), lm.trace(**tiled(prefix_inputs, n_sets), logits_to_keep=1, use_cache=True):
-        skip_below(layers, start_layer, prefix_residual, n_sets)
-        ablate_pairs(lm, sites, pairs, n_sets, kind, epsilon, means, repeat=1)
+        skip_below(layers, start_layer, prefix_residuals.get(start_layer - 1), n_sets)
+        ablate_pairs(lm, sites, pairs, n_sets, request, repeat=1)
         cache = save(getattr(lm.output, sites["cache_name"]))  # the KV cache the model returns
     for layer in range(start_layer):  # skipped layers wrote nothing: their keys and values are the clean prefix's
         keys, values = prefix_kv[layer]
         cache.update(keys.expand(n_sets, -1, -1, -1), values.expand(n_sets, -1, -1, -1), layer)
     cache.batch_repeat_interleave(n_prompts)  # row set * n_prompts + prompt, as the rests are tiled below
     with torch.no_grad(), lm.trace(**tiled(rest_inputs, n_sets), **{sites["cache_name"]: cache}, logits_to_keep=1, use_cache=True):
-        skip_below(layers, start_layer, rest_residual, n_sets)
-        ablate_pairs(lm, sites, pairs, n_sets, kind, epsilon, means, repeat=n_prompts)
+        skip_below(layers, start_layer, rest_residuals.get(start_layer - 1), n_sets)
+        ablate_pairs(lm, sites, pairs, n_sets, request, repeat=n_prompts)
         readout = save({})
-        read_last(lm, sites, readouts, readout)
+        read_last(lm, sites, request["readouts"], readout)
     return readout
 
 
@@ -244,19 +247,16 @@ def request_results(lm, sites, request, save=None):
     with inputs, prefix (a shared prefix's inputs, or None; inputs are then the rests), base, clean, residual_layers
     and chunks [(start_layer, n_sets, pairs)]. Yields the readout dicts in that order (a group's clean readouts
     first, when asked for); with check_layers, each chunk's per-layer finite flags."""
-    kind, epsilon, means, readouts = request["kind"], request["epsilon"], request["means"], request["readouts"]
+    readouts = request["readouts"]
     for group in request["groups"]:
         prefix, base, inputs = group.get("prefix"), group.get("base"), group["inputs"]
-        base = dict(pairs=base, kind=kind, epsilon=epsilon, means=means) if base else None
+        base = dict(pairs=base, kind=request["kind"], epsilon=request["epsilon"], means=request["means"]) if base else None
         if prefix is not None:  # a shared prefix: its clean (or base) pass is always needed, for its keys and values
-            prefix_kv, prefix_residuals, rest_residuals, clean = shared_clean_pass(
-                lm, sites, prefix, inputs, group["residual_layers"], readouts, save, base=base)
+            *shared, clean = shared_clean_pass(lm, sites, prefix, inputs, group["residual_layers"], readouts, save, base=base)
             if group["clean"]:
                 yield clean if base is None else shared_clean_pass(lm, sites, prefix, inputs, [], readouts, save)[3]
-            for start_layer, n_sets, pairs in group["chunks"]:
-                yield shared_ablated_pass(lm, sites, prefix, inputs, prefix_kv, n_sets, start_layer, pairs,
-                                          prefix_residuals.get(start_layer - 1), rest_residuals.get(start_layer - 1),
-                                          kind, epsilon, means, readouts, save)
+            for chunk in group["chunks"]:
+                yield shared_ablated_pass(lm, sites, group, shared, chunk, request, save)
             continue
         residuals = {}
         if base is not None:
@@ -268,9 +268,8 @@ def request_results(lm, sites, request, save=None):
             residuals, clean = clean_pass(lm, sites, inputs, group["residual_layers"], readouts, save)
             if group["clean"]:
                 yield clean
-        for start_layer, n_sets, pairs in group["chunks"]:
-            readout, flags = ablated_pass(lm, sites, inputs, n_sets, start_layer, pairs, residuals.get(start_layer - 1),
-                                          kind, epsilon, means, readouts, save, check_layers=request["check_layers"])
+        for chunk in group["chunks"]:
+            readout, flags = ablated_pass(lm, sites, inputs, chunk, residuals.get(chunk[0] - 1), request, save)
             yield flags if request["check_layers"] else readout
 
 
@@ -288,26 +287,26 @@ def head_sums(lm, sites, inputs, save=None):
     return total
 
 
-def generate_batch(lm, sites, settings, input_ids, attention_mask, pairs, n_rows, kind, epsilon, means, seed=None, save=None):
-    """Generate for a left-padded batch with row i ablating row i of `pairs` at every step (`tracer.all()`); returns
-    (sequences, per-step logits or None when `settings` does not ask for them): plain tensors, which a remote
-    result may hold (remote.py loads results with weights_only=True), not transformers' output object. `seed` seeds
-    sampling where the generation runs (on the server for a remote request)."""
+def generate_batch(lm, sites, settings, inputs, pairs, ablation, seed=None, save=None):
+    """Generate for a left-padded batch (`inputs`: input_ids, attention_mask) with row i ablating row i of `pairs` at
+    every step (`tracer.all()`); returns (sequences, per-step logits or None when `settings` does not ask for them):
+    plain tensors, which a remote result may hold (remote.py loads results with weights_only=True), not transformers'
+    output object. `seed` seeds sampling where the generation runs (on the server for a remote request)."""
     save = save or _identity
     if seed is not None:
         torch.manual_seed(seed)
     with torch.no_grad(), lm.generate(**settings) as tracer:
-        with tracer.invoke(input_ids=input_ids, attention_mask=attention_mask):
+        with tracer.invoke(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]):
             if pairs:
                 for _ in tracer.all():
-                    ablate_pairs(lm, sites, pairs, n_rows, kind, epsilon, means)
+                    ablate_pairs(lm, sites, pairs, inputs["input_ids"].shape[0], ablation)
         with tracer.invoke():
             result = tracer.result
             output = save((result.sequences, tuple(result.logits) if result.logits is not None else None))
     return output
 
 
-def token_log_probs(lm, sites, inputs, pairs, n_sets, kind, epsilon, means, last, save=None):
+def token_log_probs(lm, sites, inputs, pairs, n_sets, ablation, last, save=None):
     """log p of the `last` final tokens of a left-padded batch, teacher-forced, [n_sets * rows, last] float32: the
     batch is tiled `n_sets` times and copy i ablates row i of `pairs` (as in `ablated_pass`; empty `pairs` are the clean
     model). The model computes logits for the last `last` + 1 positions only, and only the picked values travel back,
@@ -316,7 +315,7 @@ def token_log_probs(lm, sites, inputs, pairs, n_sets, kind, epsilon, means, last
     repeat = inputs["input_ids"].shape[0]
     copies = tiled(inputs, n_sets)
     with torch.no_grad(), lm.trace(**copies, logits_to_keep=last + 1, use_cache=False):
-        ablate_pairs(lm, sites, pairs, n_sets, kind, epsilon, means, repeat=repeat)
+        ablate_pairs(lm, sites, pairs, n_sets, ablation, repeat=repeat)
         logits = lm.output.logits[:, :-1].float()
         targets = copies["input_ids"][:, -last:].to(logits.device)
         picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -335,11 +334,11 @@ def query_block(values, sites):
     return values
 
 
-def output_change(clean, layer, kind, epsilon, means):
+def output_change(clean, layer, ablation):
     """The exact change an `sc` or `mean` ablation makes to `clean` output-site values (an additive change)."""
-    if kind == "sc":
-        return (epsilon - 1.0) * clean
-    return means[layer].to(device=clean.device, dtype=clean.dtype) - clean
+    if ablation["kind"] == "sc":
+        return (ablation["epsilon"] - 1.0) * clean
+    return ablation["means"][layer].to(device=clean.device, dtype=clean.dtype) - clean
 
 
 def per_head_dot(grad, delta, sites, kind):
@@ -352,10 +351,11 @@ def per_head_dot(grad, delta, sites, kind):
     return product.view(*product.shape[:-1], sites["n_heads"], sites["head_dim"]).sum(dim=(1, 3))
 
 
-def head_dots(lm, sites, embedding_path, inputs, uniforms, kind, epsilon, means, save=None):
+def head_dots(lm, sites, embedding_path, inputs, uniforms, ablation, save=None):
     """One forward+backward pass over len(uniforms) copies of one prompt: g_k[h] . delta_h per layer, row and head
     (a list of [rows, n_heads] float64 tensors, one per layer)."""
     save = save or _identity
+    kind = ablation["kind"]
     with torch.enable_grad(), lm.trace(**tiled(inputs, len(uniforms)), logits_to_keep=1, use_cache=False):
         # The weights may be frozen (ours are, during the estimate; NDIF's always are): make the graph start at the
         # embeddings so every site downstream has a gradient, while no parameter gradient is ever computed.
@@ -364,10 +364,10 @@ def head_dots(lm, sites, embedding_path, inputs, uniforms, kind, epsilon, means,
         for layer in range(sites["n_layers"]):  # forward order
             if kind == "ua":
                 site = layer_site(lm, sites, layer, sites["query_path"]).output
-                delta = (epsilon - 1.0) * query_block(site[:1].detach(), sites)
+                delta = (ablation["epsilon"] - 1.0) * query_block(site[:1].detach(), sites)
             else:
                 site = layer_site(lm, sites, layer, sites["output_path"]).input
-                delta = output_change(site[:1].detach(), layer, kind, epsilon, means)  # rows are one prompt: one delta
+                delta = output_change(site[:1].detach(), layer, ablation)  # rows are one prompt: one delta
             site_values.append(site)
             deltas.append(delta)
         log_probs = lm.output.logits[:, -1].float().log_softmax(dim=-1)  # [rows, vocab]
@@ -388,7 +388,7 @@ def head_dots(lm, sites, embedding_path, inputs, uniforms, kind, epsilon, means,
 # -- the deterministic estimate: exact per-layer changes, the next-token Fisher over the top tokens ------------------
 
 
-def layer_deltas(lm, sites, inputs, kind, epsilon, means, save=None):
+def layer_deltas(lm, sites, inputs, ablation, save=None):
     """Inside a session or as a function of its own: the exact change that ablating every head of a layer makes at
     that layer's output site (the output projection's input), with every lower layer clean: one [positions,
     n_heads * head_dim] tensor per layer, head h's columns its own change (heads do not mix before the projection).
@@ -402,16 +402,16 @@ def layer_deltas(lm, sites, inputs, kind, epsilon, means, save=None):
     with torch.no_grad(), lm.trace(**tiled(inputs, 2), logits_to_keep=1, use_cache=False):
         deltas = save([])
         for layer in range(sites["n_layers"]):
-            if kind == "ua":
+            if ablation["kind"] == "ua":
                 site = layer_site(lm, sites, layer, sites["query_path"]).output
                 keep = torch.ones(2, n_heads, dtype=site.dtype, device=site.device)
                 keep[all_heads] = 0
-                scale_queries(site, sites, keep, epsilon)
+                scale_queries(site, sites, keep, ablation["epsilon"])
                 site = layer_site(lm, sites, layer, sites["output_path"]).input
                 deltas.append((site[1] - site[0]).clone())
                 site[1] = site[0]
             else:
-                deltas.append(output_change(layer_site(lm, sites, layer, sites["output_path"]).input[0], layer, kind, epsilon, means))
+                deltas.append(output_change(layer_site(lm, sites, layer, sites["output_path"]).input[0], layer, ablation))
     return deltas
 
 
@@ -443,8 +443,8 @@ def fisher_dots(lm, sites, embedding_path, inputs, n_top, deltas, save=None):
     return dots, mass
 
 
-def fisher_estimate(lm, sites, embedding_path, inputs, n_top, kind, epsilon, means, save=None):
+def fisher_estimate(lm, sites, embedding_path, inputs, n_top, ablation, save=None):
     """The deterministic Ships estimate's two passes for one prompt (estimate.py explains the method): the exact
     per-layer changes, then the top-token gradients. Returns the per-layer dots and the rows' probabilities."""
-    deltas = layer_deltas(lm, sites, inputs, kind, epsilon, means, save)
+    deltas = layer_deltas(lm, sites, inputs, ablation, save)
     return fisher_dots(lm, sites, embedding_path, inputs, n_top, deltas, save)

@@ -208,12 +208,17 @@ class NdifBackend(RemoteBackend):
     result the same way whichever backend ran it. `payload_bytes`, `submissions` and `polls` are kept for stats.
     """
 
-    def __init__(self, model_key: str, *, host: str, api_key: str | None, env: dict | None = None, attempts: int = 5,
-                 backoff_s: float = 2.0, poll_s: float = 1.0, wait_s: float = 7200.0,
+    def __init__(self, model_key: str, *, host: str, api_key: str | None, env: dict | None = None, config=None,
                  notify: Callable[[str], None] | None = None, sleep: Callable[[float], None] = time.sleep):
+        """`config`: an EngineConfig, whose remote_attempts, _backoff_s, _poll_s and _wait_s apply (default: its
+        defaults)."""
+        from .engine_config import EngineConfig  # here: engine_config imports this module
+
         super().__init__(model_key, host=host, api_key=api_key, env=env, blocking=False)
         self.display.enabled = False  # nnsight's status spinner writes to stdout, which carries our results
-        self.attempts, self.backoff_s, self.poll_s, self.wait_s = attempts, backoff_s, poll_s, wait_s
+        c = config or EngineConfig()
+        self.attempts, self.backoff_s, self.poll_s, self.wait_s = (c.remote_attempts, c.remote_backoff_s,
+                                                                   c.remote_poll_s, c.remote_wait_s)
         self.notify = notify or print_progress
         self.sleep = sleep
         self.payload_bytes = 0
@@ -308,10 +313,7 @@ def make_backend(model, config) -> Backend | None:
     if model.remote_key is None:
         raise UserError(f"'{model.name}' was loaded to run here; load it with models.load_remote_model to run it on NDIF")
     return NdifBackend(
-        model.remote_key, host=host_for(remote), api_key=api_key(), env=model.lm._remoteable_get_env(),
-        attempts=config.remote_attempts, backoff_s=config.remote_backoff_s, poll_s=config.remote_poll_s,
-        wait_s=config.remote_wait_s,
-    )
+        model.remote_key, host=host_for(remote), api_key=api_key(), env=model.lm._remoteable_get_env(), config=config)
 
 
 # -- doctor ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -219,13 +220,25 @@ def _harmless_lines(harmless: dict) -> list[str]:
     return lines
 
 
-def build_report(folder: str | Path, ships: dict | None, sahara: dict | None, evaluation: dict | None,
-                 per_query: dict | None = None, title: str = "safety-heads report", timings: dict | None = None,
-                 refusal: dict | None = None, recommendation: dict | None = None) -> dict:
+@dataclass
+class RunRecords:
+    """The JSON records a report is written from; None where a stage did not run."""
+
+    ships: dict | None = None
+    sahara: dict | None = None
+    evaluation: dict | None = None
+    per_query: dict | None = None
+    refusal: dict | None = None  # the refusal search's records: "sahara", "evaluation"
+    recommendation: dict | None = None  # recommend.Recommendation.record(): the report then leads with it
+
+
+def build_report(folder: str | Path, records: RunRecords, title: str = "safety-heads report",
+                 timings: dict | None = None) -> dict:
     """Write report.html and report.md into `folder` from the run's JSON records; returns what it reported. Each
-    section below adds its HTML parts and its Markdown lines. `refusal` holds the refusal search's records ("sahara",
-    "evaluation") and `recommendation` recommend.Recommendation.record(): the report then leads with it."""
-    folder = Path(folder)
+    section below adds its HTML parts and its Markdown lines."""
+    folder, r = Path(folder), records
+    ships, sahara, evaluation, per_query, refusal, recommendation = (r.ships, r.sahara, r.evaluation, r.per_query,
+                                                                     r.refusal, r.recommendation)
     facts = {"heads": sahara["heads"] if sahara else None, "asr": {}, "harmless": None}
     parts, markdown = [f"<h1>{html.escape(title)}</h1>"], [f"# {title}", ""]
     model = next((r["config"]["model"] for r in (ships, sahara, evaluation) if r), "?")
