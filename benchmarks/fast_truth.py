@@ -329,6 +329,7 @@ def decode(module, tokenizer, mask: torch.Tensor, positions: torch.Tensor, logit
     generated: list[list[int]] = [[] for _ in range(size)]
     stopped = [False] * size
     alive = list(range(size))  # rows still generating, in the order of the tensors' rows
+    cache_key = cache_argument(module)  # once, not per step
     for step in range(max_new_tokens):
         next_tokens = logits.argmax(-1)
         keep = []
@@ -354,12 +355,13 @@ def decode(module, tokenizer, mask: torch.Tensor, positions: torch.Tensor, logit
         mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
         positions = positions + 1
         logits = module(input_ids=next_tokens[:, None], attention_mask=mask, position_ids=positions,
-                        **{cache_argument(module): cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+                        **{cache_key: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
     return [Answer(answer_text(tokenizer, ids), stopped[row]) for row, ids in enumerate(generated)]
 
 
 def cache_argument(module) -> str:
-    """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values` before."""
+    """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values` before (the
+    engine's own check, kept here so this reference side imports nothing from the engine)."""
     forward = getattr(module, "forward", module)  # a test's scripted stand-in is a plain callable
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 

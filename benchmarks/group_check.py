@@ -48,32 +48,30 @@ def main(argv: list[str] | None = None) -> int:
     slices = {name: load_prompts(name) for name in args.sets.split(",") if name}
     tokens = {name: [list(p.token_ids) for p in format_prompts(queries, "chat", model.tokenizer)]
               for name, queries in slices.items()}
-    rows = []
-    for kind_text in args.kinds.split(","):
-        kind, _, epsilon = kind_text.partition(":")
+    ablations = [(f"{kind} eps={epsilon or 0}", kind, float(epsilon or 0.0))
+                 for kind, _, epsilon in (text.partition(":") for text in args.kinds.split(","))]
+    rows, cells = [], {}
+    for label, kind, epsilon in ablations:
         for name, queries in slices.items():
             start = time.perf_counter()
             answers = truth_answers(model.module, model.tokenizer, groups, tokens[name], args.max_new_tokens,
-                                    (args.judge,), 16, kind=kind, epsilon=float(epsilon or 0.0))
+                                    (args.judge,), 16, kind=kind, epsilon=epsilon)
             for group, found in zip(groups, answers):
                 texts = [answer.text for answer in found]
-                harmful = sum(judge.judge(queries, texts))
-                rows.append({"kind": kind, "epsilon": float(epsilon or 0.0), "set": name,
-                             "heads": ",".join(f"{layer}:{head}" for layer, head in group), "harmful": harmful,
-                             "n": len(texts), "answers": texts})
-            print(f"{kind} eps={epsilon or 0}, {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+                heads = ",".join(f"{layer}:{head}" for layer, head in group)
+                rows.append({"kind": kind, "epsilon": epsilon, "set": name, "heads": heads,
+                             "harmful": sum(judge.judge(queries, texts)), "n": len(texts), "answers": texts})
+                cells[label, heads, name] = f"{rows[-1]['harmful']}/{len(texts)}"
+            print(f"{label}, {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
     print(f"## {args.judge} judge, harmful answers per slice ({Path(args.model).name}, greedy {args.max_new_tokens} "
           "tokens, chat template)")
     names = list(slices)
     print("| ablation | group | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
-    for kind_text in args.kinds.split(","):
-        kind, _, epsilon = kind_text.partition(":")
+    for label, _, _ in ablations:
         for group in groups:
             heads = ",".join(f"{layer}:{head}" for layer, head in group)
-            cells = [next(f"{r['harmful']}/{r['n']}" for r in rows if r["kind"] == kind and r["set"] == name
-                          and r["heads"] == heads and r["epsilon"] == float(epsilon or 0.0)) for name in names]
-            print(f"| {kind} eps={epsilon or 0} | {heads or 'clean'} | " + " | ".join(cells) + " |")
+            print(f"| {label} | {heads or 'clean'} | " + " | ".join(cells[label, heads, name] for name in names) + " |")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"model": Path(args.model).name, "judge": args.judge, "rows": rows}))

@@ -194,6 +194,21 @@ def load_model(config: ModelConfig) -> LoadedModel:
     return wrap(module, tokenizer, config.model, config)
 
 
+def served_from_this_machine(model: str, remote) -> bool:
+    """A model that exists only on this machine (demo, a folder, a .gguf file) sent to a server on this machine
+    (scripts/ndif-local), which reads the same files; hub ids keep NDIF's rules wherever the server is. The
+    `local_server` of check_remote_model and load_remote_model, for `remote` (EngineConfig.remote)."""
+    from urllib.parse import urlparse
+
+    from .remote import host_for, is_loopback
+
+    try:
+        on_loopback = is_loopback(urlparse(host_for(remote)).hostname)
+    except ValueError:  # a malformed URL: refused in one line when the engine checks the setting
+        return False
+    return on_loopback and (model == "demo" or Path(model).expanduser().exists())
+
+
 def check_remote_model(config: ModelConfig, local_server: bool = False) -> None:
     """NDIF serves hub checkpoints only: say so in one line, before anything is downloaded. A server on this machine
     (`local_server`: scripts/ndif-local) also serves `demo`, local folders and .gguf files, in float32."""

@@ -20,33 +20,18 @@ def _config(cls, args: argparse.Namespace):
 
 
 def _load(args):
-    from ..models import ModelConfig, check_remote_model, load_model, load_remote_model
+    from ..models import ModelConfig, check_remote_model, load_model, load_remote_model, served_from_this_machine
 
     config = _config(ModelConfig, args)
     remote = getattr(args, "remote", False)
     if remote and remote != "local":  # NDIF holds the weights: load the architecture only (meta device)
         from ..remote import require_key
 
-        local_model = _served_from_this_machine(config.model, remote)
+        local_model = served_from_this_machine(config.model, remote)
         check_remote_model(config, local_model)
         require_key(remote)
         return load_remote_model(config, local_server=True) if local_model else load_remote_model(config)
     return load_model(config)
-
-
-def _served_from_this_machine(model: str, remote) -> bool:
-    """A model that exists only on this machine (demo, a folder, a .gguf file) sent to a server on this machine
-    (scripts/ndif-local), which reads the same files; hub ids keep NDIF's rules wherever the server is."""
-    from pathlib import Path
-    from urllib.parse import urlparse
-
-    from ..remote import host_for, is_loopback
-
-    try:
-        on_loopback = is_loopback(urlparse(host_for(remote)).hostname)
-    except ValueError:  # a malformed URL: refused in one line when the engine checks the setting
-        return False
-    return on_loopback and (model == "demo" or Path(model).expanduser().exists())
 
 
 def _queries(args, warn_duplicates: bool = True) -> tuple[list[str], dict]:
