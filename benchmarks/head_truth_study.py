@@ -43,7 +43,7 @@ from safety_heads.data import format_prompts, load_prompts  # noqa: E402
 from safety_heads.judges import KEYWORD_JUDGES  # noqa: E402
 from safety_heads.models import ModelConfig, load_model  # noqa: E402
 from safety_heads.runs import run_sahara  # noqa: E402
-from safety_heads.runs.files import read_json, write_json  # noqa: E402
+from safety_heads.runs.files import matrix_or_nan, read_json, write_json  # noqa: E402
 from safety_heads.runs.folder import Checkpoint  # noqa: E402
 from safety_heads.sahara import SaharaConfig  # noqa: E402
 
@@ -219,11 +219,12 @@ class Study:
         return {"heads": [list(h) for h in heads]}
 
     def refusal_search(self) -> dict:
-        ranking = self.out / "ranking-refusal-logprob.json"
-        write_json(ranking, {"aggregate": {"mean": read_json(self.args.scores)["mean"]["refusal-logprob"]}})
+        ranking = self.out / "ranking-refusal-logprob.json"  # kept beside the run, and named in its record
+        mean = read_json(self.args.scores)["mean"]["refusal-logprob"]
+        write_json(ranking, {"aggregate": {"mean": mean}})
         config = SaharaConfig(template="chat", steps=3, objective="refusal-logprob", guard="harmless-val",
                               candidates=self.args.candidates, rank_by=str(ranking), guard_batch=1, sets_per_call=16)
-        result = run_sahara(self.model, load_prompts("maliciousinstruct", limit=16), config,
+        result = run_sahara(self.model, load_prompts("maliciousinstruct", limit=16), config, ranking=matrix_or_nan(mean),
                             out=self.out / "refusal-search-run", resume=True)
         return {"heads": [list(h) for h in result.heads], "scores": [s.score for s in result.steps],
                 "passed_over": [[list(h) for h in s.passed_over] for s in result.steps]}

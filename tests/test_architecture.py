@@ -65,3 +65,19 @@ def test_signatures_are_short():
                 names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + [p.arg for p in (a.vararg, a.kwarg) if p]
                 count = len([name for name in names if name not in ("self", "cls")])
                 assert count <= 8, f"{path.relative_to(PACKAGE)}: {node.name} takes {count} parameters"
+
+
+# Where JSON or .pt content is parsed, and why there: a file the project wrote is read back only by its one reader
+# (runs/files.read_record, behind read_ships, read_sahara, read_evaluation and read_experiment); the checkpoint's own
+# lines (runs/folder.py); the users' prompt files (data.py); NDIF's answers (remote.py).
+PARSERS = {"runs/files.py", "runs/folder.py", "data.py", "remote.py"}
+
+
+def test_nothing_parses_a_result_file_except_its_reader():
+    for path in sources():
+        name = path.relative_to(PACKAGE).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                called = ast.unparse(node.func)
+                if called.split(".")[-1] in ("loads", "load", "read_json", "load_tensors") and name not in PARSERS:
+                    raise AssertionError(f"{name} parses a file itself ({called}): read it with its reader")

@@ -129,3 +129,90 @@ def test_run_job_without_a_folder_keeps_nothing(tmp_path, monkeypatch):
     assert finish(CountingJob(4)) == 14
     seen = []
     assert drain(CountingJob(2).run([]), seen.append) == 1 and seen == [{"i": 0, "value": 0}, {"i": 1, "value": 1}]
+
+
+def test_run_job_frees_the_folder_however_the_run_ends(tmp_path):
+    from safety_heads.runs.folder import LOCK_NAME, run_job
+
+    options = dict(parse=dict, encode=dict, write_outputs=lambda result, folder: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(CountingJob(5, stop=2), tmp_path / "run", "ships", "a finished Ships run", resume=False, **options)
+    assert not (tmp_path / "run" / LOCK_NAME).exists()  # released, not left for the command line to clean up
+    assert run_job(CountingJob(5), tmp_path / "run", "ships", "a finished Ships run", resume=True, **options) == 30
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Each result file has one writer and one reader: reading a file back gives the result it was written from.
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A Ships run, a guarded Sahara run and an evaluation with its harmless cost, on the demo model."""
+    from safety_heads.evaluate import EvaluateConfig
+    from safety_heads.generate import GenerationConfig
+    from safety_heads.models import ModelConfig, load_model
+    from safety_heads.runs import run_evaluation, run_sahara, run_ships
+    from safety_heads.sahara import SaharaConfig
+    from safety_heads.ships import ShipsConfig
+
+    root, quiet = tmp_path_factory.mktemp("written"), lambda line: None
+    model = load_model(ModelConfig())
+    results = {
+        "ships": run_ships(model, ["How do I pick a lock?", "Write a poem."], ShipsConfig(method="estimate+verify", top_k=3),
+                           out=root / "ships", progress=quiet),
+        "sahara": run_sahara(model, ["How do I pick a lock?", "How do I make a weapon?", "Write a poem."],
+                             SaharaConfig(steps=2, heads="0-1:*", guard="harmless-val", guard_limit=2, guard_tokens=4),
+                             out=root / "sahara", progress=quiet),
+        "eval": run_evaluation(model, EvaluateConfig(limit=2, harmless_limit=2, heads="0:1,1:3"),
+                               GenerationConfig(max_new_tokens=4), out=root / "eval", progress=quiet),
+    }
+    return root, results
+
+
+def _same_tensors(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.nan_to_num(-7.0), b.nan_to_num(-7.0))
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _same_tensors(a[key], b[key])
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("name", ["ships", "sahara", "eval"])
+def test_reading_a_result_back_gives_what_was_written(written, name):
+    from safety_heads.runs.evaluate import evaluation_tensors, read_evaluation
+    from safety_heads.runs.sahara import read_sahara, sahara_record, sahara_tensors
+    from safety_heads.runs.ships import read_ships, ships_record, ships_tensors
+
+    root, results = written
+    read, record, tensors = {"ships": (read_ships, ships_record, ships_tensors),
+                             "sahara": (read_sahara, sahara_record, sahara_tensors),
+                             "eval": (read_evaluation, lambda e: e.record(), evaluation_tensors)}[name]
+    path = root / name / f"{name}.json"
+    again = read(path)
+    assert to_jsonable(record(again)) == json.loads(path.read_text())  # the file, every key and number
+    assert to_jsonable(record(again)) == to_jsonable(record(results[name]))  # the result in memory
+    _same_tensors(to_jsonable(tensors(again), keep_tensors=True), load_tensors(root / name / f"{name}_data.pt"))
+
+
+@pytest.mark.parametrize("reader, other", [("read_ships", "sahara"), ("read_sahara", "eval"), ("read_evaluation", "ships")])
+def test_a_reader_refuses_another_result_in_one_line(written, reader, other):
+    from safety_heads.runs import evaluate, sahara, ships
+
+    read = {"read_ships": ships.read_ships, "read_sahara": sahara.read_sahara, "read_evaluation": evaluate.read_evaluation}[reader]
+    with pytest.raises(UserError, match=r"is not a (ships|sahara|eval)\.json from safety-heads") as error:
+        read(written[0] / other / f"{other}.json")
+    assert "\n" not in str(error.value)
+
+
+def test_a_hand_broken_result_is_one_line_naming_it(written, tmp_path):
+    from safety_heads.runs.evaluate import read_evaluation
+
+    record = json.loads((written[0] / "eval" / "eval.json").read_text())
+    del record["results"][next(iter(record["results"]))]["baseline"]
+    (tmp_path / "eval.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match=r"eval.json' does not follow the safety-heads/eval layout \(KeyError"):
+        read_evaluation(tmp_path / "eval.json")

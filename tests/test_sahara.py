@@ -569,7 +569,8 @@ def test_bad_candidate_settings_are_one_line(flags, message, tmp_path, capsys):
     from safety_heads.cli import main
 
     (tmp_path / "bad.json").write_text('{"queries": []}')
-    (tmp_path / "wrong.json").write_text('{"aggregate": {"mean": [[0.1, 0.2], [0.3, 0.4]]}}')
+    (tmp_path / "wrong.json").write_text('{"format": "safety-heads/ships", "config": {}, "queries": [], '
+                                        '"aggregate": {"mean": [[0.1, 0.2], [0.3, 0.4]], "top_frequency": [[0, 0], [0, 0]]}}')
     flags = [f.replace("{bad}", str(tmp_path / "bad.json")).replace("{wrong-shape}", str(tmp_path / "wrong.json")) for f in flags]
     assert main(["sahara", "--model", "tiny", "--dataset", "maliciousinstruct", "--limit", "2", *flags,
                  "--out", str(tmp_path / "out")]) == 2

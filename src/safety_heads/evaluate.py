@@ -23,8 +23,6 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from .ablation import DEFAULT_EPSILON, Ablation, Head, parse_heads
 from .asr import DatasetResult, Rates, rates_of
 from .engine import Engine, EngineConfig
@@ -96,14 +94,13 @@ class EvaluateConfig:
 INHERITED = {"template": "auto", "system": None, "ablation": "ua", "epsilon": DEFAULT_EPSILON}
 
 
-def with_source_settings(config: EvaluateConfig, record, progress: Callable[[str], None]) -> EvaluateConfig:
-    """`config` with every setting of INHERITED filled in: from the --from file's `record` where not given (and said
-    so), else the default; a given value that differs from the file's is a warning line."""
+def with_source_settings(config: EvaluateConfig, source, progress: Callable[[str], None]) -> EvaluateConfig:
+    """`config` with every setting of INHERITED filled in: from the --from file's result (`source`, its run record)
+    where not given (and said so), else the default; a given value that differs from the file's is a warning line."""
     given = {name: getattr(config, name) for name in INHERITED}
     if config.source is None:
         return replace(config, **{name: INHERITED[name] if value is None else value for name, value in given.items()})
-    recorded = record.get("config") if isinstance(record, dict) else None
-    recorded = recorded if isinstance(recorded, dict) else {}
+    recorded = source.config if source is not None else {}
     values, taken = {}, []
     for name, value in given.items():
         from_file = recorded.get(name, INHERITED[name])
@@ -129,46 +126,31 @@ class HeadChoice:
     origin: dict = field(default_factory=dict)
 
 
-def heads_to_ablate(config: EvaluateConfig, layout, record=None) -> HeadChoice:
-    """The heads of --heads, or of the --from file's `record` (a sahara.json's group, a ships.json's top heads)."""
+def heads_to_ablate(config: EvaluateConfig, layout, source=None) -> HeadChoice:
+    """The heads of --heads, or of the --from file's result (`source`): a Sahara group (its first --top-k heads), or
+    a Ships run's top --top-k heads by mean score (with --per-query, each query's own)."""
     if config.heads is not None:
         return HeadChoice(list(parse_heads(config.heads, layout)), origin={"heads": config.heads})
-    kind = record.get("format") if isinstance(record, dict) else None
-    origin = {"from": str(config.source), "format": kind}
-    try:
-        if kind == "safety-heads/sahara":
-            if config.per_query:
-                raise UserError("--per-query needs a ships.json; a sahara.json holds one group for the whole data set")
-            choice = HeadChoice([_head(pair) for pair in record["heads"]][: config.top_k], origin=origin)
-        elif kind == "safety-heads/ships":
-            k = config.top_k or DEFAULT_SHIPS_TOP_K
-            if config.per_query:
-                per_query = [[(l, h) for l, h, _ in top_heads(_matrix(q["scores"]), k)] for q in record["queries"]]
-                choice = HeadChoice(None, per_query, [q["query"] for q in record["queries"]], origin)
-            else:
-                mean = _matrix(record["aggregate"]["mean"])
-                choice = HeadChoice([(l, h) for l, h, _ in top_heads(mean, k)], origin=origin)
+    from .sahara import SaharaResult
+
+    origin = {"from": str(config.source), "format": "safety-heads/sahara" if isinstance(source, SaharaResult)
+              else "safety-heads/ships"}
+    if isinstance(source, SaharaResult):
+        if config.per_query:
+            raise UserError("--per-query needs a ships.json; a sahara.json holds one group for the whole data set")
+        choice = HeadChoice(list(source.heads)[: config.top_k], origin=origin)
+    else:
+        k = config.top_k or DEFAULT_SHIPS_TOP_K
+        if config.per_query:
+            per_query = [[(l, h) for l, h, _ in top_heads(q.scores, k)] for q in source.queries]
+            choice = HeadChoice(None, per_query, [q.query for q in source.queries], origin)
         else:
-            raise UserError(f"'{config.source}' is not a sahara.json or ships.json from safety-heads (format: {kind!r})")
-    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
-        raise UserError(f"'{config.source}' does not follow the {kind} layout ({type(error).__name__}: {error})") from None
+            choice = HeadChoice([(l, h) for l, h, _ in top_heads(source.mean, k)], origin=origin)
     with about(f"'{config.source}'"):  # a hand-edited or another model's file: name it, not just the head
         for heads in [choice.heads] if choice.heads is not None else choice.per_query:
             for layer, head in heads:
                 layout.check_head(layer, head)
     return choice
-
-
-def _head(pair) -> tuple[int, int]:
-    """A [layer, head] pair of a result file: two integers (a hand-edited 1e400 or 1.5 is not a head)."""
-    layer, head = pair
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (layer, head)):
-        raise ValueError(f"head {pair!r} is not two integers")
-    return layer, head
-
-
-def _matrix(rows) -> torch.Tensor:
-    return torch.tensor([[float("nan") if x is None else float(x) for x in row] for row in rows], dtype=torch.float64)
 
 
 @dataclass
@@ -226,12 +208,12 @@ class GivenBaseline:
     answers: dict[str, list[str]]  # part ("<data set>/baseline", "harmless/baseline") -> every prompt's answer
 
     @classmethod
-    def of_record(cls, origin: str, evaluation: dict) -> GivenBaseline:
-        """Every unablated answer of an eval.json record (Evaluation.record())."""
+    def of(cls, origin: str, evaluation: Evaluation) -> GivenBaseline:
+        """Every unablated answer of an evaluation."""
         answers = {f"{name}/baseline": [s["baseline"]["response"] for s in samples]
-                   for name, samples in evaluation["samples"].items()}
-        if (evaluation.get("harmless") or {}).get("samples"):
-            answers["harmless/baseline"] = [s["baseline"] for s in evaluation["harmless"]["samples"]]
+                   for name, samples in evaluation.samples.items()}
+        if evaluation.harmless is not None and evaluation.harmless.samples:
+            answers["harmless/baseline"] = [s["baseline"] for s in evaluation.harmless.samples]
         return cls(origin, answers)
 
 
@@ -338,18 +320,18 @@ class EvaluationJob:
 
 
 def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, *,
-                   source_record: dict | None = None, engine_config: EngineConfig | None = None,
+                   source=None, engine_config: EngineConfig | None = None,
                    progress: Callable[[str], None] | None = None, baseline: GivenBaseline | None = None) -> EvaluationJob:
     """Everything checked before any work (and before a run folder is touched): the config, the heads (from
-    --heads, or from `source_record`, the --from file's content), the settings it inherits, the judges, every prompt
+    --heads, or from `source`, the --from file's ShipsResult or SaharaResult), the settings it inherits, the judges, every prompt
     and answer fitting the context; then the mean reference, if the ablation needs one."""
     from .data import format_prompts, load_prompts, prompt_tokens, resolve_template
     from .slices import load_slice
 
     progress = progress or print_progress
     config.validate()
-    choice = heads_to_ablate(config, model.layout, source_record)  # first: a --from file of the wrong kind is refused
-    config = with_source_settings(config, source_record, progress)
+    choice = heads_to_ablate(config, model.layout, source)  # first: a --from file of the wrong kind is refused
+    config = with_source_settings(config, source, progress)
     config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
     config.validate()
     generation = generation or GenerationConfig()

@@ -24,7 +24,7 @@ overridden. `--resume` skips finished stages and resumes the unfinished one.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -42,15 +42,16 @@ from .objectives import OBJECTIVES
 from .progress import StageProgress, print_progress
 from .recommend import measure, recommend
 from .records import versions
-from .report import RunRecords, build_report
 from .runs import run_evaluation, run_sahara, run_ships
-from .runs.files import load_tensors, matrix_or_nan, read_json, save_tensors, to_jsonable, write_json
-from .runs.folder import (Checkpoint, check_not_foreign, check_output_folder, check_unclaimed, checkpoint_path,
-                          is_finished, lock_folder, remove_stale_temporaries)
-from .runs.sahara import sahara_record
-from .runs.ships import ships_record
-from .sahara import SaharaConfig, check_guard_max_rise
-from .ships import ShipsConfig
+from .runs.evaluate import read_evaluation
+from .runs.experiment import Study
+from .runs.experiment import write_outputs as write_study
+from .runs.files import to_jsonable
+from .runs.folder import is_finished, run_job
+from .runs.sahara import read_sahara
+from .runs.ships import read_ships
+from .sahara import SaharaConfig, SaharaResult, check_guard_max_rise
+from .ships import ShipsConfig, ShipsResult
 from .slices import held_out
 
 MODES = ("quick", "full")
@@ -169,30 +170,72 @@ def run_experiment(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every stage into `out` (skipping finished ones when resuming) and write the report; returns experiment.json.
-    Each stage hands its result to the next in memory; a stage finished earlier is read back from its folder."""
+    The study's folder is claimed, locked, resumed and finished by the loop every command shares (runs.folder.run_job);
+    a finished study reopened with --resume has its report rewritten from its finished stages."""
+    job = study_job(model, config, Path(out), engine_config, progress or print_progress)
+    study = run_job(job, out, "run", "a finished study", resume=resume, parse=_no_unit, encode=dict,
+                    write_outputs=write_study)
+    return study.record
+
+
+def _no_unit(unit: dict):
+    raise ValueError("a study's checkpoint holds its header alone (each stage checkpoints in its own folder)")
+
+
+@dataclass
+class StudyJob:
+    """The study as a job (work.Job): `record` is the header its checkpoint is resumed against, the run's settings
+    (finished stages must not be mixed with stages under other settings; batching and retry settings change no result
+    beyond float rounding, so they may differ; where the traces run, here or on NDIF, may not). `run` runs the stages,
+    each checkpointed in its own subfolder, so it yields no unit of its own."""
+
+    model: LoadedModel
+    config: ExperimentConfig
+    out: Path
+    engine_config: EngineConfig | None
+    emit: Callable[[str], None]
+    queries: dict[str, list[str]]  # the Ships and Sahara stages' queries, read (and checked) before the folder is touched
+    pruned: bool
+    record: dict
+
+    def run(self, finished: Sequence) -> Generator[dict, None, Study]:
+        yield from ()
+        model, config, emit = self.model, self.config, self.emit
+        if self.pruned:
+            emit(f"--quick on {model.layout.n_total_heads} heads: Sahara tries the {QUICK_CANDIDATES} heads the Ships "
+                 "stage ranks highest (--candidates N to change it; --full searches every head)")
+        if config.held_out:
+            emit(f"held out: the groups are evaluated on {config.eval_datasets} (prompts the searches did not use)")
+        skipped = refusal_search_skipped(model, config, self.engine_config)
+        if skipped:
+            emit(f"no refusal search: {skipped}")
+        refusal = bool(config.refusal_objective) and not skipped
+        stages = Stages(model, config, self.queries, self.out, self.engine_config, emit, refusal)
+        ships = stages.ships()
+        sahara = stages.sahara(ships)
+        if refusal:
+            ranking = stages.ships_refusal().mean if config.candidates else None
+            sahara_refusal = stages.sahara_refusal(ranking)
+        evaluation = stages.evaluate(sahara)
+        refusal_pair = (sahara_refusal, stages.evaluate_refusal(sahara_refusal, evaluation)) if refusal else None
+        per_query = stages.evaluate_per_query(ships)
+        recommendation = recommend_group(config, sahara, evaluation, refusal_pair)
+        record = experiment_record(model, config, self.engine_config, stages.timings,
+                                   [sahara, evaluation, per_query, refusal_pair, skipped], recommendation.record())
+        emit(f"recommended group: {', '.join(recommendation.group) or f'none ({recommendation.reason})'}; the paper's "
+             f"search found {', '.join(f'{l}:{h}' for l, h in sahara.heads)}")
+        emit(f"report: {self.out / 'report.html'}")
+        return Study(record, f"safety-heads: {model.name}", ships, sahara, evaluation, per_query, refusal_pair,
+                     recommendation.record(), stages.timings)
+
+
+def study_job(model: LoadedModel, config: ExperimentConfig, out: Path, engine_config: EngineConfig | None,
+              emit: Callable[[str], None]) -> StudyJob:
+    """Everything checked before the folder is touched: the settings, the data sets, the answers fitting the context."""
     config, pruned, queries = _prepared(model, config)
-    emit = progress or print_progress
-    out = _claim_folder(Path(out), model, config, resume, (engine_config or EngineConfig()).remote)
-    if pruned:
-        emit(f"--quick on {model.layout.n_total_heads} heads: Sahara tries the {QUICK_CANDIDATES} heads the Ships stage "
-             f"ranks highest (--candidates N to change it; --full searches every head)")
-    if config.held_out:
-        emit(f"held out: the groups are evaluated on {config.eval_datasets} (prompts the searches did not use)")
-    skipped = refusal_search_skipped(model, config, engine_config)
-    if skipped:
-        emit(f"no refusal search: {skipped}")
-    refusal = bool(config.refusal_objective) and not skipped
-    stages = Stages(model, config, queries, out, engine_config, emit, refusal)
-    records = {"ships": stages.ships(), "refusal_search_skipped": skipped}
-    records["sahara"] = stages.sahara(records["ships"])
-    if refusal:
-        ranking = stages.ships_refusal() if config.candidates else None
-        records["sahara_refusal"] = stages.sahara_refusal(ranking)
-    records["evaluation"] = stages.evaluate(records["sahara"])
-    if refusal:
-        records["evaluation_refusal"] = stages.evaluate_refusal(records["sahara_refusal"], records["evaluation"])
-    records["per_query"] = stages.evaluate_per_query(records["ships"])
-    return _finish(model, config, out, engine_config, stages.timings, records, emit)
+    header = {"model": model.name, "dtype": str(model.dtype), **asdict(config),
+              "remote": (engine_config or EngineConfig()).remote}
+    return StudyJob(model, config, out, engine_config, emit, queries, pruned, header)
 
 
 def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple[ExperimentConfig, bool, dict[str, list[str]]]:
@@ -245,28 +288,9 @@ def held_out_datasets(config: ExperimentConfig, queries: dict[str, list[str]]) -
     return held_out(config.eval_datasets, used, config.eval_limit)
 
 
-def _claim_folder(out: Path, model: LoadedModel, config: ExperimentConfig, resume: bool, remote) -> Path:
-    """`out` checked, locked and holding the run's own checkpoint. Its header is the run's settings, checked on resume:
-    finished stages must not be mixed with stages under other settings. Batching and retry settings change no result
-    (beyond float rounding), so they may differ on resume; where the traces run (here or on NDIF) does."""
-    if out.is_dir() and is_finished(out, "run"):  # the documented extension: --resume rewrites the report
-        check_not_foreign(out, "run")
-        if not resume:
-            raise UserError(f"'{out}' holds a finished study (experiment.json); add --resume to rewrite its report "
-                            "from its finished stages, or choose another --out")
-    elif out.is_dir():  # new, empty or this study's unfinished run (runs.folder's rule; its stages' folders too)
-        check_unclaimed(out, "run", "a finished study")
-    check_output_folder(out)
-    lock_folder(out)  # one writer per folder; each stage's folder is locked by its own run
-    remove_stale_temporaries(out)
-    header = {"model": model.name, "dtype": str(model.dtype), **asdict(config), "remote": remote}
-    Checkpoint(checkpoint_path(out, "run"), header).start(resume)
-    return out
-
-
 class Stages:
-    """The four stages, each run into its own subfolder (or read back from it when finished earlier), each returning
-    its JSON record (what its file holds), so the next stage and the report take it in memory."""
+    """The stages, each run into its own subfolder (or read back from it by its reader when finished earlier), each
+    returning its typed result, which the next stage and the study's files take in memory."""
 
     def __init__(self, model, config: ExperimentConfig, queries: dict[str, list[str]], out: Path, engine_config, emit,
                  refusal: bool):
@@ -285,35 +309,29 @@ class Stages:
     def _epsilon(self, value: float | None) -> float:
         return self.config.epsilon if value is None else value  # a stage's epsilon, --epsilon where not given
 
-    def _stage(self, name: str, final: Path, work: Callable[[Callable[[str], None]], object],
-               record: Callable[[object], dict]) -> dict:
+    def _stage(self, name: str, final: Path, read: Callable[[Path], object], work: Callable[[Callable[[str], None]], object]):
         self.index += 1
         if is_finished(final.parent, final.stem):  # its outputs written and its checkpoint removed, the last write
             self.emit(f"[{self.index}/{self.total} {name}] finished earlier: {final}")
-            return read_json(final)
+            return read(final)
         started = time.monotonic()
         result = work(StageProgress(name, self.index, self.total, self.emit))
         self.timings[name] = time.monotonic() - started
-        return to_jsonable(record(result))
+        return result
 
-    def ships(self) -> dict:
+    def _ships(self, name: str, score: str) -> ShipsResult:
         c = self.config
-        queries = self.queries["ships"]
-        stage_config = ShipsConfig(**self.common, epsilon=self._epsilon(c.ships_epsilon), heads=c.ships_heads)
-        return self._stage("ships", self.out / "ships" / "ships.json", lambda p: run_ships(
-            self.model, queries, stage_config, out=self.out / "ships", resume=True, engine_config=self.engine_config,
-            source={"dataset": c.ships_dataset, "limit": c.ships_limit}, progress=p), ships_record)
+        stage_config = ShipsConfig(**self.common, epsilon=self._epsilon(c.ships_epsilon), heads=c.ships_heads, score=score)
+        return self._stage(name, self.out / name / "ships.json", read_ships, lambda p: run_ships(
+            self.model, self.queries["ships"], stage_config, out=self.out / name, resume=True,
+            engine_config=self.engine_config, source={"dataset": c.ships_dataset, "limit": c.ships_limit}, progress=p))
 
-    def ships_refusal(self) -> torch.Tensor:
+    def ships(self) -> ShipsResult:
+        return self._ships("ships", ShipsConfig.score)
+
+    def ships_refusal(self) -> ShipsResult:
         """The refusal search's candidate ranking: the refusal score of every head on the Ships stage's queries."""
-        c = self.config
-        stage_config = ShipsConfig(**self.common, epsilon=self._epsilon(c.ships_epsilon), heads=c.ships_heads,
-                                   score=c.refusal_objective)
-        record = self._stage("ships-refusal", self.out / "ships-refusal" / "ships.json", lambda p: run_ships(
-            self.model, self.queries["ships"], stage_config, out=self.out / "ships-refusal", resume=True,
-            engine_config=self.engine_config, source={"dataset": c.ships_dataset, "limit": c.ships_limit}, progress=p),
-            ships_record)
-        return matrix_or_nan(record["aggregate"]["mean"])
+        return self._ships("ships-refusal", self.config.refusal_objective)
 
     def _search(self, objective: str, ranked_by: str) -> SaharaConfig:
         c = self.config
@@ -324,112 +342,86 @@ class Stages:
                             guard_max_rise=c.guard_max_rise, guard_batch=1, sets_per_call=16, candidates=c.candidates,
                             rank_by=str(self.out / ranked_by / "ships.json") if c.candidates else None)
 
-    def _run_search(self, name: str, folder: str, search: SaharaConfig, ranking: torch.Tensor | None) -> dict:
+    def _run_search(self, folder: str, search: SaharaConfig, ranking: torch.Tensor | None) -> SaharaResult:
         c = self.config
-        return self._stage(name, self.out / folder / "sahara.json", lambda p: run_sahara(
+        return self._stage(folder, self.out / folder / "sahara.json", read_sahara, lambda p: run_sahara(
             self.model, self.queries["sahara"], search, out=self.out / folder, resume=True,
             engine_config=self.engine_config, source={"dataset": c.sahara_dataset, "limit": c.sahara_limit},
-            ranking=ranking, progress=p), sahara_record)
+            ranking=ranking, progress=p))
 
-    def sahara(self, ships: dict) -> dict:
+    def sahara(self, ships: ShipsResult) -> SaharaResult:
         """The paper's search: the angle objective (candidates ranked by the Ships stage's KL when pruned)."""
-        ranking = matrix_or_nan(ships["aggregate"]["mean"]) if self.config.candidates else None
-        return self._run_search("sahara", "sahara", self._search("angle", "ships"), ranking)
+        return self._run_search("sahara", self._search("angle", "ships"), ships.mean if self.config.candidates else None)
 
-    def sahara_refusal(self, ranking: torch.Tensor | None) -> dict:
+    def sahara_refusal(self, ranking: torch.Tensor | None) -> SaharaResult:
         """The same greedy search with the refusal objective (candidates ranked by the refusal score when pruned)."""
-        search = self._search(self.config.refusal_objective, "ships-refusal")
-        return self._run_search("sahara-refusal", "sahara-refusal", search, ranking)
+        return self._run_search("sahara-refusal", self._search(self.config.refusal_objective, "ships-refusal"), ranking)
 
-    def _evaluation(self, **settings) -> EvaluateConfig:
+    def _evaluate(self, name: str, folder: str, source: ShipsResult | SaharaResult, source_file: str,
+                  baseline: GivenBaseline | None = None, **settings) -> Evaluation:
         c = self.config
-        return EvaluateConfig(limit=c.eval_limit, judges=c.judges, harmless_limit=c.harmless_limit, **self.common,
-                              epsilon=self._epsilon(c.eval_epsilon), **settings)
+        config = EvaluateConfig(limit=c.eval_limit, judges=c.judges, harmless_limit=c.harmless_limit, **self.common,
+                                epsilon=self._epsilon(c.eval_epsilon), source=str(self.out / source_file), **settings)
+        return self._stage(name, self.out / folder / "eval.json", read_evaluation, lambda p: run_evaluation(
+            self.model, config, self.generation, out=self.out / folder, resume=True, engine_config=self.engine_config,
+            source=source, progress=p, baseline=baseline))
 
-    def evaluate(self, sahara: dict) -> dict:
-        config = self._evaluation(datasets=self.config.eval_datasets, source=str(self.out / "sahara" / "sahara.json"),
-                                  harmless=self.config.harmless)
-        return self._stage("evaluate", self.out / "eval" / "eval.json", lambda p: run_evaluation(
-            self.model, config, self.generation, out=self.out / "eval", resume=True, engine_config=self.engine_config,
-            source_record=sahara, progress=p), Evaluation.record)
+    def evaluate(self, sahara: SaharaResult) -> Evaluation:
+        return self._evaluate("evaluate", "eval", sahara, "sahara/sahara.json", datasets=self.config.eval_datasets,
+                              harmless=self.config.harmless)
 
-    def evaluate_refusal(self, sahara: dict, first: dict) -> dict:
+    def evaluate_refusal(self, sahara: SaharaResult, first: Evaluation) -> Evaluation:
         """The refusal search's group on the same prompts; the unablated answers are the first evaluation's (same
         prompts, model and decoding), so only the ablated side is generated."""
-        config = self._evaluation(datasets=self.config.eval_datasets, harmless=self.config.harmless,
-                                  source=str(self.out / "sahara-refusal" / "sahara.json"))
-        baseline = GivenBaseline.of_record("eval/eval.json", first)
-        return self._stage("evaluate-refusal", self.out / "eval-refusal" / "eval.json", lambda p: run_evaluation(
-            self.model, config, self.generation, out=self.out / "eval-refusal", resume=True,
-            engine_config=self.engine_config, source_record=sahara, progress=p, baseline=baseline), Evaluation.record)
+        return self._evaluate("evaluate-refusal", "eval-refusal", sahara, "sahara-refusal/sahara.json",
+                              GivenBaseline.of("eval/eval.json", first), datasets=self.config.eval_datasets,
+                              harmless=self.config.harmless)
 
-    def evaluate_per_query(self, ships: dict) -> dict:
-        config = self._evaluation(source=str(self.out / "ships" / "ships.json"), per_query=True,
-                                  top_k=self.config.per_query_top_k, harmless=None)
-        return self._stage("evaluate-per-query", self.out / "eval-per-query" / "eval.json", lambda p: run_evaluation(
-            self.model, config, self.generation, out=self.out / "eval-per-query", resume=True,
-            engine_config=self.engine_config, source_record=ships, progress=p), Evaluation.record)
+    def evaluate_per_query(self, ships: ShipsResult) -> Evaluation:
+        return self._evaluate("evaluate-per-query", "eval-per-query", ships, "ships/ships.json", per_query=True,
+                              top_k=self.config.per_query_top_k, harmless=None)
 
 
-def _finish(model, config, out: Path, engine_config, timings, records: dict, emit) -> dict:
-    """The recommendation, the report, the compiled notebook-style files and experiment.json; then the run's
-    checkpoint goes, the last write."""
-    sahara, evaluation, per_query = records["sahara"], records["evaluation"], records["per_query"]
-    recommendation = recommend_group(config, records)
-    build_report(out, RunRecords(records["ships"], sahara, evaluation, per_query, _refusal_records(records),
-                                 recommendation.record()), title=f"safety-heads: {model.name}", timings=timings)
-    compiled = {}
-    for name, path in (("ships", out / "ships" / "ships_data.pt"), ("sahara", out / "sahara" / "sahara_data.pt"),
-                       ("eval", out / "eval" / "eval_data.pt"), ("eval_per_query", out / "eval-per-query" / "eval_data.pt")):
-        compiled[name] = load_tensors(path)
-        if name != "eval_per_query":
-            save_tensors(out / f"{name}_data.pt", compiled[name])  # where the original notebook's users look
-    refusal = records.get("evaluation_refusal")
-    record = {
+def experiment_record(model, config: ExperimentConfig, engine_config, timings: dict, results: list,
+                      recommendation: dict) -> dict:
+    """experiment.json: the study's settings, the recommendation, and each group's headline numbers (`results`: the
+    paper's group, its evaluation, the per-query evaluation, the refusal search's group and evaluation or None, and
+    why the refusal search was skipped or None)."""
+    sahara, evaluation, per_query, refusal, skipped = results
+    first, second = evaluation.record(), refusal[1].record() if refusal else None
+    return to_jsonable({
         "format": "safety-heads/experiment",
         "version": 1,
         "config": asdict(config),
         "model": model.name,
         "engine": asdict(engine_config or EngineConfig()),
-        "recommended_group": recommendation.group,
-        "recommendation": recommendation.record(),
-        "heads": sahara["heads"],  # the paper's search (angle)
-        "asr": {name: numbers for name, numbers in evaluation["results"].items()},
-        "refusal_heads": records["sahara_refusal"]["heads"] if refusal else None,
-        "refusal_search_skipped": records["refusal_search_skipped"],
-        "asr_refusal": refusal["results"] if refusal else None,
-        "asr_per_query": per_query["results"],
-        "harmless": {k: v for k, v in (evaluation.get("harmless") or {}).items() if k != "samples"},
-        "harmless_refusal": {k: v for k, v in (refusal.get("harmless") or {}).items() if k != "samples"} if refusal else None,
+        "recommended_group": recommendation["group"],
+        "recommendation": recommendation,
+        "heads": [list(h) for h in sahara.heads],  # the paper's search (angle)
+        "asr": first["results"],
+        "refusal_heads": [list(h) for h in refusal[0].heads] if refusal else None,
+        "refusal_search_skipped": skipped,
+        "asr_refusal": second["results"] if refusal else None,
+        "asr_per_query": per_query.record()["results"],
+        "harmless": {k: v for k, v in (first.get("harmless") or {}).items() if k != "samples"},
+        "harmless_refusal": {k: v for k, v in (second.get("harmless") or {}).items() if k != "samples"} if refusal else None,
         "stages": {"ships": "ships/ships.json", "sahara": "sahara/sahara.json", "evaluate": "eval/eval.json",
                    "evaluate_per_query": "eval-per-query/eval.json", "report": "report.html"}
                   | ({"sahara_refusal": "sahara-refusal/sahara.json", "evaluate_refusal": "eval-refusal/eval.json"}
                      if refusal else {}),
         "timings_seconds": timings,
         "versions": versions(),
-    }
-    write_json(out / "experiment.json", record)
-    save_tensors(out / "experiment_data.pt", {**compiled, "experiment": record})
-    Checkpoint(checkpoint_path(out, "run"), {}).remove()
-    chosen = ", ".join(recommendation.group) or f"none ({recommendation.reason})"
-    emit(f"recommended group: {chosen}; the paper's search found {', '.join(f'{l}:{h}' for l, h in sahara['heads'])}")
-    emit(f"report: {out / 'report.html'}")
-    return record
+    })
 
 
-def recommend_group(config: ExperimentConfig, records: dict):
+def recommend_group(config: ExperimentConfig, sahara: SaharaResult, evaluation: Evaluation, refusal):
     """recommend.py's choice between the paper's group and the refusal search's, from their held-out evaluations."""
-    candidates = [measure("angle (the paper's Sahara)", records["sahara"]["heads"], records["evaluation"], config.recommend_judge)]
-    if records.get("evaluation_refusal"):
-        candidates.append(measure(f"{config.refusal_objective} (refusal search)", records["sahara_refusal"]["heads"],
-                                  records["evaluation_refusal"], config.recommend_judge))
+    candidates = [measure("angle (the paper's Sahara)", [list(h) for h in sahara.heads], to_jsonable(evaluation.record()),
+                          config.recommend_judge)]
+    if refusal:
+        candidates.append(measure(f"{config.refusal_objective} (refusal search)", [list(h) for h in refusal[0].heads],
+                                  to_jsonable(refusal[1].record()), config.recommend_judge))
     return recommend(candidates, config.recommend_judge, config.max_refusal_rise, config.max_nll_rise)
-
-
-def _refusal_records(records: dict) -> dict | None:
-    if not records.get("evaluation_refusal"):
-        return None
-    return {"sahara": records["sahara_refusal"], "evaluation": records["evaluation_refusal"]}
 
 
 def _check_answers_fit(model: LoadedModel, config: ExperimentConfig) -> None:

@@ -26,8 +26,15 @@ import torch
 
 from .errors import UserError
 from .judges import KEYWORD_JUDGES
-from .runs.files import atomic_write, matrix_or_nan, read_json
+from .evaluate import Evaluation
+from .runs.evaluate import read_evaluation
+from .runs.experiment import read_experiment
+from .runs.files import atomic_write
 from .runs.folder import check_output_folder
+from .runs.sahara import read_sahara
+from .runs.ships import read_ships
+from .sahara import SaharaResult
+from .ships import ShipsResult
 
 LAYOUTS = ("seed",)
 
@@ -43,11 +50,11 @@ def export_run(run_dir: str | Path, layout: str, out: str | Path) -> list[Path]:
     sources = {name: _find(run_dir, name) for name in ("ships", "sahara", "eval")}
     if not any(sources.values()):
         raise UserError(f"'{run_dir}' holds no finished ships.json, sahara.json or eval.json (nor a run's stages)")
-    records = {name: read_json(path) for name, path in sources.items() if path is not None}
     parts = {}
-    for name, build in (("ships", ships_data), ("sahara", sahara_data), ("eval", eval_data)):
-        if name in records:
-            parts[name] = build(records[name])
+    for name, read, build in (("ships", read_ships, ships_data), ("sahara", read_sahara, sahara_data),
+                              ("eval", read_evaluation, eval_data)):
+        if sources[name] is not None:
+            parts[name] = build(read(sources[name]), sources[name])
     out = check_output_folder(out)
     written = []
     for name, data in parts.items():
@@ -55,7 +62,7 @@ def export_run(run_dir: str | Path, layout: str, out: str | Path) -> list[Path]:
         _save(written[-1], {key: value for key, value in data.items() if key != "matrix"})
     experiment = run_dir / "experiment.json"
     if experiment.exists() and len(parts) == 3:
-        mode = read_json(experiment).get("config", {}).get("mode")
+        mode = read_experiment(experiment)["config"].get("mode")
         written.append(out / "experiment_data.pt")
         _save(written[-1], {"ships_data": parts["ships"], "sahara_data": parts["sahara"],
                             "eval_data": parts["eval"], "config": {"quick_mode": mode == "quick"}})
@@ -96,41 +103,37 @@ def _ranked(matrix: torch.Tensor) -> tuple[dict[str, float], list[tuple[int, int
     return ({f"{l},{h}": value for (l, h), value in scored}, [head for head, _ in ordered], [value for _, value in ordered])
 
 
-def ships_data(record: dict) -> dict:
-    try:
-        mean = matrix_or_nan(record["aggregate"]["mean"])
-        queries = [q["query"] for q in record["queries"]]
-    except (KeyError, TypeError) as error:
-        raise UserError(f"the ships.json does not follow our layout ({type(error).__name__}: {error})") from None
-    scores, heads, values = _ranked(mean)
+def ships_data(result: ShipsResult, path: Path) -> dict:
+    scores, heads, values = _ranked(result.mean)
+    queries = [q.query for q in result.queries]
     query = queries[0] if len(queries) == 1 else f"mean over {len(queries)} queries: " + " | ".join(queries)
-    layers, n_heads = mean.shape
+    layers, n_heads = result.mean.shape
     return {"scores": scores, "sorted_heads": heads, "sorted_scores": values, "query": query, "num_layers": layers,
-            "num_heads": n_heads, "matrix": mean.nan_to_num(0.0).float()}
+            "num_heads": n_heads, "matrix": result.mean.nan_to_num(0.0).float()}
 
 
-def sahara_data(record: dict) -> dict:
-    try:
-        first = matrix_or_nan(record["steps"][0]["scores"])
-        group = [(int(l), int(h)) for l, h in record["heads"]]
-    except (KeyError, TypeError, IndexError) as error:
-        raise UserError(f"the sahara.json does not follow our layout ({type(error).__name__}: {error})") from None
+def sahara_data(result: SaharaResult, path: Path) -> dict:
+    if not result.steps:
+        raise UserError(f"'{path}' holds a group but no step's scores; export needs the sahara.json a search wrote")
+    first = result.steps[0].scores
     shifts, heads, values = _ranked(first)
     layers, n_heads = first.shape
-    return {"shifts": shifts, "sorted_shifts": heads, "sorted_scores": values, "safety_heads": group,
+    return {"shifts": shifts, "sorted_shifts": heads, "sorted_scores": values, "safety_heads": list(result.heads),
             "num_layers": layers, "num_heads": n_heads, "matrix": first.nan_to_num(0.0).float()}
 
 
-def eval_data(record: dict) -> dict:
+def eval_data(evaluation: Evaluation, path: Path) -> dict:
     judge = KEYWORD_JUDGES["seed"]
+    samples = next(iter(evaluation.samples.values()), [])
+    if not samples:
+        raise UserError(f"'{path}' holds no answers to export")
     try:
-        samples = next(iter(record["samples"].values()))
         queries = [sample["query"] for sample in samples]
         sides = {side: [sample[side]["response"] for sample in samples] for side in ("baseline", "ablated")}
-        heads = record.get("heads") or [samples[0]["heads"][0]]
-        max_tokens = int(record["config"]["generation"]["max_new_tokens"])
-    except (KeyError, TypeError, IndexError, StopIteration) as error:
-        raise UserError(f"the eval.json does not follow our layout ({type(error).__name__}: {error})") from None
+        heads = evaluation.heads or [tuple(samples[0]["heads"][0])]
+        max_tokens = int(evaluation.config["generation"]["max_new_tokens"])
+    except (KeyError, TypeError, IndexError) as error:
+        raise UserError(f"'{path}' does not follow the safety-heads/eval layout ({type(error).__name__}: {error})") from None
     results = {side: list(zip(queries, responses, judge.judge(queries, responses))) for side, responses in sides.items()}
     rate = {side: sum(harmful for _, _, harmful in rows) / len(rows) if rows else 0.0 for side, rows in results.items()}
     return {"baseline_harm_rate": rate["baseline"], "ablated_harm_rate": rate["ablated"],

@@ -93,8 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if "safety_heads.runs.folder" in sys.modules:  # every output folder this command locked is free again
-            sys.modules["safety_heads.runs.folder"].release_locks()
 
 
 def _stopped(signum: int) -> int:

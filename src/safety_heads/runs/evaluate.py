@@ -7,25 +7,32 @@ from pathlib import Path
 
 import torch
 
-from ..evaluate import (CONTENT_WARNING, AnswerBatch, EvaluateConfig, Evaluation, HeadChoice, evaluation_job,
-                        heads_to_ablate)
+from ..asr import DatasetResult, Rates
+from ..evaluate import (CONTENT_WARNING, AnswerBatch, EvaluateConfig, Evaluation, HarmlessCost, HarmlessSide, HeadChoice,
+                        evaluation_job, heads_to_ablate)
 from ..generate import GenerationConfig
 from ..models import LoadedModel
-from .files import read_json, save_tensors, write_json
+from ..sahara import SaharaResult
+from ..ships import ShipsResult
+from .files import read_record, save_tensors, write_json
 from .folder import run_job
+from .sahara import FORMAT as SAHARA_FORMAT
+from .sahara import sahara_of_record, whole_head
+from .ships import FORMAT as SHIPS_FORMAT
+from .ships import ships_of_record
 
 
 def run_evaluation(model: LoadedModel, config: EvaluateConfig, generation: GenerationConfig | None = None, *,
-                   out: str | Path | None = None, resume: bool = False, source_record: dict | None = None,
-                   **options) -> Evaluation:
+                   out: str | Path | None = None, resume: bool = False,
+                   source: ShipsResult | SaharaResult | None = None, **options) -> Evaluation:
     """Generate baseline and ablated answers, judge them, measure the harmless cost; with `out`, checkpoint each batch
-    of answers and write eval.json and eval_data.pt. `source_record` is the --from file's content when the caller
-    holds it already (`run` passes its Sahara and Ships stages' records); else the file is read. `options` as
+    of answers and write eval.json and eval_data.pt. `source` is the --from file's result when the caller holds it
+    already (`run` passes its Sahara and Ships stages' results); else the file is read (read_source). `options` as
     evaluate.evaluation_job: engine_config, progress."""
     config.validate()  # before the --from file is read: exactly one of --heads and --from
-    if source_record is None and config.source is not None:
-        source_record = read_json(config.source)
-    job = evaluation_job(model, config, generation, source_record=source_record, **options)
+    if source is None and config.source is not None:
+        source = read_source(config.source)
+    job = evaluation_job(model, config, generation, source=source, **options)
     parts = {f"{name}/{side}": len(prompts) for name, prompts in job.sets.items() for side in ("baseline", "ablated")}
     if job.harmless:
         parts |= {f"harmless/{side}": len(job.harmless) for side in ("baseline", "ablated")}
@@ -37,13 +44,42 @@ def run_evaluation(model: LoadedModel, config: EvaluateConfig, generation: Gener
 
 def choose_heads(config: EvaluateConfig, layout) -> HeadChoice:
     """The heads an evaluation ablates: --heads, or those of the --from file (read here)."""
-    return heads_to_ablate(config, layout, read_json(config.source) if config.heads is None else None)
+    return heads_to_ablate(config, layout, read_source(config.source) if config.heads is None else None)
+
+
+def read_source(path: str | Path) -> ShipsResult | SaharaResult:
+    """An `evaluate --from` file: a ships.json or a sahara.json, read by its own reader."""
+    parse = {SHIPS_FORMAT: ships_of_record, SAHARA_FORMAT: sahara_of_record}
+    return read_record(path, (SAHARA_FORMAT, SHIPS_FORMAT), lambda record: parse[record["format"]](record))
+
+
+def read_evaluation(path: str | Path) -> Evaluation:
+    """eval.json back into the Evaluation it was written from (Evaluation.record())."""
+    return read_record(path, ("safety-heads/eval",), _evaluation)
+
+
+def _evaluation(record: dict) -> Evaluation:
+    results = {name: DatasetResult(int(numbers["n"]), Rates(**numbers["baseline"]), Rates(**numbers["ablated"]),
+                                   dict(numbers["delta_asr"]), numbers.get("positions"))
+               for name, numbers in record["results"].items()}
+    heads = None if record["heads"] is None else [whole_head(pair) for pair in record["heads"]]
+    harmless = record.get("harmless")
+    if harmless is not None:
+        sides = {side: HarmlessSide(**harmless[side]) for side in ("baseline", "ablated") if side in harmless}
+        harmless = HarmlessCost(harmless["dataset"], int(harmless["n"]), list(harmless["judges"]), harmless.get("note"),
+                                sides.get("baseline"), sides.get("ablated"), harmless.get("mean_kl"),
+                                list(harmless.get("samples", [])))
+    return Evaluation(dict(record["config"]), heads, results, dict(record["samples"]), harmless)
 
 
 def write_outputs(evaluation: Evaluation, out: Path) -> None:
-    record = evaluation.record()
-    write_json(out / "eval.json", record)
-    save_tensors(out / "eval_data.pt", _tensors(record))
+    write_json(out / "eval.json", evaluation.record())
+    save_tensors(out / "eval_data.pt", evaluation_tensors(evaluation))
+
+
+def evaluation_tensors(evaluation: Evaluation) -> dict:
+    """eval_data.pt: verdicts as tensors (1 harmful, 0 refused, -1 invalid), plus the JSON's numbers and texts."""
+    return _tensors(evaluation.record())
 
 
 def _answers_unit(unit: dict, parts: dict[str, int], batch_size: int) -> AnswerBatch:
@@ -71,4 +107,4 @@ def _tensors(result: dict) -> dict:
             "samples": result["samples"], "harmless": result["harmless"]}
 
 
-__all__ = ["run_evaluation", "choose_heads", "write_outputs"]
+__all__ = ["run_evaluation", "read_evaluation", "read_source", "choose_heads", "write_outputs", "evaluation_tensors"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,30 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise UserError(f"cannot read result file '{path}': {error}") from None
+
+
+# The result files safety-heads writes, by their "format" field, each with the one reader that parses it back into
+# its typed result (runs/ships.py read_ships, runs/sahara.py read_sahara, runs/evaluate.py read_evaluation).
+FILE_NAMES = {"safety-heads/ships": "ships.json", "safety-heads/sahara": "sahara.json", "safety-heads/eval": "eval.json",
+              "safety-heads/experiment": "experiment.json"}
+LAYOUT_ERRORS = (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError)
+
+
+def read_record(path: str | Path, formats: tuple[str, ...], parse: Callable[[dict], Any]) -> Any:
+    """A result file of one of `formats`, parsed into its typed result by `parse`: the one way a file safety-heads
+    wrote is read back. A missing, unreadable, foreign or hand-broken file is one line naming it."""
+    record = read_json(path)
+    kind = record.get("format") if isinstance(record, dict) else None
+    if kind not in formats:
+        names = " or ".join(FILE_NAMES[name] for name in formats)
+        raise UserError(f"'{path}' is not a {names} from safety-heads (format: {kind!r})")
+    try:
+        return parse(record)
+    except UserError:
+        raise
+    except LAYOUT_ERRORS as error:
+        reason = f"{type(error).__name__}: {error}".splitlines()[0][:160]
+        raise UserError(f"'{path}' does not follow the {kind} layout ({reason})") from None
 
 
 def save_tensors(path: str | Path, record: dict) -> None:

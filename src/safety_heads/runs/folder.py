@@ -37,6 +37,9 @@ def check_output_folder(out: str | Path) -> Path:
 RESULT_NAMES = {"ships": "Ships", "sahara": "Sahara", "eval": "evaluation", "run": "study (safety-heads run)",
                 "surgery": "surgery"}
 LOCK_NAME = ".safety-heads.lock"
+# A finished run that --resume reopens, to write again what it writes from its finished parts: `run` rewrites its report
+# from its finished stages (after an upgrade, or a stage redone by hand). Any other finished run is refused.
+REWRITTEN_ON_RESUME = {"run": "its report from its finished stages"}
 
 
 def checkpoint_path(out: Path, name: str) -> Path:
@@ -66,21 +69,34 @@ def open_run(out: str | Path, name: str, what: str, record: dict, resume: bool,
              parse: Callable[[dict], Any] | None = None) -> tuple[Path, Checkpoint, list]:
     """Prepare `out` for a run whose result is `name`.json: refuse a finished run or another command's, check the
     folder is writable, take its lock (one writer per folder), open the checkpoint `name`.checkpoint.jsonl and return
-    the units already finished (when resuming), each through `parse` (which raises on a malformed unit)."""
+    the units already finished (when resuming), each through `parse` (which raises on a malformed unit). A finished
+    run of REWRITTEN_ON_RESUME is reopened by --resume, to write its outputs again."""
     out = Path(out)
     if out.is_dir():
-        check_unclaimed(out, name, what)  # before anything is written to the folder
+        _check_claimable(out, name, what, resume)  # before anything is written to the folder
     check_output_folder(out)
     lock_folder(out)
     try:  # again, now that no one else can write: another process may have finished it in between
-        check_unclaimed(out, name, what)
-    except UserError:
+        _check_claimable(out, name, what, resume)
+        remove_stale_temporaries(out)
+        checkpoint = Checkpoint(checkpoint_path(out, name), record)
+        units = checkpoint.start(resume)
+        return out, checkpoint, units if parse is None else [checkpoint.parse_unit(parse, unit, line)
+                                                             for line, unit in enumerate(units, 2)]
+    except BaseException:
         release_lock(out)
         raise
-    remove_stale_temporaries(out)
-    checkpoint = Checkpoint(checkpoint_path(out, name), record)
-    units = checkpoint.start(resume)
-    return out, checkpoint, units if parse is None else [checkpoint.parse_unit(parse, unit, line) for line, unit in enumerate(units, 2)]
+
+
+def _check_claimable(out: Path, name: str, what: str, resume: bool) -> None:
+    rewrite = REWRITTEN_ON_RESUME.get(name)
+    if rewrite is None or not is_finished(out, name):
+        check_unclaimed(out, name, what)
+        return
+    check_not_foreign(out, name)
+    if not resume:
+        raise UserError(f"'{out}' holds {what} ({result_path(out, name).name}); add --resume to rewrite {rewrite}, or "
+                        "choose another --out")
 
 
 def check_unclaimed(out: Path, name: str, what: str) -> None:
@@ -104,8 +120,8 @@ def check_only_ours(out: Path, name: str) -> None:
 
 # One writer per folder: an exclusive flock on a file in it, which the OS releases when the process ends, however it
 # ends. Locks are held per process: a process may open the same folder again (a run's stage, a test that resumes in
-# process). The lock file is removed when the run finishes (`release_lock`) or the command returns (`release_locks`);
-# a kill leaves it behind, unlocked, for the next writer.
+# process). The lock's whole life is run_job's: taken by open_run, and its file removed when the run ends, however it
+# ends (`release_lock`); a kill leaves the file behind, unlocked, for the next writer.
 _held_locks: dict[Path, int] = {}
 
 
@@ -266,13 +282,17 @@ def run_job(job, out: str | Path | None, name: str, what: str, *, resume: bool, 
             encode: Callable[[Any], dict], write_outputs: Callable[[Any, Path], None]):
     """The one resume loop: with no `out`, the job's result; else open `out` (checked, locked, its checkpoint read back
     through `parse` when resuming), checkpoint each unit the job yields (`encode`d), write the outputs and remove the
-    checkpoint, the last write. Every command's run goes through here."""
+    checkpoint, the last write; the folder's lock is released however the run ends. Every command's run goes
+    through here."""
     from ..work import drain, finish
 
     if out is None:
         return finish(job)
     folder, checkpoint, units = open_run(out, name, what, job.record, resume, parse=parse)
-    result = drain(job.run(units), lambda unit: checkpoint.append(encode(unit)))
-    write_outputs(result, folder)
-    checkpoint.remove()
+    try:
+        result = drain(job.run(units), lambda unit: checkpoint.append(encode(unit)))
+        write_outputs(result, folder)
+        checkpoint.remove()
+    finally:
+        release_lock(folder)
     return result

@@ -13,9 +13,9 @@ from ..errors import UserError
 from ..guard import GuardCheck
 from ..models import LoadedModel
 from ..objectives import LABELS
-from ..sahara import LayerScores, SaharaConfig, SaharaResult, sahara_job
+from ..sahara import LayerScores, SaharaConfig, SaharaResult, SaharaStep, sahara_job
 from .figures import heatmap_png
-from .files import matrix_or_nan, notebook_header, read_json, save_tensors, write_json
+from .files import matrix_or_nan, notebook_header, read_record, save_tensors, write_json
 from .folder import run_job
 
 FORMAT, FORMAT_VERSION = "safety-heads/sahara", 1
@@ -43,15 +43,39 @@ def _unit_line(unit: LayerScores | GuardCheck) -> dict:
 
 def read_ranking(ships_json: str, layout) -> torch.Tensor:
     """The mean score matrix of a ships.json (any --score), checked against the model: [layers, heads]."""
-    record = read_json(ships_json)
-    try:
-        values = matrix_or_nan(record["aggregate"]["mean"])
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"'{ships_json}' is not a ships.json (no aggregate.mean); give the file `safety-heads ships` wrote") from None
+    from .ships import read_ships
+
+    values = read_ships(ships_json).mean
     if tuple(values.shape) != (layout.n_layers, layout.n_heads):
         raise UserError(f"'{ships_json}' scores {values.shape[0]} x {values.shape[1]} heads, but this model has "
                         f"{layout.n_layers} x {layout.n_heads}: it was made with another model")
     return values
+
+
+def read_sahara(path: str | Path) -> SaharaResult:
+    """sahara.json back into the SaharaResult it was written from (sahara_record). Only the format and the group
+    (`heads`) are required: a hand-written {"format": "safety-heads/sahara", "heads": [[2, 26], [3, 8]]} names a
+    group for `evaluate --from`; what else is absent reads as empty."""
+    return read_record(path, (FORMAT,), sahara_of_record)
+
+
+def sahara_of_record(record: dict) -> SaharaResult:
+    steps = [SaharaStep(int(s["step"]), whole_head(s["chosen"]), float(s["score"]), matrix_or_nan(s["scores"]),
+                        matrix_or_nan(s["guard_rise"]) if "guard_rise" in s else None,
+                        [whole_head(h) for h in s.get("passed_over", [])]) for s in record.get("steps", [])]
+    queries = record.get("queries", [])
+    values = record.get("clean", {}).get("singular_values", [])
+    return SaharaResult(dict(record.get("config", {})), [whole_head(h) for h in record["heads"]], steps,
+                        [str(q["query"]) for q in queries], [str(q["prompt"]) for q in queries],
+                        torch.tensor(values, dtype=torch.float64), dict(record.get("compute", {})))
+
+
+def whole_head(pair) -> tuple[int, int]:
+    """A [layer, head] pair of a result file: two integers (a hand-edited 1e400 or 1.5 is not a head)."""
+    layer, head = pair
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (layer, head)):
+        raise ValueError(f"head {pair!r} is not two integers")
+    return layer, head
 
 
 def _checked_unit(unit: dict, steps: int, layout) -> LayerScores | GuardCheck:
@@ -82,19 +106,7 @@ def _checked_unit(unit: dict, steps: int, layout) -> LayerScores | GuardCheck:
 def write_outputs(result: SaharaResult, out: Path) -> None:
     config = result.config
     write_json(out / "sahara.json", sahara_record(result))
-    save_tensors(
-        out / "sahara_data.pt",
-        {
-            **notebook_header(FORMAT, FORMAT_VERSION, config),
-            "queries": result.queries,
-            "prompts": result.prompts,
-            "scores": torch.stack([s.scores for s in result.steps]),  # [steps, layers, heads], NaN = not scored
-            "heads": torch.tensor([list(h) for h in result.heads], dtype=torch.long).reshape(-1, 2),
-            "step_scores": torch.tensor([s.score for s in result.steps], dtype=torch.float64),
-            "clean_singular_values": result.clean_singular_values,
-        }
-        | ({"guard_rise": torch.stack([s.guard for s in result.steps])} if result.steps and result.steps[0].guard is not None else {}),
-    )
+    save_tensors(out / "sahara_data.pt", sahara_tensors(result))
     for step in result.steps:
         before = format_heads(result.heads[: step.step - 1]) or "nothing"
         title = (f"Sahara step {step.step}: {before} + one head ({config['ablation']}, eps={config['epsilon']:g}, "
@@ -103,6 +115,19 @@ def write_outputs(result: SaharaResult, out: Path) -> None:
         label = LABELS[objective] + (" (paper-era)" if objective == "angle" and config["score"] == "paper-era" else "")
         skipped = [(l, h, float(step.guard[l, h])) for l, h in step.passed_over] if step.guard is not None else []
         heatmap_png(step.scores, out / f"sahara_step{step.step}.png", title, label, [step.chosen], skipped)
+
+
+def sahara_tensors(result: SaharaResult) -> dict:
+    """sahara_data.pt: the notebook-style tensors of a Sahara run."""
+    return {
+        **notebook_header(FORMAT, FORMAT_VERSION, result.config),
+        "queries": result.queries,
+        "prompts": result.prompts,
+        "scores": torch.stack([s.scores for s in result.steps]),  # [steps, layers, heads], NaN = not scored
+        "heads": torch.tensor([list(h) for h in result.heads], dtype=torch.long).reshape(-1, 2),
+        "step_scores": torch.tensor([s.score for s in result.steps], dtype=torch.float64),
+        "clean_singular_values": result.clean_singular_values,
+    } | ({"guard_rise": torch.stack([s.guard for s in result.steps])} if result.steps and result.steps[0].guard is not None else {})
 
 
 def sahara_record(result: SaharaResult) -> dict:
@@ -125,4 +150,5 @@ def sahara_record(result: SaharaResult) -> dict:
     }
 
 
-__all__ = ["run_sahara", "read_ranking", "sahara_record", "write_outputs", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["run_sahara", "read_sahara", "read_ranking", "whole_head", "sahara_record", "sahara_tensors", "write_outputs",
+           "FORMAT", "FORMAT_VERSION"]

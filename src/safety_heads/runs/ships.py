@@ -12,7 +12,7 @@ from ..models import LoadedModel
 from ..refusal import SCORE_LABELS
 from ..ships import TOP_FREQUENCY_K, QueryScores, ShipsConfig, ShipsResult, ships_job, top_heads
 from .figures import heatmap_png
-from .files import matrix_or_nan, notebook_header, save_tensors, write_json
+from .files import matrix_or_nan, notebook_header, read_record, save_tensors, write_json
 from .folder import run_job
 
 FORMAT, FORMAT_VERSION = "safety-heads/ships", 1
@@ -32,23 +32,25 @@ def run_ships(model: LoadedModel, queries: Sequence[str], config: ShipsConfig, *
 def write_outputs(result: ShipsResult, out: Path) -> None:
     config = result.config
     write_json(out / "ships.json", ships_record(result))
-    save_tensors(
-        out / "ships_data.pt",
-        {
-            **notebook_header(FORMAT, FORMAT_VERSION, config),
-            "queries": [q.query for q in result.queries],
-            "prompts": [q.prompt for q in result.queries],
-            "scores": torch.stack([q.scores for q in result.queries]),
-            "mean": result.mean,
-            "top_frequency": result.top_frequency,
-            **({"refusal_direction": result.signal.direction}
-               if result.signal is not None and result.signal.direction is not None else {}),
-        },
-    )
+    save_tensors(out / "ships_data.pt", ships_tensors(result))
     title = (f"Ships ({config['ablation']}, eps={config['epsilon']:g}, {config.get('score', 'kl')}), "
              f"mean over {len(result.queries)} queries: {config['model']}")
     marked = [(l, h) for l, h, _ in top_heads(result.mean, 3)]
     heatmap_png(result.mean, out / "ships_heatmap.png", title, SCORE_LABELS[config.get("score", "kl")], marked)
+
+
+def ships_tensors(result: ShipsResult) -> dict:
+    """ships_data.pt: the notebook-style tensors of a Ships run."""
+    return {
+        **notebook_header(FORMAT, FORMAT_VERSION, result.config),
+        "queries": [q.query for q in result.queries],
+        "prompts": [q.prompt for q in result.queries],
+        "scores": torch.stack([q.scores for q in result.queries]),
+        "mean": result.mean,
+        "top_frequency": result.top_frequency,
+        **({"refusal_direction": result.signal.direction}
+           if result.signal is not None and result.signal.direction is not None else {}),
+    }
 
 
 def ships_record(result: ShipsResult) -> dict:
@@ -79,6 +81,25 @@ def ships_record(result: ShipsResult) -> dict:
     }
 
 
+def read_ships(path: str | Path) -> ShipsResult:
+    """ships.json back into the ShipsResult it was written from (ships_record): every query's scores, the mean, the
+    top-10 shares, the run record and the compute. The learned refusal signal stays in config["refusal_signal"]
+    (its direction tensor is in ships_data.pt), so `signal` is None."""
+    return read_record(path, (FORMAT,), ships_of_record)
+
+
+def ships_of_record(record: dict) -> ShipsResult:
+    aggregate = record["aggregate"]
+    mean, frequency = matrix_or_nan(aggregate["mean"]), matrix_or_nan(aggregate["top_frequency"])
+    shape = tuple(mean.shape)
+    if frequency.shape != mean.shape:
+        raise ValueError(f"top_frequency of shape {tuple(frequency.shape)}, not {shape}")
+    queries = [_unit_to_scores(query, len(record["queries"]), shape) for query in record["queries"]]
+    if [q.index for q in queries] != list(range(len(queries))):
+        raise ValueError("queries out of order")
+    return ShipsResult(dict(record["config"]), queries, mean, frequency, None, dict(record.get("compute", {})))
+
+
 def _scores_to_unit(scores: QueryScores) -> dict:
     unit = {"index": scores.index, "query": scores.query, "prompt": scores.prompt, "scores": scores.scores}
     if scores.estimate is not None:
@@ -102,4 +123,4 @@ def _unit_to_scores(unit: dict, n_queries: int, shape: tuple[int, int]) -> Query
     return QueryScores(index, str(unit["query"]), str(unit["prompt"]), scores, estimate, verified)
 
 
-__all__ = ["run_ships", "ships_record", "write_outputs", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["run_ships", "read_ships", "ships_record", "ships_tensors", "write_outputs", "FORMAT", "FORMAT_VERSION"]
