@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from safety_heads.ablation import AblationConfig
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.engine import Engine, EngineConfig
 from safety_heads.models import ModelConfig, load_model
@@ -62,7 +63,7 @@ def naive_step(loaded, tokens):
 
 
 def engine_step(loaded, queries, engine_config):
-    config = SaharaConfig(steps=1, epsilon=EPSILON, template="raw")
+    config = SaharaConfig(steps=1, ablation=AblationConfig(epsilon=EPSILON), template="raw")
     return run_sahara(loaded, queries, config, engine_config=engine_config, progress=lambda _: None).steps[0].scores
 
 

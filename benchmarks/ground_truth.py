@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from safety_heads.ablation import format_heads, parse_heads
+from safety_heads.ablation import AblationConfig, format_heads, parse_heads
 from safety_heads.batching import left_padded
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.demo.measure import complied, generate, harmless_sample
@@ -255,12 +255,12 @@ def study(args) -> int:
     n_harmful, n_harmless = len(held_out), len(harmless)
 
     # Ships and Sahara, as a user runs them, on the scoring queries (seconds on this model).
-    ships = run_ships(model, scoring, ShipsConfig(template="chat", ablation=args.ablation, heads=args.heads),
+    ships = run_ships(model, scoring, ShipsConfig(template="chat", ablation=AblationConfig(args.ablation), heads=args.heads),
                       progress=lambda line: None)
-    sahara = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=args.ablation, heads=args.heads, steps=3),
+    sahara = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=AblationConfig(args.ablation), heads=args.heads, steps=3),
                         progress=lambda line: None)
     sahara_groups = {k: sahara.heads[:k] for k in (1, 2, 3)}
-    guarded = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=args.ablation, heads=args.heads, steps=3,
+    guarded = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=AblationConfig(args.ablation), heads=args.heads, steps=3,
                                                       guard="harmless-val"), progress=lambda line: None)
     guard_groups = {k: guarded.heads[:k] for k in range(1, len(guarded.heads) + 1)}  # the guard may stop it early
     ships_order = sorted(candidates, key=lambda h: -float(ships.mean[h]))
@@ -301,7 +301,7 @@ def study(args) -> int:
     breaking = [h for h, e in zip(candidates, singles) if e["harmless_answered"] < 100 * HARMLESS_FLOOR]
     excluding_groups = None
     if breaking and len(candidates) - len(breaking) >= 3:
-        excluding = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=args.ablation, heads=args.heads,
+        excluding = run_sahara(model, scoring, SaharaConfig(template="chat", ablation=AblationConfig(args.ablation), heads=args.heads,
                                                             exclude=format_heads(breaking), steps=3), progress=lambda line: None)
         excluding_groups = {k: excluding.heads[:k] for k in (1, 2, 3)}
         log(f"heads that break the harmless side alone: {format_heads(breaking)}; Sahara without them: "

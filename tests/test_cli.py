@@ -364,7 +364,7 @@ def test_every_flag_with_a_default_shows_it_in_help():
 def test_flag_defaults_come_from_the_config_dataclasses(monkeypatch):
     """The dataclass is where a default lives: change it there and the command line follows; and every flag that
     sets a config field has that field's default."""
-    from dataclasses import MISSING, fields
+    from dataclasses import MISSING, fields, is_dataclass
 
     from safety_heads.cli import _command_configs, build_parser
     from safety_heads.ships import ShipsConfig
@@ -376,12 +376,16 @@ def test_flag_defaults_come_from_the_config_dataclasses(monkeypatch):
     commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
     checked = 0
     for name, configs in _command_configs().items():
+        # A nested config's field defaults to what the outer config's default gives it (evaluate: no --ablation given)
+        nested = {dest: getattr(value, dest) for cls in configs for f in fields(cls)
+                  if is_dataclass(value := (f.default if f.default is not MISSING else f.default_factory())) and
+                  not isinstance(value, type) for dest in value.__dataclass_fields__}
         for action in commands[name]._actions:
             field = next((f for cls in configs for f in fields(cls) if f.name == action.dest), None)
             if field is None or action.required:
                 continue
             expected = field.default if field.default is not MISSING else field.default_factory()
-            assert action.default == expected, f"{name} {action.option_strings}"
+            assert action.default == nested.get(action.dest, expected), f"{name} {action.option_strings}"
             checked += 1
     assert checked > 100
     assert parser.parse_args(["ships", "--prompt", "x", "--out", "o"]).model == "demo"  # one default model everywhere

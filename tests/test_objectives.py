@@ -11,6 +11,7 @@ from test_sahara import QUERIES as SAHARA_QUERIES  # the same kill by a progress
 from test_sahara import Interrupt, stop_at
 
 from safety_heads import refusal
+from safety_heads.ablation import AblationConfig
 from safety_heads.cli import main
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.models import ModelConfig, load_model, wrap
@@ -81,7 +82,7 @@ def test_refusal_objectives_match_plain_hooks(family_name, kind, objective, lear
     family = FAMILIES[family_name]
     module = family.build()
     model = wrap(module, byte_tokenizer(), family_name)
-    config = SaharaConfig(template="chat", steps=2, ablation=kind, objective=objective, mean_reference_limit=8)
+    config = SaharaConfig(template="chat", steps=2, ablation=AblationConfig(kind, mean_reference_limit=8), objective=objective)
     result = find_group(model, QUERIES, config, **quiet)
     tokens = [list(p.token_ids) for p in format_prompts(QUERIES, "chat", model.tokenizer)]
     means = None

@@ -8,6 +8,7 @@ import torch
 from families import FAMILIES
 from reference import reference_means, reference_readouts, reference_token_log_probs
 
+from safety_heads.ablation import AblationConfig
 from safety_heads.data import format_prompts, load_prompts
 from safety_heads.errors import UserError
 from safety_heads.guard import GUARD_BATCH, choose_guarded
@@ -82,7 +83,7 @@ def test_scores_match_reference(family_name, kind):
     family, module, model = tiny(family_name)
     # The paper's template: every prompt ends in "## Answer:", so (as in real chat models) M_clean has a dominant
     # direction and its top singular vector is well determined; float32 rounding then moves no angle by 1e-4 degrees.
-    config = SaharaConfig(template="paper", steps=2, ablation=kind, mean_reference_limit=8)
+    config = SaharaConfig(template="paper", steps=2, ablation=AblationConfig(kind, mean_reference_limit=8))
     result = run_sahara(model, QUERIES, config, **quiet)
     tokens = [list(p.token_ids) for p in format_prompts(QUERIES, "paper", model.tokenizer)]
     means = None
@@ -231,7 +232,7 @@ def test_resume_of_a_finished_search_computes_nothing(tmp_path, monkeypatch, lla
 
 @pytest.mark.parametrize(
     "change, named",
-    [(dict(epsilon=1e-5), "epsilon"), (dict(rank=2), "rank"), (dict(template="paper"), "template"),
+    [(dict(ablation=AblationConfig(epsilon=1e-5)), "epsilon"), (dict(rank=2), "rank"), (dict(template="paper"), "template"),
      (dict(heads="0-1:*"), "heads")],
 )
 def test_resume_refuses_another_configuration(tmp_path, change, named, llama):
@@ -315,15 +316,15 @@ def test_bad_head_spec(llama):
 
 @pytest.mark.parametrize(
     "settings, message",
-    [(dict(steps=0), "--steps"), (dict(rank=0), "--rank"), (dict(ablation="zero"), "unknown ablation kind"),
-     (dict(epsilon=2.0), "epsilon"), (dict(score="cosine"), "unknown score"),
-     (dict(score="paper-era", rank=2), "--rank applies"), (dict(mean_reference_limit=0), "--mean-reference-limit"),
+    [(dict(steps=0), "--steps"), (dict(rank=0), "--rank"), (dict(ablation=dict(kind="zero")), "unknown ablation kind"),
+     (dict(ablation=dict(epsilon=2.0)), "epsilon"), (dict(score="cosine"), "unknown score"),
+     (dict(score="paper-era", rank=2), "--rank applies"), (dict(ablation=dict(mean_reference_limit=0)), "--mean-reference-limit"),
      (dict(guard_limit=0), "--guard-limit"), (dict(guard_tokens=0), "--guard-tokens"),
      (dict(guard_max_rise=0.0), "--guard-max-rise must be positive")],
 )
 def test_bad_config(settings, message):
-    with pytest.raises(UserError, match=message):
-        SaharaConfig(**settings).validate()
+    with pytest.raises(UserError, match=message):  # a bad ablation setting is refused where it is made
+        SaharaConfig(**{key: AblationConfig(**value) if key == "ablation" else value for key, value in settings.items()}).validate()
 
 
 # ----------------------------------------------------------------------------------------------------------------

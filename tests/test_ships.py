@@ -8,7 +8,7 @@ from devices import relative_tolerance
 from families import FAMILIES
 from reference import reference_means, reference_readouts
 
-from safety_heads.ablation import Ablation
+from safety_heads.ablation import Ablation, AblationConfig
 from safety_heads.data import format_prompts
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
@@ -151,7 +151,7 @@ def test_resume_tolerates_a_torn_last_line(tmp_path):
     assert all(torch.equal(a.scores, b.scores) for a, b in zip(full.queries, resumed.queries))
 
 
-@pytest.mark.parametrize("change, named", [(dict(epsilon=1e-5), "epsilon"), (dict(template="paper"), "template")])
+@pytest.mark.parametrize("change, named", [(dict(ablation=AblationConfig(epsilon=1e-5)), "epsilon"), (dict(template="paper"), "template")])
 def test_resume_refuses_another_configuration(tmp_path, change, named):
     model = load_model(ModelConfig())
     out = tmp_path / "run"
@@ -184,11 +184,11 @@ def test_too_long_prompt_writes_nothing(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     [(dict(method="fast"), "unknown method"), (dict(top_k=0), "--top-k"), (dict(samples=0), "--samples"),
-     (dict(ablation="zero"), "unknown ablation kind"), (dict(epsilon=2.0), "epsilon")],
+     (dict(ablation=dict(kind="zero")), "unknown ablation kind"), (dict(ablation=dict(epsilon=2.0)), "epsilon")],
 )
 def test_bad_config(settings, message):
-    with pytest.raises(UserError, match=message):
-        ShipsConfig(**settings).validate()
+    with pytest.raises(UserError, match=message):  # a bad ablation setting is refused where it is made
+        ShipsConfig(**{key: AblationConfig(**value) if key == "ablation" else value for key, value in settings.items()}).validate()
 
 
 def test_estimate_and_verify_methods(tmp_path):

@@ -8,7 +8,7 @@ from devices import relative_tolerance
 from families import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from safety_heads.ablation import Ablation
+from safety_heads.ablation import Ablation, AblationConfig
 from safety_heads.engine import Engine
 from safety_heads.errors import UserError
 from safety_heads.models import ModelConfig, load_model, wrap
@@ -25,7 +25,7 @@ def test_saved_checkpoint_reproduces_traced_ablation(family_name, kind, tmp_path
     heads = [(0, 1), (2, 3)]
     tokens = [model.tokenizer(p).input_ids for p in PROMPTS]
     traced = Engine(model).run(tokens, [heads], ablation=Ablation(kind=kind, epsilon=1e-4))
-    record = run_surgery(model, SurgeryConfig(heads="0:1,2:3", ablation=kind), tmp_path / "out", progress=lambda _: None)
+    record = run_surgery(model, SurgeryConfig(heads="0:1,2:3", ablation=AblationConfig(kind)), tmp_path / "out", progress=lambda _: None)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
     with torch.no_grad():
         for p, ids in enumerate(tokens):
@@ -42,12 +42,13 @@ def test_ua_behind_query_norm_is_refused_and_nothing_written(tmp_path):
     model = wrap(FAMILIES["qwen3"].build(), byte_tokenizer(), "qwen3")
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     with pytest.raises(UserError, match="cannot be baked"):
-        run_surgery(model, SurgeryConfig(heads="0:1", ablation="ua"), tmp_path / "out", progress=lambda _: None)
+        run_surgery(model, SurgeryConfig(heads="0:1", ablation=AblationConfig("ua")), tmp_path / "out", progress=lambda _: None)
     assert not (tmp_path / "out").exists()
     assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
 
 
-@pytest.mark.parametrize("settings, message", [(dict(heads="0:1", ablation="mean"), "ua or sc"), (dict(heads="9:0"), "out of range")])
+@pytest.mark.parametrize("settings, message", [(dict(heads="0:1", ablation=AblationConfig("mean")), "ua or sc"),
+                                               (dict(heads="9:0"), "out of range")])
 def test_bad_surgery_settings(settings, message, tmp_path):
     with pytest.raises(UserError, match=message):
         run_surgery(load_model(ModelConfig()), SurgeryConfig(**settings), tmp_path / "out", progress=lambda _: None)

@@ -69,6 +69,38 @@ class Ablation:
         return {"kind": self.kind, "epsilon": float(self.epsilon), "means": means}
 
 
+@dataclass(frozen=True)
+class AblationConfig:
+    """How a command ablates heads, one setting nested in every config that ablates (ShipsConfig.ablation, ...): the
+    kind, its epsilon and, for kind ``mean``, the data set whose mean head outputs are substituted (its first
+    `mean_reference_limit` prompts, in the run's own template). Checked when made. `evaluate` alone leaves kind and
+    epsilon None, "not given": its --from file's are taken, else INHERITED's (evaluate.with_source_settings).
+    Engine.ablation turns it into the Ablation a run applies, computing the reference means where the kind needs them."""
+
+    kind: str | None = "ua"
+    epsilon: float | None = DEFAULT_EPSILON
+    mean_reference: str = "harmless-val"
+    mean_reference_limit: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind is not None:
+            check_kind(self.kind)
+        if self.epsilon is not None:
+            check_epsilon(self.epsilon)
+        if not isinstance(self.mean_reference_limit, int) or self.mean_reference_limit < 1:
+            raise UserError(f"--mean-reference-limit must be at least 1, not {self.mean_reference_limit!r}")
+
+    def ablation(self, heads=(), means: torch.Tensor | None = None) -> Ablation:
+        if self.kind is None or self.epsilon is None:
+            raise ValueError("an evaluation's ablation setting is used before its --from file's was taken")
+        return Ablation(tuple(heads), self.kind, self.epsilon, means)
+
+    def record(self) -> dict:
+        """The flat keys every result has recorded its ablation under (ablation, epsilon, mean_reference, ...)."""
+        return {"ablation": self.kind, "epsilon": self.epsilon, "mean_reference": self.mean_reference,
+                "mean_reference_limit": self.mean_reference_limit}
+
+
 def require_means(ablation: Ablation) -> None:
     """Where a mean ablation is run: it needs the reference means, which only the caller can compute."""
     if ablation.kind == "mean" and ablation.means is None:

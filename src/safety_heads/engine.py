@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import intrace
-from .ablation import Ablation, Head, ablation_pairs, require_means
+from .ablation import Ablation, AblationConfig, Head, ablation_pairs, require_means
 from .batching import Batch, Chunk, left_padded, split_rows
 from .engine_config import HIDDEN_READOUTS, EngineConfig  # noqa: F401 - EngineConfig, HIDDEN_READOUTS are imported from here
 from .errors import UserError
@@ -324,6 +324,17 @@ class Engine:
             total += sums.cpu()
             count += int(batch.attention_mask.sum())
         return (total / count).float()
+
+    def ablation(self, setting: AblationConfig, template: str, system: str | None = None) -> Ablation:
+        """The Ablation `setting` describes on this model: for kind ``mean``, with the mean head outputs of its
+        reference prompts, formatted as the run's own (`template`, `system`). The one place means are computed."""
+        means = None
+        if setting.kind == "mean":
+            from .data import prompt_tokens
+
+            means = self.head_means(prompt_tokens(setting.mean_reference, setting.mean_reference_limit, template,
+                                                  self.model.tokenizer, system))
+        return setting.ablation(means=means)
 
 
 def _cache_name(module: torch.nn.Module) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .ablation import DEFAULT_EPSILON, Ablation, Head, parse_heads
+from .ablation import DEFAULT_EPSILON, Ablation, AblationConfig, Head, parse_heads
 from .asr import DatasetResult, Rates, rates_of
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
@@ -32,7 +32,7 @@ from .judges import RECOMMENDED_JUDGE, KeywordJudge, headline_judge, make_judges
 from .measures import kl_divergence, top_heads
 from .models import LoadedModel
 from .progress import print_progress
-from .records import versions
+from .records import settings, versions
 from .slices import parse_range, positions
 from .work import finish
 
@@ -57,8 +57,7 @@ class EvaluateConfig:
     # with raw prompts measures the wrong thing); without, INHERITED's default. run_evaluation fills them in.
     template: str | None = None
     system: str | None = None
-    ablation: str | None = None
-    epsilon: float | None = None
+    ablation: AblationConfig = field(default_factory=lambda: AblationConfig(kind=None, epsilon=None))
     heads: str | None = None  # a head spec such as "2:26,3:8"
     source: str | None = None  # a sahara.json or ships.json to take the heads from (--from)
     top_k: int | None = None
@@ -66,12 +65,8 @@ class EvaluateConfig:
     judges: str = RECOMMENDED_JUDGE  # gcg: agrees with every hand label on Qwen (docs/real-model-study.md)
     harmless: str | None = "harmless-test"
     harmless_limit: int = 32
-    mean_reference: str = "harmless-val"
-    mean_reference_limit: int = 64
 
     def validate(self) -> None:
-        # None: the source's own setting (--from); anything given is checked as an Ablation checks it.
-        Ablation(kind="ua" if self.ablation is None else self.ablation, epsilon=DEFAULT_EPSILON if self.epsilon is None else self.epsilon)
         if (self.heads is None) == (self.source is None):
             raise UserError("give the heads to ablate with exactly one of --heads or --from")
         if self.per_query and self.source is None:
@@ -97,10 +92,9 @@ INHERITED = {"template": "auto", "system": None, "ablation": "ua", "epsilon": DE
 def with_source_settings(config: EvaluateConfig, source, progress: Callable[[str], None]) -> EvaluateConfig:
     """`config` with every setting of INHERITED filled in: from the --from file's result (`source`, its run record)
     where not given (and said so), else the default; a given value that differs from the file's is a warning line."""
-    given = {name: getattr(config, name) for name in INHERITED}
-    if config.source is None:
-        return replace(config, **{name: INHERITED[name] if value is None else value for name, value in given.items()})
-    recorded = source.config if source is not None else {}
+    given = {"template": config.template, "system": config.system, "ablation": config.ablation.kind,
+             "epsilon": config.ablation.epsilon}
+    recorded = source.config if config.source is not None and source is not None else {}
     values, taken = {}, []
     for name, value in given.items():
         from_file = recorded.get(name, INHERITED[name])
@@ -111,9 +105,10 @@ def with_source_settings(config: EvaluateConfig, source, progress: Callable[[str
             values[name] = value
             if name in recorded and value != from_file:
                 progress(f"warning: --{name} {value!r} differs from the {from_file!r} that {config.source} was computed with")
-    if taken:
+    if taken and config.source is not None:
         progress(f"from {config.source}: {', '.join(taken)} (give --template, --system, --ablation or --epsilon to override)")
-    return replace(config, **values)
+    ablation = replace(config.ablation, kind=values.pop("ablation"), epsilon=values.pop("epsilon"))
+    return replace(config, ablation=ablation, **values)
 
 
 @dataclass
@@ -325,7 +320,7 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
     """Everything checked before any work (and before a run folder is touched): the config, the heads (from
     --heads, or from `source`, the --from file's ShipsResult or SaharaResult), the settings it inherits, the judges, every prompt
     and answer fitting the context; then the mean reference, if the ablation needs one."""
-    from .data import format_prompts, load_prompts, prompt_tokens, resolve_template
+    from .data import format_prompts, load_prompts, resolve_template
     from .slices import load_slice
 
     progress = progress or print_progress
@@ -355,12 +350,8 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
         with about(where):  # everything fits the context before anything is written
             engine.tokenize([p.token_ids for p in prompts])
             check_answer_room(engine, prompts, generation.max_new_tokens)
-    means = None
-    if config.ablation == "mean":
-        means = engine.head_means(prompt_tokens(config.mean_reference, config.mean_reference_limit, config.template,
-                                                tokenizer, config.system))
+    ablation = engine.ablation(config.ablation, config.template, config.system)
     record = _config_record(model, config, generation, choice, judges, sets, harmless)
-    ablation = Ablation(kind=config.ablation, epsilon=config.epsilon, means=means)
     given = _given_batches(baseline, sets, harmless, generation.batch_size) if baseline else {}
     if baseline:
         record["baseline_answers_from"] = baseline.origin
@@ -418,7 +409,7 @@ def _config_record(model, config, generation, choice, judges, sets, harmless) ->
         "model": model.name,
         "dtype": str(model.dtype).removeprefix("torch."),
         "attn_implementation": model.config.attn_implementation,
-        **asdict(config),
+        **settings(config),
         "generation": asdict(generation),
         "judge_versions": {j.name: j.version for j in judges},
         "heads_origin": choice.origin,

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from .ablation import Ablation, parse_heads
+from .ablation import AblationConfig, check_epsilon, parse_heads
 from .data import load_prompts
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
@@ -41,7 +41,7 @@ from .models import LoadedModel
 from .objectives import OBJECTIVES
 from .progress import StageProgress, print_progress
 from .recommend import measure, recommend
-from .records import versions
+from .records import settings, versions
 from .runs import run_evaluation, run_sahara, run_ships
 from .runs.evaluate import read_evaluation
 from .runs.experiment import Study
@@ -79,8 +79,7 @@ class ExperimentConfig:
     # A default shared with a stage is the stage config's own, so it exists in one place.
     template: str = ShipsConfig.template  # auto: chat if the tokenizer has a chat template, else raw
     system: str | None = None
-    ablation: str = ShipsConfig.ablation
-    epsilon: float = ShipsConfig.epsilon
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # every stage's (kind, epsilon, mean reference)
     ships_dataset: str = "maliciousinstruct"
     ships_limit: int | None = None
     sahara_dataset: str = "maliciousinstruct"
@@ -90,7 +89,7 @@ class ExperimentConfig:
     # Per stage (the cookbook notebook's QUICK mode samples heads and uses eps 1e-5 to find heads, 0 to evaluate):
     ships_heads: str | None = None  # the heads Ships scores (a head spec such as "*/10:*/8"); None = every head
     sahara_heads: str | None = None  # Sahara's candidates; None = every head
-    ships_epsilon: float | None = None  # None = epsilon
+    ships_epsilon: float | None = None  # None = ablation.epsilon
     sahara_epsilon: float | None = None
     eval_epsilon: float | None = None
     readout: str = SaharaConfig.readout  # Sahara's representation (SaharaConfig.readout); "last-layer" as the notebook
@@ -124,7 +123,7 @@ class ExperimentConfig:
         """A copy with every preset-controlled None filled in from the mode's preset."""
         if self.mode not in MODES:
             raise UserError(f"unknown mode '{self.mode}'; choose quick or full")
-        values = asdict(self)
+        values = {item.name: getattr(self, item.name) for item in fields(self)}
         for key in STAGE_LIMITS:
             if values[key] is None:
                 values[key] = self.limit
@@ -138,16 +137,15 @@ class ExperimentConfig:
         return ExperimentConfig(**values)
 
     def validate(self) -> None:
-        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
         check_guard_max_rise(self.guard_max_rise)  # checked here, not when the Sahara stage starts
         for value in (self.ships_epsilon, self.sahara_epsilon, self.eval_epsilon):
             if value is not None:
-                Ablation(epsilon=value)
-        for field in fields(self):
-            value = getattr(self, field.name)
-            counted = field.name == "limit" or field.name.endswith(("_limit", "top_k", "tokens", "candidates"))
+                check_epsilon(value)
+        for item in fields(self):
+            value = getattr(self, item.name)
+            counted = item.name == "limit" or item.name.endswith(("_limit", "top_k", "tokens", "candidates"))
             if counted and value is not None and value < 1:
-                raise UserError(f"--{field.name.replace('_', '-')} must be at least 1, not {value}")
+                raise UserError(f"--{item.name.replace('_', '-')} must be at least 1, not {value}")
         if self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps}")
         if self.refusal_objective not in (None, *OBJECTIVES[1:]):
@@ -233,7 +231,7 @@ def study_job(model: LoadedModel, config: ExperimentConfig, out: Path, engine_co
               emit: Callable[[str], None]) -> StudyJob:
     """Everything checked before the folder is touched: the settings, the data sets, the answers fitting the context."""
     config, pruned, queries = _prepared(model, config)
-    header = {"model": model.name, "dtype": str(model.dtype), **asdict(config),
+    header = {"model": model.name, "dtype": str(model.dtype), **settings(config),
               "remote": (engine_config or EngineConfig()).remote}
     return StudyJob(model, config, out, engine_config, emit, queries, pruned, header)
 
@@ -297,7 +295,7 @@ class Stages:
         self.model, self.config, self.out, self.engine_config, self.emit = model, config, out, engine_config, emit
         self.queries = queries  # the Ships and Sahara stages' queries, read (and checked) before the folder was touched
         self.timings: dict[str, float] = {}
-        self.common = dict(template=config.template, system=config.system, ablation=config.ablation)
+        self.common = dict(template=config.template, system=config.system)
         self.generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
         refusal = ["ships-refusal", "sahara-refusal", "evaluate-refusal"] if refusal else []
         names = ["ships", "sahara", "evaluate", "evaluate-per-query"] + refusal
@@ -306,8 +304,9 @@ class Stages:
         self.total = len(names)
         self.index = 0
 
-    def _epsilon(self, value: float | None) -> float:
-        return self.config.epsilon if value is None else value  # a stage's epsilon, --epsilon where not given
+    def _ablation(self, epsilon: float | None) -> AblationConfig:
+        """The study's ablation setting with a stage's own epsilon (--ships-epsilon, ...), where given."""
+        return self.config.ablation if epsilon is None else replace(self.config.ablation, epsilon=epsilon)
 
     def _stage(self, name: str, final: Path, read: Callable[[Path], object], work: Callable[[Callable[[str], None]], object]):
         self.index += 1
@@ -321,7 +320,7 @@ class Stages:
 
     def _ships(self, name: str, score: str) -> ShipsResult:
         c = self.config
-        stage_config = ShipsConfig(**self.common, epsilon=self._epsilon(c.ships_epsilon), heads=c.ships_heads, score=score)
+        stage_config = ShipsConfig(**self.common, ablation=self._ablation(c.ships_epsilon), heads=c.ships_heads, score=score)
         return self._stage(name, self.out / name / "ships.json", read_ships, lambda p: run_ships(
             self.model, self.queries["ships"], stage_config, out=self.out / name, resume=True,
             engine_config=self.engine_config, source={"dataset": c.ships_dataset, "limit": c.ships_limit}, progress=p))
@@ -337,7 +336,7 @@ class Stages:
         c = self.config
         # guard_batch 1: the guard checks the best head first and widens only when it fails (the same choice, and on
         # a real model each check is a teacher-forced pass over every guard answer).
-        return SaharaConfig(**self.common, epsilon=self._epsilon(c.sahara_epsilon), heads=c.sahara_heads,
+        return SaharaConfig(**self.common, ablation=self._ablation(c.sahara_epsilon), heads=c.sahara_heads,
                             readout=c.readout, steps=c.steps, exclude=c.exclude, guard=c.guard, objective=objective,
                             guard_max_rise=c.guard_max_rise, guard_batch=1, sets_per_call=16, candidates=c.candidates,
                             rank_by=str(self.out / ranked_by / "ships.json") if c.candidates else None)
@@ -358,10 +357,10 @@ class Stages:
         return self._run_search("sahara-refusal", self._search(self.config.refusal_objective, "ships-refusal"), ranking)
 
     def _evaluate(self, name: str, folder: str, source: ShipsResult | SaharaResult, source_file: str,
-                  baseline: GivenBaseline | None = None, **settings) -> Evaluation:
+                  baseline: GivenBaseline | None = None, **options) -> Evaluation:
         c = self.config
         config = EvaluateConfig(limit=c.eval_limit, judges=c.judges, harmless_limit=c.harmless_limit, **self.common,
-                                epsilon=self._epsilon(c.eval_epsilon), source=str(self.out / source_file), **settings)
+                                ablation=self._ablation(c.eval_epsilon), source=str(self.out / source_file), **options)
         return self._stage(name, self.out / folder / "eval.json", read_evaluation, lambda p: run_evaluation(
             self.model, config, self.generation, out=self.out / folder, resume=True, engine_config=self.engine_config,
             source=source, progress=p, baseline=baseline))
@@ -392,7 +391,7 @@ def experiment_record(model, config: ExperimentConfig, engine_config, timings: d
     return to_jsonable({
         "format": "safety-heads/experiment",
         "version": 1,
-        "config": asdict(config),
+        "config": settings(config),
         "model": model.name,
         "engine": asdict(engine_config or EngineConfig()),
         "recommended_group": recommendation["group"],

@@ -4,7 +4,8 @@ the compute it took. Methods put this in their results; a resumed run must match
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, fields
+from copy import deepcopy
+from dataclasses import fields
 
 import torch
 
@@ -28,19 +29,31 @@ def run_record(model, config, queries, source: dict) -> dict:
     """Everything that determines a run's numbers (model, dtype, every config field, the data); a resumed run must
     match it exactly. `config` is any dataclass; `queries` are hashed, not stored."""
     digest = hashlib.sha256("\n\x00".join(queries).encode()).hexdigest()
-    settings = asdict(config)
-    for item in fields(config):  # how work is batched changes no number: such fields say metadata={"recorded": False}
-        if not item.metadata.get("recorded", True):
-            settings.pop(item.name)
     return {
         "model": model.name,
         "dtype": str(model.dtype).removeprefix("torch."),
         "attn_implementation": model.config.attn_implementation,
-        **settings,
+        **settings(config),
         **source,
         "n_queries": len(queries),
         "queries_sha256": digest,
     }
+
+
+def settings(config) -> dict:
+    """A config's fields as a result records them: flat, the nested ablation setting under the keys results have always
+    used (AblationConfig.record: ablation, epsilon, mean_reference, mean_reference_limit), and without the fields that
+    only say how work is batched, which change no number (metadata={"recorded": False})."""
+    from .ablation import AblationConfig
+
+    values = {}
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, AblationConfig):
+            values |= value.record()
+        elif item.metadata.get("recorded", True):
+            values[item.name] = deepcopy(value)
+    return values
 
 
 def compute_record(flops: float, seconds: float) -> dict:

@@ -105,19 +105,10 @@ class Sahara:
         self.guard = HarmlessGuard(model, config, self.engine, lambda: self.ablation) if config.guard is not None else None
 
     @cached_property
-    def means(self) -> torch.Tensor | None:
-        """Computed on first use, so bad input is reported before the reference pass."""
-        if self.config.ablation != "mean":
-            return None
-        from .data import prompt_tokens
-
-        c = self.config
-        return self.engine.head_means(prompt_tokens(c.mean_reference, c.mean_reference_limit, c.template, self.model.tokenizer, c.system))
-
-    @cached_property
     def ablation(self) -> Ablation:
-        """How every head set is ablated (kind, epsilon and, for `mean`, the reference means)."""
-        return Ablation(kind=self.config.ablation, epsilon=self.config.epsilon, means=self.means)
+        """How every head set is ablated (kind, epsilon and, for `mean`, the reference means): made on first use, so
+        bad input is reported before the reference pass."""
+        return self.engine.ablation(self.config.ablation, self.config.template, self.config.system)
 
     @cached_property
     def objective(self) -> AngleObjective | RefusalObjective:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ablation import DEFAULT_EPSILON, Ablation
+from .ablation import AblationConfig
 from .engine import HIDDEN_READOUTS
 from .errors import UserError
 from .guard import GUARD_BATCH
@@ -33,13 +33,10 @@ class SaharaConfig:
     refusal_harmless: str = "harmless-train"
     refusal_limit: int = 32
     rank: int = 1  # R, the number of left singular vectors compared (the authors' code: 1); angle only
-    ablation: str = "ua"
-    epsilon: float = DEFAULT_EPSILON
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # kind, epsilon, mean reference
     heads: str | None = None  # a head spec restricting the candidates ("0-7:*"); None = every head
     exclude: str | None = None  # a head spec never chosen ("0:6"): e.g. a head whose ablation breaks the model
     dedupe: bool = False  # drop repeated queries (otherwise kept, each a row of M, with a warning)
-    mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
-    mean_reference_limit: int = 64
     score: str = "svd"  # svd | paper-era (hidden dimension 0 only; see the module docstring)
     # M's rows: the final norm's output at the last token (the paper's code) or the last layer's output before the
     # norm (the cookbook notebook's `layers[-1].output`); they can choose different heads.
@@ -66,7 +63,6 @@ class SaharaConfig:
     rank_by: str | None = None
 
     def validate(self) -> None:
-        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
         if not isinstance(self.steps, int) or self.steps < 1:
             raise UserError(f"--steps must be at least 1, not {self.steps!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -83,8 +79,6 @@ class SaharaConfig:
             raise UserError(f"--readout must be one of {', '.join(HIDDEN_READOUTS)}, not {self.readout!r}")
         if self.score == "paper-era" and self.rank != 1:
             raise UserError("--rank applies to the svd score only; the paper-era score compares one column")
-        if self.mean_reference_limit < 1:
-            raise UserError(f"--mean-reference-limit must be at least 1, not {self.mean_reference_limit!r}")
         for name in ("guard_limit", "guard_tokens", "guard_batch", "sets_per_call"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)!r}")

@@ -27,7 +27,7 @@ from functools import cached_property
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Ablation, Head, format_heads, parse_heads
+from .ablation import Ablation, AblationConfig, Head, format_heads, parse_heads
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
 from .measures import kl_divergence, top_heads  # noqa: F401 (part of the Ships API)
@@ -47,8 +47,7 @@ class ShipsConfig:
 
     template: str = "auto"  # auto (chat if the tokenizer has a chat template, else raw) | raw | paper | chat (data.py)
     system: str | None = None  # system prompt, chat template only
-    ablation: str = "ua"
-    epsilon: float = DEFAULT_EPSILON
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # kind, epsilon, mean reference
     heads: str | None = None  # a head spec restricting the sweep ("0-7:*"); None = every head
     method: str = "exact"
     top_k: int = 10  # heads recomputed exactly by estimate+verify, and listed per query
@@ -61,8 +60,6 @@ class ShipsConfig:
     samples: int = 64  # sampled: Fisher samples for the estimate
     samples_per_pass: int | None = None  # rows per forward+backward pass of the estimate (memory); None = all
     seed: int = 0
-    mean_reference: str = "harmless-val"  # data set whose mean head outputs `mean` ablation substitutes
-    mean_reference_limit: int = 64
     # What a head's ablation is scored by: the paper's "kl", or a refusal-aware score (refusal.py) learned from the
     # clean model on refusal_limit prompts of refusal_harmful and refusal_harmless (splits no evaluation uses).
     score: str = "kl"
@@ -71,7 +68,6 @@ class ShipsConfig:
     refusal_limit: int = 32
 
     def validate(self) -> None:
-        Ablation(kind=self.ablation, epsilon=self.epsilon)  # checks both
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.score not in SCORES:
@@ -191,8 +187,7 @@ class Ships:
         self.heads = list(parse_heads(config.heads, layout)) if config.heads else [
             (layer, head) for layer in range(layout.n_layers) for head in range(layout.n_heads)
         ]
-        self.means = self._reference_means() if config.ablation == "mean" else None
-        self.ablation = Ablation(kind=config.ablation, epsilon=config.epsilon, means=self.means)  # how every head is ablated
+        self.ablation = self.engine.ablation(config.ablation, config.template, config.system)  # how every head is ablated
         self.stats: dict = {}  # the engine's counts over every exact sweep (traces, rows, FLOPs)
 
     @cached_property
@@ -202,12 +197,6 @@ class Ships:
         if c.score == "kl":
             return None
         return learn_from(self.engine, self.model, c.score, c)
-
-    def _reference_means(self) -> torch.Tensor:
-        from .data import prompt_tokens
-
-        c = self.config
-        return self.engine.head_means(prompt_tokens(c.mean_reference, c.mean_reference_limit, c.template, self.model.tokenizer, c.system))
 
     def score_many(self, items: Sequence[tuple[int, object]]) -> list[QueryScores]:
         """Ships of every selected head for several (index, formatted prompt) pairs: exact ones in one sweep."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .ablation import DEFAULT_EPSILON, Ablation, bake_into_weights, format_heads, parse_heads
+from .ablation import Ablation, AblationConfig, bake_into_weights, format_heads, parse_heads
 from .engine import Engine
 from .errors import UserError
 from .models import LoadedModel
@@ -37,13 +37,11 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 @dataclass
 class SurgeryConfig:
     heads: str = ""
-    ablation: str = "ua"
-    epsilon: float = DEFAULT_EPSILON
+    ablation: AblationConfig = field(default_factory=AblationConfig)  # ua or sc, and epsilon (a mean needs no surgery)
 
     def validate(self) -> None:
-        if self.ablation not in SURGERY_KINDS:
-            raise UserError(f"surgery supports --ablation {' or '.join(SURGERY_KINDS)}, not '{self.ablation}'")
-        Ablation(epsilon=self.epsilon)  # checks it
+        if self.ablation.kind not in SURGERY_KINDS:
+            raise UserError(f"surgery supports --ablation {' or '.join(SURGERY_KINDS)}, not '{self.ablation.kind}'")
 
 
 def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
@@ -56,7 +54,7 @@ def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, prog
     if out.exists() and any(out.iterdir()):
         raise UserError(f"'{out}' is not empty; surgery writes a whole checkpoint, so choose a new or empty --out")
     heads = parse_heads(config.heads, model.layout)
-    ablation = Ablation(heads, config.ablation, config.epsilon)
+    ablation = config.ablation.ablation(heads)
     if ablation.kind == "ua" and model.layout.query_weight_path is None:
         bake_into_weights(model.module, model.layout, ablation)  # raises the explanatory error, edits nothing
     check_output_folder(out)
@@ -76,7 +74,8 @@ def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, prog
         "version": 1,
         "model": model.name,
         "dtype": str(model.dtype).removeprefix("torch."),
-        **asdict(config),
+        "ablation": ablation.kind,
+        "epsilon": ablation.epsilon,
         "heads": [list(h) for h in heads],
         "heads_spec": format_heads(heads),
         "changed": _changed_tensors(model, ablation),

@@ -7,16 +7,31 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, is_dataclass, replace
 
 from ..errors import UserError
 
 
 def _config(cls, args: argparse.Namespace):
     """Build a config dataclass from the parsed flags that share its field names, and validate it."""
-    config = cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+    config = cls(**_values(cls, args))
     config.validate()
     return config
+
+
+def _values(cls, args: argparse.Namespace) -> dict:
+    """A config's fields from the flags of the same name; a nested config (ShipsConfig.ablation, an AblationConfig)
+    from its own fields' flags, over the default the outer config gives it."""
+    from .flags import field_default
+
+    values = {}
+    for item in fields(cls):
+        default = field_default(item)
+        if is_dataclass(default):
+            values[item.name] = replace(default, **_values(type(default), args))
+        elif hasattr(args, item.name):
+            values[item.name] = getattr(args, item.name)
+    return values
 
 
 def _load(args):
@@ -109,7 +124,7 @@ def command_ships(args) -> int:
     model = _load(args)
     result = run_ships(model, queries, config, out=args.out, resume=args.resume, engine_config=engine_config, source=source)
     print(f"Top heads by mean Ships over {len(result.queries)} quer{'y' if len(result.queries) == 1 else 'ies'}{_slice_words(source)} "
-          f"({config.ablation}, eps={config.epsilon:g}, {config.method}, score {config.score}, "
+          f"({config.ablation.kind}, eps={config.ablation.epsilon:g}, {config.method}, score {config.score}, "
           f"template {result.config['template']}):")
     from ..ships import top_heads
 
@@ -140,8 +155,8 @@ def command_sahara(args) -> int:
     from ..objectives import UNITS
 
     what = f"rank {config.rank}" if config.objective == "angle" else f"objective {config.objective}"
-    print(f"Sahara group over {len(queries)} queries{_slice_words(source)} ({config.ablation}, eps={config.epsilon:g}, {what}, "
-          f"template {result.config['template']}):")
+    print(f"Sahara group over {len(queries)} queries{_slice_words(source)} ({config.ablation.kind}, "
+          f"eps={config.ablation.epsilon:g}, {what}, template {result.config['template']}):")
     for step in result.steps:
         guard = ""
         if step.guard is not None:
@@ -238,8 +253,8 @@ def command_surgery(args) -> int:
     config = _config(SurgeryConfig, args)
     model = _load(args)
     record = run_surgery(model, config, args.out)
-    print(f"saved {args.out}: {record['model']} with {record['heads_spec']} baked in ({config.ablation}, eps={config.epsilon:g}); "
-          f"load it with AutoModelForCausalLM.from_pretrained('{args.out}')")
+    print(f"saved {args.out}: {record['model']} with {record['heads_spec']} baked in ({config.ablation.kind}, "
+          f"eps={config.ablation.epsilon:g}); load it with AutoModelForCausalLM.from_pretrained('{args.out}')")
     return 0
 
 

@@ -3,8 +3,9 @@
     flags = Flags(ships_parser, "ships")          # the parser's `configs`: (ShipsConfig, EngineConfig, ModelConfig)
     flags.add("top_k", "heads recomputed exactly by estimate+verify (default %(default)s)")
 
-`add` names a field of the first of the command's configs that has it. The flag is the field's name with dashes
-(`flag=` for the few exceptions, such as --memory-budget for memory_budget_mb); its type and default come from the
+`add` names a field of the first of the command's configs that has it. A config nested in another (AblationConfig, in
+every config that ablates) is one of the command's configs too, and its flags fill the nested value. The flag is the
+field's name with dashes (`flag=` for the few exceptions, such as --memory-budget for memory_budget_mb); its type and default come from the
 field (int, float, str and their Optional; a bool is a switch: --name when it defaults to False, --no-name when it
 defaults to True); its help is written beside the call, where `%(default)s` is argparse's own substitution, so no help
 repeats a default. Flags that set no config field (--out, --resume, --show) go through `plain`, an add_argument.
@@ -127,8 +128,11 @@ class Flags:
             flag = flag or f"--{dashed}"
             kwargs.setdefault("type", kind)
         if not kwargs.get("required"):
-            kwargs["default"] = default
+            kwargs.setdefault("default", default)  # a command whose config nests `cls` with other defaults says so
         self.parser.config_fields.add((cls.__name__, name))
+        for parent in self.parser.configs:  # a config that nests `cls` (ShipsConfig.ablation) is filled by its flags
+            self.parser.config_fields |= {(parent.__name__, item.name) for item in parent.__dataclass_fields__.values()
+                                          if isinstance(field_default(item), cls)}
         return self.group.add_argument(flag, help=help, **kwargs)
 
     def add_all(self, helps: dict[str, str]) -> None:

@@ -22,9 +22,9 @@ MEAN_REFERENCE_HELP = "data set whose mean head outputs --ablation mean uses"
 # Config fields that no flag sets, on purpose (tests/test_cli.py checks that every other field of a command's
 # configs has its flag): internal sizes of a reference set or of a call, and what another flag or stage decides.
 NOT_FLAGS = {
-    "ShipsConfig": ("mean_reference_limit", "refusal_harmful", "refusal_harmless"),
-    "SaharaConfig": ("mean_reference_limit", "sets_per_call", "refusal_harmful", "refusal_harmless"),
-    "EvaluateConfig": ("mean_reference_limit",),
+    "AblationConfig": ("mean_reference_limit",),
+    "ShipsConfig": ("refusal_harmful", "refusal_harmless"),
+    "SaharaConfig": ("sets_per_call", "refusal_harmful", "refusal_harmless"),
     "ExperimentConfig": ("mode",),  # --quick / --full
     "EngineConfig": ("hidden_readout", "remote_poll_s", "remote_wait_s"),  # hidden_readout: Sahara's --readout
 }
@@ -33,6 +33,7 @@ NOT_FLAGS = {
 def _command_configs() -> dict[str, tuple]:
     """The config dataclasses whose fields each command's flags set, first match wins (evaluate's --top-k is
     EvaluateConfig's, not GenerationConfig's)."""
+    from ..ablation import AblationConfig
     from ..engine_config import EngineConfig
     from ..evaluate import EvaluateConfig
     from ..experiment import ExperimentConfig
@@ -42,9 +43,11 @@ def _command_configs() -> dict[str, tuple]:
     from ..ships import ShipsConfig
     from ..surgery import SurgeryConfig
 
-    return {"heads": (ModelConfig,), "ships": (ShipsConfig, EngineConfig, ModelConfig),
-            "sahara": (SaharaConfig, EngineConfig, ModelConfig), "run": (ExperimentConfig, EngineConfig, ModelConfig),
-            "evaluate": (EvaluateConfig, GenerationConfig, EngineConfig, ModelConfig), "surgery": (SurgeryConfig, ModelConfig)}
+    return {"heads": (ModelConfig,), "ships": (ShipsConfig, AblationConfig, EngineConfig, ModelConfig),
+            "sahara": (SaharaConfig, AblationConfig, EngineConfig, ModelConfig),
+            "run": (ExperimentConfig, AblationConfig, EngineConfig, ModelConfig),
+            "evaluate": (EvaluateConfig, AblationConfig, GenerationConfig, EngineConfig, ModelConfig),
+            "surgery": (SurgeryConfig, ModelConfig)}  # surgery bakes ua or sc: its --ablation and --epsilon only
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,17 +113,21 @@ def _engine_arguments(parser: _Parser) -> None:
 
 
 def _ablation_arguments(parser: _Parser) -> None:
-    """A None default (evaluate) means the --from file's value, else evaluate.INHERITED's."""
-    from ..ablation import KINDS
+    """The command's nested AblationConfig: --ablation (its kind), --epsilon, --mean-reference. Evaluate's kind and
+    epsilon default to None: the --from file's value, else evaluate.INHERITED's."""
+    from ..ablation import KINDS, AblationConfig
 
     flags = Flags(parser, "ablation")
+    setting = config_default(parser, "ablation")  # the default of the command's config's nested setting
     ablation, epsilon = "%(default)s", "%(default)g"
-    if config_default(parser, "ablation") is None:
+    if setting.kind is None:
         from ..evaluate import INHERITED
 
         ablation, epsilon = f"the --from file's, else {INHERITED['ablation']}", f"the --from file's, else {INHERITED['epsilon']:g}"
-    flags.add("ablation", f"{', '.join(KINDS)} (default {ablation}: scale the head's query by epsilon)")
-    flags.add("epsilon", f"scale factor, 0 to 1 (default {epsilon})")
+    flags.add("kind", f"{', '.join(KINDS)} (default {ablation}: scale the head's query by epsilon)", config=AblationConfig,
+              flag="--ablation", default=setting.kind)
+    flags.add("epsilon", f"scale factor, 0 to 1 (default {epsilon})", config=AblationConfig, default=setting.epsilon)
+    flags.add("mean_reference", MEAN_REFERENCE_HELP, config=AblationConfig)
 
 
 def _dataset_arguments(flags: Flags) -> None:
@@ -180,7 +187,6 @@ SHIPS_HELP = {
                         "unit (default %(default)s)",
     "samples_per_pass": "estimate rows per forward+backward pass, to bound memory (default: all at once)",
     "seed": "seed of the sampled estimator's draws",
-    "mean_reference": MEAN_REFERENCE_HELP,
     "score": "kl (the paper's: KL of the next token), refusal-logprob (drop in log P of the model's own refusal "
              "openings) or refusal-direction (drop along its refusal direction); docs/scores.md (default %(default)s)",
 }
@@ -231,7 +237,6 @@ def _sahara(commands, configs) -> None:
                             "paper's search)", metavar="N")
     flags.add("rank_by", "a ships.json whose mean score (any --score) ranks the candidates", metavar="SHIPS_JSON")
     _guard_arguments(flags, details=True)
-    flags.add("mean_reference", MEAN_REFERENCE_HELP)
     _output_arguments(flags)
     _engine_arguments(sahara)
 
@@ -335,18 +340,19 @@ def _decoding_arguments(flags: Flags) -> None:
     flags.add("temperature", "for --sample")
     flags.add("seed", "seed of --sample's draws")
     flags.add("batch_size", "queries generated together")
-    flags.add("mean_reference", MEAN_REFERENCE_HELP)
     _output_arguments(flags)
 
 
 def _surgery(commands, configs) -> None:
+    from ..ablation import AblationConfig
     from ..surgery import SURGERY_KINDS
 
     surgery = _command(commands, configs, "surgery", "bake an ablation into the weights and save a Hugging Face checkpoint")
     flags = Flags(surgery)
     flags.add("heads", "heads to ablate, e.g. '2:26,3:8'", required=True)
-    flags.add("ablation", _either(SURGERY_KINDS, config_default(surgery, "ablation")))
-    flags.add("epsilon", "scale factor, 0 to 1")
+    flags.add("kind", _either(SURGERY_KINDS, config_default(surgery, "ablation").kind), config=AblationConfig,
+              flag="--ablation")
+    flags.add("epsilon", "scale factor, 0 to 1", config=AblationConfig)
     flags.plain("--out", required=True, type=folder, help="a new or empty folder for the checkpoint")
 
 
