@@ -81,3 +81,17 @@ def test_nothing_parses_a_result_file_except_its_reader():
                 called = ast.unparse(node.func)
                 if called.split(".")[-1] in ("loads", "load", "read_json", "load_tensors") and name not in PARSERS:
                     raise AssertionError(f"{name} parses a file itself ({called}): read it with its reader")
+
+
+def test_configs_are_checked_where_they_are_made():
+    """Every config dataclass validates itself when made (checked.Checked, or its own __post_init__), so no caller
+    calls validate(): a config in hand is a checked one. The demo's training recipe (demo/) is no user's config."""
+    for path in sources():
+        name = path.relative_to(PACKAGE).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and not name.startswith("demo/"):
+                bases = [ast.unparse(base) for base in node.bases]
+                own = any(isinstance(item, ast.FunctionDef) and item.name == "__post_init__" for item in node.body)
+                assert "Checked" in bases or own, f"{name}: {node.name} is not checked when made"
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(".validate") and name != "checked.py":
+                raise AssertionError(f"{name} calls {ast.unparse(node.func)}(): configs are checked when made")

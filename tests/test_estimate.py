@@ -228,8 +228,8 @@ def test_no_tensors_are_left_behind():
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(config=EstimateConfig(samples=0)), "samples"),
-        (dict(config=EstimateConfig(samples_per_pass=0)), "samples-per-pass"),
+        (dict(config=dict(samples=0)), "samples"),
+        (dict(config=dict(samples_per_pass=0)), "samples-per-pass"),
         (dict(kind="zero"), "unknown ablation kind"),
         (dict(kind="mean"), "reference means"),
         (dict(kind="mean", means=torch.zeros(2, 64)), "means must be"),
@@ -238,9 +238,10 @@ def test_no_tensors_are_left_behind():
 )
 def test_bad_input_is_a_user_error(settings, message):
     engine = engine_for(gentle("llama"), "llama")
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message):  # a bad config is refused where it is made
         ablation = Ablation(**{name: value for name, value in settings.items() if name != "config"})
-        estimate_scores(engine, engine.tokenize([PROMPT])[0], ablation=ablation, config=settings.get("config"))
+        config = EstimateConfig(**settings["config"]) if "config" in settings else None
+        estimate_scores(engine, engine.tokenize([PROMPT])[0], ablation=ablation, config=config)
 
 
 def test_empty_prompt_is_a_user_error():
@@ -362,11 +363,12 @@ def test_fisher_estimate_costs_two_traces_of_few_rows():
 
 
 @pytest.mark.parametrize("settings, message", [
-    (dict(config=EstimateConfig(top_tokens=0)), "top-tokens"),
-    (dict(config=EstimateConfig(estimator="guess")), "unknown estimator"),
+    (dict(config=dict(top_tokens=0)), "top-tokens"),
+    (dict(config=dict(estimator="guess")), "unknown estimator"),
 ])
 def test_bad_fisher_settings_are_user_errors(settings, message):
     engine = engine_for(gentle("llama"), "llama")
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=message):  # a bad config is refused where it is made
         ablation = Ablation(**{name: value for name, value in settings.items() if name != "config"})
-        estimate_scores(engine, engine.tokenize([PROMPT])[0], ablation=ablation, config=settings.get("config"))
+        config = EstimateConfig(**settings["config"]) if "config" in settings else None
+        estimate_scores(engine, engine.tokenize([PROMPT])[0], ablation=ablation, config=config)

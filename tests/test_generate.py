@@ -77,12 +77,12 @@ def test_generation_stops_at_end_of_sequence():
 
 
 @pytest.mark.parametrize(
-    "config, message",
-    [(GenerationConfig(max_new_tokens=0), "--max-new-tokens"), (GenerationConfig(batch_size=0), "--batch-size"),
-     (GenerationConfig(top_p=1.5), "--top-p"), (GenerationConfig(temperature=0), "--temperature")],
+    "settings, message",
+    [(dict(max_new_tokens=0), "--max-new-tokens"), (dict(batch_size=0), "--batch-size"),
+     (dict(top_p=1.5), "--top-p"), (dict(temperature=0), "--temperature")],
 )
-def test_bad_generation_settings(config, message):
+def test_bad_generation_settings(settings, message):
     tokenizer = byte_tokenizer()
     model = wrap(FAMILIES["llama"].build(), tokenizer, "llama")
-    with pytest.raises(UserError, match=message):
-        generate(model, tokens(tokenizer), config=config)
+    with pytest.raises(UserError, match=message):  # refused where the config is made
+        generate(model, tokens(tokenizer), config=GenerationConfig(**settings))

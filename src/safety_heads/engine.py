@@ -79,7 +79,6 @@ class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None):
         self.model = model
         self.config = config or EngineConfig()
-        self.config.validate()
         self.layout = model.layout
         # What in-trace code needs, as plain data (intrace.py), and the name the model gives its KV cache argument
         # and output field (transformers renamed past_key_values to cache).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .checked import Checked
 from .errors import UserError
 
 HIDDEN_READOUTS = ("final-norm", "last-layer")
@@ -16,7 +17,7 @@ SHARED_PREFIX_MODES = ("auto", "always", "never")
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(Checked):
     """How the engine batches. Shared by the command line and the Python API."""
 
     memory_budget_mb: float | None = None  # activation memory per forward pass; None = 2 GiB on CPU, half of free GPU memory

@@ -84,6 +84,7 @@ import torch
 
 from . import intrace
 from .ablation import Ablation, require_means
+from .checked import Checked
 from .engine import Engine
 from .errors import UserError
 from .layout import HeadLayout
@@ -92,7 +93,7 @@ ESTIMATORS = ("fisher", "sampled")
 
 
 @dataclass
-class EstimateConfig:
+class EstimateConfig(Checked):
     """How the gradient estimate works. Shared by the command line and the Python API."""
 
     # "fisher": exact per-layer changes and the Fisher over the clean model's top tokens (deterministic, top_tokens + 3
@@ -128,7 +129,6 @@ def estimate_scores(
     head is scored on its own). See the module docstring for the method and its limits.
     """
     config = config or EstimateConfig()
-    config.validate()
     if ablation.heads:
         raise ValueError("estimate_scores scores every head alone; give an Ablation without heads")
     _check_means(ablation, engine.layout)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .ablation import DEFAULT_EPSILON, Ablation, AblationConfig, Head, parse_heads
 from .asr import DatasetResult, Rates, rates_of
+from .checked import Checked
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
 from .generate import GenerationConfig, generate
@@ -47,7 +48,7 @@ DEFAULT_SHIPS_TOP_K = 3  # the paper's ASR peaks at about 3 heads
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(Checked):
     """What to evaluate. Shared by `safety-heads evaluate` and `run_evaluation`."""
 
     datasets: str = "maliciousinstruct"  # comma-separated bundled names or files
@@ -318,19 +319,16 @@ def evaluation_job(model: LoadedModel, config: EvaluateConfig, generation: Gener
                    source=None, engine_config: EngineConfig | None = None,
                    progress: Callable[[str], None] | None = None, baseline: GivenBaseline | None = None) -> EvaluationJob:
     """Everything checked before any work (and before a run folder is touched): the config, the heads (from
-    --heads, or from `source`, the --from file's ShipsResult or SaharaResult), the settings it inherits, the judges, every prompt
-    and answer fitting the context; then the mean reference, if the ablation needs one."""
+    --heads, or from `source`, the --from file's ShipsResult or SaharaResult), the settings it inherits, the judges,
+    every prompt and answer fitting the context; then the mean reference, if the ablation needs one."""
     from .data import format_prompts, load_prompts, resolve_template
     from .slices import load_slice
 
     progress = progress or print_progress
-    config.validate()
     choice = heads_to_ablate(config, model.layout, source)  # first: a --from file of the wrong kind is refused
     config = with_source_settings(config, source, progress)
     config = replace(config, template=resolve_template(config.template, model.tokenizer))  # recorded as used
-    config.validate()
     generation = generation or GenerationConfig()
-    generation.validate()
     judges = make_judges(config.judges)
     engine = Engine(model, engine_config)
     tokenizer = model.tokenizer

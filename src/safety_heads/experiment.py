@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .ablation import AblationConfig, check_epsilon, parse_heads
+from .checked import Checked
 from .data import load_prompts
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
@@ -71,7 +72,7 @@ PRESETS = {
 
 
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(Checked):
     """Settings of `safety-heads run`; None means "from the --quick / --full preset"."""
 
     mode: str = "quick"
@@ -242,7 +243,6 @@ def _prepared(model: LoadedModel, config: ExperimentConfig) -> tuple[ExperimentC
     from .data import resolve_template
 
     config = replace(config.resolved(), template=resolve_template(config.template, model.tokenizer))  # recorded as used
-    config.validate()
     pruned = config.mode == "quick" and config.candidates is None and model.layout.n_total_heads > QUICK_PRUNE_ABOVE
     if pruned:
         config = replace(config, candidates=QUICK_CANDIDATES)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .judges import KEYWORD_JUDGES
 from .evaluate import Evaluation
+from .judges import KEYWORD_JUDGES
 from .runs.evaluate import read_evaluation
 from .runs.experiment import read_experiment
 from .runs.files import atomic_write

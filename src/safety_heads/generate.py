@@ -24,13 +24,14 @@ import torch
 from . import intrace
 from .ablation import Ablation, Head, ablation_pairs, require_means
 from .batching import left_padded
+from .checked import Checked
 from .errors import UserError
 from .execution import TraceRunner
 from .models import LoadedModel
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(Checked):
     """Decoding settings. Shared by the command line and the Python API."""
 
     max_new_tokens: int = 64  # the paper used 128
@@ -80,7 +81,6 @@ def generate(
     with `keep_logits`) come back.
     """
     config = config or GenerationConfig()
-    config.validate()
     if head_sets is not None and len(head_sets) != len(token_lists):
         raise ValueError("one head set per prompt")
     sets = [list(head_sets[i]) if head_sets is not None else [] for i in range(len(token_lists))]

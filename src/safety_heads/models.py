@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checked import Checked
 from .errors import UserError, first_line
 from .gguf_cache import dequantised_folder, is_gguf
 from .layout import FAMILIES, HeadLayout, head_layout, layer_part, register_family, resolve  # noqa: F401 - re-exported
@@ -35,7 +36,7 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """Which model to load and how. Shared by the command line and the Python API."""
 
     # "tiny" (built in, random), "demo" (the trained demo chat model shipped with the package), a local Hugging Face
@@ -166,7 +167,6 @@ def _stay_in_place(module: nn.Module) -> dict:
 
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load `config.model` (built-in "tiny", a local folder, or a hub id) in the chosen dtype and device."""
-    config.validate()
     if config.model == "tiny":
         from .tiny import TINY_MODEL_NAME, byte_tokenizer, tiny_llama
 
@@ -238,7 +238,6 @@ def load_remote_model(config: ModelConfig, local_server: bool = False) -> Loaded
     this machine, scripts/ndif-local) a local model is named by its folder's real path, as that server deployed it."""
     import nnsight
 
-    config.validate()
     check_remote_model(config, local_server)
     source, hf_config = read_config(config)
     local = local_server and Path(source).is_dir()

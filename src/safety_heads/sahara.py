@@ -88,7 +88,6 @@ class Sahara:
                  ranking: torch.Tensor | None = None):
         """`ranking` ([layers, heads], e.g. ShipsResult.mean) orders the candidates when config.candidates prunes them
         (runs.run_sahara reads it from config.rank_by)."""
-        config.validate()
         self.model, self.config = model, config
         self.engine = Engine(model, replace(engine_config or EngineConfig(), hidden_readout=config.readout))
         self.flops = 0.0  # of every scoring sweep so far (the guard's teacher-forced passes are not counted)
@@ -304,7 +303,6 @@ def sahara_job(model: LoadedModel, queries: Sequence[str], config: SaharaConfig,
     from .data import format_prompts, resolve_template
 
     config = replace(config, template=resolve_template(config.template, model.tokenizer))
-    config.validate()
     progress = progress or print_progress
     queries, duplicates = _dedupe(list(queries), config.dedupe, progress)  # first: the record sees what is used
     sahara = Sahara(model, config, engine_config, ranking)

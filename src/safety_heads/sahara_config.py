@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .ablation import AblationConfig
+from .checked import Checked
 from .engine import HIDDEN_READOUTS
 from .errors import UserError
 from .guard import GUARD_BATCH
@@ -19,7 +20,7 @@ GAP_WARNING = 1e-3
 
 
 @dataclass
-class SaharaConfig:
+class SaharaConfig(Checked):
     """What to search and how. Shared by `safety-heads sahara` and `run_sahara`."""
 
     template: str = "auto"  # auto (chat if the tokenizer has a chat template, else raw) | raw | paper | chat (data.py)

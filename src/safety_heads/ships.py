@@ -28,6 +28,7 @@ from functools import cached_property
 import torch
 
 from .ablation import Ablation, AblationConfig, Head, format_heads, parse_heads
+from .checked import Checked
 from .engine import Engine, EngineConfig
 from .errors import UserError, about
 from .measures import kl_divergence, top_heads  # noqa: F401 (part of the Ships API)
@@ -42,7 +43,7 @@ TOP_FREQUENCY_K = 10  # the original ships_res_stats counts membership in each q
 
 
 @dataclass
-class ShipsConfig:
+class ShipsConfig(Checked):
     """What to score and how. Shared by `safety-heads ships` and `run_ships`."""
 
     template: str = "auto"  # auto (chat if the tokenizer has a chat template, else raw) | raw | paper | chat (data.py)
@@ -86,7 +87,7 @@ class ShipsConfig:
 
         # checked whatever the method: a bad value is a typo even where exact does not read it
         EstimateConfig(estimator=self.estimator, top_tokens=self.top_tokens, samples=self.samples,
-                       samples_per_pass=self.samples_per_pass).validate()
+                       samples_per_pass=self.samples_per_pass)
 
 
 @dataclass
@@ -180,7 +181,6 @@ class Ships:
     """Scores queries one at a time for one model and configuration."""
 
     def __init__(self, model: LoadedModel, config: ShipsConfig, engine_config: EngineConfig | None = None):
-        config.validate()
         self.model, self.config = model, config
         self.engine = Engine(model, engine_config)
         layout = model.layout

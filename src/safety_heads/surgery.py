@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .ablation import Ablation, AblationConfig, bake_into_weights, format_heads, parse_heads
+from .checked import Checked
 from .engine import Engine
 from .errors import UserError
 from .models import LoadedModel
@@ -35,7 +36,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
 @dataclass
-class SurgeryConfig:
+class SurgeryConfig(Checked):
     heads: str = ""
     ablation: AblationConfig = field(default_factory=AblationConfig)  # ua or sc, and epsilon (a mean needs no surgery)
 
@@ -46,7 +47,6 @@ class SurgeryConfig:
 
 def run_surgery(model: LoadedModel, config: SurgeryConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
     """Edit `model` in place, verify it against the traced ablation, save weights, tokenizer and surgery.json."""
-    config.validate()
     progress = progress or print_progress
     out = Path(out)
     if out.exists() and not out.is_dir():

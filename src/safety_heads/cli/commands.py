@@ -13,10 +13,8 @@ from ..errors import UserError
 
 
 def _config(cls, args: argparse.Namespace):
-    """Build a config dataclass from the parsed flags that share its field names, and validate it."""
-    config = cls(**_values(cls, args))
-    config.validate()
-    return config
+    """A config dataclass from the parsed flags that share its field names (checked as it is made: checked.Checked)."""
+    return cls(**_values(cls, args))
 
 
 def _values(cls, args: argparse.Namespace) -> dict:
@@ -219,7 +217,6 @@ def command_evaluate(args) -> int:
         max_new_tokens=args.max_new_tokens, do_sample=args.sample, top_k=args.top_k_sampling, top_p=args.top_p,
         temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
     )
-    generation.validate()
     engine_config = _config(EngineConfig, args)
     from ..judges import make_judges
 

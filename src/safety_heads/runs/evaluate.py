@@ -29,7 +29,6 @@ def run_evaluation(model: LoadedModel, config: EvaluateConfig, generation: Gener
     of answers and write eval.json and eval_data.pt. `source` is the --from file's result when the caller holds it
     already (`run` passes its Sahara and Ships stages' results); else the file is read (read_source). `options` as
     evaluate.evaluation_job: engine_config, progress."""
-    config.validate()  # before the --from file is read: exactly one of --heads and --from
     if source is None and config.source is not None:
         source = read_source(config.source)
     job = evaluation_job(model, config, generation, source=source, **options)
