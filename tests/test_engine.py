@@ -311,7 +311,7 @@ def test_shared_prefix_auto_is_taken_only_when_it_pays():
     family, module, engine = wrapped("llama")  # auto
     head_sets = head_sets_for(family)
     assert shared_lengths(engine, TEMPLATED, head_sets) == [None]
-    engine._overhead_layer_rows = lambda length: 0.0
+    engine.overhead_layer_rows = lambda length: 0.0
     assert all(length is not None for length in shared_lengths(engine, TEMPLATED, head_sets))
 
 
@@ -338,7 +338,7 @@ def grouped_sets(family):
 @pytest.mark.parametrize("family_name", ["llama", "qwen3", "gemma2", "phi3", "gpt2"])
 def test_sets_with_common_heads_match_reference(family_name, kind, shared):
     family, module, engine = wrapped(family_name, shared_prefix=shared)
-    engine._overhead_layer_rows = lambda length: 0.0  # free traces: a chunk per first layer, as on a large model
+    engine.overhead_layer_rows = lambda length: 0.0  # free traces: a chunk per first layer, as on a large model
     prompts = TEMPLATED if shared == "always" else PROMPTS
     tokens = engine.tokenize(prompts)
     means = reference_means(module, family, tokens) if kind == "mean" else None
@@ -369,15 +369,15 @@ def test_common_heads_cut_layer_evaluations():
 
 def test_common_heads_in_remote_simulation_equal_local():
     family, module, engine = wrapped("qwen3", shared_prefix="always")
-    engine._overhead_layer_rows = lambda length: 0.0
+    engine.overhead_layer_rows = lambda length: 0.0
     head_sets = grouped_sets(family)
     local = engine.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
     simulated = Engine(engine.model, EngineConfig(remote="local", shared_prefix="always"))
-    simulated._overhead_layer_rows = lambda length: 0.0
+    simulated.overhead_layer_rows = lambda length: 0.0
     result = simulated.run(TEMPLATED, head_sets, readouts=("logits", "hidden"))
     assert torch.equal(local.logits, result.logits) and torch.equal(local.hidden, result.hidden)
     engines = [Engine(engine.model, EngineConfig(remote=remote, shared_prefix="never")) for remote in ("local", False)]
     for other in engines:
-        other._overhead_layer_rows = lambda length: 0.0
+        other.overhead_layer_rows = lambda length: 0.0
     plain, here = (other.run(PROMPTS, head_sets, readouts=("logits",)) for other in engines)
     assert torch.equal(plain.logits, here.logits)

@@ -302,7 +302,7 @@ def test_layer_deltas_are_the_exact_change_of_each_head():
     module = family.build()
     engine = engine_for(module, "qwen2")
     tokens = engine.tokenize([PROMPT])[0]
-    batch = engine._batch([tokens], [0])
+    batch = engine.batch([tokens], [0])
     deltas = intrace.layer_deltas(engine.model.lm, engine.sites, batch.repeated(1), Ablation(kind="ua").in_trace(None),
                                   save=nnsight.save)
     d = family.head_dim

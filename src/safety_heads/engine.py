@@ -29,7 +29,7 @@ Nothing here knows about Ships or Sahara; nothing above the engine layer builds 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -109,8 +109,9 @@ class Engine:
             tokens.append(ids)
         return tokens
 
-    def _batch(self, tokens: list[list[int]], indices: list[int]) -> Batch:
-        return left_padded([tokens[i] for i in indices], self.model.tokenizer.pad_token_id, indices)
+    def batch(self, tokens: list[list[int]], indices: list[int], base: tuple = ()) -> Batch:
+        """Prompts `indices` of `tokens`, left-padded into one batch; `base`: the heads every set of the call ablates."""
+        return replace(left_padded([tokens[i] for i in indices], self.model.tokenizer.pad_token_id, indices), base=tuple(base))
 
     def normalise_sets(self, head_sets: Sequence[Sequence[Head]], extra: Sequence[Head] = ()) -> list[tuple[Head, ...]]:
         """Each set plus `extra` (an Ablation's own heads), as sorted unique (layer, head) pairs checked against the
@@ -183,14 +184,14 @@ class Engine:
         return (model.layers(n_sets, prefix, prefix, layers) + model.head(n_sets)
                 + model.layers(n_sets * batch.size, rest, prefix + rest, layers) + model.head(n_sets * batch.size))
 
-    def _overhead_layer_rows(self, length: int) -> float:
+    def overhead_layer_rows(self, length: int) -> float:
         """A trace's fixed cost in units of one layer evaluated on one row."""
         layer = resolve(self.model.module, self.layout.layers_path)[0]
         params = sum(p.numel() for p in layer.parameters())
         flops = 2 * length * params + 4 * length * length * self.layout.n_heads * self.layout.head_dim
         return TRACE_OVERHEAD_FLOPS[self._device_kind()] / max(flops, 1)
 
-    def _prompt_groups(self, tokens: list[list[int]]) -> list[list[int]]:
+    def prompt_groups(self, tokens: list[list[int]]) -> list[list[int]]:
         """Prompts sorted by length and cut into groups that fit one forward pass, with padding kept under
         MAX_PADDING_SHARE of the group's positions (padded positions cost as much compute as real ones)."""
         order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
@@ -283,7 +284,7 @@ class Engine:
         vocabulary = self.model.lm.config.get_text_config().vocab_size
         result = torch.empty(len(sets), len(tokens), last)
         requests = 0
-        for group in self._prompt_groups(tokens):
+        for group in self.prompt_groups(tokens):
             # a row holds one layer's activations and, at the end, [last + 1, vocabulary] logits and their log-softmax
             length = max(len(tokens[group[-1]]), last + 1)  # groups are sorted by length
             rows = max(1, int(self._budget_bytes() // (self.bytes_per_row(length) + 8 * vocabulary * (last + 1))))
@@ -316,7 +317,7 @@ class Engine:
         tokens = self.tokenize(prompts)
         total = torch.zeros(layout.n_layers, layout.n_heads * layout.head_dim, dtype=torch.float64)
         count = 0
-        batches = [self._batch(tokens, group) for group in self._prompt_groups(tokens)]
+        batches = [self.batch(tokens, group) for group in self.prompt_groups(tokens)]
         for number, batch in enumerate(batches, start=1):
             sums = self.runner.run(intrace.head_sums, self.runner.inputs(batch.repeated(1)),
                                    label=f"reference-mean request {number} of {len(batches)}")

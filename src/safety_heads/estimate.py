@@ -133,7 +133,7 @@ def estimate_scores(
         raise ValueError("estimate_scores scores every head alone; give an Ablation without heads")
     _check_means(ablation, engine.layout)
     tokens = engine.tokenize([list(token_ids)])
-    batch = engine._batch(tokens, [0])
+    batch = engine.batch(tokens, [0])
     if config.estimator == "fisher":
         return _fisher_estimate(engine, batch, config.top_tokens, ablation)
     # Inverse-CDF uniforms, one per row, drawn on the CPU before any trace: reproducible on any device and chunking.

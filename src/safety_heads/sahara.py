@@ -33,7 +33,7 @@ from .models import LoadedModel
 from .objectives import LABELS, UNITS, AngleObjective, RefusalObjective
 from .progress import print_progress
 from .records import compute_record, run_record, source_name, versions
-from .sahara_config import GAP_WARNING, SCORES, SaharaConfig, check_guard_max_rise  # noqa: F401  (re-exported)
+from .sahara_config import ANGLE_SCORES, GAP_WARNING, SaharaConfig, check_guard_max_rise  # noqa: F401  (re-exported)
 from .subspace import angles_to_basis, angles_to_column, left_basis, paper_era_angles, subspace_angle, subspace_angles  # noqa: F401
 from .work import finish
 
@@ -385,5 +385,5 @@ def _check_sizes(n: int, d: int, n_candidates: int, config: SaharaConfig) -> Non
 __all__ = [
     "SaharaConfig", "Sahara", "SaharaResult", "SaharaStep", "SaharaJob", "LayerScores", "sahara_job", "find_group",
     "subspace_angle", "subspace_angles",
-    "paper_era_angles", "left_basis", "angles_to_basis", "angles_to_column", "best_head", "SCORES",
+    "paper_era_angles", "left_basis", "angles_to_basis", "angles_to_column", "best_head", "ANGLE_SCORES",
 ]

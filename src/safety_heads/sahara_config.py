@@ -13,7 +13,7 @@ from .errors import UserError
 from .guard import GUARD_BATCH
 from .objectives import OBJECTIVES
 
-SCORES = ("svd", "paper-era")
+ANGLE_SCORES = ("svd", "paper-era")  # the angle objective's variants (--score); a Ships score is refusal.SCORES
 # Below this relative gap between the R-th and (R+1)-th singular values of M_clean, its top-R subspace is barely
 # determined (any rotation inside the near-tie fits), so every score is dominated by that ambiguity: warn.
 GAP_WARNING = 1e-3
@@ -68,8 +68,8 @@ class SaharaConfig(Checked):
             raise UserError(f"--steps must be at least 1, not {self.steps!r}")
         if not isinstance(self.rank, int) or self.rank < 1:
             raise UserError(f"--rank must be at least 1, not {self.rank!r}")
-        if self.score not in SCORES:
-            raise UserError(f"unknown score '{self.score}'; choose one of {', '.join(SCORES)}")
+        if self.score not in ANGLE_SCORES:
+            raise UserError(f"unknown score '{self.score}'; choose one of {', '.join(ANGLE_SCORES)}")
         if self.objective not in OBJECTIVES:
             raise UserError(f"unknown objective '{self.objective}'; choose one of {', '.join(OBJECTIVES)}")
         if self.objective != "angle" and (self.score != "svd" or self.rank != 1):

@@ -10,6 +10,7 @@ that saves more compute than the second trace per chunk costs. Chunk cutting its
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 from .ablation import Head, ablation_pairs
@@ -30,17 +31,16 @@ def schedule_groups(engine, tokens: list[list[int]], sets: list[tuple[Head, ...]
     first_layers = [next(layer for layer, head in sets[i] if (layer, head) not in base) for i in active]
     schedules = []
     n_layers, reuse = engine.layout.n_layers, engine.config.prefix_reuse
-    for group in engine._prompt_groups(tokens):
-        batch = engine._batch(tokens, group)
-        batch.base = base
-        overhead = engine._overhead_layer_rows(batch.length)
+    for group in engine.prompt_groups(tokens):
+        batch = engine.batch(tokens, group, base)
+        overhead = engine.overhead_layer_rows(batch.length)
         max_sets = max(1, engine.max_rows(batch.length) // batch.size)
         chunks = plan_chunks(first_layers, n_layers, batch.size, max_sets, overhead, reuse)
         shared = _worth_sharing(engine, tokens, group, batch, len(active), len(chunks)) if active else None
         if shared is not None:
             # Per head set, a chunk now computes the prefix once and every prompt's rest: fewer positions (in units
             # of rows of the full length), two traces, and every layer's keys and values held.
-            batch.shared = shared
+            batch = replace(batch, shared=shared)
             rows_per_set = (shared.length + batch.size * shared.rest.length) / batch.length
             max_sets = max(1, engine.max_rows(batch.length, cached=True) // batch.size)
             chunks = plan_chunks(first_layers, n_layers, rows_per_set, max_sets, 2 * overhead, reuse)
@@ -59,7 +59,7 @@ def _worth_sharing(engine, tokens, group: list[int], batch: Batch, n_sets: int, 
         return shared
     # Positions saved per head set and layer, in rows of the full length; every set runs about half the layers.
     saved_rows = (batch.size * batch.length - shared.length - batch.size * shared.rest.length) / batch.length
-    if saved_rows * n_sets * engine.layout.n_layers / 2 <= n_chunks * engine._overhead_layer_rows(batch.length):
+    if saved_rows * n_sets * engine.layout.n_layers / 2 <= n_chunks * engine.overhead_layer_rows(batch.length):
         return None
     return shared
 
