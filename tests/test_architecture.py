@@ -95,3 +95,22 @@ def test_configs_are_checked_where_they_are_made():
                 assert "Checked" in bases or own, f"{name}: {node.name} is not checked when made"
             if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(".validate") and name != "checked.py":
                 raise AssertionError(f"{name} calls {ast.unparse(node.func)}(): configs are checked when made")
+
+
+def test_the_ablation_setting_is_one_nested_value():
+    """Kind, epsilon and the mean reference live in AblationConfig alone; every config that ablates nests one."""
+    from dataclasses import fields
+
+    from safety_heads.ablation import AblationConfig
+    from safety_heads.evaluate import EvaluateConfig
+    from safety_heads.experiment import ExperimentConfig
+    from safety_heads.sahara import SaharaConfig
+    from safety_heads.ships import ShipsConfig
+    from safety_heads.surgery import SurgeryConfig
+
+    own = {item.name for item in fields(AblationConfig)} | {"epsilon"}
+    for config in (ShipsConfig, SaharaConfig, EvaluateConfig, SurgeryConfig, ExperimentConfig):
+        names = {item.name: item for item in fields(config)}
+        assert not own & set(names), f"{config.__name__} repeats {sorted(own & set(names))}"
+        default = names["ablation"].default_factory()
+        assert isinstance(default, AblationConfig), config.__name__
