@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -171,18 +170,29 @@ def test_the_notebook_runs_remote_with_the_same_answers(tmp_path):
 # -- failures ---------------------------------------------------------------------------------------------------------
 
 
+# The client, SIGKILLed at a known instant: right after its first checkpoint line is on disk (no race with the run's
+# end, as a kill sent from outside at a moment would have).
+KILLED_AFTER_THE_FIRST_LINE = """
+import os, signal, sys
+import safety_heads.runs.folder as folder
+from safety_heads.cli import main
+append = folder.Checkpoint.append
+def append_then_die(self, unit):
+    append(self, unit)
+    os.kill(os.getpid(), signal.SIGKILL)
+folder.Checkpoint.append = append_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_resume_after_the_client_is_killed_mid_sweep(remote_env, tmp_path, capsys):
     local, killed = tmp_path / "local", tmp_path / "killed"
     assert main([*SHIPS, "--out", str(local)]) == 0
-    env = {**os.environ, **ENV, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "safety_heads.cli", *SHIPS, "--out", str(killed), *REMOTE],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    checkpoint = killed / "ships.checkpoint.jsonl"
-    while not (checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 2):  # a header and one query
-        assert process.poll() is None, process.stderr.read()
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1"}
+    process = subprocess.run([sys.executable, "-c", KILLED_AFTER_THE_FIRST_LINE, *SHIPS, "--out", str(killed), *REMOTE],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert len((killed / "ships.checkpoint.jsonl").read_text().splitlines()) == 2  # the header and one query
     assert main([*SHIPS, "--out", str(killed), *REMOTE, "--resume"]) == 0
     a, b = read(local, "ships.json"), read(killed, "ships.json")
     assert [q["index"] for q in b["queries"]] == [0, 1, 2, 3]  # none lost, none twice

@@ -1,8 +1,9 @@
 """Nothing lost, nothing leaked: real processes killed with SIGKILL and SIGINT, then resumed; secrets never written.
 
-The kill tests start the real command line in a subprocess, wait until its checkpoint holds a given number of
-finished units, kill it, resume in-process with --resume, and compare with an uninterrupted run. docs/reliability.md
-quotes the counts these tests enumerate (KILL_POINTS).
+The kill tests run the real command line in a subprocess that sends itself the signal right after its checkpoint's
+given number of finished units is on disk (SELF_SIGNAL): the signal lands at that point of the run every time, never
+racing the run's end, as a signal sent from outside at a moment would. Then they resume in-process with --resume and
+compare with an uninterrupted run. docs/reliability.md quotes the counts these tests enumerate (KILL_POINTS).
 """
 
 import json
@@ -23,7 +24,7 @@ FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEplantedTOKEN1234567890", "NDIF_API_KEY": "nd
 
 # command name -> (arguments after the subcommand, checkpoint file, finished-unit counts at which a run is killed)
 KILL_POINTS = {
-    "ships": (["--max-batch-rows", "2"], "ships.checkpoint.jsonl", (1, 5)),
+    "ships": (["--max-batch-rows", "2", "--queries-per-pass", "1"], "ships.checkpoint.jsonl", (1, 5)),
     "evaluate": (["--heads", "0:1,2:3", "--max-new-tokens", "6", "--batch-size", "2", "--harmless", ""], "eval.checkpoint.jsonl", (2,)),
     "sahara": (["--steps", "2", "--max-batch-rows", "8"], "sahara.checkpoint.jsonl", (3,)),
     # the whole study, killed in the middle of its Sahara stage
@@ -47,13 +48,6 @@ def command(name, dataset, out):
     return [name, "--dataset", str(dataset), "--out", str(out), *arguments]
 
 
-def start(argv):
-    # One torch thread, as in this test process (conftest), so both sides compute bit-identical numbers.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "safety_heads.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-
-
 def wait_for_units(process, checkpoint: Path, units: int, timeout: float = 120.0) -> None:
     """Until the checkpoint has a header plus `units` finished lines (or the process ends)."""
     deadline = time.monotonic() + timeout
@@ -66,6 +60,33 @@ def wait_for_units(process, checkpoint: Path, units: int, timeout: float = 120.0
     raise AssertionError("timed out waiting for the checkpoint")
 
 
+# The command line, sending itself signal SIGNUM right after the UNITS-th line of the checkpoint at PATH is written.
+SELF_SIGNAL = """
+import os, sys
+from pathlib import Path
+import safety_heads.runs.folder as folder
+from safety_heads.cli import main
+path, units, signum = Path(sys.argv[1]).resolve(), int(sys.argv[2]), int(sys.argv[3])
+append, written = folder.Checkpoint.append, []
+def append_then_signal(self, unit):
+    append(self, unit)
+    if self.path.resolve() == path:
+        written.append(unit)
+        if len(written) == units:
+            os.kill(os.getpid(), signum)
+folder.Checkpoint.append = append_then_signal
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def signalled(argv, checkpoint: Path, units: int, signum: int) -> subprocess.CompletedProcess:
+    """The real command line in a subprocess, signalled by itself right after `units` finished lines of `checkpoint`.
+    One torch thread, as in this test process (conftest), so both sides compute bit-identical numbers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", SELF_SIGNAL, str(checkpoint), str(units), str(int(signum)), *argv],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
 def result_without_timing(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -75,12 +96,9 @@ def test_sigkill_then_resume_equals_uninterrupted(name, units, dataset, tmp_path
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     assert main(command(name, dataset, reference)) == 0
     checkpoint = killed / KILL_POINTS[name][1]
-    process = start(command(name, dataset, killed))
-    wait_for_units(process, checkpoint, units)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    kept = len(checkpoint.read_text().splitlines()) - 1
-    assert kept >= units
+    process = signalled(command(name, dataset, killed), checkpoint, units, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+    assert len(checkpoint.read_text().splitlines()) - 1 == units  # killed right there: the rest is left to resume
     assert main(command(name, dataset, killed) + ["--resume"]) == 0
     capsys.readouterr()
     assert_same_result(name, reference, killed)
@@ -111,10 +129,8 @@ def assert_same_result(name: str, reference: Path, killed: Path) -> None:
 def test_ctrl_c_stops_cleanly_in_one_line_and_resumes(name, dataset, tmp_path, capsys):
     out = tmp_path / "run"
     checkpoint = out / KILL_POINTS[name][1]
-    process = start(command(name, dataset, out))
-    wait_for_units(process, checkpoint, 1)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    process = signalled(command(name, dataset, out), checkpoint, 1, signal.SIGINT)
+    stderr = process.stderr
     assert process.returncode == 130, stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("safety-heads: interrupted") and "Traceback" not in stderr
@@ -124,10 +140,8 @@ def test_ctrl_c_stops_cleanly_in_one_line_and_resumes(name, dataset, tmp_path, c
 def test_sigterm_stops_a_real_run_in_one_line_and_resumes(dataset, tmp_path, capsys):
     """SIGTERM (a `kill`, a scheduler's limit) is answered like Ctrl-C: one line, status 143, then --resume."""
     out = tmp_path / "run"
-    process = start(command("ships", dataset, out))
-    wait_for_units(process, out / "ships.checkpoint.jsonl", 1)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=60)
+    process = signalled(command("ships", dataset, out), out / "ships.checkpoint.jsonl", 1, signal.SIGTERM)
+    stderr = process.stderr
     assert process.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1].startswith("safety-heads: terminated (SIGTERM)") and "Traceback" not in stderr
     assert main(command("ships", dataset, out) + ["--resume"]) == 0
@@ -135,10 +149,8 @@ def test_sigterm_stops_a_real_run_in_one_line_and_resumes(dataset, tmp_path, cap
 
 def test_changed_configuration_is_refused_on_resume(dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    process = start(command("ships", dataset, out))
-    wait_for_units(process, out / "ships.checkpoint.jsonl", 1)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process = signalled(command("ships", dataset, out), out / "ships.checkpoint.jsonl", 1, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL, process.stderr
     capsys.readouterr()
     assert main(command("ships", dataset, out) + ["--resume", "--epsilon", "1e-5", "--template", "paper"]) == 2
     err = capsys.readouterr().err.strip()
@@ -366,20 +378,41 @@ def test_a_second_writer_is_refused_in_one_line(dataset, tmp_path, capsys):
     assert ".safety-heads.lock" not in {p.name for p in out.iterdir()}
 
 
+# The command line, holding its first finished unit until the file GO exists: it keeps its folder locked, unfinished,
+# for as long as a test needs, so what another process meets meanwhile does not depend on timing.
+HELD_BEFORE_THE_FIRST_UNIT = """
+import sys, time
+from pathlib import Path
+import safety_heads.runs.folder as folder
+from safety_heads.cli import main
+go, append = Path(sys.argv[1]), folder.Checkpoint.append
+def append_when_told(self, unit):
+    while not go.exists():
+        time.sleep(0.01)
+    append(self, unit)
+folder.Checkpoint.append = append_when_told
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_two_processes_on_one_folder_one_is_refused(dataset, tmp_path):
     """Real processes: the second --resume on a folder that the first is still writing is refused; the first finishes
-    unharmed. The first holds the lock from before its first checkpoint line until it ends, so waiting for that line
-    is enough (no timing)."""
-    out = tmp_path / "shared"
-    first = start(command("ships", dataset, out))
-    wait_for_units(first, out / "ships.checkpoint.jsonl", 0)
-    second = subprocess.run([sys.executable, "-m", "safety_heads.cli", *command("ships", dataset, out), "--resume"],
-                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    unharmed. The first holds the lock from before its first checkpoint line until it ends, and is held before that
+    line until the test lets it go, so the second meets it at work every time."""
+    out, go = tmp_path / "shared", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-c", HELD_BEFORE_THE_FIRST_UNIT, str(go), *command("ships", dataset, out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        wait_for_units(first, out / "ships.checkpoint.jsonl", 0)  # its header: the folder is locked and claimed
+        second = subprocess.run([sys.executable, "-m", "safety_heads.cli", *command("ships", dataset, out), "--resume"],
+                                capture_output=True, text=True, env=env)
+    finally:
+        go.touch()
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr
     lines = second.stderr.strip().splitlines()
-    finished_first = (out / "ships.json").exists() and "already holds" in second.stderr
-    assert second.returncode == 2 and len(lines) == 1 and ("in use by another" in lines[0] or finished_first)
+    assert second.returncode == 2 and len(lines) == 1 and "in use by another" in lines[0], second.stderr
     checkpoint_lines = json.loads((out / "ships.json").read_text())["queries"]
     assert [q["index"] for q in checkpoint_lines] == list(range(len(QUERIES)))
 
