@@ -26,7 +26,6 @@ from .ablation import Ablation, Head, ablation_pairs, require_means
 from .batching import left_padded
 from .checked import Checked
 from .errors import UserError
-from .execution import TraceRunner
 from .models import LoadedModel
 
 
@@ -90,12 +89,11 @@ def generate(
     for heads in sets:
         for layer, head in heads:
             model.layout.check_head(layer, head)
-    if engine is None and remote:
+    if engine is None:
         from .engine import Engine, EngineConfig
 
         engine = Engine(model, EngineConfig(remote=remote))
-    # The engine's runner decides where it runs (and with which retry settings); without an engine, here.
-    runner = engine.runner if engine is not None else TraceRunner(model, model.layout.trace_sites())
+    runner = engine.runner  # it decides where generation runs (and with which retry settings), with the engine's sites
     results: list[Generation] = []
     for start in range(0, len(token_lists), config.batch_size):
         rows = range(start, min(start + config.batch_size, len(token_lists)))

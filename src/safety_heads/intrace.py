@@ -3,12 +3,12 @@
 A remote request ships these functions by value (`nnsight.register`; remote.register_intrace), and NDIF rebuilds
 them in a sandbox whose import hook admits only torch, math, collections, typing, builtins and a few more
 (reference/nnsight.md section 6). So this module imports torch and nothing else, nothing from safety_heads, and
-every argument is plain data: attribute paths, sizes, index lists, tensors, and the `sites` dict
-(`HeadLayout.trace_sites()`). tests/test_remote.py parses this file and fails on any other import.
+every argument is plain data: attribute paths, sizes, index lists, tensors, and the `sites` dict (`Engine.sites`,
+the one place it is made). tests/test_remote.py parses this file and fails on any other import.
 
 Conventions:
-- `sites` names where heads live: layers_path, final_norm_path, query_path, output_path (relative to a layer),
-  query_axes ("flat" | "bshd" | "bhsd"), query_offset, n_layers, n_heads, head_dim.
+- `sites`: where heads live (HeadLayout.trace_sites(): the paths, query_axes, query_offset, n_layers, n_heads,
+  head_dim), the model's KV-cache argument (cache_name) and which hidden state is read (hidden_readout).
 - `keep` is [rows, n_heads]: 1 for a head left alone, 0 for an ablated one; each batch row has its own ablation.
   Edits are in place on the real activations.
 - `pairs` (ablation.ablation_pairs) maps a layer to (rows, heads): the (row, head) pairs ablated there, expanded
