@@ -43,9 +43,10 @@ from .objectives import OBJECTIVES
 from .progress import StageProgress, print_progress
 from .recommend import measure, recommend
 from .records import settings, versions
+from .report import RunRecords
 from .runs import run_evaluation, run_sahara, run_ships
 from .runs.evaluate import read_evaluation
-from .runs.experiment import Study
+from .runs.experiment import Study, run_records
 from .runs.experiment import write_outputs as write_study
 from .runs.files import to_jsonable
 from .runs.folder import is_finished, run_job
@@ -218,14 +219,14 @@ class StudyJob:
         evaluation = stages.evaluate(sahara)
         refusal_pair = (sahara_refusal, stages.evaluate_refusal(sahara_refusal, evaluation)) if refusal else None
         per_query = stages.evaluate_per_query(ships)
-        recommendation = recommend_group(config, sahara, evaluation, refusal_pair)
-        record = experiment_record(model, config, self.engine_config, stages.timings,
-                                   [sahara, evaluation, per_query, refusal_pair, skipped], recommendation.record())
+        records = run_records(ships, sahara, evaluation, per_query, refusal_pair)
+        recommendation = recommend_group(config, records)
+        records.recommendation = recommendation.record()
+        record = experiment_record(model, config, self.engine_config, stages.timings, records, skipped)
         emit(f"recommended group: {', '.join(recommendation.group) or f'none ({recommendation.reason})'}; the paper's "
              f"search found {', '.join(f'{l}:{h}' for l, h in sahara.heads)}")
         emit(f"report: {self.out / 'report.html'}")
-        return Study(record, f"safety-heads: {model.name}", ships, sahara, evaluation, per_query, refusal_pair,
-                     recommendation.record(), stages.timings)
+        return Study(record, f"safety-heads: {model.name}", records, ships, sahara, evaluation, per_query, stages.timings)
 
 
 def study_job(model: LoadedModel, config: ExperimentConfig, out: Path, engine_config: EngineConfig | None,
@@ -381,27 +382,26 @@ class Stages:
                               top_k=self.config.per_query_top_k, harmless=None)
 
 
-def experiment_record(model, config: ExperimentConfig, engine_config, timings: dict, results: list,
-                      recommendation: dict) -> dict:
-    """experiment.json: the study's settings, the recommendation, and each group's headline numbers (`results`: the
-    paper's group, its evaluation, the per-query evaluation, the refusal search's group and evaluation or None, and
-    why the refusal search was skipped or None)."""
-    sahara, evaluation, per_query, refusal, skipped = results
-    first, second = evaluation.record(), refusal[1].record() if refusal else None
+def experiment_record(model, config: ExperimentConfig, engine_config, timings: dict, records: RunRecords,
+                      skipped: str | None) -> dict:
+    """experiment.json: the study's settings, the recommendation, and each group's headline numbers, from the stages'
+    records (`skipped`: why the refusal search did not run, or None)."""
+    first, refusal = records.evaluation, records.refusal
+    second = refusal["evaluation"] if refusal else None
     return to_jsonable({
         "format": "safety-heads/experiment",
         "version": 1,
         "config": settings(config),
         "model": model.name,
         "engine": asdict(engine_config or EngineConfig()),
-        "recommended_group": recommendation["group"],
-        "recommendation": recommendation,
-        "heads": [list(h) for h in sahara.heads],  # the paper's search (angle)
+        "recommended_group": records.recommendation["group"],
+        "recommendation": records.recommendation,
+        "heads": records.sahara["heads"],  # the paper's search (angle)
         "asr": first["results"],
-        "refusal_heads": [list(h) for h in refusal[0].heads] if refusal else None,
+        "refusal_heads": refusal["sahara"]["heads"] if refusal else None,
         "refusal_search_skipped": skipped,
         "asr_refusal": second["results"] if refusal else None,
-        "asr_per_query": per_query.record()["results"],
+        "asr_per_query": records.per_query["results"],
         "harmless": {k: v for k, v in (first.get("harmless") or {}).items() if k != "samples"},
         "harmless_refusal": {k: v for k, v in (second.get("harmless") or {}).items() if k != "samples"} if refusal else None,
         "stages": {"ships": "ships/ships.json", "sahara": "sahara/sahara.json", "evaluate": "eval/eval.json",
@@ -413,13 +413,12 @@ def experiment_record(model, config: ExperimentConfig, engine_config, timings: d
     })
 
 
-def recommend_group(config: ExperimentConfig, sahara: SaharaResult, evaluation: Evaluation, refusal):
+def recommend_group(config: ExperimentConfig, records: RunRecords):
     """recommend.py's choice between the paper's group and the refusal search's, from their held-out evaluations."""
-    candidates = [measure("angle (the paper's Sahara)", [list(h) for h in sahara.heads], to_jsonable(evaluation.record()),
-                          config.recommend_judge)]
-    if refusal:
-        candidates.append(measure(f"{config.refusal_objective} (refusal search)", [list(h) for h in refusal[0].heads],
-                                  to_jsonable(refusal[1].record()), config.recommend_judge))
+    candidates = [measure("angle (the paper's Sahara)", records.sahara["heads"], records.evaluation, config.recommend_judge)]
+    if records.refusal:
+        candidates.append(measure(f"{config.refusal_objective} (refusal search)", records.refusal["sahara"]["heads"],
+                                  records.refusal["evaluation"], config.recommend_judge))
     return recommend(candidates, config.recommend_judge, config.max_refusal_rise, config.max_nll_rise)
 
 

@@ -12,10 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .runs.figures import asr_bars_png, ships_map_png, top_heads_by_layer_png
-from .runs.files import atomic_write
+from .runs.files import atomic_write, matrix_or_nan
 
 # ----------------------------------------------------------------------------------------------------------------
 # The experiment report: one self-contained HTML file (images embedded, opens offline) and a Markdown summary, built
@@ -43,7 +41,7 @@ def _figures(folder: Path, ships: dict | None, sahara: dict | None, evaluation: 
         parts.append("<h2>Figures</h2>" + _image_tag(folder / "asr.png", "ASR before and after ablation")
                      + "<p>Attack success rate per data set and judge: blue before, red with the heads ablated.</p>")
     if ships:
-        mean = matrix_of(ships["aggregate"]["mean"])
+        mean = matrix_or_nan(ships["aggregate"]["mean"])
         label = SCORE_LABELS[ships["config"].get("score", "kl")]
         top = [(l, h) for l, h, _ in ships["aggregate"]["top_mean"][:3]]
         group = [tuple(h) for h in sahara["heads"]] if sahara else []
@@ -55,10 +53,6 @@ def _figures(folder: Path, ships: dict | None, sahara: dict | None, evaluation: 
                      + _image_tag(folder / "top_heads_by_layer.png", "Top heads by layer")
                      + "<p>How many of the 20 heads with the highest mean Ships score sit in each layer.</p>")
     return parts
-
-
-def matrix_of(rows) -> torch.Tensor:
-    return torch.tensor([[float("nan") if x is None else x for x in row] for row in rows], dtype=torch.float64)
 
 
 def _image_tag(path: Path, alt: str) -> str:

@@ -26,17 +26,8 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import UserError
-from .commands import (  # noqa: F401
-    command_doctor,
-    command_evaluate,
-    command_export,
-    command_get_model,
-    command_heads,
-    command_run,
-    command_sahara,
-    command_ships,
-    command_surgery,
-)
+from .commands import (command_doctor, command_evaluate, command_export, command_get_model, command_heads,  # noqa: F401
+                       command_run, command_sahara, command_ships, command_surgery)
 from .flags import _Help, one_line, values_may_start_with_minus  # noqa: F401 - _Help: tests/test_cli.py
 from .library_logs import held_library_warnings
 from .parser import NOT_FLAGS, _command_configs, build_parser  # noqa: F401 - the tests read both tables

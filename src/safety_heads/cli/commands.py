@@ -10,6 +10,7 @@ import sys
 from dataclasses import asdict, fields, is_dataclass, replace
 
 from ..errors import UserError
+from .flags import field_default
 
 
 def _config(cls, args: argparse.Namespace):
@@ -20,8 +21,6 @@ def _config(cls, args: argparse.Namespace):
 def _values(cls, args: argparse.Namespace) -> dict:
     """A config's fields from the flags of the same name; a nested config (ShipsConfig.ablation, an AblationConfig)
     from its own fields' flags, over the default the outer config gives it."""
-    from .flags import field_default
-
     values = {}
     for item in fields(cls):
         default = field_default(item)

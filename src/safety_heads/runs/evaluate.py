@@ -48,13 +48,12 @@ def choose_heads(config: EvaluateConfig, layout) -> HeadChoice:
 
 def read_source(path: str | Path) -> ShipsResult | SaharaResult:
     """An `evaluate --from` file: a ships.json or a sahara.json, read by its own reader."""
-    parse = {SHIPS_FORMAT: ships_of_record, SAHARA_FORMAT: sahara_of_record}
-    return read_record(path, (SAHARA_FORMAT, SHIPS_FORMAT), lambda record: parse[record["format"]](record))
+    return read_record(path, {SAHARA_FORMAT: sahara_of_record, SHIPS_FORMAT: ships_of_record})
 
 
 def read_evaluation(path: str | Path) -> Evaluation:
     """eval.json back into the Evaluation it was written from (Evaluation.record())."""
-    return read_record(path, ("safety-heads/eval",), _evaluation)
+    return read_record(path, {"safety-heads/eval": _evaluation})
 
 
 def _evaluation(record: dict) -> Evaluation:

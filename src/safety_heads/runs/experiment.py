@@ -21,29 +21,33 @@ FORMAT, FORMAT_VERSION = "safety-heads/experiment", 1
 
 @dataclass
 class Study:
-    """A finished study: experiment.json's record (built by experiment.py), and the stages' results it summarises."""
+    """A finished study: experiment.json's record (built by experiment.py), the stages' JSON records (what their files
+    hold, made once: the recommendation, experiment.json and the report read them) and the typed results the
+    notebook-style files are compiled from."""
 
     record: dict
     title: str
+    records: RunRecords
     ships: ShipsResult
     sahara: SaharaResult
     evaluation: Evaluation
     per_query: Evaluation
-    refusal: tuple[SaharaResult, Evaluation] | None  # the refusal search's group and its evaluation, when it ran
-    recommendation: dict  # recommend.Recommendation.record()
     timings: dict[str, float]  # seconds of each stage run in this process
+
+
+def run_records(ships: ShipsResult, sahara: SaharaResult, evaluation: Evaluation, per_query: Evaluation,
+                refusal: tuple[SaharaResult, Evaluation] | None) -> RunRecords:
+    """Each stage's JSON record, as its file holds it (the refusal search's group and evaluation, when it ran)."""
+    return RunRecords(to_jsonable(ships_record(ships)), to_jsonable(sahara_record(sahara)), to_jsonable(evaluation.record()),
+                      to_jsonable(per_query.record()),
+                      {"sahara": to_jsonable(sahara_record(refusal[0])), "evaluation": to_jsonable(refusal[1].record())}
+                      if refusal else None)
 
 
 def write_outputs(study: Study, out: Path) -> None:
     """The report, the notebook-style files at the top of the folder, and experiment.json; the caller then removes the
     run's checkpoint, the last write."""
-    refusal = None
-    if study.refusal is not None:
-        refusal = {"sahara": to_jsonable(sahara_record(study.refusal[0])), "evaluation": to_jsonable(study.refusal[1].record())}
-    records = RunRecords(to_jsonable(ships_record(study.ships)), to_jsonable(sahara_record(study.sahara)),
-                         to_jsonable(study.evaluation.record()), to_jsonable(study.per_query.record()), refusal,
-                         study.recommendation)
-    build_report(out, records, title=study.title, timings=study.timings)
+    build_report(out, study.records, title=study.title, timings=study.timings)
     compiled = {"ships": ships_tensors(study.ships), "sahara": sahara_tensors(study.sahara),
                 "eval": evaluation_tensors(study.evaluation), "eval_per_query": evaluation_tensors(study.per_query)}
     compiled = {name: to_jsonable(tensors, keep_tensors=True) for name, tensors in compiled.items()}
@@ -61,7 +65,7 @@ def read_experiment(path: str | Path) -> dict:
             raise TypeError("config is not an object")
         return record
 
-    return read_record(path, (FORMAT,), checked)
+    return read_record(path, {FORMAT: checked})
 
 
-__all__ = ["Study", "write_outputs", "read_experiment", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["Study", "run_records", "write_outputs", "read_experiment", "FORMAT", "FORMAT_VERSION"]

@@ -70,16 +70,17 @@ FILE_NAMES = {"safety-heads/ships": "ships.json", "safety-heads/sahara": "sahara
 LAYOUT_ERRORS = (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError)
 
 
-def read_record(path: str | Path, formats: tuple[str, ...], parse: Callable[[dict], Any]) -> Any:
-    """A result file of one of `formats`, parsed into its typed result by `parse`: the one way a file safety-heads
-    wrote is read back. A missing, unreadable, foreign or hand-broken file is one line naming it."""
+def read_record(path: str | Path, parsers: dict[str, Callable[[dict], Any]]) -> Any:
+    """A result file of one of the formats `parsers` names, parsed into its typed result by that format's parser: the
+    one way a file safety-heads wrote is read back. A missing, unreadable, foreign or hand-broken file is one line
+    naming it."""
     record = read_json(path)
     kind = record.get("format") if isinstance(record, dict) else None
-    if kind not in formats:
-        names = " or ".join(FILE_NAMES[name] for name in formats)
+    if kind not in parsers:
+        names = " or ".join(FILE_NAMES[name] for name in parsers)
         raise UserError(f"'{path}' is not a {names} from safety-heads (format: {kind!r})")
     try:
-        return parse(record)
+        return parsers[kind](record)
     except UserError:
         raise
     except LAYOUT_ERRORS as error:

@@ -17,6 +17,7 @@ from ..sahara import LayerScores, SaharaConfig, SaharaResult, SaharaStep, sahara
 from .figures import heatmap_png
 from .files import matrix_or_nan, notebook_header, read_record, save_tensors, write_json
 from .folder import run_job
+from .ships import read_ships
 
 FORMAT, FORMAT_VERSION = "safety-heads/sahara", 1
 
@@ -43,8 +44,6 @@ def _unit_line(unit: LayerScores | GuardCheck) -> dict:
 
 def read_ranking(ships_json: str, layout) -> torch.Tensor:
     """The mean score matrix of a ships.json (any --score), checked against the model: [layers, heads]."""
-    from .ships import read_ships
-
     values = read_ships(ships_json).mean
     if tuple(values.shape) != (layout.n_layers, layout.n_heads):
         raise UserError(f"'{ships_json}' scores {values.shape[0]} x {values.shape[1]} heads, but this model has "
@@ -56,7 +55,7 @@ def read_sahara(path: str | Path) -> SaharaResult:
     """sahara.json back into the SaharaResult it was written from (sahara_record). Only the format and the group
     (`heads`) are required: a hand-written {"format": "safety-heads/sahara", "heads": [[2, 26], [3, 8]]} names a
     group for `evaluate --from`; what else is absent reads as empty."""
-    return read_record(path, (FORMAT,), sahara_of_record)
+    return read_record(path, {FORMAT: sahara_of_record})
 
 
 def sahara_of_record(record: dict) -> SaharaResult:

@@ -85,7 +85,7 @@ def read_ships(path: str | Path) -> ShipsResult:
     """ships.json back into the ShipsResult it was written from (ships_record): every query's scores, the mean, the
     top-10 shares, the run record and the compute. The learned refusal signal stays in config["refusal_signal"]
     (its direction tensor is in ships_data.pt), so `signal` is None."""
-    return read_record(path, (FORMAT,), ships_of_record)
+    return read_record(path, {FORMAT: ships_of_record})
 
 
 def ships_of_record(record: dict) -> ShipsResult:
